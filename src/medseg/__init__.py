@@ -1,0 +1,3 @@
+"""medseg: medical imaging datasets to registered, deployable 2D segmentation models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Shared fixtures. Telemetry is off for every test; a tiny phantom project is built once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_API_URL": "",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+}.items():
+    if _key == "PREFECT_API_URL":
+        os.environ.pop(_key, None)
+    else:
+        os.environ[_key] = _value
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_repo_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict:
+    """params.yaml shrunk so the whole pipeline runs in seconds on CPU."""
+    params = copy.deepcopy(load_repo_params())
+    params["phantom"].update(num_cases=6, shape=[48, 48, 8], seed=0)
+    params["split"].update(test_fraction=0.34, val_fraction=0.2, folds=2)
+    params["data"].update(image_size=[32, 32])
+    params["models"] = ["unet"]
+    params["model_options"] = {"unet": {"base_channels": 4}}
+    params["train"].update(epochs=1, batch_size=8, max_steps_per_epoch=3)
+    params["evaluate"].update(overlay_cases=1)
+    params["export"].update(latency_runs=2)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, tiny_params) -> Path:
+    """A project root with params.yaml, the phantom raw data, the ingested arrays and the split.
+
+    Read-only for tests: copy it (`shutil.copytree`) before writing models or reports into it.
+    """
+    from medseg.data.ingest import ingest_from_params
+    from medseg.data.phantom import generate_from_params
+    from medseg.data.split import split_from_params
+
+    root = tmp_path_factory.mktemp("tiny_project")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    generate_from_params(tiny_params, root)
+    ingest_from_params(tiny_params, root)
+    split_from_params(tiny_params, root)
+    return root
+
+
+@pytest.fixture()
+def project_copy(tiny_project, tmp_path) -> Path:
+    """A writable copy of the tiny project."""
+    dst = tmp_path / "project"
+    shutil.copytree(tiny_project, dst)
+    return dst
