@@ -1,0 +1,155 @@
+"""`medseg` command line. DVC stages (stages/*.py) call `main([...])` so there is one parser for both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from medseg.config import PARAMS_FILE, disable_telemetry, load_params
+from medseg.errors import MedsegError
+
+log = logging.getLogger("medseg")
+
+PRESET_DIR = "presets"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from medseg.models import available_models, get_model_info
+
+    table = Table(title="medseg models")
+    for col in ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "description"):
+        table.add_column(col)
+    for name in available_models():
+        info = get_model_info(name)
+        table.add_row(
+            name,
+            info.family,
+            "" if info.paper_params_m is None else f"{info.paper_params_m:g}",
+            "" if info.paper_gflops is None else f"{info.paper_gflops:g}",
+            "yes" if info.dynamic_hw else "no",
+            info.description,
+        )
+    Console().print(table)
+    return 0
+
+
+def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], int]:
+    """Build a command that loads params.yaml and calls `module:function(params, [arch,] root)`."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module_name, func_name = func_path.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        params = load_params(Path(args.root) / args.params)
+        result = func(params, args.arch, root=args.root) if with_arch else func(params, root=args.root)
+        if result is not None:
+            _print_json(result)
+        return 0
+
+    return run
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from medseg.errors import PromotionRefused
+    from medseg.registry import promote
+
+    try:
+        result = promote(args.model_name, tracking_uri=args.tracking_uri)
+    except PromotionRefused as exc:
+        print(f"promotion refused: {exc}", file=sys.stderr)
+        return 3
+    _print_json(result)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from medseg.doctor import run_doctor
+
+    params = load_params(Path(args.root) / args.params)
+    return run_doctor(params, args.root, raw_dir=args.raw_dir, fmt=args.format)
+
+
+def cmd_preset(args: argparse.Namespace) -> int:
+    """Replace params.yaml with presets/<name>.yaml (the one switch between quick and paper settings)."""
+    from medseg.io import write_text
+
+    root = Path(args.root)
+    source = root / PRESET_DIR / f"{args.name}.yaml"
+    if not source.is_file():
+        available = sorted(p.stem for p in (root / PRESET_DIR).glob("*.yaml"))
+        raise MedsegError(f"{source}: no such preset; available: {', '.join(available) or 'none'}")
+    text = source.read_text(encoding="utf-8")
+    load_params(source)  # refuse a preset that is not valid YAML before touching params.yaml
+    write_text(root / args.params, text)
+    print(f"{args.params} <- {source} (run `dvc repro` to apply)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
+    parser.add_argument("--root", default=".", help="project root (where params.yaml and dvc.yaml live)")
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file, relative to --root")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list registered architectures").set_defaults(func=cmd_models)
+    data_stages = {
+        "phantom": ("medseg.data.phantom:generate_from_params", "generate the built-in phantom dataset"),
+        "ingest": ("medseg.data.ingest:ingest_from_params", "ingest the dataset named in params.yaml"),
+        "split": ("medseg.data.split:split_from_params", "patient-level train/val/test split"),
+        "report": ("medseg.report:build_report", "comparison report over params.yaml models"),
+    }
+    for name, (func_path, help_text) in data_stages.items():
+        sub.add_parser(name, help=help_text).set_defaults(func=_stage(func_path, with_arch=False))
+    arch_stages = {
+        "train": ("medseg.training:train_model", "train one architecture"),
+        "evaluate": ("medseg.evaluation:evaluate_model", "evaluate one architecture on the test split"),
+        "export": ("medseg.export:export_model", "export one architecture to ONNX and check parity"),
+        "register": ("medseg.registry:register_model_version", "log and register one architecture in MLflow"),
+    }
+    for name, (func_path, help_text) in arch_stages.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("arch", help="architecture name (see `medseg models`)")
+        p.set_defaults(func=_stage(func_path, with_arch=True))
+
+    p = sub.add_parser("promote", help="move the champion alias to the challenger if it is better")
+    p.add_argument("model_name", help="registered model name, e.g. medseg-phantom-unet")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("doctor", help="check a raw dataset before ingest and print a table of problems")
+    p.add_argument("--raw-dir", default=None, help="default: params dataset.raw_dir")
+    p.add_argument("--format", default=None, help="default: params dataset.format")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("preset", help="switch params.yaml to a preset (quick | paper)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_preset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    disable_telemetry()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

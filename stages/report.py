@@ -1,0 +1,8 @@
+"""DVC stage `report`: a thin entry point over the medseg library (see dvc.yaml)."""
+
+import sys
+
+from medseg.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["report", *sys.argv[1:]]))
