@@ -69,3 +69,26 @@ def project_copy(tiny_project, tmp_path) -> Path:
     dst = tmp_path / "project"
     shutil.copytree(tiny_project, dst)
     return dst
+
+
+def make_dvc_project(dst: Path, params: dict) -> Path:
+    """A runnable project copy: dvc.yaml, stages/, src/ (stage deps), tiny params.yaml, `dvc init --no-scm`."""
+    import subprocess
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "stages", "src"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst / name)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, check=True)
+    return dst
+
+
+@pytest.fixture()
+def dvc_project(tmp_path, tiny_params) -> Path:
+    """A fresh DVC project (nothing run yet) with the tiny params; MLflow store is sqlite inside it."""
+    return make_dvc_project(tmp_path / "dvc_project", tiny_params)
