@@ -1,0 +1,91 @@
+"""Atomic writes, params loading and the CLI's own commands (preset switch, errors)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from medseg import io
+from medseg.cli import main
+from medseg.config import config_hash, load_params
+from medseg.errors import ConfigError
+from conftest import ROOT
+
+
+def test_atomic_open_keeps_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    io.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_open(target, "w") as fh:
+            fh.write('{"v": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert io.read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+def test_atomic_dir_swaps_whole_folder_or_nothing(tmp_path):
+    out = tmp_path / "dataset"
+    with io.atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(ValueError):
+        with io.atomic_dir(out) as tmp:
+            (tmp / "b.txt").write_text("second, half done")
+            raise ValueError("bad case")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+    with io.atomic_dir(out) as tmp:
+        (tmp / "c.txt").write_text("replaced")
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+
+
+def test_save_npy_is_memory_mappable(tmp_path):
+    import numpy as np
+
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    io.save_npy(tmp_path / "a.npy", arr)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert isinstance(mm, np.memmap) and np.array_equal(mm, arr)
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: parameters file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+
+
+def test_config_hash_is_order_independent_and_sensitive():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_repo_params_is_the_quick_preset():
+    assert load_params(ROOT / "params.yaml") == load_params(ROOT / "presets" / "quick.yaml")
+
+
+def test_preset_switches_params_and_refuses_unknown(tmp_path, capsys):
+    shutil.copytree(ROOT / "presets", tmp_path / "presets")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert main(["--root", str(tmp_path), "preset", "paper"]) == 0
+    params = load_params(tmp_path / "params.yaml")
+    assert params["preset"] == "paper"
+    assert params["data"]["image_size"] == [224, 224]
+    assert params["train"]["epochs"] == 150 and params["train"]["batch_size"] == 24
+    assert params["split"]["preset"] == "transunet_synapse"
+
+    assert main(["--root", str(tmp_path), "preset", "nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent.yaml: no such preset" in err and "quick" in err
+    assert load_params(tmp_path / "params.yaml")["preset"] == "paper"  # untouched after the refusal
+
+
+def test_paper_preset_models_are_all_registered():
+    from medseg.models import available_models
+
+    paper = load_params(ROOT / "presets" / "paper.yaml")
+    quick = load_params(ROOT / "params.yaml")
+    missing = set(paper["models"] + quick["models"]) - set(available_models())
+    assert not missing, f"presets name unregistered models: {sorted(missing)}"
