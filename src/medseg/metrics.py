@@ -1,0 +1,187 @@
+"""Per-class Dice (DSC) and 95th-percentile Hausdorff distance (HD95) on 3D label volumes.
+
+HD95 is medpy's definition: the 95th percentile of the POOLED surface distances of both directions,
+`np.percentile(np.hstack((d_pred_to_gt, d_gt_to_pred)), 95)`, surfaces being the voxels removed by one
+binary erosion with a face-connected (connectivity 1) structure. It is computed here with scipy distance
+transforms on the bounding box of the two masks (exact, and much faster than on the whole volume).
+
+Two protocols decide units and empty masks (see docs/metrics.md):
+
+- "mm" (default): distances in millimetres from the voxel spacing.
+  both masks non-empty -> status "ok"; both empty -> "both_empty": DSC and HD95 NaN, excluded from the means
+  (and counted); exactly one empty ("pred_empty" = missed organ, "gt_empty" = false positive) -> DSC 0 and
+  HD95 = the volume's diagonal in mm (the largest distance possible inside the volume: a worst case).
+- "transunet": TransUNet's calculate_metric_percase (medpy dc/hd95 in voxels, spacing ignored):
+  both non-empty -> dc, hd95; pred non-empty and gt empty -> (1, 0); pred empty -> (0, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+PROTOCOLS = ("mm", "transunet")
+
+OK, BOTH_EMPTY, PRED_EMPTY, GT_EMPTY = "ok", "both_empty", "pred_empty", "gt_empty"
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        from medseg.errors import ConfigError
+
+        raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+
+
+def status_of(pred: np.ndarray, gt: np.ndarray) -> str:
+    p, g = bool(np.any(pred)), bool(np.any(gt))
+    if p and g:
+        return OK
+    if not p and not g:
+        return BOTH_EMPTY
+    return PRED_EMPTY if g else GT_EMPTY
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """2|P∩G| / (|P|+|G|) of two binary masks; 1.0 when both are empty (they agree perfectly)."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"dice: prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    total = int(pred.sum()) + int(gt.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def _bbox_crop(pred: np.ndarray, gt: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of pred|gt. Exact for surfaces: a voxel on the box's face is a surface voxel either way,
+    because its neighbour outside the box is outside both masks."""
+    union = pred | gt
+    crop = []
+    for axis in range(union.ndim):
+        other = tuple(a for a in range(union.ndim) if a != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        crop.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(crop)
+
+
+def surface_distances(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distances from each pred surface voxel to the gt surface, and gt -> pred); both masks non-empty."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"surface distances: prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    if not pred.any() or not gt.any():
+        raise ValueError("surface distances need two non-empty masks")
+    crop = _bbox_crop(pred, gt)
+    pred, gt = pred[crop], gt[crop]
+    sampling = None if spacing is None else np.asarray(spacing, dtype=np.float64)
+    footprint = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_border = pred ^ ndimage.binary_erosion(pred, structure=footprint, iterations=1)
+    gt_border = gt ^ ndimage.binary_erosion(gt, structure=footprint, iterations=1)
+    # The EDT measures the distance to the nearest zero, so invert the borders.
+    to_gt = ndimage.distance_transform_edt(~gt_border, sampling=sampling)[pred_border]
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=sampling)[gt_border]
+    return to_gt, to_pred
+
+
+def _hd95_defined(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None) -> float:
+    to_gt, to_pred = surface_distances(pred, gt, spacing)
+    return float(np.percentile(np.hstack((to_gt, to_pred)), 95))
+
+
+def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length of the volume's diagonal in mm: the worst-case HD95 for a missed or hallucinated structure."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def binary_metrics(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm"
+) -> tuple[float, float, str]:
+    """(dsc, hd95, status) of two binary masks under `protocol` (module docstring has the rules)."""
+    _check_protocol(protocol)
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    status = status_of(pred, gt)
+    if protocol == "transunet":
+        if status == OK:
+            return dice(pred, gt), _hd95_defined(pred, gt, None), status
+        if status == GT_EMPTY:  # pred.sum() > 0 and gt.sum() == 0
+            return 1.0, 0.0, status
+        return 0.0, 0.0, status  # pred empty (whether or not gt is)
+    if spacing is None:
+        spacing = (1.0,) * pred.ndim
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {pred.ndim}-D mask")
+    if status == OK:
+        return dice(pred, gt), _hd95_defined(pred, gt, spacing), status
+    if status == BOTH_EMPTY:
+        return math.nan, math.nan, status
+    return 0.0, volume_diagonal(pred.shape, spacing), status
+
+
+def hd95(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm"
+) -> float:
+    """HD95 (pooled 95th percentile of both directed surface distances) with `protocol`'s empty-mask rules."""
+    return binary_metrics(pred, gt, spacing, protocol)[1]
+
+
+def case_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    class_names: Sequence[str],
+    spacing: Sequence[float] | None,
+    protocol: str = "mm",
+) -> list[dict]:
+    """One row per foreground class (index >= 1): {"class", "dsc", "hd95", "status"} for label volumes."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    rows = []
+    for index, name in enumerate(class_names):
+        if index == 0:
+            continue
+        dsc, hd, status = binary_metrics(pred == index, gt == index, spacing, protocol)
+        rows.append({"class": name, "dsc": dsc, "hd95": hd, "status": status})
+    return rows
+
+
+def aggregate(rows: Sequence[dict], class_names: Sequence[str]) -> dict:
+    """Per-class means over cases (NaN entries excluded and counted), then the mean over classes.
+
+    Returns {"per_class": {name: {"dsc", "hd95", "n", "excluded", "statuses"}}, "mean_dsc", "mean_hd95"};
+    a value with nothing defined to average is None (JSON null), never a silent NaN.
+    """
+    per_class: dict[str, dict] = {}
+    for name in class_names[1:]:
+        mine = [r for r in rows if r["class"] == name]
+        dsc = [r["dsc"] for r in mine if not _isnan(r["dsc"])]
+        hd = [r["hd95"] for r in mine if not _isnan(r["hd95"])]
+        statuses: dict[str, int] = {}
+        for r in mine:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        per_class[name] = {
+            "dsc": _mean(dsc),
+            "hd95": _mean(hd),
+            "n": len(dsc),
+            "excluded": len(mine) - len(dsc),
+            "statuses": statuses,
+        }
+    return {
+        "per_class": per_class,
+        "mean_dsc": _mean([v["dsc"] for v in per_class.values() if v["dsc"] is not None]),
+        "mean_hd95": _mean([v["hd95"] for v in per_class.values() if v["hd95"] is not None]),
+    }
+
+
+def _isnan(value: float) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
