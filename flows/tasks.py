@@ -1,0 +1,386 @@
+"""Prefect tasks shared by the medseg flows, and the pure helpers behind them.
+
+DVC stays the judge of what is stale: every task that produces artefacts runs `dvc repro <stages>` in the
+project root. DVC holds one lock per checkout for the whole `repro` and a second `dvc repro` in the same
+checkout fails after ~3 s with "Unable to acquire lock", so all DVC calls of one checkout go through
+`checkout_lock` (a blocking file lock: threads of one flow run and separate processes both wait their turn).
+Parallel training comes from fanning architectures out to work-pool workers, each with its own checkout
+(see docs/orchestration.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
+
+from medseg.config import disable_telemetry, load_params
+from medseg.errors import MedsegError
+from medseg.io import read_json
+
+# `dvc repro` of these pulls in the `phantom` stage only when the dataset's raw_dir is phantom's output,
+# so the built-in stand-in data is generated when (and only when) the pipeline uses it.
+DATA_STAGES = ("ingest", "split")
+ARCH_STAGES = ("train", "evaluate", "export", "register")
+REPORT_STAGE = "report"
+# Tag on every task that runs DVC (filter them in the UI; `checkout_lock` already serialises one checkout).
+DVC_TAG = "dvc"
+LOCK_FILE = Path(".dvc") / "tmp" / "medseg-flows.lock"
+OUTPUT_TAIL_LINES = 40
+
+# A medseg stage exits 2 on a MedsegError (ConfigError, IngestError, TrainingError, ...) or a bad argument:
+# re-running gives the same answer. Exit codes of a killed process (OOM killer, preemption) are worth a retry.
+_DETERMINISTIC_STAGE_EXITS = (2,)
+_KILLED_EXITS = (-9, 137, -15, 143)
+_STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+# DVC's own complaints about dvc.yaml / params.yaml / a stage name: fatal.
+_DETERMINISTIC_MARKERS = ("does not exist", "is not a valid", "failed to parse", "unable to find", "not found")
+# Passing conditions: another DVC process, a busy database, a network hiccup.
+_TRANSIENT_MARKERS = (
+    "unable to acquire lock",
+    "database is locked",
+    "connection refused",
+    "connection reset",
+    "temporarily unavailable",
+    "temporary failure",
+    "timed out",
+)
+# Python exceptions raised in-process that retrying can fix.
+_TRANSIENT_EXCEPTIONS = (ConnectionError, TimeoutError)
+
+
+class DvcCommandError(MedsegError):
+    """A `dvc` command failed; keeps the exit code and the end of its output to tell transient from fatal."""
+
+    def __init__(self, args: Sequence[str], returncode: int, output_tail: str, root: str | Path):
+        self.args_list = list(args)
+        self.returncode = returncode
+        self.output_tail = output_tail
+        self.root = str(root)
+        super().__init__(
+            f"{self.root}: `dvc {' '.join(self.args_list)}` exited with {returncode}\n{output_tail}"
+        )
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a flow/task run (unit tests, plain calls)
+        return get_logger("medseg.flows")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running DVC
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def checkout_lock(root: str | Path) -> Iterator[None]:
+    """Hold the flows' lock on this checkout: one `dvc` command at a time, across threads and processes.
+
+    Waits (instead of failing like DVC's own 3 s lock), so concurrent tasks queue up in submission order.
+    """
+    root = Path(root).resolve()
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(str(root), threading.Lock())
+    with thread_lock:  # threads of this process
+        try:
+            import fcntl
+        except ImportError:  # Windows: the thread lock is all we have
+            yield
+            return
+        lock_path = root / LOCK_FILE
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as fh:  # other processes (another flow run, a served deployment)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def dvc_env() -> dict[str, str]:
+    disable_telemetry()
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_dvc(
+    args: Sequence[str],
+    root: str | Path,
+    *,
+    dvc_cmd: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> str:
+    """Run `dvc <args>` in `root` under `checkout_lock`, streaming its output to the run log.
+
+    Returns the output; raises DvcCommandError (with the last lines of output) on a non-zero exit.
+    `dvc_cmd` replaces `python -m dvc` (tests use a fake).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DvcCommandError(args, -1, "project root does not exist", root)
+    cmd = [*(dvc_cmd or (sys.executable, "-m", "dvc")), *args]
+    log = log or _logger().info
+    lines: list[str] = []
+    tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
+    with checkout_lock(root):
+        log(f"$ dvc {' '.join(args)}  (in {root})")
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            tail.append(line)
+            if line.strip():
+                log(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        raise DvcCommandError(args, returncode, "\n".join(tail), root)
+    return "\n".join(lines)
+
+
+def repro_args(stages: Sequence[str]) -> list[str]:
+    return ["repro", *stages]
+
+
+def arch_stages(arch: str) -> list[str]:
+    return [f"{stage}@{arch}" for stage in ARCH_STAGES]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retry policy
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True when running the same thing again may succeed (lock held, network, killed process)."""
+    if exc is None:
+        return False
+    if isinstance(exc, DvcCommandError):
+        text = exc.output_tail.lower()
+        stage_exits = [int(code) for code in _STAGE_EXIT.findall(text)]
+        if exc.returncode in _KILLED_EXITS or any(code in _KILLED_EXITS for code in stage_exits):
+            return True
+        if any(marker in text for marker in _TRANSIENT_MARKERS):
+            return True
+        if any(code in _DETERMINISTIC_STAGE_EXITS for code in stage_exits):
+            return False
+        if any(marker in text for marker in _DETERMINISTIC_MARKERS):
+            return False
+        return True  # an unexplained crash: one more try is cheaper than a lost night of training
+    if isinstance(exc, MedsegError):
+        return False  # ConfigError, IngestError, TrainingError, ExportError, PromotionRefused: same input, same error
+    return isinstance(exc, _TRANSIENT_EXCEPTIONS)
+
+
+def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only failures that `is_transient` accepts."""
+    try:
+        state.result()
+    except BaseException as exc:  # the failure we are judging
+        return is_transient(exc)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading what the stages wrote
+
+
+def model_name(params: dict[str, Any], arch: str) -> str:
+    return f"{params['register']['model_prefix']}-{params['dataset']['name']}-{arch}"
+
+
+def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
+    """Content version of the ingested dataset: a hash of its cases.json (which holds every case's sha256)."""
+    cases = Path(root) / "data" / "ingested" / params["dataset"]["name"] / "cases.json"
+    if not cases.is_file():
+        return None
+    return hashlib.sha256(cases.read_bytes()).hexdigest()[:12]
+
+
+def _read_optional_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.is_file() else None
+
+
+def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
+    """What one architecture's stages produced: metrics, export parity and the registered version."""
+    root = Path(root)
+    metrics = _read_optional_json(root / "reports" / arch / "metrics.json") or {}
+    export = _read_optional_json(root / "reports" / arch / "export.json") or {}
+    registry = _read_optional_json(root / "registry" / f"{arch}.json") or {}
+    return {
+        "arch": arch,
+        "status": "completed",
+        "model_name": registry.get("model_name", model_name(params, arch)),
+        "version": registry.get("version"),
+        "run_id": registry.get("run_id"),
+        "mean_dsc": metrics.get("mean_dsc"),
+        "mean_hd95": metrics.get("mean_hd95"),
+        "protocol": metrics.get("protocol"),
+        "per_class": metrics.get("per_class", {}),
+        "parity_passed": export.get("parity_passed"),
+        "max_abs_diff": export.get("max_abs_diff"),
+    }
+
+
+def tracking_uri_for(params: dict[str, Any], root: str | Path) -> str | None:
+    """The MLflow URI the register stage used: MLFLOW_TRACKING_URI, else params (sqlite paths made absolute).
+
+    Stages run with cwd = root, so `sqlite:///mlflow.db` means <root>/mlflow.db whatever our own cwd is.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params.get("register") or {}).get("tracking_uri")
+    if not uri:
+        return None
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
+        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
+    if "://" not in uri and not Path(uri).is_absolute():  # a plain folder (file store)
+        return str((Path(root) / uri).resolve())
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks (no Prefect result caching anywhere: DVC decides what is stale)
+
+
+@task(name="prepare-data", tags=[DVC_TAG], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def prepare_data(root: str = ".") -> dict[str, Any]:
+    """`dvc repro ingest split` (and `phantom` when the dataset is the built-in one)."""
+    run_dvc(repro_args(DATA_STAGES), root)
+    params = load_params(Path(root) / "params.yaml")
+    return {"dataset": params["dataset"]["name"], "version": dataset_version(params, root)}
+
+
+@task(
+    name="train-evaluate-export-register",
+    tags=[DVC_TAG],
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_if_transient,
+)
+def train_arch(arch: str, root: str = ".") -> dict[str, Any]:
+    """One architecture's `train@A evaluate@A export@A register@A`, then what they produced."""
+    params = load_params(Path(root) / "params.yaml")
+    if arch not in (params.get("models") or []):
+        from medseg.errors import ConfigError
+
+        raise ConfigError(
+            f"{Path(root) / 'params.yaml'}: architecture {arch!r} is not in `models` "
+            f"({', '.join(params.get('models') or [])}); dvc.yaml has no stages for it"
+        )
+    run_dvc(repro_args(arch_stages(arch)), root)
+    return arch_summary(params, arch, root)
+
+
+def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
+    """Apply the champion gate to one architecture's challenger; a refusal is a decision, not a failure."""
+    from medseg.errors import PromotionRefused
+
+    if promote_fn is None:
+        from medseg.registry import promote as promote_fn
+    name = model_name(params, arch)
+    try:
+        result = promote_fn(name, tracking_uri=tracking_uri_for(params, root))
+    except PromotionRefused as exc:
+        return {"arch": arch, "model_name": name, "decision": "refused", "reason": str(exc)}
+    result = dict(result or {})
+    return {
+        "arch": arch,
+        "model_name": name,
+        "decision": "promoted",
+        "reason": result.pop("reason", "challenger beats the champion"),
+        **{k: v for k, v in result.items() if k not in ("arch", "model_name", "decision")},
+    }
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
+    params = load_params(Path(root) / "params.yaml")
+    return promote_model(params, arch, root)
+
+
+@task(name="report", tags=[DVC_TAG], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def build_report(root: str = ".") -> str:
+    run_dvc(repro_args([REPORT_STAGE]), root)
+    return str(Path(root) / "reports" / "comparison.md")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Artifacts (pure builders, then the task that publishes them)
+
+
+def _fmt(value: Any, digits: int = 4) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per architecture (failed ones included, with their error) for a Prefect table artifact."""
+    rows = []
+    for arch, res in results.items():
+        rows.append(
+            {
+                "architecture": arch,
+                "status": res.get("status", "unknown"),
+                "mean_dsc": _fmt(res.get("mean_dsc")),
+                "mean_hd95": _fmt(res.get("mean_hd95")),
+                "protocol": res.get("protocol"),
+                "onnx_parity": res.get("parity_passed"),
+                "model_version": res.get("version"),
+                "error": (res.get("error") or "")[:200],
+            }
+        )
+    return rows
+
+
+def promotion_markdown(decisions: dict[str, dict[str, Any]], dataset_version_id: str | None = None) -> str:
+    """The promotion decisions as markdown (one line per architecture, with the gate's reason)."""
+    lines = ["# medseg promotion decisions", ""]
+    if dataset_version_id:
+        lines += [f"Dataset version: `{dataset_version_id}`", ""]
+    lines += ["| architecture | model | decision | reason |", "|---|---|---|---|"]
+    for arch, dec in decisions.items():
+        reason = str(dec.get("reason", "")).replace("\n", " ").replace("|", "\\|")
+        lines.append(f"| {arch} | {dec.get('model_name', '')} | **{dec.get('decision', '')}** | {reason} |")
+    promoted = [a for a, d in decisions.items() if d.get("decision") == "promoted"]
+    lines += ["", f"Promoted to `champion`: {', '.join(promoted) if promoted else 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+METRICS_ARTIFACT_KEY = "medseg-metrics"
+PROMOTION_ARTIFACT_KEY = "medseg-promotion"
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(
+    results: dict[str, dict[str, Any]], decisions: dict[str, dict[str, Any]], dataset_version_id: str | None
+) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(
+        table=metrics_table(results),
+        key=METRICS_ARTIFACT_KEY,
+        description="Test-set DSC / HD95 per architecture (medseg evaluate stage)",
+    )
+    create_markdown_artifact(
+        markdown=promotion_markdown(decisions, dataset_version_id),
+        key=PROMOTION_ARTIFACT_KEY,
+        description="Champion gate decisions (medseg.registry.promote)",
+    )
