@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
 from medseg.config import disable_telemetry, load_params
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, MedsegError
 from medseg.io import read_json
 
 # `dvc repro` of these pulls in the `phantom` stage only when the dataset's raw_dir is phantom's output,
@@ -133,8 +133,8 @@ def run_dvc(
     `dvc_cmd` replaces `python -m dvc` (tests use a fake).
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DvcCommandError(args, -1, "project root does not exist", root)
+    if not (root / "dvc.yaml").is_file():
+        raise ConfigError(f"{root / 'dvc.yaml'}: not found; pass the project root (the folder with dvc.yaml)")
     cmd = [*(dvc_cmd or (sys.executable, "-m", "dvc")), *args]
     log = log or _logger().info
     lines: list[str] = []
@@ -280,8 +280,6 @@ def train_arch(arch: str, root: str = ".") -> dict[str, Any]:
     """One architecture's `train@A evaluate@A export@A register@A`, then what they produced."""
     params = load_params(Path(root) / "params.yaml")
     if arch not in (params.get("models") or []):
-        from medseg.errors import ConfigError
-
         raise ConfigError(
             f"{Path(root) / 'params.yaml'}: architecture {arch!r} is not in `models` "
             f"({', '.join(params.get('models') or [])}); dvc.yaml has no stages for it"

@@ -1,0 +1,454 @@
+"""Unit tests of the Prefect flows' building blocks. No Prefect server here: tasks are called with `.fn()`,
+DVC is replaced by a fake command or a recording stub. The flows themselves run in tests/test_flows_e2e.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from flows import pipeline, retrain, tasks  # noqa: E402
+from flows.tasks import DvcCommandError  # noqa: E402
+from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError  # noqa: E402
+
+PARAMS = {
+    "dataset": {"name": "phantom"},
+    "models": ["unet", "segformer_b0"],
+    "register": {"model_prefix": "medseg", "tracking_uri": "sqlite:///mlflow.db"},
+}
+
+
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    return tmp_path
+
+
+def fake_dvc(script: str) -> list[str]:
+    """A stand-in for `python -m dvc`: a tiny Python program (fast to start, no DVC import)."""
+    return [sys.executable, "-c", script]
+
+
+# --------------------------------------------------------------------------------------------------------- run_dvc
+
+
+def test_run_dvc_streams_output_and_passes_args(project):
+    tmp_path = project
+    logged = []
+    out = tasks.run_dvc(
+        ["repro", "train@unet"],
+        tmp_path,
+        dvc_cmd=fake_dvc("import os, sys; print('cwd', os.getcwd()); print('args', *sys.argv[1:])"),
+        log=logged.append,
+    )
+    assert f"cwd {tmp_path}" in out
+    assert "args repro train@unet" in out
+    assert logged[0].startswith("$ dvc repro train@unet")
+    assert "args repro train@unet" in logged
+
+
+def test_run_dvc_failure_keeps_exit_code_and_output_tail(project):
+    tmp_path = project
+    script = "import sys\nfor i in range(100): print('line', i)\nprint('ERROR: failed to reproduce'); sys.exit(3)"
+    with pytest.raises(DvcCommandError) as info:
+        tasks.run_dvc(["repro", "split"], tmp_path, dvc_cmd=fake_dvc(script), log=lambda line: None)
+    err = info.value
+    assert err.returncode == 3
+    assert err.output_tail.splitlines()[-1] == "ERROR: failed to reproduce"
+    assert len(err.output_tail.splitlines()) == tasks.OUTPUT_TAIL_LINES
+    assert "line 0\n" not in err.output_tail
+    assert str(tmp_path) in str(err) and "dvc repro split" in str(err)
+
+
+def test_run_dvc_outside_a_project_names_the_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope/dvc.yaml: not found"):
+        tasks.run_dvc(["repro"], tmp_path / "nope", dvc_cmd=fake_dvc("pass"))
+
+
+def test_checkout_lock_serialises_threads(tmp_path):
+    spans = []
+
+    def hold(name):
+        with tasks.checkout_lock(tmp_path):
+            start = time.monotonic()
+            time.sleep(0.15)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end  # never two holders at once
+
+
+def test_checkout_lock_waits_for_another_process(tmp_path):
+    pytest.importorskip("fcntl")
+    lock = tmp_path / tasks.LOCK_FILE
+    lock.parent.mkdir(parents=True)
+    released = tmp_path / "released"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"fh = open({str(lock)!r}, 'a+'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(0.6)\n"
+            f"open({str(released)!r}, 'w').close(); fcntl.flock(fh, fcntl.LOCK_UN)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with tasks.checkout_lock(tmp_path):
+            waited = time.monotonic() - start
+            assert released.exists()  # we only got in after the other process let go
+    finally:
+        holder.wait()
+    assert waited > 0.2
+
+
+# --------------------------------------------------------------------------------------------------------- retries
+
+
+def dvc_error(tail: str, returncode: int = 1) -> DvcCommandError:
+    return DvcCommandError(["repro", "train@unet"], returncode, tail, "/proj")
+
+
+@pytest.mark.parametrize(
+    "exc, transient",
+    [
+        (dvc_error("ERROR: Unable to acquire lock. Most likely another DVC process is running"), True),
+        (dvc_error("error: x\nERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with 2"), False),
+        (dvc_error("ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with 137"), True),
+        (dvc_error("ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with -9"), True),
+        (dvc_error("mlflow: sqlite3.OperationalError: database is locked\n... exited with 1"), True),
+        (dvc_error("ERROR: 'train@resnet' does not exist"), False),
+        (dvc_error("Traceback ...\nRuntimeError: CUDA error: unspecified launch failure\n... exited with 1"), True),
+        (dvc_error("", returncode=-9), True),
+        (ConfigError("params.yaml: bad"), False),
+        (TrainingError("loss is NaN"), False),
+        (ExportError("parity 0.3 > 1e-3"), False),
+        (PromotionRefused("worse than champion"), False),
+        (ConnectionError("tracking server down"), True),
+        (TimeoutError(), True),
+        (ValueError("a bug"), False),
+        (None, False),
+    ],
+)
+def test_is_transient(exc, transient):
+    assert tasks.is_transient(exc) is transient
+
+
+def test_retry_condition_reads_the_failed_state():
+    from prefect.states import Completed, Failed
+
+    assert tasks.retry_if_transient(None, None, Failed(data=dvc_error("Unable to acquire lock"))) is True
+    assert tasks.retry_if_transient(None, None, Failed(data=ConfigError("bad"))) is False
+    assert tasks.retry_if_transient(None, None, Completed(data=1)) is False
+
+
+def test_every_dvc_task_retries_only_transient_failures():
+    for t in (tasks.prepare_data, tasks.train_arch, tasks.promote_arch, tasks.build_report):
+        assert t.retries == 2
+        assert t.retry_condition_fn is tasks.retry_if_transient
+
+
+# --------------------------------------------------------------------------------------------------------- tasks
+
+
+def write_arch_outputs(root: Path, arch: str, dsc: float = 0.71, version: str = "3") -> None:
+    (root / "reports" / arch).mkdir(parents=True, exist_ok=True)
+    (root / "registry").mkdir(exist_ok=True)
+    metrics = {
+        "arch": arch,
+        "protocol": "mm",
+        "mean_dsc": dsc,
+        "mean_hd95": 12.5,
+        "per_class": {"liver": {"dsc": dsc, "hd95": 12.5}},
+        "num_cases": 2,
+    }
+    (root / "reports" / arch / "metrics.json").write_text(json.dumps(metrics))
+    (root / "reports" / arch / "export.json").write_text(json.dumps({"parity_passed": True, "max_abs_diff": 2e-6}))
+    registry = {"model_name": f"medseg-phantom-{arch}", "version": version, "run_id": "abc"}
+    (root / "registry" / f"{arch}.json").write_text(json.dumps(registry))
+
+
+def test_train_arch_runs_the_four_stages_and_summarises(project, monkeypatch):
+    calls = []
+
+    def fake_run_dvc(args, root, **kw):
+        calls.append((list(args), Path(root)))
+        write_arch_outputs(Path(root), "unet")
+        return ""
+
+    monkeypatch.setattr(tasks, "run_dvc", fake_run_dvc)
+    summary = tasks.train_arch.fn("unet", str(project))
+    assert calls == [(["repro", "train@unet", "evaluate@unet", "export@unet", "register@unet"], project)]
+    assert summary["status"] == "completed"
+    assert summary["mean_dsc"] == 0.71 and summary["mean_hd95"] == 12.5
+    assert summary["version"] == "3" and summary["model_name"] == "medseg-phantom-unet"
+    assert summary["parity_passed"] is True
+    assert summary["per_class"]["liver"]["dsc"] == 0.71
+
+
+def test_train_arch_refuses_an_architecture_missing_from_params(project, monkeypatch):
+    monkeypatch.setattr(tasks, "run_dvc", lambda *a, **k: pytest.fail("dvc must not run"))
+    with pytest.raises(ConfigError, match="'vm_unet' is not in `models`"):
+        tasks.train_arch.fn("vm_unet", str(project))
+
+
+def test_prepare_data_returns_content_version(project, monkeypatch):
+    cases = project / "data" / "ingested" / "phantom" / "cases.json"
+    seen = []
+
+    def fake_run_dvc(args, root, **kw):
+        seen.append(list(args))
+        cases.parent.mkdir(parents=True, exist_ok=True)
+        cases.write_text('{"cases": [{"id": "case0001", "sha256": "ab"}]}')
+        return ""
+
+    monkeypatch.setattr(tasks, "run_dvc", fake_run_dvc)
+    out = tasks.prepare_data.fn(str(project))
+    assert seen == [["repro", "ingest", "split"]]
+    assert out == {"dataset": "phantom", "version": hashlib.sha256(cases.read_bytes()).hexdigest()[:12]}
+    cases.write_text('{"cases": [{"id": "case0001", "sha256": "cd"}]}')
+    assert tasks.dataset_version(PARAMS, project) != out["version"]
+
+
+def test_build_report_runs_the_report_stage(project, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tasks, "run_dvc", lambda args, root, **k: seen.append(list(args)) or "")
+    assert tasks.build_report.fn(str(project)).endswith("reports/comparison.md")
+    assert seen == [["repro", "report"]]
+
+
+def test_promotion_records_promote_and_refusal(project, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seen = []
+
+    def promote_ok(name, tracking_uri=None):
+        seen.append((name, tracking_uri))
+        return {"model_name": name, "version": "2", "previous_champion": None}
+
+    def promote_refused(name, tracking_uri=None):
+        raise PromotionRefused(f"{name}: challenger DSC 0.61 < champion 0.70")
+
+    ok = tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_ok)
+    assert ok["decision"] == "promoted" and ok["version"] == "2" and ok["arch"] == "unet"
+    assert seen == [("medseg-phantom-unet", f"sqlite:///{project.resolve() / 'mlflow.db'}")]
+
+    refused = tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_refused)
+    assert refused == {
+        "arch": "unet",
+        "model_name": "medseg-phantom-unet",
+        "decision": "refused",
+        "reason": "medseg-phantom-unet: challenger DSC 0.61 < champion 0.70",
+    }
+
+
+def test_promotion_lets_infrastructure_errors_through_for_retry(project):
+    def promote_down(name, tracking_uri=None):
+        raise ConnectionError("tracking server unreachable")
+
+    with pytest.raises(ConnectionError):
+        tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_down)
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = {"register": {"tracking_uri": "sqlite:///mlflow.db"}}
+    assert tasks.tracking_uri_for(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    params = {"register": {"tracking_uri": "sqlite:////abs/m.db"}}
+    assert tasks.tracking_uri_for(params, tmp_path) == "sqlite:////abs/m.db"
+    params = {"register": {"tracking_uri": "mlruns"}}
+    assert tasks.tracking_uri_for(params, tmp_path) == str(tmp_path.resolve() / "mlruns")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tasks.tracking_uri_for(params, tmp_path) == "http://mlflow:5000"
+
+
+# --------------------------------------------------------------------------------------------------------- artifacts
+
+
+def test_metrics_table_has_one_row_per_architecture_failed_included():
+    results = {
+        "unet": {"status": "completed", "mean_dsc": 0.712345678, "mean_hd95": 10.123456, "protocol": "mm",
+                 "parity_passed": True, "version": "4"},
+        "vm_unet": {"status": "failed", "error": "train@vm_unet exited with 2: " + "x" * 500},
+    }
+    rows = tasks.metrics_table(results)
+    assert [r["architecture"] for r in rows] == ["unet", "vm_unet"]
+    assert rows[0]["mean_dsc"] == 0.7123 and rows[0]["mean_hd95"] == 10.1235
+    assert rows[0]["model_version"] == "4" and rows[0]["error"] == ""
+    assert rows[1]["status"] == "failed" and rows[1]["mean_dsc"] is None
+    assert rows[1]["error"].startswith("train@vm_unet exited with 2") and len(rows[1]["error"]) == 200
+
+
+def test_promotion_markdown_lists_decisions_and_reasons():
+    md = tasks.promotion_markdown(
+        {
+            "unet": {"model_name": "medseg-phantom-unet", "decision": "promoted", "reason": "first champion"},
+            "segformer_b0": {"model_name": "medseg-phantom-segformer_b0", "decision": "refused",
+                             "reason": "DSC 0.5 | worse\nthan 0.6"},
+            "vm_unet": {"decision": "skipped", "reason": "training failed"},
+        },
+        dataset_version_id="abc123",
+    )
+    assert "`abc123`" in md
+    assert "| unet | medseg-phantom-unet | **promoted** | first champion |" in md
+    assert "| segformer_b0 | medseg-phantom-segformer_b0 | **refused** | DSC 0.5 \\| worse than 0.6 |" in md
+    assert "| vm_unet |  | **skipped** | training failed |" in md
+    assert md.rstrip().endswith("Promoted to `champion`: unet.")
+    assert tasks.promotion_markdown({}).rstrip().endswith("Promoted to `champion`: none.")
+
+
+# --------------------------------------------------------------------------------------------------------- pipeline
+
+
+def test_resolve_architectures():
+    params = {"models": ["unet", "vm_unet"]}
+    path = Path("params.yaml")
+    assert pipeline.resolve_architectures(params, None, path) == ["unet", "vm_unet"]
+    assert pipeline.resolve_architectures(params, ["vm_unet", "vm_unet"], path) == ["vm_unet"]
+    with pytest.raises(ConfigError, match="params.yaml: swin not in `models`"):
+        pipeline.resolve_architectures(params, ["swin"], path)
+    with pytest.raises(ConfigError, match="`models` is empty"):
+        pipeline.resolve_architectures({"models": []}, None, path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"report": False, "failed": [], "fanned_out": False}, "report disabled"),
+        ({"report": True, "failed": ["vm_unet"], "fanned_out": False}, "failed architectures: vm_unet"),
+        ({"report": True, "failed": [], "fanned_out": True}, "dvc pull && dvc repro report"),
+    ],
+)
+def test_report_is_skipped_with_a_reason(kwargs, reason, monkeypatch):
+    monkeypatch.setattr(pipeline, "build_report", None)  # must not be called
+    out = pipeline.run_report("/proj", **kwargs)
+    assert out["status"] == "skipped" and reason in out["reason"]
+
+
+def test_failure_message_takes_the_exception_text():
+    from prefect.states import Failed
+
+    state = Failed(data=dvc_error("line1\nline2"))
+    msg = pipeline.failure_message(state)
+    assert "exited with 1" in msg and "line1" in msg
+
+
+def test_find_train_deployment_needs_exactly_one(monkeypatch):
+    class FakeClient:
+        def __init__(self, found):
+            self.found = found
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_deployments(self, **filters):
+            self.filters = filters
+            return self.found
+
+    class Dep:
+        def __init__(self, name, id):
+            self.name, self.id = name, id
+
+    import prefect
+
+    monkeypatch.setattr(prefect, "get_client", lambda sync_client: FakeClient([Dep("medseg-train-arch", "42")]))
+    assert pipeline.find_train_deployment("gpu-pool") == "42"
+    monkeypatch.setattr(prefect, "get_client", lambda sync_client: FakeClient([]))
+    with pytest.raises(ConfigError, match="work pool 'gpu-pool': expected one train-architecture deployment, found none"):
+        pipeline.find_train_deployment("gpu-pool")
+
+
+# --------------------------------------------------------------------------------------------------------- retrain
+
+
+def test_emit_dataset_updated_builds_the_event(monkeypatch):
+    sent = {}
+    monkeypatch.setattr(retrain, "emit_event", lambda **kw: sent.update(kw) or "event")
+    assert retrain.emit_dataset_updated("synapse", "abc123", root="/data/proj") == "event"
+    assert sent["event"] == "medseg.dataset.updated"
+    assert sent["resource"]["prefect.resource.id"] == "medseg.dataset.synapse"
+    assert sent["resource"]["medseg.dataset.version"] == "abc123"
+    assert sent["payload"] == {"dataset": "synapse", "version": "abc123", "root": "/data/proj"}
+
+
+def test_trigger_matches_the_emitted_event_and_passes_it_on():
+    trigger = retrain.dataset_updated_trigger()
+    assert trigger.expect == {retrain.DATASET_UPDATED_EVENT}
+    assert trigger.match.root["prefect.resource.id"] == "medseg.dataset.*"
+    assert trigger.parameters == {"dataset": "{{ event.payload.dataset }}", "dataset_version": "{{ event.payload.version }}"}
+    assert retrain.dataset_updated_trigger("acdc").match.root["prefect.resource.id"] == "medseg.dataset.acdc"
+    # the templated parameters exist on the flow they start
+    assert {"dataset", "dataset_version"} <= set(retrain.retrain.parameters.properties)
+
+
+def test_serve_deployments_have_schedule_and_trigger(tmp_path, monkeypatch):
+    monkeypatch.setenv(retrain.CRON_ENV, "15 4 * * 1")
+    cron = retrain.retrain_cron(None)
+    assert cron == "15 4 * * 1"
+    assert retrain.retrain_cron("0 1 * * *") == "0 1 * * *"
+    deployments = retrain.build_deployments(str(tmp_path), cron)
+    by_name = {d.name: d for d in deployments}
+    rd = by_name["medseg-retrain"]
+    assert rd.entrypoint.endswith("flows/retrain.py:retrain")
+    assert [s.schedule.cron for s in rd.schedules] == ["15 4 * * 1"]
+    assert rd.triggers[0].expect == {"medseg.dataset.updated"}
+    assert rd.parameters == {"root": str(tmp_path.resolve())}
+    assert by_name["medseg-ingest"].entrypoint.endswith("flows/retrain.py:ingest_new_data")
+    bare = retrain.build_deployments(str(tmp_path), cron, with_trigger=False, with_schedule=False)[0]
+    assert not bare.schedules and not bare.triggers
+    monkeypatch.delenv(retrain.CRON_ENV)
+    assert retrain.retrain_cron(None) == retrain.DEFAULT_CRON
+
+
+def test_retrain_skips_events_for_another_dataset(project, monkeypatch):
+    monkeypatch.setattr(retrain, "medseg_pipeline", lambda **kw: pytest.fail("must not train"))
+    out = retrain.retrain.fn(root=str(project), dataset="acdc", dataset_version="v9")
+    assert out["status"] == "skipped" and "'acdc'" in out["reason"] and "'phantom'" in out["reason"]
+
+
+def test_ingest_emits_only_when_the_dataset_changed(project, monkeypatch):
+    cases = project / "data" / "ingested" / "phantom" / "cases.json"
+    emitted = []
+    monkeypatch.setattr(retrain, "emit_dataset_updated", lambda d, v, root=None: emitted.append((d, v)) or "event")
+
+    def prepare(root, content):
+        cases.parent.mkdir(parents=True, exist_ok=True)
+        cases.write_text(content)
+        return {"dataset": "phantom", "version": tasks.dataset_version(PARAMS, root)}
+
+    monkeypatch.setattr(retrain, "prepare_data", lambda root: prepare(root, '{"v": 1}'))
+    first = retrain.ingest_new_data.fn(root=str(project))
+    assert first["changed"] and first["event_emitted"] and first["previous_version"] is None
+    again = retrain.ingest_new_data.fn(root=str(project))
+    assert not again["changed"] and not again["event_emitted"]
+    forced = retrain.ingest_new_data.fn(root=str(project), always_emit=True)
+    assert forced["event_emitted"]
+    monkeypatch.setattr(retrain, "prepare_data", lambda root: prepare(root, '{"v": 2}'))
+    newer = retrain.ingest_new_data.fn(root=str(project))
+    assert newer["changed"] and newer["previous_version"] == first["version"] != newer["version"]
+    assert emitted == [("phantom", first["version"]), ("phantom", first["version"]), ("phantom", newer["version"])]
