@@ -1,0 +1,443 @@
+"""Dataset adapters: find the (image, label) files of each case in a raw layout, and read them.
+
+An adapter only knows a layout; checks and normalisation live in `medseg.data.checks` / `medseg.data.ingest`.
+Supported layouts (`dataset.format`):
+
+- `synapse`: Synapse/BTCV raw data, `img/img0001.nii.gz` + `label/label0001.nii.gz` (or `imagesTr/`, `labelsTr/`).
+- `msd`: Medical Segmentation Decathlon / nnU-Net raw, `imagesTr/<case>.nii.gz` (MSD, 3D or 4D with channels
+  last) or `imagesTr/<case>_0000.nii.gz` (one file per channel), `labelsTr/<case>.nii.gz`, `dataset.json`.
+- `acdc`: `patientXXX/patientXXX_frameYY.nii.gz` + `patientXXX_frameYY_gt.nii.gz`; patient = `patientXXX`.
+- `folder2d`: an images folder and a masks folder (PNG/JPG/BMP/TIF), masks named like the image
+  (Kvasir-SEG) or with a suffix (ISIC `ISIC_0000000_segmentation.png`); each image is one case with D=1.
+- `transunet`: TransUNet's preprocessed Synapse, `train_npz/caseXXXX_sliceYYY.npz` (image, label; one case per
+  caseXXXX) and `test_vol_h5/caseXXXX.npy.h5` (datasets image, label shaped (D, H, W)).
+
+`discover(spec, raw_dir)` returns the cases it found plus every layout problem (missing pairs, empty dataset)
+as `IngestError`s, so `doctor` can list them all while `ingest` raises the first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medseg.errors import ConfigError, IngestError
+
+FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
+FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case
+MODALITIES = ("ct", "mr", "rgb")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+
+
+@dataclass
+class DatasetSpec:
+    """The dataset section of params.yaml, validated and completed (e.g. from an MSD dataset.json)."""
+
+    name: str
+    format: str
+    modality: str
+    class_names: list[str]
+    label_map: dict[int, int] | None = None
+    unmapped_labels: str = "background"
+    hu_window: tuple[float, float] = (-125.0, 275.0)
+    options: dict[str, Any] = field(default_factory=dict)  # adapter options (folder2d dirs, ...)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class CaseSource:
+    """Where one case lives in the raw layout (paths absolute)."""
+
+    id: str
+    patient: str
+    images: list[Path]  # channel files (msd), one file, or the ordered slice files (transunet npz)
+    label: Path | None  # None where the label sits in the image file (transunet)
+    kind: str  # nifti | image2d | npz_slices | h5
+
+
+@dataclass
+class RawCase:
+    """A case as read from disk, before checks and normalisation."""
+
+    image: np.ndarray  # (D, C, H, W) raw intensities
+    label: np.ndarray  # (D, H, W) raw label values
+    spacing: tuple[float, float, float] | None  # (sz, sy, sx) mm, None if the format does not record it
+    image_affine: np.ndarray | None = None
+    label_affine: np.ndarray | None = None
+
+
+def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = None) -> DatasetSpec:
+    """Validate `params["dataset"]`; for msd, fill class names / modality from dataset.json when not given."""
+    ds = dict(dataset_params or {})
+    fmt = ds.get("format")
+    if fmt not in FORMATS:
+        raise ConfigError(f"dataset.format={fmt!r}; expected one of {', '.join(FORMATS)}")
+    class_names = ds.get("class_names")
+    modality = ds.get("modality")
+    if fmt == "msd" and raw_dir is not None and (not class_names or not modality):
+        meta = _msd_dataset_json(Path(raw_dir))
+        class_names = class_names or meta["class_names"]
+        modality = modality or meta["modality"]
+    if not class_names or len(class_names) < 2:
+        raise ConfigError("dataset.class_names must list background and at least one class")
+    if len(class_names) > 255:
+        raise ConfigError(f"dataset.class_names has {len(class_names)} classes; at most 255 fit the uint8 labels")
+    modality = modality or ("rgb" if fmt == "folder2d" else "ct")
+    if modality not in MODALITIES:
+        raise ConfigError(f"dataset.modality={modality!r}; expected one of {', '.join(MODALITIES)}")
+    unmapped = ds.get("unmapped_labels") or "background"
+    if unmapped not in ("background", "error"):
+        raise ConfigError(f"dataset.unmapped_labels={unmapped!r}; expected background or error")
+    label_map = ds.get("label_map")
+    label_map = {int(k): int(v) for k, v in label_map.items()} if label_map else None
+    window = ds.get("hu_window") or (-125.0, 275.0)
+    if len(window) != 2 or float(window[0]) >= float(window[1]):
+        raise ConfigError(f"dataset.hu_window must be [low, high] with low < high, got {window}")
+    known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels"}
+    return DatasetSpec(
+        name=str(ds.get("name") or Path(str(ds.get("raw_dir", "dataset"))).name),
+        format=fmt,
+        modality=modality,
+        class_names=[str(c) for c in class_names],
+        label_map=label_map,
+        unmapped_labels=unmapped,
+        hu_window=(float(window[0]), float(window[1])),
+        options={k: v for k, v in ds.items() if k not in known},
+    )
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover(spec: DatasetSpec, raw_dir: str | Path) -> tuple[list[CaseSource], list[IngestError]]:
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return [], [IngestError(raw_dir, "raw data folder does not exist (or is not a folder)")]
+    cases, problems = _ADAPTERS[spec.format](spec, raw_dir)
+    ids = [c.id for c in cases]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(IngestError(raw_dir, f"case id {dup!r} found more than once"))
+    if not cases and not problems:
+        problems.append(IngestError(raw_dir, f"empty dataset: no {spec.format} cases found"))
+    return sorted(cases, key=lambda c: c.id), problems
+
+
+def _visible_files(folder: Path, pattern: str) -> list[Path]:
+    # Hidden files (macOS `._img0001.nii.gz` shadows shipped in MSD tarballs) are never data.
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+
+
+def _find_dir(root: Path, names: tuple[str, ...], depth: int = 2) -> Path | None:
+    """The first folder called one of `names` at `root` or up to `depth` levels below it."""
+    level = [root]
+    for _ in range(depth + 1):
+        for parent in level:
+            for name in names:
+                if (parent / name).is_dir():
+                    return parent / name
+        level = [d for p in level for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    return None
+
+
+def _pair_problems(images: dict[str, Path], labels: dict[str, Path], what: str) -> list[IngestError]:
+    problems = [IngestError(p, f"{what} has no matching label file") for k, p in sorted(images.items()) if k not in labels]
+    problems += [IngestError(p, "label file has no matching image") for k, p in sorted(labels.items()) if k not in images]
+    return problems
+
+
+def _number(name: str) -> str | None:
+    match = re.search(r"(\d+)", name)
+    return match.group(1) if match else None
+
+
+def _discover_synapse(spec: DatasetSpec, raw_dir: Path):
+    img_dir = _find_dir(raw_dir, ("img", "imagesTr"))
+    lbl_dir = _find_dir(raw_dir, ("label", "labelsTr"))
+    if img_dir is None or lbl_dir is None:
+        missing = "img/ (or imagesTr/)" if img_dir is None else "label/ (or labelsTr/)"
+        return [], [IngestError(raw_dir, f"Synapse layout needs a {missing} folder")]
+    images = {_number(p.name): p for p in _visible_files(img_dir, "*.nii*") if _number(p.name)}
+    labels = {_number(p.name): p for p in _visible_files(lbl_dir, "*.nii*") if _number(p.name)}
+    cases = [
+        CaseSource(f"case{num}", f"case{num}", [images[num]], labels[num], "nifti")
+        for num in sorted(images)
+        if num in labels
+    ]
+    return cases, _pair_problems(images, labels, "image")
+
+
+def _msd_dataset_json(raw_dir: Path) -> dict[str, Any]:
+    path = raw_dir / "dataset.json"
+    if not path.is_file():
+        found = sorted(raw_dir.glob("*/dataset.json"))
+        if len(found) != 1:
+            raise IngestError(path, "missing: MSD/nnU-Net datasets need dataset.json (or set class_names and modality)")
+        path = found[0]
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IngestError(path, f"not readable JSON ({exc})") from exc
+    labels = meta.get("labels") or {}
+    # MSD: {"0": "background", "1": "spleen"}; nnU-Net v2: {"background": 0, "spleen": 1}.
+    if labels and all(str(k).isdigit() for k in labels):
+        by_index = {int(k): str(v) for k, v in labels.items()}
+    else:
+        by_index = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
+    if not by_index or sorted(by_index) != list(range(len(by_index))):
+        raise IngestError(path, f"labels must number the classes 0..K-1, got {labels}")
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    first = str(channels.get("0", "")).lower()
+    modality = "ct" if first == "ct" else ("rgb" if first in ("rgb", "color") else "mr")
+    return {
+        "class_names": [by_index[i] for i in range(len(by_index))],
+        "modality": modality,
+        "num_channels": len(channels) or None,
+        "root": path.parent,
+    }
+
+
+def _discover_msd(spec: DatasetSpec, raw_dir: Path):
+    root = raw_dir if (raw_dir / "imagesTr").is_dir() else (_find_dir(raw_dir, ("imagesTr",), depth=1) or raw_dir).parent
+    img_dir, lbl_dir = root / "imagesTr", root / "labelsTr"
+    if not img_dir.is_dir() or not lbl_dir.is_dir():
+        return [], [IngestError(root, "MSD/nnU-Net layout needs imagesTr/ and labelsTr/ folders")]
+    channel_file = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+    case_name = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
+    images: dict[str, list[Path]] = {}
+    for p in _visible_files(img_dir, "*.nii*"):
+        m = channel_file.match(p.name) or case_name.match(p.name)
+        if m:
+            images.setdefault(m.group("case"), []).append(p)
+    labels = {case_name.match(p.name).group("case"): p for p in _visible_files(lbl_dir, "*.nii*") if case_name.match(p.name)}
+    problems = _pair_problems({k: v[0] for k, v in images.items()}, labels, "image")
+    counts = {len(v) for k, v in images.items() if k in labels}
+    if len(counts) > 1:
+        problems.append(IngestError(img_dir, f"cases have different numbers of channel files: {sorted(counts)}"))
+    cases = [CaseSource(k, k, sorted(images[k]), labels[k], "nifti") for k in sorted(images) if k in labels]
+    return cases, problems
+
+
+def _discover_acdc(spec: DatasetSpec, raw_dir: Path):
+    frame = re.compile(r"^(?P<patient>patient\d+)_frame\d+$")
+    images, labels = {}, {}
+    for p in sorted(raw_dir.rglob("patient*_frame*.nii*")):
+        if p.name.startswith("."):
+            continue
+        stem = p.name.split(".nii")[0]
+        if stem.endswith("_gt"):
+            labels[stem[:-3]] = p
+        elif frame.match(stem):
+            images[stem] = p
+    cases = [
+        CaseSource(k, frame.match(k).group("patient"), [images[k]], labels[k], "nifti") for k in sorted(images) if k in labels
+    ]
+    return cases, _pair_problems(images, labels, "frame")
+
+
+def _folder2d_dirs(spec: DatasetSpec, raw_dir: Path) -> tuple[Path | None, Path | None]:
+    opts = spec.options
+    img_dir = raw_dir / opts["images_dir"] if opts.get("images_dir") else None
+    mask_dir = raw_dir / opts["masks_dir"] if opts.get("masks_dir") else None
+    img_dir = img_dir or _find_dir(raw_dir, ("images", "imgs", "image", "img", "Images"), depth=1)
+    mask_dir = mask_dir or _find_dir(raw_dir, ("masks", "mask", "labels", "label", "segmentations", "Masks"), depth=1)
+    if img_dir is None:  # ISIC: ISIC2018_Task1-2_Training_Input + ISIC2018_Task1_Training_GroundTruth
+        inputs = [d for d in sorted(raw_dir.glob("*Input*")) if d.is_dir()]
+        img_dir = inputs[0] if len(inputs) == 1 else None
+    if mask_dir is None:
+        truths = [d for d in sorted(raw_dir.glob("*GroundTruth*")) if d.is_dir()]
+        mask_dir = truths[0] if len(truths) == 1 else None
+    return img_dir, mask_dir
+
+
+def _discover_folder2d(spec: DatasetSpec, raw_dir: Path):
+    img_dir, mask_dir = _folder2d_dirs(spec, raw_dir)
+    if img_dir is None or mask_dir is None:
+        what = "images" if img_dir is None else "masks"
+        return [], [IngestError(raw_dir, f"no {what} folder found (set dataset.images_dir / dataset.masks_dir)")]
+    if img_dir == mask_dir:
+        return [], [IngestError(img_dir, "images and masks must be in different folders")]
+
+    def pictures(folder: Path) -> dict[str, Path]:
+        return {p.stem: p for p in _visible_files(folder, "*") if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+    images, masks = pictures(img_dir), pictures(mask_dir)
+    suffix = spec.options.get("mask_suffix")
+    if suffix is None:  # ISIC names masks <image>_segmentation
+        suffix = "_segmentation" if masks and all(s.endswith("_segmentation") for s in masks) else ""
+    masks = {s[: len(s) - len(suffix)] if suffix and s.endswith(suffix) else s: p for s, p in masks.items()}
+    cases = [CaseSource(k, k, [images[k]], masks[k], "image2d") for k in sorted(images) if k in masks]
+    return cases, _pair_problems(images, masks, "image")
+
+
+def _discover_transunet(spec: DatasetSpec, raw_dir: Path):
+    npz_dir, h5_dir = _find_dir(raw_dir, ("train_npz",), 1), _find_dir(raw_dir, ("test_vol_h5",), 1)
+    if npz_dir is None and h5_dir is None:
+        return [], [IngestError(raw_dir, "TransUNet layout needs train_npz/ and/or test_vol_h5/")]
+    problems: list[IngestError] = []
+    slices: dict[str, dict[int, Path]] = {}
+    if npz_dir is not None:
+        pattern = re.compile(r"^(?P<case>case\d+)_slice(?P<slice>\d+)\.npz$")
+        for p in _visible_files(npz_dir, "*.npz"):
+            m = pattern.match(p.name)
+            if m is None:
+                problems.append(IngestError(p, "name does not follow caseXXXX_sliceYYY.npz"))
+            else:
+                slices.setdefault(m.group("case"), {})[int(m.group("slice"))] = p
+    cases = []
+    for case, by_index in sorted(slices.items()):
+        order = sorted(by_index)
+        gaps = sorted(set(range(order[0], order[-1] + 1)) - set(order))
+        if gaps:
+            problems.append(IngestError(npz_dir / f"{case}_slice*.npz", f"missing slices {gaps[:10]}"))
+            continue
+        cases.append(CaseSource(case, case, [by_index[i] for i in order], None, "npz_slices"))
+    if h5_dir is not None:
+        for p in _visible_files(h5_dir, "*.h5"):
+            case = p.name.split(".")[0]
+            if case in slices:
+                problems.append(IngestError(p, f"{case} is also in train_npz/ (one case, two sources)"))
+            else:
+                cases.append(CaseSource(case, case, [p], None, "h5"))
+    return cases, problems
+
+
+_ADAPTERS: dict[str, Callable[[DatasetSpec, Path], tuple[list[CaseSource], list[IngestError]]]] = {
+    "synapse": _discover_synapse,
+    "msd": _discover_msd,
+    "acdc": _discover_acdc,
+    "folder2d": _discover_folder2d,
+    "transunet": _discover_transunet,
+}
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(data in NIfTI axis order, affine, zooms); any failure becomes an IngestError naming the file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        return data, np.asarray(img.affine, dtype=np.float64), tuple(round(float(z), 6) for z in img.header.get_zooms())  # float32 0.7 -> 0.7
+    except Exception as exc:  # nibabel/gzip/zlib raise many types for broken files
+        raise IngestError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+
+
+def _volume_to_dchw(path: Path, data: np.ndarray) -> np.ndarray:
+    """NIfTI (x, y, z) or (x, y, z, c) -> (z, c, y, x)."""
+    data = data.reshape(data.shape[:3] + tuple(s for s in data.shape[3:] if s != 1))
+    if data.ndim == 3:
+        return data.transpose(2, 1, 0)[:, None]
+    if data.ndim == 4:
+        return data.transpose(2, 3, 1, 0)
+    raise IngestError(path, f"expected a 3D (or 4D multi-channel) volume, got shape {data.shape}")
+
+
+def _dhw(image: np.ndarray) -> tuple[int, int, int]:
+    return (image.shape[0], image.shape[2], image.shape[3])
+
+
+def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
+    from medseg.data import checks
+
+    channels, affine, zooms = [], None, None
+    for path in case.images:
+        data, aff, z = read_nifti(path)
+        if data.ndim < 3:
+            raise IngestError(path, f"expected a 3D volume, got shape {data.shape}")
+        vol = _volume_to_dchw(path, data)
+        if spec.format != "msd" and vol.shape[1] != 1:
+            raise IngestError(path, f"expected a 3D volume, got 4D shape {data.shape}")
+        if channels:
+            checks.check_same_shape(path, _dhw(channels[0]), _dhw(vol))
+            checks.check_affine(path, affine, aff)
+        else:
+            affine, zooms = aff, z
+        channels.append(vol)
+    image = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=1)
+    ldata, laff, _ = read_nifti(case.label)
+    ldata = ldata.reshape(ldata.shape[:3] + tuple(s for s in ldata.shape[3:] if s != 1))
+    if ldata.ndim != 3:
+        raise IngestError(case.label, f"label must be a 3D volume, got shape {ldata.shape}")
+    spacing = (zooms[2], zooms[1], zooms[0])
+    return RawCase(image, ldata.transpose(2, 1, 0), spacing, affine, laff)
+
+
+def _read_image2d_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
+    from PIL import Image
+
+    from medseg.data import checks
+
+    def load(path: Path, mode: str | None) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert(mode) if mode else im)
+        except Exception as exc:
+            raise IngestError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+
+    image = load(case.images[0], "RGB" if spec.modality == "rgb" else None)
+    if image.ndim == 3 and spec.modality != "rgb":
+        image = checks.check_mask_channels(case.images[0], image)  # greyscale stored as RGB is fine
+    image = image[None, None] if image.ndim == 2 else image.transpose(2, 0, 1)[None]
+    mask = checks.check_mask_channels(case.label, load(case.label, None))
+    if spec.num_classes == 2 and mask.max(initial=0) > 1:
+        mask = (mask > 127).astype(np.uint8)  # 0/255 (and JPEG-blurred) binary masks
+    return RawCase(image, mask[None], None)
+
+
+def _read_npz_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
+    images, labels = [], []
+    for path in case.images:
+        try:
+            with np.load(path) as npz:
+                image, label = np.asarray(npz["image"]), np.asarray(npz["label"])
+        except KeyError as exc:
+            raise IngestError(path, f"missing array {exc} (TransUNet slices hold 'image' and 'label')") from exc
+        except Exception as exc:
+            raise IngestError(path, f"cannot read npz ({type(exc).__name__}: {exc})") from exc
+        if image.ndim != 2 or image.shape != label.shape:
+            raise IngestError(path, f"image {image.shape} and label {label.shape} must be the same 2D shape")
+        if images and image.shape != images[0].shape:
+            raise IngestError(path, f"slice shape {image.shape} != first slice {images[0].shape}")
+        images.append(image)
+        labels.append(label)
+    return RawCase(np.stack(images)[:, None], np.stack(labels), None)
+
+
+def _read_h5_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
+    import h5py
+
+    path = case.images[0]
+    try:
+        with h5py.File(path, "r") as h5:
+            image, label = np.asarray(h5["image"]), np.asarray(h5["label"])
+    except KeyError as exc:
+        raise IngestError(path, f"missing dataset {exc} (TransUNet volumes hold 'image' and 'label')") from exc
+    except Exception as exc:
+        raise IngestError(path, f"cannot read HDF5 ({type(exc).__name__}: {exc})") from exc
+    if image.ndim != 3:
+        raise IngestError(path, f"image must be (D, H, W), got shape {image.shape}")
+    return RawCase(image[:, None], label, None)
+
+
+_READERS: dict[str, Callable[[CaseSource, DatasetSpec], RawCase]] = {
+    "nifti": _read_nifti_case,
+    "image2d": _read_image2d_case,
+    "npz_slices": _read_npz_case,
+    "h5": _read_h5_case,
+}
+
+
+def read_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
+    """Read one case's arrays (image (D, C, H, W), label (D, H, W)); IngestError on unreadable files."""
+    return _READERS[case.kind](case, spec)

@@ -1,0 +1,231 @@
+"""2D (and 2.5D) slices out of the ingested, memory-mapped case arrays.
+
+`SliceDataset` indexes every (case, slice) pair up front and opens each case's `.npy` files lazily with
+`mmap_mode="r"` in whichever process reads them (DataLoader workers included), so only the slices asked for
+are read. Resizing and augmentation run in torch on the slice. Augmentation draws from a generator seeded by
+(seed, epoch, index): the same item gets the same augmentation whatever the number of workers or the order.
+`__getitems__` serves a whole batch at once (one resize call for same-sized slices), which DataLoader uses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from medseg.errors import ConfigError, IngestError
+from medseg.io import read_json
+
+DEFAULT_AUGMENT = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15.0, "intensity_jitter": 0.1}
+
+
+def read_cases(ingested_dir: str | Path) -> dict[str, Any]:
+    """The parsed `cases.json` of an ingested dataset."""
+    path = Path(ingested_dir) / "cases.json"
+    if not path.is_file():
+        raise IngestError(path, "not found; run the ingest stage first")
+    return read_json(path)
+
+
+def _case_entry(manifest: Mapping[str, Any], case_id: str, ingested_dir: Path) -> Mapping[str, Any]:
+    for case in manifest["cases"]:
+        if case["id"] == case_id:
+            return case
+    raise ConfigError(f"case {case_id!r} is not in {ingested_dir / 'cases.json'}")
+
+
+def _open(ingested_dir: Path, case: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = np.load(ingested_dir / case["image"], mmap_mode="r")
+        label = np.load(ingested_dir / case["label"], mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise IngestError(ingested_dir / case["image"], f"cannot memory-map ingested case ({exc}); re-run ingest") from exc
+    return image, label
+
+
+def load_case(ingested_dir: str | Path, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(image (D, C, H, W) float32 memmap, label (D, H, W) uint8 memmap, spacing (sz, sy, sx) mm)."""
+    ingested_dir = Path(ingested_dir)
+    case = _case_entry(read_cases(ingested_dir), case_id, ingested_dir)
+    image, label = _open(ingested_dir, case)
+    return image, label, tuple(float(s) for s in case["spacing"])
+
+
+def resize_slices(
+    image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int], mode: str = "bicubic"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Batched resize: image (B, C, H, W) with `mode`, label (B, H, W) nearest. No-op at the target size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
+        return image, label
+    align = False if mode in ("bilinear", "bicubic") else None
+    image = F.interpolate(image, size=size, mode=mode, align_corners=align)
+    if label is not None:
+        label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].to(label.dtype)
+    return image, label
+
+
+def augment_slice(
+    image: torch.Tensor, label: torch.Tensor, options: Mapping[str, Any], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random augmentation of image (C, H, W) / label (H, W); each transform fires with probability p."""
+    p = float(options.get("p", 0.5))
+    if options.get("flip") and rng.random() < p:
+        image, label = image.flip(-1), label.flip(-1)
+    if options.get("flip") and rng.random() < p:
+        image, label = image.flip(-2), label.flip(-2)
+    if options.get("rot90") and rng.random() < p:
+        k = int(rng.integers(1, 4)) if image.shape[-1] == image.shape[-2] else 2  # 90/270 only keep square shapes
+        image, label = torch.rot90(image, k, (-2, -1)), torch.rot90(label, k, (-2, -1))
+    degrees = float(options.get("rotate_deg") or 0.0)
+    if degrees > 0 and rng.random() < p:
+        image, label = _rotate(image, label, math.radians(rng.uniform(-degrees, degrees)))
+    jitter = float(options.get("intensity_jitter") or 0.0)
+    if jitter > 0 and rng.random() < p:
+        scale, shift = 1.0 + rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
+        image = image * scale + shift
+    return image.contiguous(), label.contiguous()
+
+
+def _rotate(image: torch.Tensor, label: torch.Tensor, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=image.dtype)
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    # Corners rotated in from outside take the border value (air / background), not zeros mid-range.
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    label = F.grid_sample(label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return image, label[0, 0].to(torch.int64)
+
+
+class SliceDataset(Dataset):
+    """Item: (image float32 (C * (2 * context + 1), H, W), label int64 (H, W)) at `image_size`."""
+
+    def __init__(
+        self,
+        ingested_dir: str | Path,
+        case_ids: Sequence[str],
+        image_size: Sequence[int],
+        context: int = 0,
+        augment: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        image_mode: str = "bicubic",
+    ):
+        self.ingested_dir = Path(ingested_dir)
+        manifest = read_cases(self.ingested_dir)
+        self.cases = [dict(_case_entry(manifest, str(cid), self.ingested_dir)) for cid in case_ids]
+        if not self.cases:
+            raise ConfigError(f"SliceDataset over {self.ingested_dir}: no case ids given")
+        if int(context) < 0:
+            raise ConfigError(f"data.context must be >= 0, got {context}")
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.context = int(context)
+        self.augment = dict(augment) if augment else None
+        self.seed = int(seed)
+        self.image_mode = image_mode
+        self.epoch = 0
+        self.in_channels = int(manifest["in_channels"]) * (2 * self.context + 1)
+        self.num_classes = int(manifest["num_classes"])
+        depths = [int(c["shape"][0]) for c in self.cases]
+        # (case index, slice index) for every slice, built once; items are looked up, never searched.
+        self.index = np.concatenate([np.stack([np.full(d, i), np.arange(d)], 1) for i, d in enumerate(depths)]).astype(np.int64)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation stream (call before iterating; DataLoader workers get a fresh copy)."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_arrays"] = {}  # memmaps are reopened in the worker
+        return state
+
+    def _case(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pid != os.getpid():  # forked worker: do not share the parent's file handles
+            self._arrays, self._pid = {}, os.getpid()
+        if i not in self._arrays:
+            self._arrays[i] = _open(self.ingested_dir, self.cases[i])
+        return self._arrays[i]
+
+    def _raw(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        case, z = self.index[idx]
+        image, label = self._case(int(case))
+        if self.context:
+            depth = image.shape[0]
+            zs = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)  # edges replicate
+            stack = np.asarray(image[zs])  # (2k+1, C, H, W)
+            return stack.reshape(-1, *stack.shape[2:]), np.asarray(label[z])
+        return np.array(image[z]), np.array(label[z])
+
+    def _rng(self, idx: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(idx)])
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([idx])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raws = [self._raw(int(i)) for i in indices]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(raws)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for pos, (image, _) in enumerate(raws):
+            by_shape.setdefault(image.shape, []).append(pos)
+        for positions in by_shape.values():  # one interpolate call per input shape
+            images = torch.from_numpy(np.stack([raws[p][0] for p in positions]))
+            labels = torch.from_numpy(np.stack([raws[p][1] for p in positions]).astype(np.int64))
+            images, labels = resize_slices(images, labels, self.image_size, self.image_mode)
+            for row, pos in enumerate(positions):
+                out[pos] = (images[row], labels[row])
+        if self.augment:
+            out = [augment_slice(img, lbl, self.augment, self._rng(int(i))) for (img, lbl), i in zip(out, indices)]
+        return out
+
+
+def make_loader(
+    ingested_dir: str | Path,
+    case_ids: Sequence[str],
+    image_size: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    context: int = 0,
+    augment: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    image_mode: str = "bicubic",
+) -> DataLoader:
+    """DataLoader over a SliceDataset; the shuffle order is drawn from a generator seeded with `seed`."""
+    dataset = SliceDataset(ingested_dir, case_ids, image_size, context, augment, seed, image_mode)
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        num_workers=int(num_workers),
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(int(seed)),
+        persistent_workers=False,  # workers must see set_epoch()
+    )
+
+
+def dataset_from_params(
+    params: Mapping[str, Any], root: str | Path, case_ids: Sequence[str], train: bool = False
+) -> SliceDataset:
+    """SliceDataset configured from params.yaml `data:` (augmentation only when `train`)."""
+    data = params.get("data") or {}
+    return SliceDataset(
+        Path(root) / "data" / "ingested" / params["dataset"]["name"],
+        case_ids,
+        data.get("image_size", (224, 224)),
+        context=int(data.get("context", 0) or 0),
+        augment=(data.get("augment") or None) if train else None,
+        seed=int(params.get("seed", 0)),
+    )

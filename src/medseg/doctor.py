@@ -1,0 +1,137 @@
+"""`medseg doctor`: check a raw dataset before ingesting it and list *every* problem, not just the first
+(like nnU-Net's `--verify_dataset_integrity`). It runs the very checks ingest runs (`medseg.data.checks`
+through `medseg.data.ingest.load_and_check`), plus dataset-wide warnings ingest does not stop for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import ConfigError, IngestError
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    problem: str
+    severity: str = "error"  # error: ingest would refuse the dataset | warning: it would go through, but look
+
+
+def _problem(exc: IngestError, severity: str = "error") -> Problem:
+    return Problem(exc.path, exc.problem, severity)
+
+
+def check_dataset(dataset_params: dict[str, Any], raw_dir: str | Path) -> list[Problem]:
+    """Every problem of the dataset at `raw_dir` (a folder or an archive), errors first."""
+    return _check(dataset_params, Path(raw_dir))[0]
+
+
+def _check(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
+    from medseg.data.archive import dataset_root, is_archive, safe_extract
+
+    if is_archive(raw_dir):
+        with tempfile.TemporaryDirectory(prefix="medseg-doctor-") as tmp:
+            try:
+                extracted = dataset_root(safe_extract(raw_dir, Path(tmp) / "raw"))
+            except IngestError as exc:
+                return [_problem(exc)], 0
+            return _check_folder(dataset_params, extracted)
+    return _check_folder(dataset_params, raw_dir)
+
+
+def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
+    from medseg.data import checks
+    from medseg.data.formats import dataset_spec, discover
+    from medseg.data.ingest import load_and_check
+
+    try:
+        spec = dataset_spec(dataset_params, raw_dir)
+        checks.check_label_map(spec.label_map, spec.num_classes)
+    except ConfigError as exc:
+        return [Problem("params.yaml (dataset)", str(exc))], 0
+    except IngestError as exc:
+        return [_problem(exc)], 0
+    cases, layout = discover(spec, raw_dir)
+    problems = [_problem(e) for e in layout]
+    channels: dict[int, list[str]] = {}
+    orientations: dict[str, list[str]] = {}
+    present = np.zeros(spec.num_classes, dtype=bool)
+    spacings = []
+    for case in cases:
+        raw, label, errors = load_and_check(case, spec)
+        problems += [_problem(e) for e in errors]
+        if raw is None:
+            continue
+        channels.setdefault(raw.image.shape[1], []).append(case.id)
+        if raw.image_affine is not None:
+            import nibabel as nib
+
+            orientations.setdefault("".join(nib.aff2axcodes(raw.image_affine)), []).append(case.id)
+        if raw.spacing is not None:
+            spacings.append((case, raw.spacing))
+        if label is not None:
+            present[np.unique(label)] = True
+            if label.max(initial=0) == 0:
+                problems.append(Problem(str(case.label or case.images[0]), "label has no foreground voxels", "warning"))
+        if spec.modality == "ct" and spec.format != "transunet" and float(raw.image.max()) <= 1.0:
+            problems.append(Problem(str(case.images[0]), "modality is ct but intensities are <= 1: already normalised?", "warning"))
+    if len(channels) > 1:
+        counts = ", ".join(f"{c} channels: {len(ids)} cases" for c, ids in sorted(channels.items()))
+        problems.append(Problem(str(raw_dir), f"cases have different channel counts ({counts})"))
+    if len(orientations) > 1:
+        summary = ", ".join(f"{code}: {len(ids)} cases (e.g. {ids[0]})" for code, ids in sorted(orientations.items()))
+        problems.append(Problem(str(raw_dir), f"mixed volume orientations ({summary})", "warning"))
+    if spacings:
+        median = np.median(np.asarray([s for _, s in spacings]), axis=0)
+        for case, case_spacing in spacings:
+            case_spacing = np.asarray(case_spacing)
+            if np.any(case_spacing > 3 * median) or np.any(case_spacing < median / 3):
+                problems.append(Problem(str(case.images[0]), f"spacing {case_spacing.tolist()} far from the median {median.tolist()}", "warning"))
+    if cases and not any(p.severity == "error" for p in problems):
+        absent = [n for n, seen in zip(spec.class_names[1:], present[1:]) if not seen]
+        if absent:
+            problems.append(Problem(str(raw_dir), f"classes never present in any label: {', '.join(absent)}", "warning"))
+    problems.sort(key=lambda p: (p.severity != "error", p.file))
+    return problems, len(cases)
+
+
+def run_doctor(params: dict[str, Any], root: str | Path = ".", raw_dir: str | Path | None = None, fmt: str | None = None) -> int:
+    """Check `raw_dir` (default `<root>/<dataset.raw_dir>`) as dataset format `fmt` (default `dataset.format`).
+
+    Prints a table of problems; returns 1 if any is an error, else 0 (the CLI's exit code).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    dataset = dict(params.get("dataset") or {})
+    if fmt:
+        dataset["format"] = fmt
+    if raw_dir is None:
+        if "raw_dir" not in dataset:
+            raise ConfigError("params.yaml: dataset.raw_dir is required (or pass a raw folder)")
+        raw_dir = Path(root) / dataset["raw_dir"]
+    problems, num_cases = _check(dataset, Path(raw_dir))
+    console = Console()
+    errors = sum(p.severity == "error" for p in problems)
+    if problems:
+        table = Table(title=f"medseg doctor: {raw_dir} ({dataset.get('format')})", show_lines=False)
+        table.add_column("severity")
+        table.add_column("file", overflow="fold")
+        table.add_column("problem", overflow="fold")
+        for p in problems:
+            table.add_row(f"[red]{p.severity}[/red]" if p.severity == "error" else f"[yellow]{p.severity}[/yellow]", p.file, p.problem)
+        console.print(table)
+    console.print(
+        f"{num_cases} cases checked: {errors} error(s), {len(problems) - errors} warning(s)"
+        + ("" if errors else " - ready to ingest")
+    )
+    return 1 if errors else 0
+
+
+def problems_as_dicts(problems: list[Problem]) -> list[dict[str, str]]:
+    return [asdict(p) for p in problems]
