@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from medseg.errors import ExportError
-from medseg.io import atomic_path, write_json
+from medseg.io import atomic_path, sha256_file, write_json
 
 _log = logging.getLogger(__name__)
 
@@ -134,3 +134,114 @@ def onnx_max_abs_diff(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, 
     if got.shape != expected.shape:
         raise ExportError(f"{onnx_path}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
     return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+
+
+def _median_ms(fn, runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+    """A real batch of 2 slices (the first test case's most central ones) at `size`; random if no data is there."""
+    from medseg.evaluation import prepare_slices
+
+    name = params["dataset"]["name"]
+    ingested = root / "data" / "ingested" / name
+    split_path = root / "data" / "splits" / f"{name}.json"
+    try:
+        from medseg.data.loader import load_case
+        from medseg.io import read_json
+
+        split = read_json(split_path)
+        case_id = (split.get("test") or split.get("val") or split.get("train"))[0]
+        image, _label, _spacing = load_case(ingested, case_id)
+        middle = image.shape[0] // 2
+        indices = [middle, min(middle + 1, image.shape[0] - 1)]
+        return prepare_slices(image, indices, int(meta.get("context", 0)), size)
+    except Exception as exc:  # noqa: BLE001 - parity still means something on random input
+        _log.warning("parity check on random input (no test slices readable: %s)", exc)
+        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        return torch.rand(2, int(meta["in_channels"]), *size, generator=generator)
+
+
+def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """models/<arch>/checkpoint.pt -> models/<arch>/model.onnx + reports/<arch>/export.json.
+
+    Raises ExportError when PyTorch and ONNX Runtime disagree by more than export.max_abs_diff; model.onnx is
+    then removed, so a failed export never looks like an output (export.json still records the numbers).
+    """
+    from medseg.config import disable_telemetry
+    from medseg.evaluation import load_trained_model
+    from medseg.models import get_model_info
+
+    disable_telemetry()
+    root = Path(root)
+    export_p = params.get("export", {})
+    opset = int(export_p.get("opset", 17))
+    threshold = float(export_p.get("max_abs_diff", 1e-3))
+    runs = int(export_p.get("latency_runs", 10))
+    onnx_path = root / "models" / arch / "model.onnx"
+    report_path = root / "reports" / arch / "export.json"
+
+    model, meta = load_trained_model(root / "models" / arch / "checkpoint.pt")
+    model = model.cpu().eval()
+    info = get_model_info(meta["arch"])
+    h, w = (int(v) for v in meta["image_size"])
+    sizes = [(h, w)]
+    if info.dynamic_hw:
+        sizes.append((h + info.size_multiple, w + 2 * info.size_multiple))  # a second, non-square size
+    report: dict[str, Any] = {
+        "arch": arch,
+        "max_abs_diff": None,
+        "parity_passed": False,
+        "threshold": threshold,
+        "torch_latency_ms": None,
+        "onnx_latency_ms": None,
+        "opset": opset,
+        "dynamic_hw": bool(info.dynamic_hw),
+        "input_shape": [None, int(meta["in_channels"]), None if info.dynamic_hw else h, None if info.dynamic_hw else w],
+        "checked_shapes": [],
+    }
+    try:
+        with atomic_path(onnx_path) as tmp:
+            export_onnx(model, int(meta["in_channels"]), (h, w), tmp, opset=opset, dynamic_hw=info.dynamic_hw)
+            report["opset"] = _onnx_opset(tmp)
+            session = ort_session(tmp)
+            diffs = []
+            for size in sizes:
+                x = _parity_inputs(params, root, meta, size)
+                diffs.append(onnx_max_abs_diff(model, tmp, x, session=session))
+                report["checked_shapes"].append(list(x.shape))
+            report["max_abs_diff"] = max(diffs)
+            report["parity_passed"] = bool(report["max_abs_diff"] <= threshold)
+            if not report["parity_passed"]:
+                raise ExportError(
+                    f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report['max_abs_diff']:.3g} "
+                    f"> export.max_abs_diff {threshold:g} (shapes {report['checked_shapes']})")
+            one = torch.rand(1, int(meta["in_channels"]), h, w)
+            with torch.inference_mode():
+                report["torch_latency_ms"] = _median_ms(lambda: model(one), runs)
+            feed = {INPUT_NAME: one.numpy()}
+            report["onnx_latency_ms"] = _median_ms(lambda: session.run([OUTPUT_NAME], feed), runs)
+    except BaseException:
+        onnx_path.unlink(missing_ok=True)  # never leave a stale or failed graph as the stage output
+        write_json(report_path, report)
+        raise
+    report["onnx_sha256"] = sha256_file(onnx_path)
+    write_json(report_path, report)
+    _log.info("%s: ONNX max |diff| %.3g, latency torch %.2f ms / onnxruntime %.2f ms", arch,
+              report["max_abs_diff"], report["torch_latency_ms"], report["onnx_latency_ms"])
+    return report

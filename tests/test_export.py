@@ -1,0 +1,128 @@
+"""ONNX export: names, dynamic axes, parity with PyTorch, the export stage's failure modes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from medseg.errors import ExportError
+from medseg.export import export_model, export_onnx, onnx_max_abs_diff, ort_session
+from medseg.io import read_json
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-pool-upsample: exercises the ops every segmentation net exports, in a fraction of a second."""
+
+    def __init__(self, in_channels: int = 2, num_classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = nn.functional.max_pool2d(y, 2)
+        y = nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(y)
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_export_onnx_dynamic_axes_and_parity(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet().train()  # export must switch to eval mode itself (BatchNorm running stats)
+    path = export_onnx(model, 2, (32, 32), tmp_path / "m.onnx")
+    assert path == tmp_path / "m.onnx"
+    assert not model.training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temp files left
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
+    assert _dims(graph.input[0]) == ["batch", 2, "height", "width"]
+    for shape in [(1, 2, 32, 32), (3, 2, 48, 64)]:
+        assert onnx_max_abs_diff(model, path, torch.randn(*shape)) < 1e-4
+
+
+def test_export_onnx_static_hw_and_mismatch_detection(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    path = export_onnx(model, 2, (32, 32), tmp_path / "static.onnx", dynamic_hw=False)
+    graph = onnx.load(str(path)).graph
+    assert _dims(graph.input[0]) == ["batch", 2, 32, 32]
+    x = torch.randn(2, 2, 32, 32)
+    assert onnx_max_abs_diff(model, path, x) < 1e-4
+    with pytest.raises(Exception):  # a static graph refuses another H/W
+        ort_session(path).run(["logits"], {"image": np.zeros((1, 2, 48, 48), np.float32)})
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.head.bias += 1.0
+    assert onnx_max_abs_diff(changed, path, x) == pytest.approx(1.0, abs=1e-4)
+
+
+class Untraceable(TinyNet):
+    def forward(self, x):
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._dynamo.is_compiling():
+            raise RuntimeError("this network cannot be traced")
+        return super().forward(x)
+
+
+def test_export_onnx_failure_names_the_file(tmp_path):
+    with pytest.raises(ExportError, match="bad.onnx: ONNX export failed"):
+        export_onnx(Untraceable(), 2, (16, 16), tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_project(tmp_path, threshold: float) -> tuple[dict, object]:
+    """A project root holding only a trained-looking U-Net checkpoint (parity then runs on random input)."""
+    from medseg.models import build_model
+
+    params = {
+        "seed": 0,
+        "dataset": {"name": "none"},
+        "export": {"opset": 17, "max_abs_diff": threshold, "latency_runs": 2},
+    }
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 3, (32, 32), base_channels=4)
+    checkpoint = {
+        "arch": "unet", "model_options": {"base_channels": 4}, "in_channels": 1, "num_classes": 3,
+        "image_size": [32, 32], "class_names": ["background", "a", "b"], "context": 0,
+        "state_dict": model.state_dict(), "epoch": 1, "val_dice": 0.5, "config_hash": "x", "split_hash": "y",
+    }
+    (tmp_path / "models" / "unet").mkdir(parents=True)
+    torch.save(checkpoint, tmp_path / "models" / "unet" / "checkpoint.pt")
+    return params, model
+
+
+def test_export_model_writes_onnx_and_report(tmp_path):
+    params, model = _fake_project(tmp_path, threshold=1e-3)
+    report = export_model(params, "unet", tmp_path)
+    onnx_path = tmp_path / "models" / "unet" / "model.onnx"
+    assert onnx_path.is_file()
+    saved = read_json(tmp_path / "reports" / "unet" / "export.json")
+    assert saved == json.loads(json.dumps(report))
+    for key in ("max_abs_diff", "parity_passed", "threshold", "torch_latency_ms", "onnx_latency_ms", "opset", "dynamic_hw"):
+        assert key in saved
+    assert saved["parity_passed"] is True and saved["max_abs_diff"] < 1e-3
+    assert saved["dynamic_hw"] is True and len(saved["checked_shapes"]) == 2
+    assert saved["checked_shapes"][1][2:] != [32, 32]
+    assert saved["torch_latency_ms"] > 0 and saved["onnx_latency_ms"] > 0
+    # the exported graph reproduces the checkpoint's network (not just itself)
+    assert onnx_max_abs_diff(model.eval(), onnx_path, torch.rand(1, 1, 32, 32)) < 1e-3
+
+
+def test_export_model_parity_failure_leaves_no_onnx(tmp_path):
+    params, _ = _fake_project(tmp_path, threshold=-1.0)  # nothing can pass a negative threshold
+    (tmp_path / "models" / "unet" / "model.onnx").write_bytes(b"stale graph from an earlier run")
+    with pytest.raises(ExportError, match="model.onnx: ONNX Runtime output differs"):
+        export_model(params, "unet", tmp_path)
+    assert not (tmp_path / "models" / "unet" / "model.onnx").exists()
+    assert sorted(p.name for p in (tmp_path / "models" / "unet").iterdir()) == ["checkpoint.pt"]
+    saved = read_json(tmp_path / "reports" / "unet" / "export.json")
+    assert saved["parity_passed"] is False and saved["max_abs_diff"] is not None
