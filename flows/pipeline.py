@@ -148,6 +148,7 @@ def medseg_pipeline(
     promotions: dict[str, Any] = {}
     for future in as_completed(list(futures)):
         arch = futures[future]
+        future.wait()  # sets the future's final state (`.state` alone may still read the API's older one)
         state = future.state
         if state.is_completed():
             results[arch] = future.result()

@@ -203,10 +203,6 @@ def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 # Reading what the stages wrote
 
 
-def model_name(params: dict[str, Any], arch: str) -> str:
-    return f"{params['register']['model_prefix']}-{params['dataset']['name']}-{arch}"
-
-
 def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
     """Content version of the ingested dataset: a hash of its cases.json (which holds every case's sha256)."""
     cases = Path(root) / "data" / "ingested" / params["dataset"]["name"] / "cases.json"
@@ -221,6 +217,8 @@ def _read_optional_json(path: Path) -> dict[str, Any] | None:
 
 def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
     """What one architecture's stages produced: metrics, export parity and the registered version."""
+    from medseg.registry import model_name
+
     root = Path(root)
     metrics = _read_optional_json(root / "reports" / arch / "metrics.json") or {}
     export = _read_optional_json(root / "reports" / arch / "export.json") or {}
@@ -238,22 +236,6 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
         "parity_passed": export.get("parity_passed"),
         "max_abs_diff": export.get("max_abs_diff"),
     }
-
-
-def tracking_uri_for(params: dict[str, Any], root: str | Path) -> str | None:
-    """The MLflow URI the register stage used: MLFLOW_TRACKING_URI, else params (sqlite paths made absolute).
-
-    Stages run with cwd = root, so `sqlite:///mlflow.db` means <root>/mlflow.db whatever our own cwd is.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params.get("register") or {}).get("tracking_uri")
-    if not uri:
-        return None
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
-        return prefix + str((Path(root) / uri[len(prefix):]).resolve())
-    if "://" not in uri and not Path(uri).is_absolute():  # a plain folder (file store)
-        return str((Path(root) / uri).resolve())
-    return uri
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,24 +271,21 @@ def train_arch(arch: str, root: str = ".") -> dict[str, Any]:
 
 
 def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
-    """Apply the champion gate to one architecture's challenger; a refusal is a decision, not a failure."""
-    from medseg.errors import PromotionRefused
+    """Apply the champion gate (medseg.registry) to one architecture; a refusal is a decision, not a failure.
 
-    if promote_fn is None:
-        from medseg.registry import promote as promote_fn
-    name = model_name(params, arch)
+    The decision is "promoted", "unchanged" (already the champion) or "refused", with the gate's reason.
+    """
+    from medseg.errors import PromotionRefused
+    from medseg.registry import model_name, promote_from_params
+
+    promote_fn = promote_fn or promote_from_params
     try:
-        result = promote_fn(name, tracking_uri=tracking_uri_for(params, root))
+        result = dict(promote_fn(params, arch, root) or {})
     except PromotionRefused as exc:
-        return {"arch": arch, "model_name": name, "decision": "refused", "reason": str(exc)}
-    result = dict(result or {})
-    return {
-        "arch": arch,
-        "model_name": name,
-        "decision": "promoted",
-        "reason": result.pop("reason", "challenger beats the champion"),
-        **{k: v for k, v in result.items() if k not in ("arch", "model_name", "decision")},
-    }
+        result = dict(getattr(exc, "result", None) or {})
+        result["decision"] = "refused"
+        result["reason"] = result.get("reason") or str(exc)
+    return {"arch": arch, "model_name": model_name(params, arch), **result}
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)

@@ -240,48 +240,44 @@ def test_build_report_runs_the_report_stage(project, monkeypatch):
     assert seen == [["repro", "report"]]
 
 
-def test_promotion_records_promote_and_refusal(project, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_promotion_records_promote_and_refusal(project):
     seen = []
 
-    def promote_ok(name, tracking_uri=None):
-        seen.append((name, tracking_uri))
-        return {"model_name": name, "version": "2", "previous_champion": None}
+    def promote_ok(params, arch, root):
+        seen.append((arch, root))
+        return {"model_name": "medseg-phantom-unet", "decision": "promoted", "reason": "first champion",
+                "champion_version": "2"}
 
-    def promote_refused(name, tracking_uri=None):
-        raise PromotionRefused(f"{name}: challenger DSC 0.61 < champion 0.70")
+    def promote_refused(params, arch, root):
+        error = PromotionRefused("medseg-phantom-unet: promotion refused: DSC 0.61 does not beat 0.70")
+        error.result = {"decision": "refused", "reason": "DSC 0.61 does not beat 0.70", "challenger_dsc": 0.61}
+        raise error
+
+    def promote_refused_bare(params, arch, root):
+        raise PromotionRefused("no challenger")
 
     ok = tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_ok)
-    assert ok["decision"] == "promoted" and ok["version"] == "2" and ok["arch"] == "unet"
-    assert seen == [("medseg-phantom-unet", f"sqlite:///{project.resolve() / 'mlflow.db'}")]
+    assert ok["decision"] == "promoted" and ok["champion_version"] == "2" and ok["arch"] == "unet"
+    assert seen == [("unet", project)]
 
     refused = tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_refused)
     assert refused == {
         "arch": "unet",
         "model_name": "medseg-phantom-unet",
         "decision": "refused",
-        "reason": "medseg-phantom-unet: challenger DSC 0.61 < champion 0.70",
+        "reason": "DSC 0.61 does not beat 0.70",
+        "challenger_dsc": 0.61,
     }
+    bare = tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_refused_bare)
+    assert bare["decision"] == "refused" and bare["reason"] == "no challenger"
 
 
 def test_promotion_lets_infrastructure_errors_through_for_retry(project):
-    def promote_down(name, tracking_uri=None):
+    def promote_down(params, arch, root):
         raise ConnectionError("tracking server unreachable")
 
     with pytest.raises(ConnectionError):
         tasks.promote_model(PARAMS, "unet", project, promote_fn=promote_down)
-
-
-def test_tracking_uri_resolution(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = {"register": {"tracking_uri": "sqlite:///mlflow.db"}}
-    assert tasks.tracking_uri_for(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    params = {"register": {"tracking_uri": "sqlite:////abs/m.db"}}
-    assert tasks.tracking_uri_for(params, tmp_path) == "sqlite:////abs/m.db"
-    params = {"register": {"tracking_uri": "mlruns"}}
-    assert tasks.tracking_uri_for(params, tmp_path) == str(tmp_path.resolve() / "mlruns")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert tasks.tracking_uri_for(params, tmp_path) == "http://mlflow:5000"
 
 
 # --------------------------------------------------------------------------------------------------------- artifacts
