@@ -1,0 +1,564 @@
+"""MLflow model registry: one run + one ONNX model version per architecture, and guarded promotion.
+
+`register_model_version` logs what the train/evaluate/export stages wrote for one architecture to an MLflow run,
+registers `models/<A>/model.onnx` as a version of `<prefix>-<dataset>-<arch>` with alias `challenger`, and writes
+`registry/<A>.json`. It is idempotent: the sha256 of the ONNX file identifies a version, so re-running the stage
+for an unchanged model reuses the existing version instead of piling up duplicates.
+
+`promote` moves alias `champion` to the challenger only when it beats the champion on the same test split with a
+passed ONNX parity check; it never moves the champion to a worse model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.metadata
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from medseg.config import config_hash, disable_telemetry, model_options
+from medseg.errors import MedsegError, PromotionRefused
+from medseg.io import read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow's own HTTP client retries 7 times with exponential backoff (minutes) before failing; our retry loop
+# replaces it while probing, and the real work gets a short leash so a server dying mid-run fails in about a minute.
+_PROBE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_WORK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+# --------------------------------------------------------------------------------------------------- naming / URIs
+def model_name(params: dict[str, Any], arch: str) -> str:
+    """Registered model name `<register.model_prefix>-<dataset.name>-<arch>`."""
+    prefix = (params.get("register") or {}).get("model_prefix", "medseg")
+    return f"{prefix}-{params['dataset']['name']}-{arch}"
+
+
+def resolve_tracking_uri(params: dict[str, Any], root: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI, else params.register.tracking_uri; local stores are made absolute from `root`.
+
+    A relative `sqlite:///mlflow.db` would otherwise land wherever the process happens to run.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params.get("register") or {}).get("tracking_uri")
+    uri = uri or DEFAULT_TRACKING_URI
+    root = Path(root).resolve()
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :]
+        if not db.startswith("/") and db != ":memory:":
+            return f"sqlite:///{root / db}"
+        return uri
+    if "://" not in uri:  # a plain folder means a file store
+        path = Path(uri)
+        return (path if path.is_absolute() else root / path).as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql"))
+
+
+def _artifact_location(uri: str, root: Path) -> str | None:
+    # Only a store on this machine gets root/mlartifacts; a tracking server decides its own artifact store.
+    if uri.startswith(("sqlite:", "file:")):
+        return (root / "mlartifacts").resolve().as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str], force: bool) -> Iterator[None]:
+    """Temporarily set environment variables (`force=False` keeps values the user set)."""
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        if force or key not in os.environ:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def connect(tracking_uri: str, retries: int = 3, backoff_s: float = 2.0):
+    """An MlflowClient whose store answered; retries with exponential backoff, then raises MedsegError."""
+    from mlflow import MlflowClient
+
+    disable_telemetry()
+    registry_uri = _registry_uri(tracking_uri)
+    attempts = max(int(retries), 0) + 1
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with _env(_PROBE_HTTP_ENV, force=True):
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+                client.search_experiments(max_results=1)
+            return client
+        except Exception as exc:  # any failure to reach the store counts: connection, auth, bad database
+            last = exc
+            if attempt + 1 < attempts:
+                delay = float(backoff_s) * 2**attempt
+                log.warning("MLflow at %s not reachable (%s); retry %d/%d in %.1fs", tracking_uri,
+                            _short(exc), attempt + 1, attempts - 1, delay)
+                time.sleep(delay)
+    raise MedsegError(
+        f"MLflow tracking store {tracking_uri} unreachable after {attempts} attempt(s): {_short(last)}. "
+        "Start the server (see docs/mlflow.md) or set MLFLOW_TRACKING_URI / register.tracking_uri."
+    ) from last
+
+
+def _registry_uri(tracking_uri: str) -> str:
+    # The registry lives in the tracking store unless the user points MLFLOW_REGISTRY_URI elsewhere.
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+
+
+def _short(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+@contextlib.contextmanager
+def mlflow_store(tracking_uri: str, registry_uri: str | None = None) -> Iterator[None]:
+    """Point MLflow's global (fluent) URIs here for log_model/register_model, then restore them exactly.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak this store into later calls.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    registry_uri = registry_uri or _registry_uri(tracking_uri)
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def _arch_files(root: Path, arch: str) -> dict[str, Path]:
+    return {
+        "onnx": root / "models" / arch / "model.onnx",
+        "metrics": root / "reports" / arch / "metrics.json",
+        "export": root / "reports" / arch / "export.json",
+        "train_summary": root / "reports" / arch / "train_summary.json",
+        "train_log": root / "reports" / arch / "train_log.csv",
+        "per_case": root / "reports" / arch / "per_case.csv",
+        "curves": root / "reports" / arch / "curves.png",
+        "overlay": root / "reports" / arch / "overlay.png",
+    }
+
+
+_REQUIRED = ("onnx", "metrics", "export")
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise MedsegError(f"{path}: cannot read JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MedsegError(f"{path}: expected a JSON object")
+    return data
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), value, out)
+    else:
+        out[prefix] = str(obj)[:500]
+
+
+def run_params(params: dict[str, Any], arch: str) -> dict[str, str]:
+    """The settings that define a trained model, flattened for mlflow.log_params."""
+    flat: dict[str, str] = {"arch": arch, "preset": str(params.get("preset")), "seed": str(params.get("seed"))}
+    dataset = params.get("dataset") or {}
+    for key in ("name", "format", "modality"):
+        if key in dataset:
+            flat[f"dataset.{key}"] = str(dataset[key])
+    for section in ("data", "train"):
+        _flatten(section, params.get(section) or {}, flat)
+    _flatten("model", model_options(params, arch), flat)
+    if params.get("evaluate"):
+        flat["evaluate.protocol"] = str(params["evaluate"].get("protocol"))
+    if params.get("export"):
+        flat["export.opset"] = str(params["export"].get("opset"))
+    return flat
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[str, float]:
+    """Scalar metrics of a run (non-finite values are left out: not every backend stores NaN/inf)."""
+    values: dict[str, Any] = {
+        "mean_dsc": metrics.get("mean_dsc"),
+        "mean_hd95": metrics.get("mean_hd95"),
+        "export_max_abs_diff": export.get("max_abs_diff"),
+        "torch_latency_ms": export.get("torch_latency_ms"),
+        "onnx_latency_ms": export.get("onnx_latency_ms"),
+    }
+    for organ, scores in (metrics.get("per_class") or {}).items():
+        values[f"dsc_{organ}"] = (scores or {}).get("dsc")
+        values[f"hd95_{organ}"] = (scores or {}).get("hd95")
+    for key, value in train_summary.items():  # e.g. best_val_dice, train_seconds, epochs
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key if "val" in key or key.startswith("train") else f"train_{key}"] = value
+    out = {}
+    for key, value in values.items():
+        number = _finite(value)
+        if number is not None:
+            out[_metric_key(key)] = number
+    return out
+
+
+def read_train_log(path: Path) -> list[dict[str, float]]:
+    """Rows of reports/<A>/train_log.csv with numeric columns (empty list if the file is missing)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            parsed = {key: _finite(value) for key, value in row.items() if key}
+            rows.append({key: value for key, value in parsed.items() if value is not None})
+    return rows
+
+
+def _onnx_io(path: Path) -> tuple[str, list[int], str, list[int]]:
+    """(input name, input shape, output name, output shape) with dynamic dims as -1, read from the graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or not model.graph.output:
+        raise MedsegError(f"{path}: expected one image input and a logits output, got {[i.name for i in inputs]}")
+
+    def shape(value_info) -> list[int]:
+        dims = value_info.type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in dims]
+
+    return inputs[0].name, shape(inputs[0]), model.graph.output[0].name, shape(model.graph.output[0])
+
+
+def _signature_and_example(onnx_path: Path, image_size: list[int], seed: int):
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    in_name, in_shape, out_name, out_shape = _onnx_io(onnx_path)
+    if len(in_shape) != 4:
+        raise MedsegError(f"{onnx_path}: input {in_name!r} has shape {in_shape}, expected (N, C, H, W)")
+    in_shape[0] = -1
+    out_shape = [-1, *out_shape[1:]] if out_shape else [-1, -1, -1, -1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), tuple(in_shape), in_name)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(out_shape), out_name)]),
+    )
+    channels = in_shape[1] if in_shape[1] > 0 else 1
+    height = in_shape[2] if in_shape[2] > 0 else int(image_size[0])
+    width = in_shape[3] if in_shape[3] > 0 else int(image_size[1])
+    example = np.random.default_rng(seed).random((1, channels, height, width), dtype=np.float32)
+    return signature, example
+
+
+def _pip_requirements() -> list[str]:
+    # Pinned explicitly: MLflow's requirement inference would load the model in a subprocess (slow, offline-hostile).
+    pins = []
+    for package in ("onnx", "onnxruntime", "numpy"):
+        try:
+            pins.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+# --------------------------------------------------------------------------------------------------- register
+def _find_version_by_sha(client, name: str, sha: str):
+    escaped = name.replace("'", "\\'")
+    for version in client.search_model_versions(f"name = '{escaped}'"):
+        if version.tags.get("artifact_sha256") == sha:
+            return version
+    return None
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def register_model_version(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """Log one architecture's outputs to MLflow and register its ONNX model; writes registry/<arch>.json.
+
+    Raises MedsegError if an input file is missing or the tracking store stays unreachable after
+    register.retries retries (registry/<arch>.json is then left as it was).
+    """
+    root = Path(root).resolve()
+    reg = params.get("register") or {}
+    files = _arch_files(root, arch)
+    for key in _REQUIRED:
+        if not files[key].is_file():
+            raise MedsegError(f"{files[key]}: missing; run the train/evaluate/export stages for {arch!r} first")
+    metrics = _read_json_file(files["metrics"])
+    export = _read_json_file(files["export"])
+    train_summary = _read_json_file(files["train_summary"]) if files["train_summary"].is_file() else {}
+    sha = sha256_file(files["onnx"])
+    name = model_name(params, arch)
+
+    tracking_uri = resolve_tracking_uri(params, root)
+    client = connect(tracking_uri, reg.get("retries", 3), reg.get("backoff_s", 2.0))
+    try:
+        with _env(_WORK_HTTP_ENV, force=False):
+            existing = _find_version_by_sha(client, name, sha)
+            if existing is not None:
+                version, run_id, created = str(existing.version), existing.run_id, False
+                log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
+            else:
+                version, run_id = _log_and_register(
+                    client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri
+                )
+                created = True
+            if _alias_version(client, name, CHAMPION) != version:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+    except MedsegError:
+        raise
+    except Exception as exc:
+        raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed: {_short(exc)}") from exc
+
+    record = {
+        "model_name": name,
+        "version": version,
+        "run_id": run_id,
+        "artifact_sha256": sha,
+        "tracking_uri": tracking_uri,
+        "created": created,
+        "model_uri": f"models:/{name}/{version}",
+        "test_dsc": metrics.get("mean_dsc"),
+        "parity_passed": bool(export.get("parity_passed")),
+    }
+    write_json(root / "registry" / f"{arch}.json", record)
+    return record
+
+
+def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri):
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.entities import Metric
+
+    from medseg.models import get_model_info
+
+    experiment_id = _ensure_experiment(
+        client, (params.get("register") or {}).get("experiment", "medseg"), _artifact_location(tracking_uri, root)
+    )
+    try:
+        family = get_model_info(arch).family
+    except MedsegError:
+        family = "unknown"
+    dataset = params["dataset"]["name"]
+    protocol = str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", "")))
+    parity = bool(export.get("parity_passed"))
+    run_tags = {
+        "arch": arch,
+        "family": family,
+        "dataset": dataset,
+        "protocol": protocol,
+        "split_sha256": str(metrics.get("split_sha256", "")),
+        "config_hash": config_hash(run_params(params, arch)),
+        "artifact_sha256": sha,
+    }
+    signature, example = _signature_and_example(files["onnx"], (params.get("data") or {}).get("image_size", [224, 224]),
+                                                int(params.get("seed", 0)))
+    with mlflow_store(tracking_uri):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{arch}-{dataset}", tags=run_tags) as run:
+            run_id = run.info.run_id
+            mlflow.log_params(run_params(params, arch))
+            now = int(time.time() * 1000)
+            batch = [Metric(key, value, now, 0) for key, value in summary_metrics(metrics, export, train_summary).items()]
+            for row in read_train_log(files["train_log"]):
+                step = int(row.get("epoch", row.get("step", 0)))
+                for key in ("train_loss", "val_dice", "lr"):
+                    if key in row:
+                        batch.append(Metric(key, row[key], now, step))
+            for start in range(0, len(batch), 1000):  # log_batch accepts at most 1000 metrics per call
+                client.log_batch(run_id, metrics=batch[start : start + 1000])
+
+            for key in ("metrics", "export", "train_summary", "per_case", "train_log", "curves", "overlay"):
+                if files[key].is_file():
+                    mlflow.log_artifact(str(files[key]), artifact_path="reports")
+            per_class = metrics.get("per_class") or {}
+            if per_class:
+                mlflow.log_table(
+                    {
+                        "class": list(per_class),
+                        "dsc": [_finite((s or {}).get("dsc")) for s in per_class.values()],
+                        "hd95": [_finite((s or {}).get("hd95")) for s in per_class.values()],
+                    },
+                    artifact_file="reports/per_class.json",
+                )
+            model_info = mlflow.onnx.log_model(
+                onnx.load(str(files["onnx"])),
+                name="model",
+                signature=signature,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
+        version_tags = {
+            "artifact_sha256": sha,
+            "split_sha256": str(metrics.get("split_sha256", "")),
+            "test_dsc": repr(float(metrics.get("mean_dsc", float("nan")))),
+            "parity_passed": "true" if parity else "false",
+            "protocol": protocol,
+            "arch": arch,
+            "family": family,
+        }
+        model_version = mlflow.register_model(model_info.model_uri, name, tags=version_tags)
+    client.update_model_version(
+        name,
+        model_version.version,
+        description=(f"{arch} ({family}) on {dataset}: test DSC {metrics.get('mean_dsc')}, "
+                     f"HD95 {metrics.get('mean_hd95')} ({protocol}), ONNX parity "
+                     f"{'passed' if parity else 'FAILED'} (max |diff| {export.get('max_abs_diff')})"),
+    )
+    return str(model_version.version), run_id
+
+
+def register_all(params: dict[str, Any], root: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """register_model_version for every architecture in params['models']."""
+    return {arch: register_model_version(params, arch, root) for arch in params.get("models") or []}
+
+
+# --------------------------------------------------------------------------------------------------- promote
+def _version_facts(version) -> dict[str, Any]:
+    tags = version.tags or {}
+    dsc = _finite(tags.get("test_dsc"))
+    return {
+        "version": str(version.version),
+        "dsc": dsc,
+        "split": tags.get("split_sha256") or None,
+        "parity": str(tags.get("parity_passed", "")).lower() == "true",
+    }
+
+
+def promote(
+    model_name: str, tracking_uri: str | None = None, min_improvement: float = 0.0, client=None
+) -> dict[str, Any]:
+    """Move alias `champion` to the `challenger` version if it earned it; raise PromotionRefused otherwise.
+
+    Rules: the challenger's ONNX parity passed; with a champion present, both were tested on the same split
+    (split_sha256) and the challenger's test DSC is strictly greater than the champion's + min_improvement.
+    On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI (or MLflow's default).
+    """
+    from mlflow import MlflowClient
+
+    disable_telemetry()
+    if client is None:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        client = connect(uri, retries=0) if uri else MlflowClient()
+
+    result: dict[str, Any] = {
+        "model_name": model_name,
+        "decision": "refused",
+        "reason": "",
+        "champion_version": None,
+        "challenger_version": None,
+        "challenger_dsc": None,
+        "champion_dsc": None,
+    }
+
+    def refuse(reason: str):
+        result["reason"] = reason
+        error = PromotionRefused(f"{model_name}: promotion refused: {reason}")
+        error.result = result  # type: ignore[attr-defined]  # the caller can still report the numbers
+        return error
+
+    challenger_v = _alias_version(client, model_name, CHALLENGER)
+    if challenger_v is None:
+        raise refuse(f"no version has alias '{CHALLENGER}' (register a model first)")
+    challenger = _version_facts(client.get_model_version(model_name, challenger_v))
+    champion_v = _alias_version(client, model_name, CHAMPION)
+    champion = _version_facts(client.get_model_version(model_name, champion_v)) if champion_v else None
+    result.update(challenger_version=challenger["version"], challenger_dsc=challenger["dsc"],
+                  champion_version=champion_v, champion_dsc=champion["dsc"] if champion else None)
+
+    if champion and champion["version"] == challenger["version"]:
+        result.update(decision="unchanged", reason=f"version {champion_v} is already the champion")
+        return result
+    if not challenger["parity"]:
+        raise refuse(f"version {challenger_v} failed the ONNX parity check (tag parity_passed != true)")
+    if challenger["dsc"] is None:
+        raise refuse(f"version {challenger_v} has no finite test_dsc tag")
+    if champion is not None:
+        if not challenger["split"] or challenger["split"] != champion["split"]:
+            raise refuse(
+                f"version {challenger_v} was tested on split {challenger['split']} but champion {champion_v} on "
+                f"{champion['split']}: DSCs on different test sets are not comparable"
+            )
+        if champion["dsc"] is None:
+            raise refuse(f"champion {champion_v} has no finite test_dsc tag, so the challenger cannot be compared")
+        if not challenger["dsc"] > champion["dsc"] + float(min_improvement):
+            raise refuse(
+                f"challenger {challenger_v} test DSC {challenger['dsc']:.4f} does not beat champion {champion_v} "
+                f"DSC {champion['dsc']:.4f}" + (f" by more than {min_improvement}" if min_improvement else "")
+            )
+
+    client.set_registered_model_alias(model_name, CHAMPION, challenger_v)
+    # The challenger has become the champion: a later `promote` without a new registration has nothing to do.
+    client.delete_registered_model_alias(model_name, CHALLENGER)
+    client.set_model_version_tag(model_name, challenger_v, "promoted_from_champion", champion_v or "none")
+    previous = f"replaces champion {champion_v} (DSC {champion['dsc']:.4f})" if champion else "first champion"
+    result.update(decision="promoted", champion_version=challenger_v,
+                  reason=f"version {challenger_v} (DSC {challenger['dsc']:.4f}, parity passed) {previous}")
+    result["previous_champion_version"] = champion_v
+    return result
+
+
+def promote_from_params(params: dict[str, Any], arch: str, root: str | Path = ".",
+                        min_improvement: float = 0.0) -> dict[str, Any]:
+    """promote() for `<prefix>-<dataset>-<arch>` on the store params.yaml points at."""
+    reg = params.get("register") or {}
+    client = connect(resolve_tracking_uri(params, root), reg.get("retries", 3), reg.get("backoff_s", 2.0))
+    return promote(model_name(params, arch), min_improvement=min_improvement, client=client)

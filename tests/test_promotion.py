@@ -1,0 +1,179 @@
+"""Promotion rules: champion moves only to a parity-passed challenger that beats it on the same test split.
+
+Most tests create model versions straight in a local sqlite registry with the tags register_model_version sets
+(promotion only reads tags and aliases); the last one goes through register_model_version end to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medseg.errors import PromotionRefused
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from medseg.registry import connect
+
+    root = tmp_path_factory.mktemp("promotion")
+    return connect(f"sqlite:///{root / 'mlflow.db'}", retries=0)
+
+
+@pytest.fixture()
+def name(client) -> str:
+    """A fresh registered model per test, in the module's store (creating a sqlite store takes seconds)."""
+    model = f"medseg-test-promo-{next(_names)}"
+    client.create_registered_model(model)
+    return model
+
+
+def add_challenger(client, name: str, dsc: float, parity: bool = True, split: str = "split-a") -> str:
+    version = client.create_model_version(
+        name, source=Path("/nonexistent/model").as_uri(),
+        tags={"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "split_sha256": split,
+              "artifact_sha256": f"sha-{dsc}-{parity}-{split}"},
+    )
+    client.set_registered_model_alias(name, "challenger", version.version)
+    return str(version.version)
+
+
+def alias(client, name: str, which: str) -> str | None:
+    from medseg.registry import _alias_version
+
+    return _alias_version(client, name, which)
+
+
+def test_first_challenger_with_parity_becomes_champion(client, name):
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.6)
+    result = promote(name, client=client)
+    assert result["decision"] == "promoted"
+    assert result["champion_version"] == v1 and result["challenger_dsc"] == pytest.approx(0.6)
+    assert result["champion_dsc"] is None
+    assert alias(client, name, "champion") == v1
+    assert alias(client, name, "challenger") is None, "the promoted challenger is no longer a challenger"
+    # Nothing new registered: a second promotion has nothing to promote.
+    with pytest.raises(PromotionRefused, match="no version has alias 'challenger'"):
+        promote(name, client=client)
+    assert alias(client, name, "champion") == v1
+
+
+def test_better_challenger_replaces_champion(client, name):
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.6)
+    promote(name, client=client)
+    v2 = add_challenger(client, name, 0.65)
+    result = promote(name, client=client)
+    assert result["decision"] == "promoted"
+    assert (result["champion_version"], result["previous_champion_version"]) == (v2, v1)
+    assert result["champion_dsc"] == pytest.approx(0.6) and result["challenger_dsc"] == pytest.approx(0.65)
+    assert alias(client, name, "champion") == v2
+    assert client.get_model_version(name, v2).tags["promoted_from_champion"] == v1
+
+
+@pytest.mark.parametrize(
+    "challenger, reason",
+    [
+        ({"dsc": 0.55}, "does not beat champion"),
+        ({"dsc": 0.60}, "does not beat champion"),  # equal is not better
+        ({"dsc": 0.90, "parity": False}, "failed the ONNX parity check"),
+        ({"dsc": 0.90, "split": "split-b"}, "not comparable"),
+    ],
+    ids=["lower-dsc", "equal-dsc", "failed-parity", "different-split"],
+)
+def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.60)
+    promote(name, client=client)
+    v2 = add_challenger(client, name, **challenger)
+    with pytest.raises(PromotionRefused, match=reason) as info:
+        promote(name, client=client)
+    assert info.value.result["decision"] == "refused"
+    assert info.value.result["challenger_version"] == v2 and info.value.result["champion_version"] == v1
+    assert alias(client, name, "champion") == v1
+    assert alias(client, name, "challenger") == v2
+
+
+def test_parity_failure_blocks_even_the_first_champion(client, name):
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.8, parity=False)
+    with pytest.raises(PromotionRefused, match="parity"):
+        promote(name, client=client)
+    assert alias(client, name, "champion") is None and alias(client, name, "challenger") == v1
+
+
+def test_min_improvement_is_a_margin(client, name):
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.60)
+    promote(name, client=client)
+    add_challenger(client, name, 0.62)
+    with pytest.raises(PromotionRefused, match="by more than 0.05"):
+        promote(name, client=client, min_improvement=0.05)
+    v3 = add_challenger(client, name, 0.70)
+    assert promote(name, client=client, min_improvement=0.05)["champion_version"] == v3 != v1
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.floats(0, 1, allow_nan=False), st.booleans(), st.sampled_from(["a", "b"])),
+                min_size=1, max_size=5))
+def test_champion_never_gets_worse(client, challengers):
+    """Whatever sequence of challengers arrives, the champion's DSC only goes up, on one split, parity passed."""
+    from medseg.registry import promote
+
+    name = f"medseg-test-prop-{next(_names)}"
+    client.create_registered_model(name)
+    best: tuple[float, str] | None = None
+    for dsc, parity, split in challengers:
+        add_challenger(client, name, dsc, parity, split)
+        try:
+            promote(name, client=client)
+        except PromotionRefused:
+            pass
+        champion = alias(client, name, "champion")
+        if champion is None:
+            continue
+        tags = client.get_model_version(name, champion).tags
+        assert tags["parity_passed"] == "true"
+        current = (float(tags["test_dsc"]), tags["split_sha256"])
+        if best is not None:
+            assert current[1] == best[1] and current[0] >= best[0]
+        best = current
+
+
+def test_register_then_promote_end_to_end(tmp_path, monkeypatch):
+    from test_registry import fabricate_outputs, tiny_params
+
+    from medseg.registry import promote_from_params, register_model_version
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny_params(tmp_path)
+    fabricate_outputs(tmp_path, "unet", seed=0, mean_dsc=0.7)
+    first = register_model_version(params, "unet", tmp_path)
+    assert promote_from_params(params, "unet", tmp_path)["champion_version"] == first["version"]
+
+    # Re-registering the champion's own file does not make it a challenger again.
+    assert register_model_version(params, "unet", tmp_path)["created"] is False
+    with pytest.raises(PromotionRefused, match="no version has alias"):
+        promote_from_params(params, "unet", tmp_path)
+
+    fabricate_outputs(tmp_path, "unet", seed=1, mean_dsc=0.65)  # a retrained but worse model
+    second = register_model_version(params, "unet", tmp_path)
+    with pytest.raises(PromotionRefused, match="does not beat"):
+        promote_from_params(params, "unet", tmp_path)
+    from medseg.registry import connect
+
+    client = connect(first["tracking_uri"], retries=0)
+    assert alias(client, first["model_name"], "champion") == first["version"]
+    assert alias(client, first["model_name"], "challenger") == second["version"]

@@ -1,0 +1,250 @@
+"""MLflow registration: run contents, ONNX model version, alias, idempotency, unreachable server.
+
+The stage outputs (model.onnx, metrics.json, export.json, ...) are fabricated here from a real tiny torch model,
+so these tests do not depend on training. `fabricate_outputs` is reused by test_promotion.py and test_report.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medseg.errors import MedsegError
+
+CLASS_NAMES = ["background", "aorta", "liver"]
+IMAGE_SIZE = (32, 32)
+
+
+class TinySegNet(nn.Module):
+    """Two convolutions: (B, C, H, W) -> logits (B, K, H, W) for any H, W."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, num_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def export_tiny_onnx(model: nn.Module, path: Path, in_channels: int = 1) -> None:
+    try:  # engineer H4's exporter once it exists, torch's legacy exporter until then
+        from medseg.export import export_onnx
+    except ImportError:
+        export_onnx = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if export_onnx is not None:
+        export_onnx(model, in_channels, IMAGE_SIZE, path, opset=17, dynamic_hw=True)
+        return
+    dummy = torch.zeros(1, in_channels, *IMAGE_SIZE)
+    torch.onnx.export(
+        model.eval(), dummy, str(path), input_names=["image"], output_names=["logits"], opset_version=17,
+        dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
+        dynamo=False,
+    )
+
+
+def tiny_params(tmp_path: Path, arch: str = "unet") -> dict:
+    return {
+        "preset": "test",
+        "seed": 0,
+        "dataset": {"name": "phantom", "format": "synapse", "modality": "ct", "class_names": CLASS_NAMES},
+        "data": {"image_size": list(IMAGE_SIZE), "context": 0},
+        "models": [arch],
+        "model_options": {arch: {"base_channels": 4}},
+        "train": {"epochs": 2, "lr": 0.01, "optimizer": "sgd"},
+        "evaluate": {"protocol": "mm"},
+        "export": {"opset": 17},
+        "register": {"experiment": "medseg-test", "model_prefix": "medseg",
+                     "tracking_uri": "sqlite:///mlflow.db", "retries": 0, "backoff_s": 0.01},
+    }
+
+
+def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc: float = 0.7,
+                      parity_passed: bool = True, split_sha256: str = "split-a", model: nn.Module | None = None) -> Path:
+    """Write the files train/evaluate/export leave for `arch` under `root`; returns the ONNX path."""
+    torch.manual_seed(seed)
+    model = model or TinySegNet(1, len(CLASS_NAMES))
+    onnx_path = root / "models" / arch / "model.onnx"
+    export_tiny_onnx(model, onnx_path)
+    reports = root / "reports" / arch
+    reports.mkdir(parents=True, exist_ok=True)
+    per_class = {name: {"dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i} for i, name in enumerate(CLASS_NAMES[1:])}
+    (reports / "metrics.json").write_text(json.dumps({
+        "arch": arch, "protocol": "mm", "split_sha256": split_sha256, "mean_dsc": mean_dsc,
+        "mean_hd95": 9.5, "per_class": per_class, "num_cases": 2,
+    }))
+    (reports / "export.json").write_text(json.dumps({
+        "max_abs_diff": 2e-6 if parity_passed else 0.5, "parity_passed": parity_passed, "threshold": 1e-3,
+        "torch_latency_ms": 3.0, "onnx_latency_ms": 1.5, "opset": 17, "dynamic_hw": True,
+    }))
+    (reports / "train_summary.json").write_text(json.dumps({"best_val_dice": 0.66, "epochs": 2, "train_seconds": 12.5}))
+    with open(reports / "train_log.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "step", "train_loss", "val_dice", "lr", "seconds"])
+        writer.writerow([1, 3, 1.2, 0.5, 0.01, 6.0])
+        writer.writerow([2, 6, 0.9, 0.66, 0.005, 12.5])
+    with open(reports / "per_case.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case", "class", "dsc", "hd95"])
+        for name, scores in per_class.items():
+            writer.writerow(["case0001", name, scores["dsc"], scores["hd95"]])
+    from PIL import Image
+
+    for png in ("curves.png", "overlay.png"):
+        Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(reports / png)
+    return onnx_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def no_env_uri(monkeypatch):
+    """No tracking URI from the environment, so params.register.tracking_uri decides."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_resolve_tracking_uri_is_absolute_from_root(tmp_path, monkeypatch, no_env_uri):
+    from medseg.registry import resolve_tracking_uri
+
+    params = tiny_params(tmp_path)
+    assert resolve_tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    params["register"]["tracking_uri"] = "sqlite:////abs/store.db"
+    assert resolve_tracking_uri(params, tmp_path) == "sqlite:////abs/store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(params, tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
+    from mlflow import MlflowClient
+
+    from medseg.io import read_json, sha256_file
+    from medseg.registry import register_model_version
+
+    params = tiny_params(tmp_path)
+    onnx_path = fabricate_outputs(tmp_path, "unet", mean_dsc=0.7)
+    record = register_model_version(params, "unet", tmp_path)
+
+    assert record["created"] is True
+    assert record["model_name"] == "medseg-phantom-unet"
+    assert record["artifact_sha256"] == sha256_file(onnx_path)
+    assert read_json(tmp_path / "registry" / "unet.json") == record
+    assert (tmp_path / "mlflow.db").is_file()
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "registration must not leak its store into the environment"
+    assert any((tmp_path / "mlartifacts").rglob("model.onnx")), "artifacts must go to root/mlartifacts"
+
+    client = MlflowClient(tracking_uri=record["tracking_uri"], registry_uri=record["tracking_uri"])
+    version = client.get_model_version_by_alias(record["model_name"], "challenger")
+    assert str(version.version) == record["version"]
+    assert version.tags["artifact_sha256"] == record["artifact_sha256"]
+    assert version.tags["split_sha256"] == "split-a"
+    assert float(version.tags["test_dsc"]) == pytest.approx(0.7)
+    assert version.tags["parity_passed"] == "true"
+    assert version.tags["protocol"] == "mm"
+
+    run = client.get_run(record["run_id"])
+    assert run.data.params["arch"] == "unet"
+    assert run.data.params["model.base_channels"] == "4"
+    assert run.data.params["train.lr"] == "0.01"
+    assert run.data.metrics["mean_dsc"] == pytest.approx(0.7)
+    assert run.data.metrics["dsc_liver"] == pytest.approx(0.75)
+    assert run.data.metrics["hd95_aorta"] == pytest.approx(10.0)
+    assert run.data.metrics["export_max_abs_diff"] == pytest.approx(2e-6)
+    assert run.data.metrics["onnx_latency_ms"] == pytest.approx(1.5)
+    history = client.get_metric_history(record["run_id"], "val_dice")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.66)]
+    logged = {a.path for a in client.list_artifacts(record["run_id"], "reports")}
+    assert {"reports/metrics.json", "reports/export.json", "reports/per_case.csv", "reports/curves.png",
+            "reports/overlay.png", "reports/per_class.json"} <= logged
+
+    # Same ONNX file again: no new run, no new version.
+    again = register_model_version(params, "unet", tmp_path)
+    assert again["created"] is False
+    assert (again["version"], again["run_id"]) == (record["version"], record["run_id"])
+    assert len(client.search_model_versions("name = 'medseg-phantom-unet'")) == 1
+
+    # A changed model is a new version and takes the challenger alias.
+    fabricate_outputs(tmp_path, "unet", seed=1, mean_dsc=0.8)
+    newer = register_model_version(params, "unet", tmp_path)
+    assert newer["created"] is True and newer["version"] != record["version"]
+    assert str(client.get_model_version_by_alias("medseg-phantom-unet", "challenger").version) == newer["version"]
+
+
+def test_challenger_loads_with_pyfunc_and_predicts(tmp_path, no_env_uri):
+    import mlflow.pyfunc
+
+    from medseg.registry import mlflow_store, register_model_version
+
+    params = tiny_params(tmp_path)
+    torch.manual_seed(0)
+    model = TinySegNet(1, len(CLASS_NAMES)).eval()
+    fabricate_outputs(tmp_path, "unet", model=model)
+    record = register_model_version(params, "unet", tmp_path)
+
+    with mlflow_store(record["tracking_uri"]):  # a fresh load through the registry, by alias
+        loaded = mlflow.pyfunc.load_model(f"models:/{record['model_name']}@challenger")
+    spec = loaded.metadata.get_input_schema().inputs[0]
+    assert spec.name == "image" and tuple(spec.shape) == (-1, 1, -1, -1)
+    batch = np.random.default_rng(0).random((2, 1, 48, 40), dtype=np.float32)  # a size other than the example
+    prediction = loaded.predict(batch)
+    logits = prediction["logits"] if isinstance(prediction, dict) else np.asarray(prediction)
+    assert logits.shape == (2, len(CLASS_NAMES), 48, 40)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_unreachable_server_retries_with_backoff_then_names_uri(tmp_path, monkeypatch, no_env_uri):
+    import medseg.registry as registry
+
+    params = tiny_params(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    params["register"].update(tracking_uri=uri, retries=2, backoff_s=0.05)
+    fabricate_outputs(tmp_path, "unet")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    delays = []
+    monkeypatch.setattr(registry.time, "sleep", delays.append)
+
+    with pytest.raises(MedsegError, match=uri.replace(".", r"\.")) as info:
+        registry.register_model_version(params, "unet", tmp_path)
+    assert "3 attempt" in str(info.value)
+    assert delays == pytest.approx([0.05, 0.1])  # exponential backoff between the three attempts
+    assert not (tmp_path / "registry").exists()
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "a failed registration must not touch local artefacts"
+
+
+def test_missing_input_names_the_file(tmp_path, no_env_uri):
+    from medseg.registry import register_model_version
+
+    params = tiny_params(tmp_path)
+    fabricate_outputs(tmp_path, "unet")
+    (tmp_path / "reports" / "unet" / "export.json").unlink()
+    with pytest.raises(MedsegError, match=r"export\.json: missing"):
+        register_model_version(params, "unet", tmp_path)
+    assert not (tmp_path / "mlflow.db").exists(), "inputs are checked before touching the store"
+
+
+def test_run_params_flatten_nested_options(tmp_path):
+    from medseg.registry import run_params
+
+    params = copy.deepcopy(tiny_params(tmp_path))
+    params["model_options"]["unet"] = {"depths": [1, 1], "block": {"kind": "res"}}
+    flat = run_params(params, "unet")
+    assert flat["model.depths"] == "[1, 1]"
+    assert flat["model.block.kind"] == "res"
+    assert flat["dataset.name"] == "phantom"
+    assert flat["data.image_size"] == "[32, 32]"
