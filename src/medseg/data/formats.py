@@ -400,9 +400,12 @@ def _read_npz_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     for path in case.images:
         try:
             with np.load(path) as npz:
+                missing = [k for k in ("image", "label") if k not in npz.files]
+                if missing:
+                    raise IngestError(path, f"missing array {missing[0]!r} (TransUNet slices hold 'image' and 'label')")
                 image, label = np.asarray(npz["image"]), np.asarray(npz["label"])
-        except KeyError as exc:
-            raise IngestError(path, f"missing array {exc} (TransUNet slices hold 'image' and 'label')") from exc
+        except IngestError:
+            raise
         except Exception as exc:
             raise IngestError(path, f"cannot read npz ({type(exc).__name__}: {exc})") from exc
         if image.ndim != 2 or image.shape != label.shape:
@@ -420,9 +423,12 @@ def _read_h5_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     path = case.images[0]
     try:
         with h5py.File(path, "r") as h5:
+            missing = [k for k in ("image", "label") if k not in h5]
+            if missing:
+                raise IngestError(path, f"missing dataset {missing[0]!r} (TransUNet volumes hold 'image' and 'label')")
             image, label = np.asarray(h5["image"]), np.asarray(h5["label"])
-    except KeyError as exc:
-        raise IngestError(path, f"missing dataset {exc} (TransUNet volumes hold 'image' and 'label')") from exc
+    except IngestError:
+        raise
     except Exception as exc:
         raise IngestError(path, f"cannot read HDF5 ({type(exc).__name__}: {exc})") from exc
     if image.ndim != 3:
