@@ -8,7 +8,8 @@ _log = logging.getLogger(__name__)
 MODEL_MODULES = [
     "medseg.models.unet",  # original 2015 UNet and the nested UNet++
     "medseg.models.smp_models",  # segmentation_models_pytorch: UNet/UNet++/SegFormer with ResNet/EfficientNet/MiT
-    "medseg.models.zoo",  # TransUNet, Swin-UNet, UperNet, Mask2Former, Mask R-CNN, TransNeXt stand-in
+    "medseg.models.zoo",  # TransUNet, Swin-UNet, UperNet on DeiT/BEiT, TransNeXt stand-in
+    "medseg.models.detection",  # Mask2Former and Mask R-CNN as dense semantic segmenters
     "medseg.models.mamba.networks",  # VM-UNet, Mamba-UNet, Swin-UMamba, MSVM-UNet, U-Mamba-Bot
 ]
 
