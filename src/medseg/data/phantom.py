@@ -42,7 +42,7 @@ SYNAPSE_LABELS = {
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
-ABDOMEN_HU = -40.0  # intra-abdominal fat mixed with bowel: darker than every labelled organ
+ABDOMEN_HU = -60.0  # intra-abdominal fat mixed with bowel: darker than every labelled organ
 BONE_HU = 650.0
 NOISE_HU = 14.0
 
@@ -62,7 +62,7 @@ ORGANS: tuple[Organ, ...] = (
     Organ(8, 210.0, (0.06, 0.30, 0.50), (0.055, 0.055, 0.70)),  # aorta: bright tube along z
     Organ(9, 150.0, (-0.14, 0.27, 0.50), (0.065, 0.045, 0.70)),  # IVC (unmapped in the 8-organ protocol)
     Organ(5, 45.0, (0.08, 0.22, 0.92), (0.035, 0.035, 0.14)),  # esophagus (unmapped), top slices only
-    Organ(4, 5.0, (-0.28, -0.30, 0.42), (0.085, 0.065, 0.16)),  # gallbladder: small, fluid-dense
+    Organ(4, 10.0, (-0.28, -0.30, 0.42), (0.085, 0.065, 0.16)),  # gallbladder: small, fluid-dense
     Organ(11, 95.0, (0.10, 0.10, 0.42), (0.26, 0.055, 0.16), angle_deg=-15.0),  # pancreas: thin, elongated
     Organ(2, 185.0, (-0.38, 0.36, 0.38), (0.10, 0.13, 0.24)),  # right kidney (image left)
     Organ(3, 185.0, (0.38, 0.36, 0.44), (0.10, 0.13, 0.24)),  # left kidney
