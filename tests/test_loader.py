@@ -1,0 +1,153 @@
+"""SliceDataset over memory-mapped ingested arrays: shapes, 2.5D context, resize, deterministic augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.data.loader import SliceDataset, dataset_from_params, load_case, make_loader, read_cases
+from medseg.errors import ConfigError, IngestError
+from medseg.io import save_npy, write_json
+
+K = 4  # classes
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    """Two cases of different in-plane size; image = label / K + slice index * 10, so alignment is checkable."""
+    root = tmp_path_factory.mktemp("ingested")
+    cases = []
+    for case_id, (d, h, w) in {"a": (3, 16, 16), "b": (2, 12, 20)}.items():
+        rng = np.random.default_rng(len(case_id) + d)
+        label = rng.integers(0, K, size=(d, h, w)).astype(np.uint8)
+        image = (label / K + 10 * np.arange(d)[:, None, None]).astype(np.float32)[:, None]
+        save_npy(root / f"cases/{case_id}_image.npy", image)
+        save_npy(root / f"cases/{case_id}_label.npy", label)
+        cases.append(
+            {"id": case_id, "patient": case_id, "shape": [d, h, w], "spacing": [3.0, 0.5, 0.5],
+             "image": f"cases/{case_id}_image.npy", "label": f"cases/{case_id}_label.npy"}
+        )
+    write_json(root / "cases.json", {"dataset": "t", "num_classes": K, "class_names": list("abcd"), "in_channels": 1, "cases": cases})
+    return root
+
+
+def test_read_and_load_case(ingested):
+    assert [c["id"] for c in read_cases(ingested)["cases"]] == ["a", "b"]
+    image, label, spacing = load_case(ingested, "b")
+    assert isinstance(image, np.memmap) and image.shape == (2, 1, 12, 20) and label.shape == (2, 12, 20)
+    assert spacing == (3.0, 0.5, 0.5)
+    with pytest.raises(ConfigError, match="'zz' is not in"):
+        load_case(ingested, "zz")
+    with pytest.raises(IngestError, match="cases.json: not found; run the ingest stage first"):
+        read_cases(ingested / "missing")
+
+
+def test_items_at_native_size_are_the_stored_slices(ingested):
+    ds = SliceDataset(ingested, ["a"], (16, 16))
+    assert len(ds) == 3 and ds.in_channels == 1 and ds.num_classes == K
+    image, label = ds[2]
+    stored_image, stored_label, _ = load_case(ingested, "a")
+    assert image.dtype == torch.float32 and label.dtype == torch.int64
+    np.testing.assert_array_equal(image.numpy(), stored_image[2])
+    np.testing.assert_array_equal(label.numpy(), stored_label[2])
+
+
+def test_resize_image_bicubic_label_nearest(ingested):
+    ds = SliceDataset(ingested, ["a", "b"], (24, 24))
+    assert len(ds) == 5
+    image, label = ds[4]  # case b, slice 1 (12 x 20 -> 24 x 24)
+    stored_image, stored_label, _ = load_case(ingested, "b")
+    expected = F.interpolate(torch.from_numpy(np.array(stored_image[1:2])), size=(24, 24), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(image, expected)
+    assert image.shape == (1, 24, 24) and label.shape == (24, 24)
+    assert set(label.unique().tolist()) <= set(range(K))  # nearest: no blended labels
+    near = F.interpolate(torch.from_numpy(stored_label[1:2].astype(np.float32))[None], size=(24, 24), mode="nearest")[0, 0]
+    torch.testing.assert_close(label, near.long())
+
+
+def test_context_stacks_neighbours_and_replicates_edges(ingested):
+    ds = SliceDataset(ingested, ["a"], (16, 16), context=1)
+    assert ds.in_channels == 3
+    first, _ = ds[0]
+    last, _ = ds[2]
+    middle, _ = ds[1]
+    # The image encodes the slice index in its tens: channels hold slices (z-1, z, z+1).
+    assert [int(c.min() // 10) for c in first] == [0, 0, 1]
+    assert [int(c.min() // 10) for c in middle] == [0, 1, 2]
+    assert [int(c.min() // 10) for c in last] == [1, 2, 2]
+
+
+def test_batched_fetch_equals_single_items(ingested):
+    aug = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 10, "intensity_jitter": 0.1}
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), augment=aug, seed=3)
+    batch = ds.__getitems__([4, 0, 3, 1])  # mixed source shapes
+    for (img, lbl), i in zip(batch, [4, 0, 3, 1]):
+        single_img, single_lbl = ds[i]
+        torch.testing.assert_close(img, single_img)
+        torch.testing.assert_close(lbl, single_lbl)
+
+
+def test_flip_and_rot90_keep_image_and_label_aligned(ingested):
+    ds = SliceDataset(ingested, ["a"], (16, 16), augment={"p": 1.0, "flip": True, "rot90": True}, seed=0)
+    plain = SliceDataset(ingested, ["a"], (16, 16))
+    changed = 0
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            image, label = ds[i]
+            torch.testing.assert_close(image[0] % 10, label.float() / K)  # image still encodes the label
+            changed += not torch.equal(label, plain[i][1])
+    assert changed > 0
+
+
+def test_augmentation_is_deterministic_per_seed_and_epoch(ingested):
+    aug = {"p": 0.7, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.2}
+    ds1 = SliceDataset(ingested, ["a", "b"], (16, 16), augment=aug, seed=5)
+    ds2 = SliceDataset(ingested, ["a", "b"], (16, 16), augment=aug, seed=5)
+    for i in range(len(ds1)):
+        torch.testing.assert_close(ds1[i], ds2[i])
+    epoch0 = [ds1[i] for i in range(len(ds1))]
+    ds1.set_epoch(1)
+    epoch1 = [ds1[i] for i in range(len(ds1))]
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))
+    for _, label in epoch1:
+        assert set(label.unique().tolist()) <= set(range(K))
+
+
+def test_workers_give_the_same_batches_as_the_main_process(ingested):
+    aug = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+    batches = []
+    for workers in (0, 2):
+        loader = make_loader(ingested, ["a", "b"], (16, 16), batch_size=2, shuffle=True, augment=aug, seed=9, num_workers=workers)
+        loader.dataset.set_epoch(2)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(batches[0]) == 3
+    for (x0, y0), (x1, y1) in zip(*batches):
+        torch.testing.assert_close(x0, x1)
+        torch.testing.assert_close(y0, y1)
+
+
+def test_bad_arguments(ingested):
+    with pytest.raises(ConfigError, match="no case ids"):
+        SliceDataset(ingested, [], (16, 16))
+    with pytest.raises(ConfigError, match="context"):
+        SliceDataset(ingested, ["a"], (16, 16), context=-1)
+
+
+def test_on_the_tiny_phantom_project(tiny_project, tiny_params):
+    split = json.loads((tiny_project / "data/splits/phantom.json").read_text())
+    ds = dataset_from_params(tiny_params, tiny_project, split["train"], train=True)
+    assert ds.augment == tiny_params["data"]["augment"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    images, labels = next(iter(loader))
+    assert images.shape == (8, 1, 32, 32) and labels.shape == (8, 32, 32)
+    assert labels.max() < len(tiny_params["dataset"]["class_names"])
+    assert len(ds) == sum(read_cases_depth(tiny_project, c) for c in split["train"])
+
+
+def read_cases_depth(root, case_id):
+    return load_case(root / "data/ingested/phantom", case_id)[1].shape[0]
