@@ -45,7 +45,14 @@ _DETERMINISTIC_STAGE_EXITS = (2,)
 _KILLED_EXITS = (-9, 137, -15, 143)
 _STAGE_EXIT = re.compile(r"exited with (-?\d+)")
 # DVC's own complaints about dvc.yaml / params.yaml / a stage name: fatal.
-_DETERMINISTIC_MARKERS = ("does not exist", "is not a valid", "failed to parse", "unable to find", "not found")
+_DETERMINISTIC_MARKERS = (
+    "does not exist",
+    "no such file or directory",
+    "is not a valid",
+    "failed to parse",
+    "unable to find",
+    "not found",
+)
 # Passing conditions: another DVC process, a busy database, a network hiccup.
 _TRANSIENT_MARKERS = (
     "unable to acquire lock",

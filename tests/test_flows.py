@@ -141,6 +141,7 @@ def dvc_error(tail: str, returncode: int = 1) -> DvcCommandError:
         (dvc_error("ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with -9"), True),
         (dvc_error("mlflow: sqlite3.OperationalError: database is locked\n... exited with 1"), True),
         (dvc_error("ERROR: 'train@resnet' does not exist"), False),
+        (dvc_error("ERROR: failed to reproduce 'report': [Errno 2] No such file or directory: 'src/x.py'", 255), False),
         (dvc_error("Traceback ...\nRuntimeError: CUDA error: unspecified launch failure\n... exited with 1"), True),
         (dvc_error("", returncode=-9), True),
         (ConfigError("params.yaml: bad"), False),
@@ -448,3 +449,43 @@ def test_ingest_emits_only_when_the_dataset_changed(project, monkeypatch):
     newer = retrain.ingest_new_data.fn(root=str(project))
     assert newer["changed"] and newer["previous_version"] == first["version"] != newer["version"]
     assert emitted == [("phantom", first["version"]), ("phantom", first["version"]), ("phantom", newer["version"])]
+
+
+# --------------------------------------------------------------------------------------------------------- prefect.yaml
+
+
+def test_prefect_yaml_deployments_point_at_real_flows():
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {"medseg-pipeline", "medseg-train-arch", "medseg-train-arch-k8s", "medseg-retrain"} <= set(deployments)
+    for dep in deployments.values():
+        path, func = dep["entrypoint"].split(":")
+        loaded = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+        assert set(dep.get("parameters", {})) <= set(loaded.parameters.properties), dep["name"]
+    train_flows = [d for d in deployments.values() if d["entrypoint"].endswith(":train_architecture")]
+    assert {d["work_pool"]["name"] for d in train_flows} == {"medseg-process", "medseg-gpu-k8s", "medseg-gpu-docker"}
+
+    retrain_dep = deployments["medseg-retrain"]
+    assert retrain_dep["schedules"][0]["cron"] == retrain.DEFAULT_CRON
+    trigger = DeploymentEventTrigger(**retrain_dep["triggers"][0])
+    code_trigger = retrain.dataset_updated_trigger()
+    assert (trigger.expect, trigger.match, trigger.parameters) == (
+        code_trigger.expect, code_trigger.match, code_trigger.parameters)
+
+
+def test_kubernetes_gpu_template_declares_every_variable_it_uses():
+    from prefect.utilities.templating import find_placeholders
+
+    template = json.loads((ROOT / "flows" / "work_pools" / "kubernetes-gpu.json").read_text())
+    declared = set(template["variables"]["properties"])
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+    assert used <= declared
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    k8s = next(d for d in spec["deployments"] if d["name"] == "medseg-train-arch-k8s")
+    assert set(k8s["work_pool"]["job_variables"]) <= declared
+    assert "MLFLOW_TRACKING_URI" in k8s["work_pool"]["job_variables"]["env"]
