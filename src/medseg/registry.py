@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from medseg.config import config_hash, disable_telemetry, model_options
+from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options
 from medseg.errors import MedsegError, PromotionRefused
 from medseg.io import read_json, sha256_file, write_json
 
@@ -490,13 +490,16 @@ def promote(
 
     Rules: the challenger's ONNX parity passed; with a champion present, both were tested on the same split
     (split_sha256) and the challenger's test DSC is strictly greater than the champion's + min_improvement.
-    On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI (or MLflow's default).
+    On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else the store
+    ./params.yaml names (register.tracking_uri), else MLflow's default. PromotionRefused carries `.result`.
     """
     from mlflow import MlflowClient
 
     disable_telemetry()
     if client is None:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri and Path(PARAMS_FILE).is_file():  # run from a project root: the store params.yaml names
+            uri = resolve_tracking_uri(load_params(PARAMS_FILE), ".")
         client = connect(uri, retries=0) if uri else MlflowClient()
 
     result: dict[str, Any] = {

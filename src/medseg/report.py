@@ -1,0 +1,448 @@
+"""Comparison report over every architecture in params.yaml `models`.
+
+Reads what the train/evaluate/export/register stages wrote and produces:
+- reports/comparison.md: summary table (family, DSC, HD95, params, GFLOPs, CPU latency, training time, registry
+  version; best per column in bold), per-class DSC and HD95 tables (organs as columns, like TransUNet's Table 1);
+- reports/comparison_dsc.png (per-class grouped bars), reports/comparison_summary.png (DSC vs latency and HD95);
+- reports/per_class.csv (long format arch,class,dsc,hd95 for `dvc plots`);
+- reports/qualitative.png: the same test slices (rows): image, ground truth, then each model's prediction.
+Architectures without outputs are listed as missing instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.io import atomic_path, read_json, write_text
+
+log = logging.getLogger(__name__)
+
+QUALITATIVE_SLICES = 3  # default rows of reports/qualitative.png (params: report.qualitative_slices)
+OUTPUTS = ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv")
+
+
+# --------------------------------------------------------------------------------------------------- collect
+def _optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise MedsegError(f"{path}: cannot read JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _family(arch: str) -> str:
+    from medseg.models import get_model_info
+
+    try:
+        return get_model_info(arch).family
+    except MedsegError:
+        return "?"
+
+
+def _complexity(model, meta: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(params in millions, GFLOPs of one slice at the training size) from medseg.models.complexity."""
+    from medseg.models.complexity import count_gflops, count_params
+
+    params_m = count_params(model) / 1e6
+    try:
+        gflops = count_gflops(model, (1, int(meta["in_channels"]), *[int(s) for s in meta["image_size"]]))
+    except Exception as exc:  # an op the counter cannot trace must not sink the whole report
+        log.warning("GFLOPs of %s not counted: %s", meta.get("arch"), exc)
+        gflops = None
+    return params_m, gflops
+
+
+def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True) -> tuple[list, dict]:
+    """(rows for the architectures with metrics, {arch: why it is missing}).
+
+    A row holds the numbers of the summary table plus `per_class`, and (if `load_models`) the trained `model`
+    and checkpoint `meta` for the complexity columns and the qualitative figure.
+    """
+    from medseg.evaluation import HD95_UNITS, load_trained_model
+
+    root = Path(root)
+    rows, missing = [], {}
+    for arch in params.get("models") or []:
+        reports = root / "reports" / arch
+        metrics = _optional_json(reports / "metrics.json")
+        if not metrics:
+            missing[arch] = f"no reports/{arch}/metrics.json (run `dvc repro evaluate@{arch}`)"
+            continue
+        export = _optional_json(reports / "export.json")
+        summary = _optional_json(reports / "train_summary.json")
+        registry = _optional_json(root / "registry" / f"{arch}.json")
+        protocol = str(metrics.get("protocol", ""))
+        row: dict[str, Any] = {
+            "arch": arch,
+            "family": _family(arch),
+            "mean_dsc": _number(metrics.get("mean_dsc")),
+            "mean_hd95": _number(metrics.get("mean_hd95")),
+            "protocol": protocol,
+            "hd95_unit": metrics.get("hd95_unit") or HD95_UNITS.get(protocol, "?"),
+            "split_sha256": metrics.get("split_sha256"),
+            "per_class": metrics.get("per_class") or {},
+            "params_m": None,
+            "gflops": None,
+            "torch_latency_ms": _number(export.get("torch_latency_ms")),
+            "onnx_latency_ms": _number(export.get("onnx_latency_ms")),
+            "parity_passed": export.get("parity_passed"),
+            "train_seconds": _number(summary.get("train_seconds")),
+            "registry_version": registry.get("version"),
+            "model": None,
+            "meta": None,
+        }
+        checkpoint = root / "models" / arch / "checkpoint.pt"
+        if load_models and checkpoint.is_file():
+            try:
+                row["model"], row["meta"] = load_trained_model(checkpoint)
+                row["params_m"], row["gflops"] = _complexity(row["model"], row["meta"])
+            except MedsegError as exc:
+                log.warning("%s: %s", checkpoint, exc)
+        rows.append(row)
+    return rows, missing
+
+
+# --------------------------------------------------------------------------------------------------- tables
+# (key, header, format, better): better is "max", "min" or None (not ranked)
+SUMMARY_COLUMNS: list[tuple[str, str, Callable[[float], str], str | None]] = [
+    ("mean_dsc", "Mean DSC (%)", lambda v: f"{100 * v:.2f}", "max"),
+    ("mean_hd95", "Mean HD95", lambda v: f"{v:.2f}", "min"),
+    ("params_m", "Params (M)", lambda v: f"{v:.2f}" if v >= 1 else f"{v:.3g}", "min"),
+    ("gflops", "GFLOPs", lambda v: f"{v:.3g}", "min"),
+    ("torch_latency_ms", "PyTorch CPU (ms)", lambda v: f"{v:.1f}", "min"),
+    ("onnx_latency_ms", "ONNX Runtime CPU (ms)", lambda v: f"{v:.1f}", "min"),
+    ("train_seconds", "Training time", lambda v: _duration(v), "min"),
+]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def best_values(rows: Sequence[dict], key: str, better: str | None) -> float | None:
+    """The best value of a column (direction-aware), None if the column has no numbers or is not ranked."""
+    values = [row[key] for row in rows if _number(row.get(key)) is not None]
+    if not values or better is None:
+        return None
+    return max(values) if better == "max" else min(values)
+
+
+def _cell(value: Any, fmt: Callable[[float], str], best: float | None) -> str:
+    number = _number(value)
+    if number is None:
+        return "n/a"
+    text = fmt(number)
+    # Compared as printed, so values that read the same are all bold.
+    return f"**{text}**" if best is not None and text == fmt(best) else text
+
+
+def _md_table(header: list[str], lines: list[list[str]], text_columns: int = 1) -> str:
+    """Markdown table; the first `text_columns` columns left-aligned, the numbers right-aligned."""
+    align = [":---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _class_names(rows: Sequence[dict]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for name in row["per_class"]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    units = sorted({row["hd95_unit"] for row in rows})
+    ranked = len(rows) > 1
+    header = ["Architecture", "Family"] + [
+        f"{title} ({', '.join(units)})" if key == "mean_hd95" else title for key, title, _, _ in SUMMARY_COLUMNS
+    ] + ["ONNX parity", "MLflow version"]
+    best = {key: best_values(rows, key, better) if ranked else None for key, _, _, better in SUMMARY_COLUMNS}
+    lines = []
+    for row in rows:
+        cells = [f"`{row['arch']}`", row["family"]]
+        cells += [_cell(row[key], fmt, best[key]) for key, _, fmt, _ in SUMMARY_COLUMNS]
+        parity = row["parity_passed"]
+        cells.append("n/a" if parity is None else ("passed" if parity else "FAILED"))
+        cells.append(str(row["registry_version"]) if row["registry_version"] else "not registered")
+        lines.append(cells)
+    return _md_table(header, lines, text_columns=2)
+
+
+def per_class_table(rows: Sequence[dict], metric: str) -> str:
+    """Organs as columns (plus the mean), one line per architecture; best per column in bold."""
+    names = _class_names(rows)
+    better = "max" if metric == "dsc" else "min"
+    fmt = (lambda v: f"{100 * v:.2f}") if metric == "dsc" else (lambda v: f"{v:.2f}")
+    values = [
+        {"arch": row["arch"], "mean": row[f"mean_{metric}"],
+         **{name: (row["per_class"].get(name) or {}).get(metric) for name in names}}
+        for row in rows
+    ]
+    ranked = len(rows) > 1
+    best = {key: best_values(values, key, better) if ranked else None for key in ["mean", *names]}
+    lines = [[f"`{v['arch']}`", _cell(v["mean"], fmt, best["mean"])] + [_cell(v[n], fmt, best[n]) for n in names]
+             for v in values]
+    return _md_table(["Architecture", "Mean"] + names, lines)
+
+
+def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[str, str],
+                    qualitative_note: str) -> str:
+    dataset = params["dataset"]["name"]
+    protocols = sorted({row["protocol"] for row in rows})
+    units = sorted({row["hd95_unit"] for row in rows})
+    splits = {row["split_sha256"] for row in rows}
+    parts = [f"# medseg comparison: `{dataset}` (preset `{params.get('preset', '?')}`)", ""]
+    if rows:
+        size = "x".join(str(s) for s in (params.get("data") or {}).get("image_size", []))
+        parts += [
+            f"Test-set metrics from `reports/<arch>/metrics.json`; evaluation protocol `{', '.join(protocols)}` "
+            f"(HD95 in {', '.join(units)}). DSC in %, higher is better; HD95, size, latency and training time: "
+            "lower is better. Best per column in **bold**. GFLOPs count one multiply-add as one FLOP for one "
+            f"{size} slice; latencies are single-slice CPU timings from `reports/<arch>/export.json`.",
+            "",
+        ]
+        if len(protocols) > 1:
+            parts += ["> **Warning:** the architectures were evaluated under different protocols; "
+                      "their HD95 values are not comparable.", ""]
+        if len(splits) > 1:
+            parts += ["> **Warning:** the architectures were evaluated on different test splits "
+                      "(split_sha256 differs); re-run `dvc repro evaluate` for all of them.", ""]
+        parts += ["## Summary", "", summary_table(rows), "",
+                  "## Per-class DSC (%)", "", per_class_table(rows, "dsc"), "",
+                  f"## Per-class HD95 ({', '.join(units)})", "", per_class_table(rows, "hd95"), "",
+                  "## Figures", "",
+                  "- `reports/comparison_dsc.png`: per-class DSC, one bar per architecture",
+                  "- `reports/comparison_summary.png`: mean DSC against ONNX Runtime CPU latency and against HD95",
+                  f"- `reports/qualitative.png`: {qualitative_note}", ""]
+    else:
+        parts += ["No architecture has evaluation results yet (run `dvc repro`).", ""]
+    if missing:
+        parts += ["## Missing", ""] + [f"- `{arch}`: {why}" for arch, why in missing.items()] + [""]
+    parts += ["Published numbers of the original papers, with their protocol caveats: `docs/results.md`.", ""]
+    return "\n".join(parts)
+
+
+def write_per_class_csv(path: Path, rows: Sequence[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["arch", "class", "dsc", "hd95"])
+    for row in rows:
+        for name, scores in row["per_class"].items():
+            dsc, hd95 = _number((scores or {}).get("dsc")), _number((scores or {}).get("hd95"))
+            writer.writerow([row["arch"], name, "" if dsc is None else repr(dsc), "" if hd95 is None else repr(hd95)])
+    write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _placeholder(path: Path, text: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    ax.axis("off")
+    _save(fig, path)
+
+
+def plot_dsc_bars(path: Path, rows: Sequence[dict]) -> None:
+    if not rows:
+        return _placeholder(path, "no evaluated architecture yet")
+    plt = _pyplot()
+    names = _class_names(rows)
+    x = np.arange(len(names))
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
+    for i, row in enumerate(rows):
+        values = [_number((row["per_class"].get(n) or {}).get("dsc")) for n in names]
+        ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width,
+               label=row["arch"])
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("DSC (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Per-class test DSC")
+    ax.legend(fontsize=8, ncol=min(len(rows), 4))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_summary(path: Path, rows: Sequence[dict]) -> None:
+    if not rows:
+        return _placeholder(path, "no evaluated architecture yet")
+    plt = _pyplot()
+    unit = ", ".join(sorted({row["hd95_unit"] for row in rows}))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "onnx_latency_ms", "ONNX Runtime CPU latency (ms / slice)"),
+                           (axes[1], "mean_hd95", f"mean HD95 ({unit})")):
+        for row in rows:
+            if row["mean_dsc"] is None or _number(row[key]) is None:
+                continue
+            ax.scatter(row[key], 100 * row["mean_dsc"], s=40)
+            ax.annotate(row["arch"], (row[key], 100 * row["mean_dsc"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.margins(0.15)  # room for the labels of the extreme points
+        ax.set_xlabel(label + " (lower is better)")
+        ax.set_ylabel("mean DSC (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against cost")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tuple[str, int]]:
+    """Test slices with the most organs in the ground truth (then the most foreground), from distinct cases first.
+
+    Deterministic, so every model is shown on the same slices and re-runs give the same figure.
+    """
+    from medseg.data.loader import load_case
+
+    candidates = []
+    for case_id in case_ids:
+        _, label, _ = load_case(ingested, case_id)
+        label = np.asarray(label)
+        for index in range(label.shape[0]):
+            classes = np.unique(label[index])
+            foreground = int((label[index] > 0).sum())
+            if foreground:
+                candidates.append((-(len(classes) - 1), -foreground, case_id, index))
+    candidates.sort()
+    chosen: list[tuple[str, int]] = []
+    for distinct_cases in (True, False):
+        for _, _, case_id, index in candidates:
+            if len(chosen) == count:
+                return chosen
+            if (case_id, index) in chosen or (distinct_cases and any(c == case_id for c, _ in chosen)):
+                continue
+            chosen.append((case_id, index))
+    return chosen
+
+
+def predict_slice(model, meta: dict[str, Any], image: np.ndarray, index: int) -> np.ndarray:
+    """Label map (H, W) of one slice with medseg.evaluation.predict_volume (same resize and argmax as evaluation).
+
+    Only the slice's 2.5D context window is passed, which clamps at the volume ends exactly as the full volume would.
+    """
+    from medseg.evaluation import predict_volume
+
+    context = int(meta.get("context", 0))
+    lo, hi = max(index - context, 0), min(index + context + 1, image.shape[0])
+    return predict_volume(model, np.asarray(image[lo:hi]), meta["image_size"], context)[index - lo]
+
+
+def _display(image_slice: np.ndarray) -> np.ndarray:
+    img = image_slice[0] if image_slice.shape[0] == 1 else np.moveaxis(image_slice[:3], 0, -1)
+    lo, hi = float(np.min(img)), float(np.max(img))
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Sequence[dict]) -> str:
+    """Figure 1-style grid; returns a one-line description for comparison.md."""
+    from medseg.data.loader import load_case, read_cases
+
+    name = params["dataset"]["name"]
+    ingested = root / "data" / "ingested" / name
+    split_path = root / "data" / "splits" / f"{name}.json"
+    with_models = [row for row in rows if row["model"] is not None]
+    if not with_models or not (ingested / "cases.json").is_file() or not split_path.is_file():
+        _placeholder(path, "no trained model or no ingested test data to show")
+        return "not drawn (no checkpoint or no ingested test split)"
+    class_names = list(read_cases(ingested)["class_names"])
+    count = int((params.get("report") or {}).get("qualitative_slices", QUALITATIVE_SLICES))
+    slices = pick_slices(ingested, read_json(split_path).get("test", []), count)
+    if not slices:
+        _placeholder(path, "the test split has no slice with foreground")
+        return "not drawn (no test slice with foreground)"
+
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colors = plt.get_cmap("tab10" if len(class_names) <= 11 else "tab20").colors
+    palette = [(0, 0, 0, 0)] + [(*colors[(i - 1) % len(colors)][:3], 0.6) for i in range(1, len(class_names))]
+    cmap = ListedColormap(palette)
+    titles = ["image", "ground truth"] + [row["arch"] for row in with_models]
+    fig, axes = plt.subplots(len(slices), len(titles), figsize=(2.3 * len(titles), 2.4 * len(slices) + 0.6),
+                             squeeze=False)
+    for r, (case_id, index) in enumerate(slices):
+        image, label, _ = load_case(ingested, case_id)
+        background = _display(np.asarray(image[index], dtype=np.float32))
+        masks = [None, np.asarray(label[index])] + [predict_slice(row["model"], row["meta"], image, index)
+                                                    for row in with_models]
+        for c, mask in enumerate(masks):
+            ax = axes[r][c]
+            ax.imshow(background, cmap="gray" if background.ndim == 2 else None)
+            if mask is not None:
+                ax.imshow(mask, cmap=cmap, vmin=0, vmax=len(class_names) - 1, interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{case_id}\nslice {index}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [Patch(color=palette[i][:3], label=class_names[i]) for i in range(1, len(class_names))]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(fig, path)
+    return (f"{len(slices)} test slices (rows: {', '.join(f'{c}#{i}' for c, i in slices)}); image, ground truth, "
+            f"then {len(with_models)} model(s)")
+
+
+# --------------------------------------------------------------------------------------------------- entry point
+def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """Write the comparison report files under reports/; returns the summary numbers, the missing archs and paths."""
+    root = Path(root)
+    out = root / "reports"
+    rows, missing = collect_results(params, root)
+    qualitative_note = plot_qualitative(out / "qualitative.png", params, root, rows)
+    plot_dsc_bars(out / "comparison_dsc.png", rows)
+    plot_summary(out / "comparison_summary.png", rows)
+    write_per_class_csv(out / "per_class.csv", rows)
+    write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note))
+    for arch in missing:
+        log.warning("report: %s is missing: %s", arch, missing[arch])
+    public = [{k: v for k, v in row.items() if k not in ("model", "meta")} for row in rows]
+    return {
+        "architectures": public,
+        "missing": missing,
+        "best": {key: best_values(rows, key, better) for key, _, _, better in SUMMARY_COLUMNS},
+        "outputs": [str(out / name) for name in OUTPUTS],
+    }

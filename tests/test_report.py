@@ -1,0 +1,174 @@
+"""Comparison report: tables with direction-aware best marks, per_class.csv, charts, qualitative figure.
+
+Checkpoints are real (tiny networks from the model registry, random weights) on the conftest phantom project;
+metrics/export/train_summary files are fabricated so the expected table contents are known.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medseg.data.loader import load_case, read_cases
+from medseg.io import read_json
+
+# arch -> (mean DSC, mean HD95, PyTorch ms, ONNX ms, training seconds); unetpp is better at DSC, unet at the rest.
+FABRICATED = {"unet": (0.61, 12.0, 3.0, 1.0, 40.0), "unetpp": (0.72, 15.0, 9.0, 4.0, 150.0)}
+OPTIONS = {"unet": {"base_channels": 4, "depth": 2}, "unetpp": {"base_channels": 4, "depth": 2}}
+
+
+def write_checkpoint(root: Path, arch: str, params: dict, context: int = 0, seed: int = 0) -> torch.nn.Module:
+    from medseg.models import build_model
+
+    cases = read_cases(root / "data" / "ingested" / params["dataset"]["name"])
+    in_channels = int(cases["in_channels"]) * (2 * context + 1)
+    torch.manual_seed(seed)
+    size = params["data"]["image_size"]
+    model = build_model(arch, in_channels, len(cases["class_names"]), size, **OPTIONS[arch])
+    path = root / "models" / arch / "checkpoint.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"arch": arch, "model_options": OPTIONS[arch], "in_channels": in_channels,
+                "num_classes": len(cases["class_names"]), "image_size": list(size),
+                "class_names": list(cases["class_names"]), "context": context, "state_dict": model.state_dict(),
+                "epoch": 1, "val_dice": 0.5, "config_hash": "x", "split_hash": "y"}, path)
+    return model
+
+
+def fabricate_arch(root: Path, arch: str, params: dict) -> None:
+    dsc, hd95, torch_ms, onnx_ms, seconds = FABRICATED[arch]
+    class_names = read_cases(root / "data" / "ingested" / params["dataset"]["name"])["class_names"][1:]
+    reports = root / "reports" / arch
+    reports.mkdir(parents=True, exist_ok=True)
+    per_class = {name: {"dsc": dsc + 0.01 * i, "hd95": hd95 - i} for i, name in enumerate(class_names)}
+    (reports / "metrics.json").write_text(json.dumps({
+        "arch": arch, "protocol": "mm", "hd95_unit": "mm", "split_sha256": "s", "mean_dsc": dsc, "mean_hd95": hd95,
+        "per_class": per_class, "num_cases": 2}))
+    (reports / "export.json").write_text(json.dumps({
+        "max_abs_diff": 1e-6, "parity_passed": True, "threshold": 1e-3, "torch_latency_ms": torch_ms,
+        "onnx_latency_ms": onnx_ms, "opset": 17, "dynamic_hw": True}))
+    (reports / "train_summary.json").write_text(json.dumps({"train_seconds": seconds, "best_val_dice": 0.5}))
+    write_checkpoint(root, arch, params)
+
+
+@pytest.fixture()
+def report_project(project_copy, tiny_params):
+    params = json.loads(json.dumps(tiny_params))
+    params["models"] = ["unet", "unetpp", "segformer_b0"]  # segformer_b0 has no outputs: listed as missing
+    for arch in FABRICATED:
+        fabricate_arch(project_copy, arch, params)
+    return project_copy, params
+
+
+def _row(markdown: str, section: str, arch: str) -> list[str]:
+    block = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    line = next(line for line in block.splitlines() if line.startswith(f"| `{arch}`"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def _header(markdown: str, section: str) -> list[str]:
+    block = markdown.split(f"## {section}", 1)[1]
+    line = next(line for line in block.splitlines() if line.startswith("| Architecture"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_build_report_tables_charts_and_missing(report_project):
+    from medseg.models import build_model
+    from medseg.models.complexity import count_params
+    from medseg.report import build_report
+
+    root, params = report_project
+    result = build_report(params, root)
+
+    assert set(result["missing"]) == {"segformer_b0"}
+    assert [row["arch"] for row in result["architectures"]] == ["unet", "unetpp"]
+    for name in ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv"):
+        assert (root / "reports" / name).is_file(), name
+
+    md = (root / "reports" / "comparison.md").read_text()
+    assert "segformer_b0" in md.split("## Missing", 1)[1]
+    header = _header(md, "Summary")
+    unet, unetpp = _row(md, "Summary", "unet"), _row(md, "Summary", "unetpp")
+    col = {title.split(" (")[0]: i for i, title in enumerate(header)}
+    assert header[col["Mean HD95"]] == "Mean HD95 (mm)"
+    # Direction-aware: higher DSC is best, lower HD95 / latency / training time is best.
+    assert unetpp[col["Mean DSC"]] == "**72.00**" and unet[col["Mean DSC"]] == "61.00"
+    assert unet[col["Mean HD95"]] == "**12.00**" and unetpp[col["Mean HD95"]] == "15.00"
+    assert unet[col["ONNX Runtime CPU"]] == "**1.0**" and unetpp[col["PyTorch CPU"]] == "9.0"
+    assert unet[col["Training time"]] == "**40 s**" and unetpp[col["Training time"]] == "2.5 min"
+    assert unet[col["Family"]] == "cnn" and unet[col["ONNX parity"]] == "passed"
+
+    # Complexity comes from the checkpoint's network, counted at the training size.
+    cases = read_cases(root / "data" / "ingested" / params["dataset"]["name"])
+    net = build_model("unetpp", 1, len(cases["class_names"]), params["data"]["image_size"], **OPTIONS["unetpp"])
+    by_arch = {row["arch"]: row for row in result["architectures"]}
+    assert by_arch["unetpp"]["params_m"] == pytest.approx(count_params(net) / 1e6)
+    assert by_arch["unetpp"]["gflops"] > by_arch["unet"]["gflops"] > 0
+    assert result["best"]["mean_dsc"] == pytest.approx(0.72) and result["best"]["mean_hd95"] == pytest.approx(12.0)
+
+    # Per-class DSC: organs as columns, best per organ in bold.
+    organs = cases["class_names"][1:]
+    assert _header(md, "Per-class DSC")[2:] == organs
+    assert _row(md, "Per-class DSC", "unetpp")[2] == "**72.00**"
+    assert _row(md, "Per-class HD95", "unet")[2] == "**12.00**"
+
+    with open(root / "reports" / "per_class.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * len(organs)
+    liver = next(r for r in rows if r["arch"] == "unet" and r["class"] == organs[1])
+    assert float(liver["dsc"]) == pytest.approx(0.62) and float(liver["hd95"]) == pytest.approx(11.0)
+
+    # Qualitative grid: image + ground truth + 2 models across, 3 test slices down (wider than tall).
+    with Image.open(root / "reports" / "qualitative.png") as img:
+        width, height = img.size
+    assert width > height
+    assert re.search(r"3 test slices", md)
+
+
+def test_report_without_any_results_lists_all_missing(project_copy, tiny_params):
+    from medseg.report import build_report
+
+    params = json.loads(json.dumps(tiny_params))
+    params["models"] = ["unet", "vm_unet"]
+    result = build_report(params, project_copy)
+    assert set(result["missing"]) == {"unet", "vm_unet"} and result["architectures"] == []
+    md = (project_copy / "reports" / "comparison.md").read_text()
+    assert "No architecture has evaluation results" in md and "`vm_unet`" in md
+    for name in ("comparison_dsc.png", "comparison_summary.png", "qualitative.png"):
+        with Image.open(project_copy / "reports" / name) as img:
+            assert img.size[0] > 0
+    assert (project_copy / "reports" / "per_class.csv").read_text().splitlines() == ["arch,class,dsc,hd95"]
+
+
+def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
+    """The qualitative figure predicts single slices; with 2.5D context they must equal evaluation's predictions."""
+    from medseg.evaluation import load_trained_model, predict_volume
+    from medseg.report import predict_slice
+
+    root, params = project_copy, tiny_params
+    write_checkpoint(root, "unet", params, context=1, seed=3)
+    model, meta = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
+    case_id = read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json")["test"][0]
+    image, _, _ = load_case(root / "data" / "ingested" / params["dataset"]["name"], case_id)
+    full = predict_volume(model, np.asarray(image), meta["image_size"], context=1)
+    for index in (0, image.shape[0] // 2, image.shape[0] - 1):
+        np.testing.assert_array_equal(predict_slice(model, meta, image, index), full[index])
+
+
+def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
+    from medseg.report import pick_slices
+
+    ingested = project_copy / "data" / "ingested" / tiny_params["dataset"]["name"]
+    test_ids = read_json(project_copy / "data" / "splits" / f"{tiny_params['dataset']['name']}.json")["test"]
+    chosen = pick_slices(ingested, test_ids, 2)
+    assert chosen == pick_slices(ingested, test_ids, 2), "deterministic"
+    counts = {(c, i): len(np.unique(np.asarray(load_case(ingested, c)[1][i]))) - 1
+              for c in test_ids for i in range(load_case(ingested, c)[1].shape[0])}
+    assert counts[chosen[0]] == max(counts.values())
+    assert len(set(chosen)) == len(chosen) == min(2, sum(v > 0 for v in counts.values()))
