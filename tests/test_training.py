@@ -1,0 +1,213 @@
+"""Training: outputs, exact resume after SIGKILL, NaN stop, torchrun (world size 1), no test-split access."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medseg.errors import TrainingError
+from medseg.io import read_json
+
+# 2 epochs x 3 steps, a mid-epoch checkpoint every 2 steps: step 4 is a mid-epoch save in epoch 2.
+TRAIN = {"epochs": 2, "batch_size": 4, "max_steps_per_epoch": 3, "checkpoint_every_steps": 2}
+
+# Runs one training in a fresh interpreter; KILL_AT=k makes it SIGKILL itself right after optimizer step k.
+RUNNER = textwrap.dedent(
+    """
+    import os, signal, sys, yaml
+    from pathlib import Path
+    import medseg.training as training
+    kill_at = int(os.environ.get("KILL_AT", "0"))
+    if kill_at:
+        training.STEP_HOOKS.append(lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+    root = Path(sys.argv[1])
+    training.train_model(yaml.safe_load((root / "params.yaml").read_text()), "unet", root)
+    """
+)
+
+
+def _make_project(tiny_project: Path, dst: Path, **train) -> tuple[Path, dict]:
+    shutil.copytree(tiny_project, dst)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["train"].update(TRAIN, **train)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dst, params
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_project, tmp_path_factory):
+    """One uninterrupted in-process run, recording every case the training touches."""
+    import medseg.data.loader as loader
+    from medseg.training import train_model
+
+    root, params = _make_project(tiny_project, tmp_path_factory.mktemp("ref") / "project")
+    touched: set[str] = set()
+    original_init, original_load = loader.SliceDataset.__init__, loader.load_case
+
+    def init(self, ingested_dir, case_ids, *args, **kwargs):
+        touched.update(case_ids)
+        original_init(self, ingested_dir, case_ids, *args, **kwargs)
+
+    def load_case(ingested_dir, case_id):
+        touched.add(case_id)
+        return original_load(ingested_dir, case_id)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader.SliceDataset, "__init__", init)
+        mp.setattr(loader, "load_case", load_case)
+        summary = train_model(params, "unet", root)
+    return root, params, summary, touched
+
+
+def test_outputs_follow_the_contract(reference):
+    root, params, summary, _ = reference
+    checkpoint = _load(root / "models" / "unet" / "checkpoint.pt")
+    for key in ("arch", "model_options", "in_channels", "num_classes", "image_size", "class_names", "state_dict",
+                "epoch", "val_dice", "config_hash", "split_hash"):
+        assert key in checkpoint, key
+    assert checkpoint["arch"] == "unet" and checkpoint["num_classes"] == len(params["dataset"]["class_names"])
+    assert checkpoint["image_size"] == params["data"]["image_size"]
+    with open(root / "reports" / "unet" / "train_log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "val_dice", "lr", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [3, 6]
+    assert float(rows[-1]["lr"]) == 0.0  # poly schedule reaches zero at max_iter
+    dices = [float(r["val_dice"]) for r in rows]
+    best = max(range(2), key=lambda i: dices[i])
+    assert checkpoint["epoch"] == best + 1 and checkpoint["val_dice"] == pytest.approx(dices[best])
+    saved = read_json(root / "reports" / "unet" / "train_summary.json")
+    assert saved["best_val_dice"] == pytest.approx(dices[best]) and saved["best_epoch"] == best + 1
+    from medseg.evaluation import load_trained_model
+
+    model, _ = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
+    assert saved["params"] == sum(p.numel() for p in model.parameters())
+    assert saved["device"] == "cpu" and saved["resumed_from_step"] is None
+    assert (root / "reports" / "unet" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = _load(root / "models" / "unet" / "last.pt")
+    assert last["finished"] and last["global_step"] == 6
+
+
+def test_training_never_reads_the_test_split(reference):
+    root, params, _, touched = reference
+    split = read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json")
+    assert set(split["train"]) | set(split["val"]) <= touched
+    assert not touched & set(split["test"])
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference, tiny_project, tmp_path):
+    ref_root = reference[0]
+    root, _ = _make_project(tiny_project, tmp_path / "project")
+    env = {**os.environ, "KILL_AT": "5"}
+    killed = subprocess.run([sys.executable, "-c", RUNNER, str(root)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = _load(root / "models" / "unet" / "last.pt")
+    assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 1, 4)  # the step-4 save
+    assert not [p for p in (root / "models" / "unet").iterdir() if ".tmp" in p.name]
+
+    env.pop("KILL_AT")
+    resumed = subprocess.run([sys.executable, "-c", RUNNER, str(root)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_json(root / "reports" / "unet" / "train_summary.json")["resumed_from_step"] == 4
+    for name in ("checkpoint.pt", "last.pt"):
+        _assert_same_weights(_load(ref_root / "models" / "unet" / name)["state_dict"],
+                             _load(root / "models" / "unet" / name)["state_dict"])
+    ref_opt = _load(ref_root / "models" / "unet" / "last.pt")["optimizer"]["state"]
+    new_opt = _load(root / "models" / "unet" / "last.pt")["optimizer"]["state"]
+    for key in ref_opt:
+        assert torch.equal(ref_opt[key]["momentum_buffer"], new_opt[key]["momentum_buffer"])
+
+
+def test_resume_only_with_the_same_configuration(reference, tmp_path):
+    from medseg.training import _try_resume
+
+    last = _load(reference[0] / "models" / "unet" / "last.pt")
+    path = tmp_path / "last.pt"
+    torch.save({**last, "finished": False}, path)
+    assert _try_resume(path, last["config_hash"]) is not None
+    assert _try_resume(path, "another-config") is None
+    torch.save(last, path)  # a finished run is not resumed: re-running means training again
+    assert _try_resume(path, last["config_hash"]) is None
+    path.write_bytes(b"truncated")
+    assert _try_resume(path, last["config_hash"]) is None
+
+
+def test_config_hash_tracks_what_changes_the_result(reference):
+    from medseg.training import run_config_hash
+
+    _, params, _, _ = reference
+    split = {"train": ["a"], "val": ["b"], "test": ["c"]}
+    base = run_config_hash(params, "unet", split)
+    changed_lr = {**params, "train": {**params["train"], "lr": 0.5}}
+    moved_ckpt = {**params, "train": {**params["train"], "checkpoint_every_steps": 7}}
+    assert run_config_hash(changed_lr, "unet", split) != base
+    assert run_config_hash(params, "unet", {**split, "train": ["a", "d"]}) != base
+    assert run_config_hash(params, "unet", {**split, "test": ["z"]}) == base  # the test list is not training's
+    assert run_config_hash(moved_ckpt, "unet", split) == base
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_project, tmp_path, monkeypatch):
+    import medseg.data.loader as loader
+    from medseg.training import train_model
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, checkpoint_every_steps=1)
+    original = loader.SliceDataset.__getitems__
+    calls = []
+
+    def corrupt_second_batch(self, indices):
+        calls.append(1)
+        items = original(self, indices)
+        if len(calls) == 2:
+            items = [(torch.full_like(image, float("nan")), label) for image, label in items]
+        return items
+
+    monkeypatch.setattr(loader.SliceDataset, "__getitems__", corrupt_second_batch)
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, step 2"):
+        train_model(params, "unet", root)
+    last = _load(root / "models" / "unet" / "last.pt")
+    assert last["global_step"] == 1
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+    assert not (root / "models" / "unet" / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed():
+    from medseg.training import _check_finite
+
+    model = torch.nn.Linear(2, 2)
+    _check_finite(model, "epoch 1, step 1")
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match="epoch 3, step 9: parameter weight is not finite"):
+        _check_finite(model, "epoch 3, step 9")
+
+
+def test_torchrun_world_size_one_matches_single_process(reference, tiny_project, tmp_path):
+    root, _ = _make_project(tiny_project, tmp_path / "project")
+    script = tmp_path / "run.py"
+    script.write_text(RUNNER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script), str(root)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_json(root / "reports" / "unet" / "train_summary.json")["world_size"] == 1
+    # DDP with one gloo rank averages gradients over one replica: the same weights, bit for bit
+    _assert_same_weights(_load(reference[0] / "models" / "unet" / "last.pt")["state_dict"],
+                         _load(root / "models" / "unet" / "last.pt")["state_dict"])
