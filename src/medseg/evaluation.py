@@ -1,0 +1,229 @@
+"""Evaluation of a trained checkpoint on the TEST split, volume by volume, slice by slice.
+
+Checkpoints were selected on the validation split (medseg.training); this module is the only one that reads
+`split["test"]`. Inference: each slice (with its 2.5D neighbours, as in training) is resized to the training
+image_size, the network's logits are resized back to the native slice size (bilinear, on logits), then argmax;
+DSC and HD95 are computed on the reassembled 3D volume (medseg.metrics, protocol from evaluate.protocol).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.config import disable_telemetry, resolve_device
+from medseg.errors import ConfigError, TrainingError
+from medseg.io import atomic_path, read_json, write_json, write_text
+from medseg.metrics import aggregate, case_metrics
+
+_log = logging.getLogger(__name__)
+
+HD95_UNITS = {"mm": "mm", "transunet": "voxels"}
+
+
+def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network recorded in checkpoint.pt, load its weights; returns (model in eval mode, meta).
+
+    meta is the checkpoint dict without "state_dict" (arch, model_options, in_channels, num_classes,
+    image_size, class_names, epoch, val_dice, config_hash, split_hash, context).
+    """
+    from medseg.models import build_model
+    from medseg.training import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    missing = [k for k in ("arch", "in_channels", "num_classes", "image_size", "state_dict") if k not in checkpoint]
+    if missing:
+        raise TrainingError(f"{checkpoint_path}: not a medseg checkpoint (missing {', '.join(missing)})")
+    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"],
+                        **(meta.get("model_options") or {}))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise TrainingError(f"{checkpoint_path}: weights do not fit {meta['arch']}: {exc}") from exc
+    return model.eval(), meta
+
+
+def context_indices(num_slices: int, index: int, context: int) -> list[int]:
+    """Slices stacked as channels for 2.5D input: index-context..index+context, clamped at the volume ends."""
+    return [min(max(index + offset, 0), num_slices - 1) for offset in range(-context, context + 1)]
+
+
+def prepare_slices(image: np.ndarray, indices: Sequence[int], context: int, image_size: Sequence[int]) -> torch.Tensor:
+    """(len(indices), C*(2*context+1), h, w) float32 network input from an ingested (D, C, H, W) volume."""
+    from medseg.data.loader import resize_slices
+
+    depth = image.shape[0]
+    stacks = [np.concatenate([np.asarray(image[j]) for j in context_indices(depth, i, context)], axis=0)
+              for i in indices]
+    batch = torch.from_numpy(np.stack(stacks).astype(np.float32, copy=False))
+    return resize_slices(batch, None, image_size)[0]  # bicubic, as SliceDataset does in training
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    image_size: Sequence[int],
+    context: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+    amp: tuple[bool, torch.dtype] = (False, torch.float32),
+) -> np.ndarray:
+    """Label volume (D, H, W) uint8 for an ingested image (D, C, H, W) at its native slice size."""
+    model.eval()
+    depth, _, height, width = image.shape
+    out = np.empty((depth, height, width), dtype=np.uint8)
+    for start in range(0, depth, batch_size):
+        indices = list(range(start, min(start + batch_size, depth)))
+        x = prepare_slices(image, indices, context, image_size).to(device)
+        with torch.autocast("cuda", dtype=amp[1], enabled=amp[0] and str(device).startswith("cuda")):
+            logits = model(x)
+        logits = logits.float()
+        if logits.shape[-2:] != (height, width):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        out[start : start + len(indices)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def test_split_sha256(test_ids: Sequence[str]) -> str:
+    """sha256 of the sorted test case list: two metrics.json with the same value were measured on the same cases."""
+    return hashlib.sha256(json.dumps(sorted(test_ids)).encode()).hexdigest()
+
+
+def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
+    from tqdm.auto import tqdm
+
+    from medseg.data.loader import load_case, read_cases
+
+    disable_telemetry()
+    root = Path(root)
+    name = params["dataset"]["name"]
+    ingested = root / "data" / "ingested" / name
+    split_path = root / "data" / "splits" / f"{name}.json"
+    reports = root / "reports" / arch
+    eval_p = params.get("evaluate", {})
+    protocol = eval_p.get("protocol", "mm")
+    if protocol not in HD95_UNITS:
+        raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
+
+    model, meta = load_trained_model(root / "models" / arch / "checkpoint.pt")
+    cases = read_cases(ingested)
+    class_names = list(meta.get("class_names") or cases["class_names"])
+    if list(cases["class_names"]) != class_names:
+        raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the checkpoint's "
+                          f"{class_names}; retrain on this dataset")
+    context = int(meta.get("context", params.get("data", {}).get("context", 0)))
+    if int(cases["in_channels"]) * (2 * context + 1) != int(meta["in_channels"]):
+        raise ConfigError(f"{ingested}: {cases['in_channels']} channel(s) x (2*{context}+1) context slices != the "
+                          f"checkpoint's in_channels {meta['in_channels']}")
+    if not split_path.is_file():
+        raise ConfigError(f"{split_path}: split file not found (run the split stage first)")
+    test_ids = list(read_json(split_path).get("test", []))
+    if not test_ids:
+        raise ConfigError(f"{split_path}: the test list is empty")
+
+    device = resolve_device(params.get("train", {}).get("device", "auto"))
+    model = model.to(device)
+    batch_size = int(eval_p.get("batch_size", 32))
+    overlay_cases = int(eval_p.get("overlay_cases", 1))
+    rows: list[dict[str, Any]] = []
+    overlays = []
+    for case_id in tqdm(test_ids, desc=f"evaluate {arch}", dynamic_ncols=True, leave=False):
+        image, label, spacing = load_case(ingested, case_id)
+        pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
+        label = np.asarray(label)
+        for row in case_metrics(pred, label, class_names, spacing, protocol):
+            rows.append({"case": case_id, **row})
+        if len(overlays) < overlay_cases:
+            overlays.append((case_id, *_overlay_slice(image, label, pred)))
+
+    summary = aggregate(rows, class_names)
+    metrics = {
+        "arch": arch,
+        "protocol": protocol,
+        "hd95_unit": HD95_UNITS[protocol],
+        "split_sha256": test_split_sha256(test_ids),
+        "mean_dsc": summary["mean_dsc"],
+        "mean_hd95": summary["mean_hd95"],
+        "per_class": summary["per_class"],
+        "num_cases": len(test_ids),
+        "excluded": sum(v["excluded"] for v in summary["per_class"].values()),
+        "checkpoint_epoch": meta.get("epoch"),
+        "val_dice": meta.get("val_dice"),
+    }
+    write_json(reports / "metrics.json", metrics)
+    _write_per_case(reports / "per_case.csv", rows)
+    _plot_overlays(reports / "overlay.png", overlays, class_names, arch)
+    _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],
+              metrics["mean_hd95"], metrics["hd95_unit"], len(test_ids))
+    return metrics
+
+
+def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "class", "dsc", "hd95", "status"])
+    for r in rows:
+        # NaN stays visible ("nan"): its status column says why the value is undefined.
+        writer.writerow([r["case"], r["class"], _fmt(r["dsc"]), _fmt(r["hd95"]), r["status"]])
+    write_text(path, buf.getvalue())
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _overlay_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The slice with the most ground-truth foreground: (index, image channel 0 or RGB, label, prediction)."""
+    index = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1)))
+    img = np.asarray(image[index], dtype=np.float32)
+    img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+    return index, img, label[index], pred[index]
+
+
+def _plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colors = plt.get_cmap("tab10" if len(class_names) <= 11 else "tab20").colors
+    palette = [(0, 0, 0, 0)] + [(*colors[(i - 1) % len(colors)][:3], 0.55) for i in range(1, len(class_names))]
+    cmap = ListedColormap(palette)
+    rows = max(1, len(overlays))
+    fig, axes = plt.subplots(rows, 3, figsize=(10, 3.4 * rows), squeeze=False)
+    for r, (case_id, index, img, label, pred) in enumerate(overlays):
+        for c, (title, mask) in enumerate((("image", None), ("ground truth", label), ("prediction", pred))):
+            ax = axes[r][c]
+            ax.imshow(_normalise(img), cmap="gray" if img.ndim == 2 else None)
+            if mask is not None:
+                ax.imshow(mask, cmap=cmap, vmin=0, vmax=len(class_names) - 1, interpolation="nearest")
+            ax.set_title(f"{case_id} slice {index}: {title}", fontsize=9)
+            ax.axis("off")
+    handles = [Patch(color=palette[i][:3], label=class_names[i]) for i in range(1, len(class_names))]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.suptitle(f"{arch}: test overlays", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def _normalise(img: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(img)), float(np.max(img))
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
