@@ -4,8 +4,8 @@
     python flows/pipeline.py --arch unet --arch segformer_b0
     python flows/pipeline.py --work-pool medseg-gpu  # fan trainings out to the pool's train-architecture deployment
 
-Local runs submit one task per architecture on a thread pool; their `dvc repro` calls queue on the checkout's
-lock (DVC allows one repro per checkout), so promotion of a finished architecture overlaps the next training.
+Local runs submit one task per architecture on a thread pool; their `dvc repro` calls take turns in the checkout
+(`--max-parallel N` lets N run side by side), and promotion of a finished architecture overlaps the next training.
 With `--work-pool`, each architecture is its own flow run of `train-architecture` on a worker with its own
 checkout and GPU: real parallelism, and a crash or OOM stays inside that run.
 """
@@ -27,11 +27,12 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tasks import (
-    arch_summary,
+    arch_stages,
     build_report,
     prepare_data,
     promote_arch,
     publish_artifacts,
+    push_outputs,
     train_arch,
 )
 from medseg.config import disable_telemetry, load_params
@@ -107,10 +108,17 @@ def train_remote(arch: str, deployment_id: str, root: str, timeout_s: float) -> 
 
 
 @flow(name=TRAIN_FLOW_NAME, persist_result=True, result_serializer="json", log_prints=True)
-def train_architecture(arch: str, root: str = ".") -> dict[str, Any]:
-    """One architecture's train/evaluate/export/register in this checkout (a work-pool flow run per arch)."""
+def train_architecture(arch: str, root: str = ".", push: bool = False) -> dict[str, Any]:
+    """One architecture's train/evaluate/export/register in this checkout (a work-pool flow run per arch).
+
+    `push`: `dvc push` the stages' outputs afterwards, so the orchestrating checkout can `dvc pull` them.
+    """
     disable_telemetry()
-    return train_arch(arch, str(Path(root).resolve()))
+    root = str(Path(root).resolve())
+    summary = train_arch(arch, root)
+    if push:
+        push_outputs(arch_stages(arch), root)
+    return summary
 
 
 @flow(name="medseg-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
@@ -120,10 +128,13 @@ def medseg_pipeline(
     work_pool: str | None = None,
     promote: bool = True,
     report: bool = True,
+    max_parallel: int = 1,
     train_timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Data prep once, one training per architecture, the champion gate per architecture, then the report.
 
+    Locally, at most `max_parallel` trainings run at once in this checkout (1: they share one device); with
+    `work_pool`, each architecture is a `train-architecture` flow run on that pool, all at once.
     One architecture failing does not stop the others: the result lists every architecture's status, and the
     flow fails only when none of them made it. Artifacts `medseg-metrics` (table) and `medseg-promotion`
     (markdown) summarise the run.
@@ -142,7 +153,7 @@ def medseg_pipeline(
             train_remote.submit(arch, deployment_id, str(root), train_timeout_s): arch for arch in archs
         }  # the worker's own checkout: `root` is passed as given, not resolved here
     else:
-        futures = {train_arch.submit(arch, str(root_path)): arch for arch in archs}
+        futures = {train_arch.submit(arch, str(root_path), max_parallel): arch for arch in archs}
 
     results: dict[str, dict[str, Any]] = {}
     promotions: dict[str, Any] = {}
@@ -208,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the medseg pipeline as a Prefect flow.")
     parser.add_argument("--root", default=".", help="project root (where params.yaml and dvc.yaml are)")
     parser.add_argument("--arch", action="append", dest="architectures", help="architecture (repeatable)")
-    parser.add_argument("--work-pool", default=None, help="fan trainings out to this pool's train-architecture deployment")
+    parser.add_argument(
+        "--work-pool", default=None, help="fan trainings out to this pool's train-architecture deployment"
+    )
+    parser.add_argument("--max-parallel", type=int, default=1, help="local trainings at once in this checkout")
     parser.add_argument("--no-promote", action="store_true", help="register challengers but do not apply the gate")
     parser.add_argument("--no-report", action="store_true", help="skip `dvc repro report`")
     args = parser.parse_args(argv)
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         work_pool=args.work_pool,
         promote=not args.no_promote,
         report=not args.no_report,
+        max_parallel=args.max_parallel,
         return_state=True,
     )
     if not state.is_completed():

@@ -1,11 +1,12 @@
 """Prefect tasks shared by the medseg flows, and the pure helpers behind them.
 
 DVC stays the judge of what is stale: every task that produces artefacts runs `dvc repro <stages>` in the
-project root. DVC holds one lock per checkout for the whole `repro` and a second `dvc repro` in the same
-checkout fails after ~3 s with "Unable to acquire lock", so all DVC calls of one checkout go through
-`checkout_lock` (a blocking file lock: threads of one flow run and separate processes both wait their turn).
-Parallel training comes from fanning architectures out to work-pool workers, each with its own checkout
-(see docs/orchestration.md).
+project root. DVC (3.x) holds its repository lock while it plans and records a stage and releases it while the
+stage's command runs, with read/write locks on the stage's paths; but a second DVC process that cannot get the
+repository lock within ~3 s fails ("Unable to acquire lock"), also *after* a finished training. So every call
+runs as `dvc --wait-for-lock ...`, and `checkout_lock` bounds how many run at once in one checkout (default 1:
+one device to train on). Parallel training across GPUs comes from fanning architectures out to work-pool
+workers, each with its own checkout (see docs/orchestration.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,7 +38,7 @@ ARCH_STAGES = ("train", "evaluate", "export", "register")
 REPORT_STAGE = "report"
 # Tag on every task that runs DVC (filter them in the UI; `checkout_lock` already serialises one checkout).
 DVC_TAG = "dvc"
-LOCK_FILE = Path(".dvc") / "tmp" / "medseg-flows.lock"
+LOCK_DIR = Path(".dvc") / "tmp"
 OUTPUT_TAIL_LINES = 40
 
 # A medseg stage exits 2 on a MedsegError (ConfigError, IngestError, TrainingError, ...) or a bad argument:
@@ -56,6 +58,8 @@ _DETERMINISTIC_MARKERS = (
 # Passing conditions: another DVC process, a busy database, a network hiccup.
 _TRANSIENT_MARKERS = (
     "unable to acquire lock",
+    "is busy, it is being blocked by",  # DVC's per-path lock: someone else's stage is using our inputs
+
     "database is locked",
     "connection refused",
     "connection reset",
@@ -91,33 +95,65 @@ def _logger():
 # Running DVC
 
 
-_thread_locks: dict[str, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
+_fallback_lock = threading.Lock()
+SLOT_POLL_S = 0.5
 
 
 @contextlib.contextmanager
-def checkout_lock(root: str | Path) -> Iterator[None]:
-    """Hold the flows' lock on this checkout: one `dvc` command at a time, across threads and processes.
+def checkout_lock(root: str | Path, slots: int = 1, exclusive: bool = True) -> Iterator[int]:
+    """Wait for this checkout to be free for one DVC call; yields the run slot index.
 
-    Waits (instead of failing like DVC's own 3 s lock), so concurrent tasks queue up in submission order.
+    `exclusive` calls (data prep, report, push) have the checkout to themselves. Shared calls (one
+    architecture's stages: they write only their own outputs) run side by side, at most `slots` at a time.
+    The locks are `fcntl.flock`s under `.dvc/tmp/`: a flock belongs to an open file, so it excludes other threads
+    of this process (each call opens the files anew) and other processes (a served deployment, a second pipeline
+    run) alike. Waiting callers queue instead of failing like DVC's own lock.
     """
     root = Path(root).resolve()
-    with _thread_locks_guard:
-        thread_lock = _thread_locks.setdefault(str(root), threading.Lock())
-    with thread_lock:  # threads of this process
+    try:
+        import fcntl
+    except ImportError:  # Windows: one DVC call at a time within this process
+        with _fallback_lock:
+            yield 0
+        return
+    lock_dir = root / LOCK_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "medseg-flows.lock", "a+") as checkout:
+        fcntl.flock(checkout.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
-            import fcntl
-        except ImportError:  # Windows: the thread lock is all we have
-            yield
-            return
-        lock_path = root / LOCK_FILE
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:  # other processes (another flow run, a served deployment)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            if exclusive:
+                yield 0
+            else:
+                with _run_slot(fcntl, lock_dir, max(1, int(slots))) as index:
+                    yield index
+        finally:
+            fcntl.flock(checkout.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _run_slot(fcntl: Any, lock_dir: Path, slots: int) -> Iterator[int]:
+    handles = [open(lock_dir / f"medseg-flows.slot{i}.lock", "a+") for i in range(slots)]
+    held = None
+    try:
+        if slots == 1:
+            fcntl.flock(handles[0].fileno(), fcntl.LOCK_EX)
+            held = 0
+        while held is None:
+            for i, fh in enumerate(handles):
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                held = i
+                break
+            else:
+                time.sleep(SLOT_POLL_S)
+        yield held
+    finally:
+        if held is not None:
+            fcntl.flock(handles[held].fileno(), fcntl.LOCK_UN)
+        for fh in handles:
+            fh.close()
 
 
 def dvc_env() -> dict[str, str]:
@@ -131,10 +167,12 @@ def run_dvc(
     args: Sequence[str],
     root: str | Path,
     *,
+    slots: int = 1,
+    exclusive: bool = True,
     dvc_cmd: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> str:
-    """Run `dvc <args>` in `root` under `checkout_lock`, streaming its output to the run log.
+    """Run `dvc --wait-for-lock <args>` in `root` under `checkout_lock`, streaming its output to the run log.
 
     Returns the output; raises DvcCommandError (with the last lines of output) on a non-zero exit.
     `dvc_cmd` replaces `python -m dvc` (tests use a fake).
@@ -142,11 +180,11 @@ def run_dvc(
     root = Path(root)
     if not (root / "dvc.yaml").is_file():
         raise ConfigError(f"{root / 'dvc.yaml'}: not found; pass the project root (the folder with dvc.yaml)")
-    cmd = [*(dvc_cmd or (sys.executable, "-m", "dvc")), *args]
+    cmd = [*(dvc_cmd or (sys.executable, "-m", "dvc")), "--wait-for-lock", *args]
     log = log or _logger().info
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-    with checkout_lock(root):
+    with checkout_lock(root, slots, exclusive):
         log(f"$ dvc {' '.join(args)}  (in {root})")
         proc = subprocess.Popen(
             cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -246,10 +284,13 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tasks (no Prefect result caching anywhere: DVC decides what is stale)
+# Tasks
+
+# Two retries for transient failures only; no Prefect result cache (DVC alone decides what is stale).
+TASK_POLICY: dict[str, Any] = {"retries": 2, "retry_condition_fn": retry_if_transient, "cache_policy": NO_CACHE}
 
 
-@task(name="prepare-data", tags=[DVC_TAG], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+@task(name="prepare-data", tags=[DVC_TAG], retry_delay_seconds=10, **TASK_POLICY)
 def prepare_data(root: str = ".") -> dict[str, Any]:
     """`dvc repro ingest split` (and `phantom` when the dataset is the built-in one)."""
     run_dvc(repro_args(DATA_STAGES), root)
@@ -257,24 +298,26 @@ def prepare_data(root: str = ".") -> dict[str, Any]:
     return {"dataset": params["dataset"]["name"], "version": dataset_version(params, root)}
 
 
-@task(
-    name="train-evaluate-export-register",
-    tags=[DVC_TAG],
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=30,
-    retry_condition_fn=retry_if_transient,
-)
-def train_arch(arch: str, root: str = ".") -> dict[str, Any]:
-    """One architecture's `train@A evaluate@A export@A register@A`, then what they produced."""
+@task(name="train-evaluate-export-register", tags=[DVC_TAG], retry_delay_seconds=30, **TASK_POLICY)
+def train_arch(arch: str, root: str = ".", max_parallel: int = 1) -> dict[str, Any]:
+    """One architecture's `train@A evaluate@A export@A register@A`, then what they produced.
+
+    At most `max_parallel` of these run at once in one checkout (see `checkout_lock`).
+    """
     params = load_params(Path(root) / "params.yaml")
     if arch not in (params.get("models") or []):
         raise ConfigError(
             f"{Path(root) / 'params.yaml'}: architecture {arch!r} is not in `models` "
             f"({', '.join(params.get('models') or [])}); dvc.yaml has no stages for it"
         )
-    run_dvc(repro_args(arch_stages(arch)), root)
+    run_dvc(repro_args(arch_stages(arch)), root, slots=max_parallel, exclusive=False)
     return arch_summary(params, arch, root)
+
+
+@task(name="dvc-push", tags=[DVC_TAG], retry_delay_seconds=30, **TASK_POLICY)
+def push_outputs(stages: list[str], root: str = ".") -> None:
+    """`dvc push` these stages' outputs to the DVC remote (a worker's results for the orchestrating checkout)."""
+    run_dvc(["push", *stages], root)
 
 
 def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
@@ -295,13 +338,13 @@ def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_f
     return {"arch": arch, "model_name": model_name(params, arch), **result}
 
 
-@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+@task(name="promote", retry_delay_seconds=10, **TASK_POLICY)
 def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
     params = load_params(Path(root) / "params.yaml")
     return promote_model(params, arch, root)
 
 
-@task(name="report", tags=[DVC_TAG], cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+@task(name="report", tags=[DVC_TAG], retry_delay_seconds=10, **TASK_POLICY)
 def build_report(root: str = ".") -> str:
     run_dvc(repro_args([REPORT_STAGE]), root)
     return str(Path(root) / "reports" / "comparison.md")

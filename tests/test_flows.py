@@ -54,9 +54,9 @@ def test_run_dvc_streams_output_and_passes_args(project):
         log=logged.append,
     )
     assert f"cwd {tmp_path}" in out
-    assert "args repro train@unet" in out
+    assert "args --wait-for-lock repro train@unet" in out  # queue on DVC's lock instead of failing after 3 s
     assert logged[0].startswith("$ dvc repro train@unet")
-    assert "args repro train@unet" in logged
+    assert "args --wait-for-lock repro train@unet" in logged
 
 
 def test_run_dvc_failure_keeps_exit_code_and_output_tail(project):
@@ -97,9 +97,43 @@ def test_checkout_lock_serialises_threads(tmp_path):
         assert start >= end  # never two holders at once
 
 
+def test_checkout_lock_runs_shared_calls_in_slots_and_exclusive_ones_alone(tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+    monkeypatch.setattr(tasks, "SLOT_POLL_S", 0.02)
+    events = []
+    guard = threading.Lock()
+
+    def hold(kind, exclusive):
+        with tasks.checkout_lock(tmp_path, slots=2, exclusive=exclusive) as slot:
+            with guard:
+                events.append(("in", kind, slot, time.monotonic()))
+            time.sleep(0.2)
+            with guard:
+                events.append(("out", kind, slot, time.monotonic()))
+
+    threads = [threading.Thread(target=hold, args=(f"arch{i}", False)) for i in range(3)]
+    threads.append(threading.Thread(target=hold, args=("report", True)))
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    inside, most, slots_seen = set(), 0, set()
+    for what, kind, slot, _ in sorted(events, key=lambda e: e[3]):
+        if what == "in":
+            inside.add(kind)
+            slots_seen.add(slot)
+            most = max(most, len(inside))
+            assert "report" not in inside or inside == {"report"}  # exclusive means alone
+        else:
+            inside.discard(kind)
+    assert most == 2  # two shared calls side by side, never three
+    assert slots_seen == {0, 1}
+
+
 def test_checkout_lock_waits_for_another_process(tmp_path):
     pytest.importorskip("fcntl")
-    lock = tmp_path / tasks.LOCK_FILE
+    lock = tmp_path / tasks.LOCK_DIR / "medseg-flows.lock"
     lock.parent.mkdir(parents=True)
     released = tmp_path / "released"
     holder = subprocess.Popen(
@@ -136,6 +170,7 @@ def dvc_error(tail: str, returncode: int = 1) -> DvcCommandError:
     "exc, transient",
     [
         (dvc_error("ERROR: Unable to acquire lock. Most likely another DVC process is running"), True),
+        (dvc_error("ERROR: 'data/ingested/phantom' is busy, it is being blocked by:\n  (PID 12): dvc repro"), True),
         (dvc_error("error: x\nERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with 2"), False),
         (dvc_error("ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with 137"), True),
         (dvc_error("ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with -9"), True),
@@ -196,13 +231,14 @@ def test_train_arch_runs_the_four_stages_and_summarises(project, monkeypatch):
     calls = []
 
     def fake_run_dvc(args, root, **kw):
-        calls.append((list(args), Path(root)))
+        calls.append((list(args), Path(root), kw))
         write_arch_outputs(Path(root), "unet")
         return ""
 
     monkeypatch.setattr(tasks, "run_dvc", fake_run_dvc)
-    summary = tasks.train_arch.fn("unet", str(project))
-    assert calls == [(["repro", "train@unet", "evaluate@unet", "export@unet", "register@unet"], project)]
+    summary = tasks.train_arch.fn("unet", str(project), max_parallel=2)
+    stages = ["repro", "train@unet", "evaluate@unet", "export@unet", "register@unet"]
+    assert calls == [(stages, project, {"slots": 2, "exclusive": False})]
     assert summary["status"] == "completed"
     assert summary["mean_dsc"] == 0.71 and summary["mean_hd95"] == 12.5
     assert summary["version"] == "3" and summary["model_name"] == "medseg-phantom-unet"
