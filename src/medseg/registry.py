@@ -445,6 +445,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 signature=signature,
                 input_example=example,
                 pip_requirements=_pip_requirements(),
+                # One self-contained model.onnx, as exported, unless protobuf's 2 GB limit forces external data.
+                save_as_external_data=files["onnx"].stat().st_size > 1_800_000_000,
             )
         version_tags = {
             "artifact_sha256": sha,
@@ -514,7 +516,7 @@ def promote(
 
     def refuse(reason: str):
         result["reason"] = reason
-        error = PromotionRefused(f"{model_name}: promotion refused: {reason}")
+        error = PromotionRefused(f"{model_name}: {reason}")
         error.result = result  # type: ignore[attr-defined]  # the caller can still report the numbers
         return error
 
