@@ -9,6 +9,7 @@ are read. Resizing and augmentation run in torch on the slice. Augmentation draw
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -57,17 +58,24 @@ def load_case(ingested_dir: str | Path, case_id: str) -> tuple[np.ndarray, np.nd
     return image, label, tuple(float(s) for s in case["spacing"])
 
 
+@functools.lru_cache(maxsize=64)
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source rows/cols of PyTorch's mode="nearest" (floor(dst * in / out)), to index labels without a float copy."""
+    scale = np.float32(in_size / out_size)
+    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
+
+
 def resize_slices(
     image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int], mode: str = "bicubic"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batched resize: image (B, C, H, W) with `mode`, label (B, H, W) nearest. No-op at the target size."""
     size = (int(size[0]), int(size[1]))
-    if tuple(image.shape[-2:]) == size:
-        return image, label
     align = False if mode in ("bilinear", "bicubic") else None
-    image = F.interpolate(image, size=size, mode=mode, align_corners=align)
-    if label is not None:
-        label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].to(label.dtype)
+    if tuple(image.shape[-2:]) != size:
+        image = F.interpolate(image, size=size, mode=mode, align_corners=align)
+    if label is not None and tuple(label.shape[-2:]) != size:
+        rows, cols = nearest_indices(label.shape[-2], size[0]), nearest_indices(label.shape[-1], size[1])
+        label = label[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
     return image, label
 
 
@@ -153,18 +161,23 @@ class SliceDataset(Dataset):
         if self._pid != os.getpid():  # forked worker: do not share the parent's file handles
             self._arrays, self._pid = {}, os.getpid()
         if i not in self._arrays:
-            self._arrays[i] = _open(self.ingested_dir, self.cases[i])
+            # Plain ndarray views of the memmaps: same pages, without np.memmap's per-index Python overhead.
+            self._arrays[i] = tuple(np.asarray(a) for a in _open(self.ingested_dir, self.cases[i]))
         return self._arrays[i]
 
-    def _raw(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_into(self, idx: int, image_out: np.ndarray, label_out: np.ndarray) -> None:
+        """Copy item `idx` straight from the memmaps into batch buffers: image (C', H, W) at native size, label
+        already at image_size (nearest is a pure row/column lookup, so only the needed rows are read)."""
         case, z = self.index[idx]
         image, label = self._case(int(case))
+        rows = nearest_indices(label.shape[1], self.image_size[0])
+        cols = nearest_indices(label.shape[2], self.image_size[1])
+        label_out[...] = label[z][rows[:, None], cols[None, :]]
         if self.context:
-            depth = image.shape[0]
-            zs = np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1)  # edges replicate
-            stack = np.asarray(image[zs])  # (2k+1, C, H, W)
-            return stack.reshape(-1, *stack.shape[2:]), np.asarray(label[z])
-        return np.array(image[z]), np.array(label[z])
+            zs = np.clip(np.arange(z - self.context, z + self.context + 1), 0, image.shape[0] - 1)  # edges replicate
+            image_out[...] = image[zs].reshape(image_out.shape)
+        else:
+            image_out[...] = image[z]
 
     def _rng(self, idx: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(idx)])
@@ -173,19 +186,23 @@ class SliceDataset(Dataset):
         return self.__getitems__([idx])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        raws = [self._raw(int(i)) for i in indices]
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(raws)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for pos, (image, _) in enumerate(raws):
-            by_shape.setdefault(image.shape, []).append(pos)
-        for positions in by_shape.values():  # one interpolate call per input shape
-            images = torch.from_numpy(np.stack([raws[p][0] for p in positions]))
-            labels = torch.from_numpy(np.stack([raws[p][1] for p in positions]).astype(np.int64))
-            images, labels = resize_slices(images, labels, self.image_size, self.image_mode)
+        indices = [int(i) for i in indices]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(indices)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for pos, i in enumerate(indices):
+            shape = self.cases[self.index[i][0]]["shape"]
+            by_shape.setdefault((int(shape[1]), int(shape[2])), []).append(pos)
+        for (h, w), positions in by_shape.items():  # one buffer and one interpolate call per input shape
+            images = np.empty((len(positions), self.in_channels, h, w), dtype=np.float32)
+            labels = np.empty((len(positions), *self.image_size), dtype=np.uint8)
             for row, pos in enumerate(positions):
-                out[pos] = (images[row], labels[row])
+                self._read_into(indices[pos], images[row], labels[row])
+            batch, _ = resize_slices(torch.from_numpy(images), None, self.image_size, self.image_mode)
+            label_batch = torch.from_numpy(labels).long()
+            for row, pos in enumerate(positions):
+                out[pos] = (batch[row], label_batch[row])
         if self.augment:
-            out = [augment_slice(img, lbl, self.augment, self._rng(int(i))) for (img, lbl), i in zip(out, indices)]
+            out = [augment_slice(img, lbl, self.augment, self._rng(i)) for (img, lbl), i in zip(out, indices)]
         return out
 
 
