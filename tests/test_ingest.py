@@ -373,3 +373,13 @@ def test_ingest_from_params_writes_under_data_ingested(tmp_path):
     with pytest.raises(ConfigError, match="dataset.format"):
         ingest_from_params({"dataset": {**params["dataset"], "format": "dicom"}}, tmp_path)
     assert not (tmp_path / "data" / "ingested").exists() or not any((tmp_path / "data" / "ingested").iterdir())
+
+
+def test_patient_pattern_groups_images_of_one_patient(tmp_path):
+    raw = make_kvasir(tmp_path / "raw", stems=("p01_a", "p01_b", "p02_a"))
+    manifest = ingest_dataset(folder2d_params(patient_pattern=r"^(p\d+)_"), raw, tmp_path / "out")
+    assert [(c["id"], c["patient"]) for c in manifest["cases"]] == [("p01_a", "p01"), ("p01_b", "p01"), ("p02_a", "p02")]
+    from medseg.errors import IngestError
+
+    with pytest.raises(IngestError, match=r"p01_a\.jpg: case id 'p01_a' does not match dataset.patient_pattern"):
+        ingest_dataset(folder2d_params(patient_pattern=r"^patient(\d+)"), raw, tmp_path / "out2")

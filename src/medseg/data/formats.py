@@ -12,6 +12,9 @@ Supported layouts (`dataset.format`):
 - `transunet`: TransUNet's preprocessed Synapse, `train_npz/caseXXXX_sliceYYY.npz` (image, label; one case per
   caseXXXX) and `test_vol_h5/caseXXXX.npy.h5` (datasets image, label shaped (D, H, W)).
 
+Optional `dataset.patient_pattern` (a regex; group 1, else the whole match, of the case id) sets the patient
+where a layout does not record it, so that splits keep one patient's images together.
+
 `discover(spec, raw_dir)` returns the cases it found plus every layout problem (missing pairs, empty dataset)
 as `IngestError`s, so `doctor` can list them all while `ingest` raises the first.
 """
@@ -122,6 +125,14 @@ def discover(spec: DatasetSpec, raw_dir: str | Path) -> tuple[list[CaseSource], 
     if not raw_dir.is_dir():
         return [], [IngestError(raw_dir, "raw data folder does not exist (or is not a folder)")]
     cases, problems = _ADAPTERS[spec.format](spec, raw_dir)
+    pattern = spec.options.get("patient_pattern")
+    if pattern:  # e.g. "^(\\d+)_" when one patient has several scans and the layout does not say so
+        for case in cases:
+            match = re.search(str(pattern), case.id)
+            if match is None:
+                problems.append(IngestError(case.images[0], f"case id {case.id!r} does not match dataset.patient_pattern {pattern!r}"))
+            else:
+                case.patient = match.group(1) if match.groups() else match.group(0)
     ids = [c.id for c in cases]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(IngestError(raw_dir, f"case id {dup!r} found more than once"))
@@ -205,7 +216,8 @@ def _msd_dataset_json(raw_dir: Path) -> dict[str, Any]:
 
 
 def _discover_msd(spec: DatasetSpec, raw_dir: Path):
-    root = raw_dir if (raw_dir / "imagesTr").is_dir() else (_find_dir(raw_dir, ("imagesTr",), depth=1) or raw_dir).parent
+    found = _find_dir(raw_dir, ("imagesTr",), depth=1)
+    root = found.parent if found is not None else raw_dir
     img_dir, lbl_dir = root / "imagesTr", root / "labelsTr"
     if not img_dir.is_dir() or not lbl_dir.is_dir():
         return [], [IngestError(root, "MSD/nnU-Net layout needs imagesTr/ and labelsTr/ folders")]
