@@ -152,3 +152,15 @@ def test_case_metrics_and_aggregate_count_exclusions():
     assert summary["per_class"]["b"]["hd95"] == pytest.approx(volume_diagonal(gt.shape, (2.0, 1.0, 1.0)) / 2)
     assert summary["per_class"]["c"] == {"dsc": None, "hd95": None, "n": 0, "excluded": 2, "statuses": {"both_empty": 2}}
     assert summary["mean_dsc"] == pytest.approx((1.0 + 0.5) / 2)  # class c has no defined value
+
+
+def test_single_slice_volumes_are_scored_in_2d():
+    names = ["background", "disc"]
+    gt = np.zeros((1, 20, 20), dtype=np.uint8)
+    gt[0, 4:14, 4:14] = 1
+    pred = np.roll(gt, 2, axis=2)  # shifted 2 pixels along x (0.5 mm each)
+    (row,) = case_metrics(pred, gt, names, (5.0, 0.8, 0.5), "mm")
+    # contours only: the shifted square's left/right edges are 2 px = 1 mm apart, the top/bottom edges overlap
+    assert row["hd95"] == pytest.approx(medpy_binary.hd95(pred[0], gt[0], voxelspacing=(0.8, 0.5)))
+    assert row["hd95"] == pytest.approx(1.0)
+    assert row["dsc"] == pytest.approx(0.8)

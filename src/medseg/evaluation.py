@@ -88,7 +88,8 @@ def predict_volume(
     for start in range(0, depth, batch_size):
         indices = list(range(start, min(start + batch_size, depth)))
         x = prepare_slices(image, indices, context, image_size).to(device)
-        with torch.autocast("cuda", dtype=amp[1], enabled=amp[0] and str(device).startswith("cuda")):
+        on_cuda = str(device).startswith("cuda")
+        with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
             logits = model(x)
         logits = logits.float()
         if logits.shape[-2:] != (height, width):

@@ -138,10 +138,17 @@ def case_metrics(
     spacing: Sequence[float] | None,
     protocol: str = "mm",
 ) -> list[dict]:
-    """One row per foreground class (index >= 1): {"class", "dsc", "hd95", "status"} for label volumes."""
+    """One row per foreground class (index >= 1): {"class", "dsc", "hd95", "status"} for label volumes.
+
+    A single-slice volume (1, H, W) (2D datasets) is scored as a 2D image with the in-plane spacing.
+    """
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    if pred.ndim == 3 and pred.shape[0] == 1:
+        # 2D images (D=1): surfaces are in-plane contours; a 3D erosion would make every pixel "surface"
+        pred, gt = pred[0], gt[0]
+        spacing = None if spacing is None else tuple(spacing)[-2:]
     rows = []
     for index, name in enumerate(class_names):
         if index == 0:

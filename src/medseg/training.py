@@ -292,7 +292,8 @@ class _MlflowLogger:
             import mlflow
 
             mlflow.set_experiment(params.get("register", {}).get("experiment", "medseg"))
-            self.run = mlflow.start_run(run_name=f"train-{arch}")
+            # nested when a caller (e.g. a Prefect flow) already has a run open
+            self.run = mlflow.start_run(run_name=f"train-{arch}", nested=mlflow.active_run() is not None)
             flat = {f"train.{k}": v for k, v in params.get("train", {}).items()}
             flat.update({f"model.{k}": v for k, v in model_options(params, arch).items()})
             mlflow.log_params({"arch": arch, "seed": params.get("seed"), **flat})
@@ -497,7 +498,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
                 labels = labels.to(device, non_blocking=True)
                 if use_channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_enabled):
+                with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp_dtype, enabled=amp_enabled):
                     logits = train_model_ref(images)
                 loss = loss_fn(logits, labels)
                 if not torch.isfinite(loss):
