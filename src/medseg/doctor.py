@@ -78,6 +78,8 @@ def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[P
             present[np.unique(label)] = True
             if label.max(initial=0) == 0:
                 problems.append(Problem(str(case.label or case.images[0]), "label has no foreground voxels", "warning"))
+        if spec.format == "transunet" and (float(raw.image.min()) < 0.0 or float(raw.image.max()) > 1.0):
+            problems.append(Problem(str(case.images[0]), "TransUNet data should be windowed to [0, 1]; values outside it", "warning"))
         if spec.modality == "ct" and spec.format != "transunet" and float(raw.image.max()) <= 1.0:
             problems.append(Problem(str(case.images[0]), "modality is ct but intensities are <= 1: already normalised?", "warning"))
     if len(channels) > 1:

@@ -1,8 +1,8 @@
 """Built-in stand-in dataset: synthetic abdominal CT-like volumes in the Synapse raw layout.
 
-Each case is an axial stack through a body outline (air outside, subcutaneous fat ring, intra-abdominal
-fat/soft tissue) holding ellipsoidal organs at anatomically plausible places with contrast-enhanced HU
-values, a vertebra, partial-volume blur and scanner noise. Organ centres, radii and the body size jitter per
+Each case is an axial stack through a body outline (air outside, subcutaneous fat ring, abdominal wall
+muscle, intra-abdominal fat/bowel) holding ellipsoidal organs at anatomically plausible places with contrast-enhanced HU
+values, a vertebra and psoas muscles (unlabelled), partial-volume blur and scanner noise. Organ centres, radii and the body size jitter per
 case; everything is a pure function of the seed, so regenerating gives byte-identical files.
 
 Files: `img/img0001.nii.gz` (int16 HU) and `label/label0001.nii.gz` (uint8, raw Synapse label values),
@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from medseg.errors import ConfigError
 from medseg.io import atomic_dir, write_json
@@ -43,6 +44,7 @@ SYNAPSE_LABELS = {
 AIR_HU = -1000.0
 FAT_HU = -100.0
 ABDOMEN_HU = -60.0  # intra-abdominal fat mixed with bowel: darker than every labelled organ
+MUSCLE_HU = 50.0  # abdominal wall and psoas: unlabelled soft tissue as bright as some organs
 BONE_HU = 650.0
 NOISE_HU = 14.0
 
@@ -73,6 +75,7 @@ ORGANS: tuple[Organ, ...] = (
 
 BODY_RADII = (0.88, 0.66)
 FAT_RING = 0.10  # thickness of subcutaneous fat, as a fraction of the body radii
+WALL_RING = 0.05  # abdominal wall muscle inside the fat
 
 
 def _grid(shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,14 +104,23 @@ def make_phantom_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[n
     bx, by = BODY_RADII[0] * body_scale, BODY_RADII[1] * body_scale
     ones = np.ones(shape, dtype=bool)
     body = ((u / bx) ** 2 + (v / by) ** 2 <= 1.0) & ones
-    inner = ((u / (bx * (1 - FAT_RING))) ** 2 + (v / (by * (1 - FAT_RING))) ** 2 <= 1.0) & ones
+    wall = ((u / (bx * (1 - FAT_RING))) ** 2 + (v / (by * (1 - FAT_RING))) ** 2 <= 1.0) & ones
+    shrink = 1 - FAT_RING - WALL_RING
+    inner = ((u / (bx * shrink)) ** 2 + (v / (by * shrink)) ** 2 <= 1.0) & ones
 
     image = np.full(shape, AIR_HU, dtype=np.float32)
     image[body] = FAT_HU
+    image[wall] = MUSCLE_HU
     image[inner] = ABDOMEN_HU
-    # Vertebral body: bright, unlabelled, posterior midline.
-    vertebra = _ellipsoid(grid, (0.0, 0.52 * body_scale, 0.5), (0.11, 0.09, 10.0))
-    image[vertebra & inner] = BONE_HU
+    # Unlabelled structures no organ may take: vertebral body (bone) and the psoas muscles beside it.
+    vertebra = _ellipsoid(grid, (0.0, 0.52 * body_scale, 0.5), (0.11, 0.09, 10.0)) & inner
+    psoas = (
+        _ellipsoid(grid, (-0.19 * body_scale, 0.50 * body_scale, 0.5), (0.07, 0.06, 10.0))
+        | _ellipsoid(grid, (0.19 * body_scale, 0.50 * body_scale, 0.5), (0.07, 0.06, 10.0))
+    ) & inner & ~vertebra
+    image[psoas] = MUSCLE_HU
+    image[vertebra] = BONE_HU
+    reserved = vertebra | psoas
 
     label = np.zeros(shape, dtype=np.uint8)
     shift = rng.uniform(-0.04, 0.04, size=2)  # whole-abdomen shift, organs keep their neighbourhood
@@ -120,7 +132,7 @@ def make_phantom_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[n
         )
         radii = tuple(r * rng.uniform(0.85, 1.15) for r in organ.radii)
         mask = _ellipsoid(grid, centre, radii, organ.angle_deg + rng.uniform(-8, 8)) & inner
-        mask &= (label == 0) & ~vertebra
+        mask &= (label == 0) & ~reserved
         label[mask] = organ.label
         image[mask] = organ.hu + rng.uniform(-8, 8)
 
@@ -158,7 +170,7 @@ def generate_phantom_dataset(
     with atomic_dir(out_dir) as tmp:
         (tmp / "img").mkdir()
         (tmp / "label").mkdir()
-        for index in range(1, int(num_cases) + 1):
+        for index in tqdm(range(1, int(num_cases) + 1), desc="phantom", unit="case", disable=None):
             # One stream per case: case k is the same whatever num_cases is.
             rng = np.random.default_rng([int(seed), index])
             image, label = make_phantom_case(shape, rng)
