@@ -14,15 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.errors import PromotionRefused
+from test_registry import mlflow_db_template, seed_store  # noqa: F401  (a fixture and its helper)
 
 _names = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, mlflow_db_template):
     from medseg.registry import connect
 
     root = tmp_path_factory.mktemp("promotion")
+    seed_store(root, mlflow_db_template)
     return connect(f"sqlite:///{root / 'mlflow.db'}", retries=0)
 
 
@@ -152,12 +154,13 @@ def test_champion_never_gets_worse(client, challengers):
         best = current
 
 
-def test_register_then_promote_end_to_end(tmp_path, monkeypatch):
+def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_template):
     from test_registry import fabricate_outputs, tiny_params
 
     from medseg.registry import promote_from_params, register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed_store(tmp_path, mlflow_db_template)
     params = tiny_params(tmp_path)
     fabricate_outputs(tmp_path, "unet", seed=0, mean_dsc=0.7)
     first = register_model_version(params, "unet", tmp_path)

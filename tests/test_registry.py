@@ -10,6 +10,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -104,6 +105,27 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     return onnx_path
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite store: creating one costs seconds, copying it milliseconds."""
+    from medseg.registry import connect
+
+    # Keyed on the session's base temp dir, so the modules importing this fixture share one template.
+    path = tmp_path_factory.getbasetemp() / "mlflow_template" / "mlflow.db"
+    if not path.is_file():
+        building = tmp_path_factory.mktemp("mlflow_template_build") / "mlflow.db"
+        connect(f"sqlite:///{building}", retries=0)
+        path.parent.mkdir(exist_ok=True)
+        os.replace(building, path)
+    return path
+
+
+def seed_store(root: Path, template: Path) -> None:
+    """Give `root` the empty store that register_model_version would otherwise create (and migrate) itself."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "mlflow.db")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -183,11 +205,12 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     assert str(client.get_model_version_by_alias("medseg-phantom-unet", "challenger").version) == newer["version"]
 
 
-def test_challenger_loads_with_pyfunc_and_predicts(tmp_path, no_env_uri):
+def test_challenger_loads_with_pyfunc_and_predicts(tmp_path, no_env_uri, mlflow_db_template):
     import mlflow.pyfunc
 
     from medseg.registry import mlflow_store, register_model_version
 
+    seed_store(tmp_path, mlflow_db_template)
     params = tiny_params(tmp_path)
     torch.manual_seed(0)
     model = TinySegNet(1, len(CLASS_NAMES)).eval()

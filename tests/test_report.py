@@ -18,6 +18,7 @@ from PIL import Image
 
 from medseg.data.loader import load_case, read_cases
 from medseg.io import read_json
+from test_registry import mlflow_db_template, seed_store  # noqa: F401  (a fixture and its helper)
 
 # arch -> (mean DSC, mean HD95, PyTorch ms, ONNX ms, training seconds); unetpp is better at DSC, unet at the rest.
 FABRICATED = {"unet": (0.61, 12.0, 3.0, 1.0, 40.0), "unetpp": (0.72, 15.0, 9.0, 4.0, 150.0)}
@@ -172,3 +173,33 @@ def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
               for c in test_ids for i in range(load_case(ingested, c)[1].shape[0])}
     assert counts[chosen[0]] == max(counts.values())
     assert len(set(chosen)) == len(chosen) == min(2, sum(v > 0 for v in counts.values()))
+
+
+def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_params, monkeypatch,
+                                                          mlflow_db_template):
+    """The files the real train/evaluate/export stages write fit register, promote and the report."""
+    from medseg.evaluation import evaluate_model
+    from medseg.export import export_model
+    from medseg.registry import promote_from_params, register_model_version
+    from medseg.report import build_report
+    from medseg.training import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root, params = project_copy, tiny_params
+    seed_store(root, mlflow_db_template)
+    train_model(params, "unet", root)
+    metrics = evaluate_model(params, "unet", root)
+    export = export_model(params, "unet", root)
+    record = register_model_version(params, "unet", root)
+    assert record["created"] and record["parity_passed"] == bool(export["parity_passed"])
+    if export["parity_passed"]:
+        assert promote_from_params(params, "unet", root)["champion_version"] == record["version"]
+
+    result = build_report(params, root)
+    row = result["architectures"][0]
+    summary = read_json(root / "reports" / "unet" / "train_summary.json")
+    assert row["mean_dsc"] == pytest.approx(metrics["mean_dsc"])
+    assert row["onnx_latency_ms"] == pytest.approx(export["onnx_latency_ms"])
+    assert row["params_m"] == pytest.approx(summary["params"] / 1e6)
+    assert row["registry_version"] == record["version"]
+    assert _row((root / "reports" / "comparison.md").read_text(), "Summary", "unet")[-1] == record["version"]

@@ -322,9 +322,16 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 
 
 def _ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another architecture's register stage created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
@@ -448,10 +455,11 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 # One self-contained model.onnx, as exported, unless protobuf's 2 GB limit forces external data.
                 save_as_external_data=files["onnx"].stat().st_size > 1_800_000_000,
             )
+        test_dsc = _finite(metrics.get("mean_dsc"))
         version_tags = {
             "artifact_sha256": sha,
             "split_sha256": str(metrics.get("split_sha256", "")),
-            "test_dsc": repr(float(metrics.get("mean_dsc", float("nan")))),
+            "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
             "parity_passed": "true" if parity else "false",
             "protocol": protocol,
             "arch": arch,
