@@ -383,3 +383,11 @@ def test_patient_pattern_groups_images_of_one_patient(tmp_path):
 
     with pytest.raises(IngestError, match=r"p01_a\.jpg: case id 'p01_a' does not match dataset.patient_pattern"):
         ingest_dataset(folder2d_params(patient_pattern=r"^patient(\d+)"), raw, tmp_path / "out2")
+
+
+def test_unknown_dataset_keys_are_refused(tmp_path):
+    raw = make_kvasir(tmp_path / "raw")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['image_folder'\]"):
+        ingest_dataset(folder2d_params(image_folder="imgs"), raw, tmp_path / "out")
+    manifest = ingest_dataset(folder2d_params(images_dir="images", masks_dir="masks", mask_suffix=""), raw, tmp_path / "out")
+    assert len(manifest["cases"]) == 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from medseg.errors import ConfigError, IngestError
 FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
 FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case
 MODALITIES = ("ct", "mr", "rgb")
+ADAPTER_OPTIONS = {"images_dir", "masks_dir", "mask_suffix", "patient_pattern"}  # optional dataset.* keys
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -105,6 +107,9 @@ def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = No
     if len(window) != 2 or float(window[0]) >= float(window[1]):
         raise ConfigError(f"dataset.hu_window must be [low, high] with low < high, got {window}")
     known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels"}
+    unknown = sorted(set(ds) - known - ADAPTER_OPTIONS)
+    if unknown:  # a typo (images_folder) must not be silently ignored
+        raise ConfigError(f"dataset: unknown key(s) {unknown}; adapter options are {sorted(ADAPTER_OPTIONS)}")
     return DatasetSpec(
         name=str(ds.get("name") or Path(str(ds.get("raw_dir", "dataset"))).name),
         format=fmt,
@@ -133,8 +138,8 @@ def discover(spec: DatasetSpec, raw_dir: str | Path) -> tuple[list[CaseSource], 
                 problems.append(IngestError(case.images[0], f"case id {case.id!r} does not match dataset.patient_pattern {pattern!r}"))
             else:
                 case.patient = match.group(1) if match.groups() else match.group(0)
-    ids = [c.id for c in cases]
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+    counts = Counter(c.id for c in cases)
+    for dup in sorted(i for i, n in counts.items() if n > 1):
         problems.append(IngestError(raw_dir, f"case id {dup!r} found more than once"))
     if not cases and not problems:
         problems.append(IngestError(raw_dir, f"empty dataset: no {spec.format} cases found"))
