@@ -36,11 +36,12 @@ def name(client) -> str:
     return model
 
 
-def add_challenger(client, name: str, dsc: float, parity: bool = True, split: str = "split-a") -> str:
+def add_challenger(client, name: str, dsc: float, parity: bool = True, split: str = "split-a",
+                   protocol: str = "mm") -> str:
     version = client.create_model_version(
         name, source=Path("/nonexistent/model").as_uri(),
         tags={"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "split_sha256": split,
-              "artifact_sha256": f"sha-{dsc}-{parity}-{split}"},
+              "protocol": protocol, "artifact_sha256": f"sha-{dsc}-{parity}-{split}"},
     )
     client.set_registered_model_alias(name, "challenger", version.version)
     return str(version.version)
@@ -88,9 +89,10 @@ def test_better_challenger_replaces_champion(client, name):
         ({"dsc": 0.55}, "does not beat champion"),
         ({"dsc": 0.60}, "does not beat champion"),  # equal is not better
         ({"dsc": 0.90, "parity": False}, "failed the ONNX parity check"),
-        ({"dsc": 0.90, "split": "split-b"}, "not comparable"),
+        ({"dsc": 0.90, "split": "split-b"}, "different test sets are not comparable"),
+        ({"dsc": 0.90, "protocol": "transunet"}, "empty-mask rules differ"),
     ],
-    ids=["lower-dsc", "equal-dsc", "failed-parity", "different-split"],
+    ids=["lower-dsc", "equal-dsc", "failed-parity", "different-split", "different-protocol"],
 )
 def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
     from medseg.registry import promote

@@ -198,6 +198,16 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     assert (again["version"], again["run_id"]) == (record["version"], record["run_id"])
     assert len(client.search_model_versions("name = 'medseg-phantom-unet'")) == 1
 
+    # Re-evaluated (other protocol) but the same model.onnx: still no new version; its tags follow the evaluation.
+    metrics_path = tmp_path / "reports" / "unet" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics.update(protocol="transunet", mean_dsc=0.69)
+    metrics_path.write_text(json.dumps(metrics))
+    assert register_model_version(params, "unet", tmp_path)["created"] is False
+    tags = client.get_model_version("medseg-phantom-unet", record["version"]).tags
+    assert (tags["protocol"], float(tags["test_dsc"])) == ("transunet", 0.69)
+    assert len(client.search_model_versions("name = 'medseg-phantom-unet'")) == 1
+
     # A changed model is a new version and takes the challenger alias.
     fabricate_outputs(tmp_path, "unet", seed=1, mean_dsc=0.8)
     newer = register_model_version(params, "unet", tmp_path)

@@ -63,10 +63,6 @@ def resolve_tracking_uri(params: dict[str, Any], root: str | Path = ".") -> str:
     return uri
 
 
-def is_local_store(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql"))
-
-
 def _artifact_location(uri: str, root: Path) -> str | None:
     # Only a store on this machine gets root/mlartifacts; a tracking server decides its own artifact store.
     if uri.startswith(("sqlite:", "file:")):
@@ -362,6 +358,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
             existing = _find_version_by_sha(client, name, sha)
             if existing is not None:
                 version, run_id, created = str(existing.version), existing.run_id, False
+                _refresh_tags(client, name, existing, evaluation_tags(metrics, export, params))
                 log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
             else:
                 version, run_id = _log_and_register(
@@ -388,6 +385,26 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     }
     write_json(root / "registry" / f"{arch}.json", record)
     return record
+
+
+def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]:
+    """The model-version tags promotion compares: test split, protocol, test DSC, ONNX parity."""
+    test_dsc = _finite(metrics.get("mean_dsc"))
+    return {
+        "split_sha256": str(metrics.get("split_sha256", "")),
+        "protocol": str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", ""))),
+        "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
+        "parity_passed": "true" if export.get("parity_passed") else "false",
+    }
+
+
+def _refresh_tags(client, name: str, version, tags: dict[str, str]) -> None:
+    """A reused version takes the latest evaluation's tags (e.g. re-evaluated under another protocol)."""
+    stale = {key: value for key, value in tags.items() if version.tags.get(key) != value}
+    for key, value in stale.items():
+        log.warning("%s version %s: tag %s %r -> %r (re-evaluated, same model.onnx)", name, version.version, key,
+                    version.tags.get(key), value)
+        client.set_model_version_tag(name, str(version.version), key, value)
 
 
 def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri):
@@ -455,16 +472,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 # One self-contained model.onnx, as exported, unless protobuf's 2 GB limit forces external data.
                 save_as_external_data=files["onnx"].stat().st_size > 1_800_000_000,
             )
-        test_dsc = _finite(metrics.get("mean_dsc"))
-        version_tags = {
-            "artifact_sha256": sha,
-            "split_sha256": str(metrics.get("split_sha256", "")),
-            "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
-            "parity_passed": "true" if parity else "false",
-            "protocol": protocol,
-            "arch": arch,
-            "family": family,
-        }
+        version_tags = {**evaluation_tags(metrics, export, params), "artifact_sha256": sha, "arch": arch,
+                        "family": family}
         model_version = mlflow.register_model(model_info.model_uri, name, tags=version_tags)
     client.update_model_version(
         name,
@@ -476,11 +485,6 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     return str(model_version.version), run_id
 
 
-def register_all(params: dict[str, Any], root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    """register_model_version for every architecture in params['models']."""
-    return {arch: register_model_version(params, arch, root) for arch in params.get("models") or []}
-
-
 # --------------------------------------------------------------------------------------------------- promote
 def _version_facts(version) -> dict[str, Any]:
     tags = version.tags or {}
@@ -489,6 +493,7 @@ def _version_facts(version) -> dict[str, Any]:
         "version": str(version.version),
         "dsc": dsc,
         "split": tags.get("split_sha256") or None,
+        "protocol": tags.get("protocol") or None,
         "parity": str(tags.get("parity_passed", "")).lower() == "true",
     }
 
@@ -499,7 +504,8 @@ def promote(
     """Move alias `champion` to the `challenger` version if it earned it; raise PromotionRefused otherwise.
 
     Rules: the challenger's ONNX parity passed; with a champion present, both were tested on the same split
-    (split_sha256) and the challenger's test DSC is strictly greater than the champion's + min_improvement.
+    (split_sha256) under the same evaluation protocol, and the challenger's test DSC is strictly greater than the
+    champion's + min_improvement.
     On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else the store
     ./params.yaml names (register.tracking_uri), else MLflow's default. PromotionRefused carries `.result`.
     """
@@ -549,6 +555,11 @@ def promote(
             raise refuse(
                 f"version {challenger_v} was tested on split {challenger['split']} but champion {champion_v} on "
                 f"{champion['split']}: DSCs on different test sets are not comparable"
+            )
+        if challenger["protocol"] != champion["protocol"]:
+            raise refuse(
+                f"version {challenger_v} was evaluated under protocol {challenger['protocol']} but champion "
+                f"{champion_v} under {champion['protocol']}: the empty-mask rules differ, DSCs are not comparable"
             )
         if champion["dsc"] is None:
             raise refuse(f"champion {champion_v} has no finite test_dsc tag, so the challenger cannot be compared")
