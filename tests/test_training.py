@@ -40,6 +40,8 @@ def _make_project(tiny_project: Path, dst: Path, **train) -> tuple[Path, dict]:
     shutil.copytree(tiny_project, dst)
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["train"].update(TRAIN, **train)
+    # dropout draws from the global torch RNG during training: resume must restore that stream exactly too
+    params["model_options"]["unet"] = {**params["model_options"]["unet"], "dropout": 0.2}
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst, params
 

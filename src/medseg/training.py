@@ -489,8 +489,11 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
             batches = _epoch_batches(sampler, epoch, batch_size, steps_per_epoch)
             dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
             skip = start_batch if epoch == start_epoch else 0
+            # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
+            # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
             loader = DataLoader(dataset, batch_sampler=batches[skip:], num_workers=int(data_p.get("num_workers", 0)),
-                                pin_memory=on_cuda, persistent_workers=False)
+                                pin_memory=on_cuda, persistent_workers=False,
+                                generator=torch.Generator().manual_seed(seed * 1000 + epoch))
             train_model_ref.train()
             bar = _progress(len(batches), skip, f"{arch} epoch {epoch + 1}/{epochs}", dist_info.main)
             for batch_index, (images, labels) in enumerate(loader, start=skip):
