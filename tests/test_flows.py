@@ -15,12 +15,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from flows import pipeline, retrain, tasks  # noqa: E402
-from flows.tasks import DvcCommandError  # noqa: E402
-from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError  # noqa: E402
+from flows import pipeline, retrain, tasks
+from flows.tasks import DvcCommandError
+from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError
 
 PARAMS = {
     "dataset": {"name": "phantom"},

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -12,12 +11,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from flows import pipeline, tasks  # noqa: E402
-from flows.tasks import DvcCommandError  # noqa: E402
-from medseg.errors import PromotionRefused  # noqa: E402
+from flows import pipeline, tasks
+from flows.tasks import DvcCommandError
+from medseg.errors import PromotionRefused
 
 pytestmark = pytest.mark.prefect
 
