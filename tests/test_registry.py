@@ -70,7 +70,8 @@ def tiny_params(tmp_path: Path, arch: str = "unet") -> dict:
 
 
 def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc: float = 0.7,
-                      parity_passed: bool = True, split_sha256: str = "split-a", model: nn.Module | None = None) -> Path:
+                      parity_passed: bool = True, split_sha256: str = "split-a",
+                      model: nn.Module | None = None) -> Path:
     """Write the files train/evaluate/export leave for `arch` under `root`; returns the ONNX path."""
     torch.manual_seed(seed)
     model = model or TinySegNet(1, len(CLASS_NAMES))
@@ -267,6 +268,19 @@ def test_missing_input_names_the_file(tmp_path, no_env_uri):
     fabricate_outputs(tmp_path, "unet")
     (tmp_path / "reports" / "unet" / "export.json").unlink()
     with pytest.raises(MedsegError, match=r"export\.json: missing"):
+        register_model_version(params, "unet", tmp_path)
+    assert not (tmp_path / "mlflow.db").exists(), "inputs are checked before touching the store"
+
+
+def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
+    from medseg.registry import register_model_version
+
+    params = tiny_params(tmp_path)
+    fabricate_outputs(tmp_path, "unet")
+    export_path = tmp_path / "reports" / "unet" / "export.json"
+    export = json.loads(export_path.read_text())
+    export_path.write_text(json.dumps({**export, "onnx_sha256": "0" * 64}))
+    with pytest.raises(MedsegError, match=r"export\.json: describes an ONNX file"):
         register_model_version(params, "unet", tmp_path)
     assert not (tmp_path / "mlflow.db").exists(), "inputs are checked before touching the store"
 

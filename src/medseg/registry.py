@@ -349,6 +349,9 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     export = _read_json_file(files["export"])
     train_summary = _read_json_file(files["train_summary"]) if files["train_summary"].is_file() else {}
     sha = sha256_file(files["onnx"])
+    if export.get("onnx_sha256") and export["onnx_sha256"] != sha:  # parity/latency would describe another file
+        raise MedsegError(f"{files['export']}: describes an ONNX file with sha256 {export['onnx_sha256'][:12]}…, "
+                          f"but {files['onnx']} has {sha[:12]}…; re-run the export stage for {arch!r}")
     name = model_name(params, arch)
 
     tracking_uri = resolve_tracking_uri(params, root)
@@ -441,7 +444,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
             run_id = run.info.run_id
             mlflow.log_params(run_params(params, arch))
             now = int(time.time() * 1000)
-            batch = [Metric(key, value, now, 0) for key, value in summary_metrics(metrics, export, train_summary).items()]
+            scalars = summary_metrics(metrics, export, train_summary)
+            batch = [Metric(key, value, now, 0) for key, value in scalars.items()]
             for row in read_train_log(files["train_log"]):
                 step = int(row.get("epoch", row.get("step", 0)))
                 for key in ("train_loss", "val_dice", "lr"):

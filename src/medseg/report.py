@@ -338,12 +338,10 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
     candidates = []
     for case_id in case_ids:
         _, label, _ = load_case(ingested, case_id)
-        label = np.asarray(label)
         for index in range(label.shape[0]):
-            classes = np.unique(label[index])
-            foreground = int((label[index] > 0).sum())
-            if foreground:
-                candidates.append((-(len(classes) - 1), -foreground, case_id, index))
+            counts = np.bincount(np.asarray(label[index]).ravel())[1:]  # voxels per foreground class
+            if counts.sum():
+                candidates.append((-int(np.count_nonzero(counts)), -int(counts.sum()), case_id, index))
     candidates.sort()
     chosen: list[tuple[str, int]] = []
     for distinct_cases in (True, False):
