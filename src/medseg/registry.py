@@ -426,19 +426,19 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     except MedsegError:
         family = "unknown"
     dataset = params["dataset"]["name"]
-    protocol = str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", "")))
-    parity = bool(export.get("parity_passed"))
+    eval_tags = evaluation_tags(metrics, export, params)
+    protocol, parity = eval_tags["protocol"], eval_tags["parity_passed"] == "true"
     run_tags = {
         "arch": arch,
         "family": family,
         "dataset": dataset,
         "protocol": protocol,
-        "split_sha256": str(metrics.get("split_sha256", "")),
+        "split_sha256": eval_tags["split_sha256"],
         "config_hash": config_hash(run_params(params, arch)),
         "artifact_sha256": sha,
     }
-    signature, example = _signature_and_example(files["onnx"], (params.get("data") or {}).get("image_size", [224, 224]),
-                                                int(params.get("seed", 0)))
+    image_size = (params.get("data") or {}).get("image_size", [224, 224])
+    signature, example = _signature_and_example(files["onnx"], image_size, int(params.get("seed", 0)))
     with mlflow_store(tracking_uri):
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{arch}-{dataset}", tags=run_tags) as run:
             run_id = run.info.run_id
@@ -476,8 +476,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 # One self-contained model.onnx, as exported, unless protobuf's 2 GB limit forces external data.
                 save_as_external_data=files["onnx"].stat().st_size > 1_800_000_000,
             )
-        version_tags = {**evaluation_tags(metrics, export, params), "artifact_sha256": sha, "arch": arch,
-                        "family": family}
+        version_tags = {**eval_tags, "artifact_sha256": sha, "arch": arch, "family": family}
         model_version = mlflow.register_model(model_info.model_uri, name, tags=version_tags)
     client.update_model_version(
         name,
