@@ -317,6 +317,11 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
+def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path) -> str:
+    """The experiment's id, creating it with root/mlartifacts as artifact store when the store is local."""
+    return _ensure_experiment(client, name, _artifact_location(tracking_uri, Path(root)))
+
+
 def _ensure_experiment(client, name: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 

@@ -284,14 +284,19 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 class _MlflowLogger:
     """Per-epoch metrics to MLflow, only when MLFLOW_TRACKING_URI is set; failures only warn."""
 
-    def __init__(self, params: dict[str, Any], arch: str, enabled: bool):
+    def __init__(self, params: dict[str, Any], arch: str, enabled: bool, root: Path):
         self.run = None
         if not (enabled and os.environ.get("MLFLOW_TRACKING_URI")):
             return
         try:
             import mlflow
 
-            mlflow.set_experiment(params.get("register", {}).get("experiment", "medseg"))
+            from medseg.registry import ensure_experiment, resolve_tracking_uri
+
+            # created like the register stage creates it, so artifacts of both land in the same store
+            uri = resolve_tracking_uri(params, root)
+            name = params.get("register", {}).get("experiment", "medseg")
+            mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), name, uri, root))
             # nested when a caller (e.g. a Prefect flow) already has a run open
             self.run = mlflow.start_run(run_name=f"train-{arch}", nested=mlflow.active_run() is not None)
             flat = {f"train.{k}": v for k, v in params.get("train", {}).items()}
@@ -453,7 +458,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
 
         train_model_ref = DistributedDataParallel(model, device_ids=[dist_info.local_rank] if on_cuda else None)
 
-    mlflow_logger = _MlflowLogger(params, arch, dist_info.main)
+    mlflow_logger = _MlflowLogger(params, arch, dist_info.main, root)
     t0 = time.perf_counter()
 
     def last_state(epoch: int, batch_in_epoch: int, finished: bool = False) -> dict[str, Any]:
