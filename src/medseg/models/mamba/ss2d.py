@@ -1,0 +1,241 @@
+"""Mamba building blocks: SS2D / VSS block (VMamba) for images and the 1D Mamba layer (Mamba-1, U-Mamba).
+
+All 2D blocks work channels-last: (B, H, W, C). Shapes only ever derive from the input's, so a traced ONNX graph
+works at other H and W.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from medseg.models.mamba.selective_scan import selective_scan
+
+# Every SS2D / MambaLayer adds its analytic scan cost here while `count_scan_flops` is active (FlopCounterMode
+# does not see the scan's elementwise recurrence, so GFLOPs from it alone would leave the scan out).
+_scan_flop_log: list[float] | None = None
+
+
+def _log_scan_flops(batch: int, dim: int, length: int, state: int) -> None:
+    if _scan_flop_log is not None:
+        _scan_flop_log.append(9.0 * batch * length * dim * state)  # VMamba's count for one selective scan
+
+
+def _dt_projection(dt_rank: int, d_inner: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Mamba's dt initialisation: weight ~ U(+-rank^-0.5), bias so that softplus(bias) is in [dt_min, dt_max]."""
+    std = dt_rank**-0.5
+    weight = torch.empty(d_inner, dt_rank).uniform_(-std, std)
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    return weight, bias
+
+
+def _a_log(d_inner: int, d_state: int) -> Tensor:
+    """S4D-real initialisation A = -(1..N) per channel, stored as log(-A)."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+
+
+class SS2D(nn.Module):
+    """2D selective scan (VMamba): in_proj -> depthwise conv -> 4 scan directions -> merge -> norm -> gate -> out.
+
+    The four directions are row-major, column-major and both reversed; each has its own x_proj (-> dt, B, C),
+    dt_proj, A and D (the groups of one selective scan call). `gate=True` is VMamba v0 (used by VM-UNet,
+    Mamba-UNet, Swin-UMamba): out_norm(y) * silu(z). `gate=False` is VMamba v2's "v05_noz" (MSVM-UNet).
+    """
+
+    directions = 4
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        dt_rank: int | None = None,
+        d_conv: int = 3,
+        conv_bias: bool = True,
+        gate: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        d_inner = int(ssm_ratio * d_model)
+        self.d_inner, self.d_state, self.gate = d_inner, d_state, gate
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        k = self.directions
+        self.in_proj = nn.Linear(d_model, d_inner * (2 if gate else 1), bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, self.dt_rank + 2 * d_state, d_inner).uniform_(-(d_inner**-0.5), d_inner**-0.5)
+        )
+        dts = [_dt_projection(self.dt_rank, d_inner) for _ in range(k)]
+        self.dt_projs_weight = nn.Parameter(torch.stack([w for w, _ in dts]))  # (K, d_inner, rank)
+        self.dt_projs_bias = nn.Parameter(torch.stack([b for _, b in dts]))  # (K, d_inner)
+        self.A_logs = nn.Parameter(_a_log(k * d_inner, d_state))  # (K * d_inner, N)
+        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        batch, height, width, _ = x.shape
+        xz = self.in_proj(x)
+        if self.gate:
+            x, z = xz.chunk(2, dim=-1)
+        else:
+            x, z = xz, None
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        y = self._scan_4_directions(x)  # (B, D, H*W), row-major
+        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner))
+        if z is not None:
+            y = y * F.silu(z)
+        return self.dropout(self.out_proj(y))
+
+    def _scan_4_directions(self, x: Tensor) -> Tensor:
+        batch, d, height, width = x.shape
+        k = self.directions
+        rows = x.flatten(2)  # (B, D, L) row-major
+        cols = x.transpose(2, 3).flatten(2)  # column-major
+        xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)  # (B, K, D, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        length = xs.shape[-1]
+        _log_scan_flops(batch, k * d, length, self.d_state)
+        # float32 in, as VMamba does: under autocast the fused kernel wants one dtype for u/delta/B/C
+        y = selective_scan(
+            xs.reshape(batch, k * d, -1).float(),
+            dts.reshape(batch, k * d, -1).float(),
+            -torch.exp(self.A_logs.float()),
+            bs.float().contiguous(),
+            cs.float().contiguous(),
+            self.Ds.float(),
+            delta_bias=self.dt_projs_bias.float().reshape(-1),
+            delta_softplus=True,
+        ).reshape(batch, k, d, -1)
+        along_rows = y[:, 0] + y[:, 2].flip(-1)
+        along_cols = y[:, 1] + y[:, 3].flip(-1)  # column-major order -> back to row-major
+        along_cols = along_cols.reshape(batch, d, width, height).transpose(2, 3).reshape(batch, d, -1)
+        return along_rows + along_cols
+
+
+class Mlp(nn.Module):
+    """Token MLP; `kernel_sizes` adds MSVM-UNet's multi-scale depthwise convolutions after the activation."""
+
+    def __init__(self, dim: int, hidden: int, kernel_sizes: Sequence[int] = ()):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.dw_convs = nn.ModuleList(
+            nn.Conv2d(hidden, hidden, k, padding=k // 2, groups=hidden, bias=False) for k in kernel_sizes
+        )
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
+        x = self.act(self.fc1(x))
+        if len(self.dw_convs):
+            xc = x.permute(0, 3, 1, 2)
+            xc = xc + sum(conv(xc) for conv in self.dw_convs)
+            x = xc.permute(0, 2, 3, 1)
+        return self.fc2(x)
+
+
+class VSSBlock(nn.Module):
+    """x + DropPath(SS2D(LN(x))) [+ DropPath(MLP(LN(x))) when mlp_ratio > 0, as in VMamba v2]."""
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        d_state: int = 16,
+        ssm_ratio: float = 2.0,
+        gate: bool = True,
+        conv_bias: bool = True,
+        mlp_ratio: float = 0.0,
+        mlp_kernel_sizes: Sequence[int] = (),
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ss2d = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, gate=gate, conv_bias=conv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = None
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), mlp_kernel_sizes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.ss2d(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class VSSStage(nn.Sequential):
+    """`depth` VSS blocks with a linearly spaced drop-path schedule slice."""
+
+    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], **block_options):
+        super().__init__(*[VSSBlock(dim, drop_path=drop_path[i], **block_options) for i in range(depth)])
+
+
+class MambaLayer(nn.Module):
+    """Mamba-1 over a token sequence (B, L, C): in_proj -> causal depthwise conv1d -> x_proj -> dt_proj ->
+    selective scan (gated by silu(z)) -> out_proj. As U-Mamba's bottleneck it runs on the flattened feature map."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+        super().__init__()
+        d_inner = expand * d_model
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.dt_rank = math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        weight, bias = _dt_projection(self.dt_rank, d_inner)
+        with torch.no_grad():
+            self.dt_proj.weight.copy_(weight)
+            self.dt_proj.bias.copy_(bias)
+        self.A_log = nn.Parameter(_a_log(d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, C)
+        batch, length, _ = x.shape
+        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
+        x = F.silu(self.conv1d(x)[..., :length])  # causal: keep the first L outputs
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes in as delta_bias, as in mamba_ssm
+        _log_scan_flops(batch, self.d_inner, length, self.d_state)
+        y = selective_scan(
+            x.float(),
+            dt.float(),
+            -torch.exp(self.A_log.float()),
+            b.transpose(1, 2).float().contiguous(),
+            c.transpose(1, 2).float().contiguous(),
+            self.D.float(),
+            z=z.float(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2).to(z.dtype))
+
+
+def count_scan_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """Analytic GFLOPs of every selective scan in one forward pass (9*B*L*D*N each, VMamba's count).
+
+    Add this to medseg.models.complexity.count_gflops, which counts matmuls/convolutions only.
+    """
+    global _scan_flop_log
+    # Shapes are all the count needs: run a copy of the model on the meta device (no memory, no compute).
+    meta_model = copy.deepcopy(model).to("meta").eval()
+    _scan_flop_log = []
+    try:
+        with torch.no_grad():
+            meta_model(torch.zeros(tuple(int(s) for s in input_shape), device="meta"))
+        return sum(_scan_flop_log) / 1e9
+    finally:
+        _scan_flop_log = None
