@@ -9,10 +9,12 @@ ignored), which is where nearly all of the cost of these networks is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -38,3 +40,26 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 2.0 / 1e9
+
+
+class _MetaParameters(TorchFunctionMode):
+    """Like `with torch.device("meta")`, except for torch.linspace: several constructors turn a linspace into
+    Python floats (`.item()`, a drop-path schedule), which meta tensors cannot do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and func is not torch.linspace and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def count_params_of(name: str, in_channels: int, num_classes: int, image_size: Sequence[int], **options: Any) -> int:
+    """Parameter count of a registry entry without allocating or initialising it (meta tensors).
+
+    A 400M-parameter network is counted in about a second instead of minutes of weight initialisation.
+    """
+    from medseg.models.registry import build_model
+
+    with _MetaParameters():
+        model = build_model(name, in_channels, num_classes, tuple(image_size), **options)
+    return count_params(model)

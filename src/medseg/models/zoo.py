@@ -70,8 +70,14 @@ class TransUNet(nn.Module):
         super().__init__()
         self.vit = _timm_backbone(
             "vit_base_r50_s16_224", pretrained, in_chans=in_channels, img_size=tuple(image_size), depth=depth,
-            class_token=False, global_pool="avg",  # TransUNet embeds patches only (no [CLS] token)
+            class_token=False, global_pool="",  # TransUNet embeds patches only (no [CLS] token, no pooling)
         )
+        if not pretrained:
+            # timm zero-initialises each bottleneck's last GroupNorm; TransUNet's ResNetV2 keeps the default (ones),
+            # which also lets every layer of a from-scratch network receive a gradient on the first step.
+            for stage in self.vit.patch_embed.backbone.stages:
+                for block in stage.blocks:
+                    nn.init.ones_(block.norm3.weight)
         self.grid = (image_size[0] // 16, image_size[1] // 16)
         resnet = self.vit.patch_embed.backbone
         skip_channels = [resnet.stages[1].blocks[-1].conv3.out_channels,  # 512 at 1/8
@@ -161,7 +167,8 @@ class SwinUNet(nn.Module):
         dims = [embed_dim * 2**i for i in range(n)]
         grid = (image_size[0] // 4, image_size[1] // 4)
         res = [(grid[0] // 2**i, grid[1] // 2**i) for i in range(n)]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # stochastic depth grows linearly over the encoder blocks (plain floats: meta-safe)
+        dpr = [drop_path_rate * k / max(total - 1, 1) for k in range(total)]
         dpr_of = [dpr[sum(depths[:i]): sum(depths[: i + 1])] for i in range(n)]
 
         self.patch_embed = PatchEmbed(
