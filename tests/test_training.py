@@ -213,3 +213,22 @@ def test_torchrun_world_size_one_matches_single_process(reference, tiny_project,
     # DDP with one gloo rank averages gradients over one replica: the same weights, bit for bit
     _assert_same_weights(_load(reference[0] / "models" / "unet" / "last.pt")["state_dict"],
                          _load(root / "models" / "unet" / "last.pt")["state_dict"])
+
+
+def test_epochs_are_logged_to_mlflow_when_a_tracking_uri_is_set(tiny_project, tmp_path, monkeypatch):
+    import mlflow
+
+    from medseg.training import train_model
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=50)
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    train_model(params, "unet", root)
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params["register"]["experiment"])
+    assert experiment.artifact_location == (root / "mlartifacts").resolve().as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["arch"] == "unet"
+    history = client.get_metric_history(run.info.run_id, "val_dice")
+    assert [m.step for m in history] == [1, 2]

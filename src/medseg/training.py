@@ -52,6 +52,7 @@ STEP_HOOKS: list[Callable[[int], None]] = []
 
 @dataclass
 class Paths:
+    root: Path
     ingested: Path
     split: Path
     checkpoint: Path
@@ -62,6 +63,7 @@ class Paths:
     def of(cls, params: dict[str, Any], arch: str, root: Path) -> "Paths":
         name = params["dataset"]["name"]
         return cls(
+            root=root,
             ingested=root / "data" / "ingested" / name,
             split=root / "data" / "splits" / f"{name}.json",
             checkpoint=root / "models" / arch / "checkpoint.pt",
@@ -458,7 +460,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
 
         train_model_ref = DistributedDataParallel(model, device_ids=[dist_info.local_rank] if on_cuda else None)
 
-    mlflow_logger = _MlflowLogger(params, arch, dist_info.main, root)
+    mlflow_logger = _MlflowLogger(params, arch, dist_info.main, paths.root)
     t0 = time.perf_counter()
 
     def last_state(epoch: int, batch_in_epoch: int, finished: bool = False) -> dict[str, Any]:
