@@ -76,6 +76,9 @@ def test_unetpp_nodes_and_deep_supervision():
 def test_size_multiple_is_enforced():
     with pytest.raises(ConfigError, match="multiples of 16"):
         build_model("unet", 1, 2, (40, 40), base_channels=4)
+    with pytest.raises(ConfigError, match="depth 5 needs image_size multiples of 32"):
+        build_model("unetpp", 1, 2, (48, 48), base_channels=4, depth=5)
+    assert build_model("unet", 1, 2, (32, 32), base_channels=2, depth=5)(torch.randn(2, 1, 32, 32)).shape[-2:] == (32, 32)
 
 
 def test_smp_errors_become_config_errors():

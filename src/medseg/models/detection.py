@@ -45,12 +45,19 @@ class Mask2FormerSemantic(nn.Module):
 
 def _mask2former_config(backbone_config: Any, num_classes: int, num_queries: int) -> Any:
     from transformers import Mask2FormerConfig
+    from transformers.utils import logging as hf_logging
 
-    # Decoder sizes are Mask2Former's defaults (hidden 256, 6 pixel-decoder layers, 9 masked-attention layers).
-    return Mask2FormerConfig(
-        backbone_config=backbone_config, num_labels=num_classes, num_queries=num_queries,
-        use_pretrained_backbone=False,
-    )
+    # transformers warns that only Swin backbones are "supported"; the ResNet one works (tested), so keep logs clean.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        # Decoder sizes are Mask2Former's defaults (hidden 256, 6 pixel-decoder layers, 9 masked-attention layers).
+        return Mask2FormerConfig(
+            backbone_config=backbone_config, num_labels=num_classes, num_queries=num_queries,
+            use_pretrained_backbone=False,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 @register_model(

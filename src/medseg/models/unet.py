@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medseg.errors import ConfigError
 from medseg.models.registry import register_model
 
 
@@ -128,6 +129,12 @@ class UNetPlusPlus(nn.Module):
         return self.heads[0](grid[0][self.depth])
 
 
+def _check_depth(image_size: tuple[int, int], depth: int) -> None:
+    # The registry checks the default depth's multiple (16); a deeper net needs 2**depth.
+    if image_size[0] % 2**depth or image_size[1] % 2**depth:
+        raise ConfigError(f"depth {depth} needs image_size multiples of {2**depth}, got {image_size[0]}x{image_size[1]}")
+
+
 @register_model(
     "unet",
     family="cnn",
@@ -146,6 +153,7 @@ def build_unet(
     batch_norm: bool = True,
     dropout: float = 0.0,
 ) -> nn.Module:
+    _check_depth(image_size, depth)
     return UNet(in_channels, num_classes, base_channels, depth, batch_norm, dropout)
 
 
@@ -167,4 +175,5 @@ def build_unetpp(
     dropout: float = 0.0,
     deep_supervision: bool = False,
 ) -> nn.Module:
+    _check_depth(image_size, depth)
     return UNetPlusPlus(in_channels, num_classes, base_channels, depth, batch_norm, dropout, deep_supervision)
