@@ -14,6 +14,7 @@ Both are trained here with the pipeline's per-pixel CE + Dice loss, NOT with the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -160,24 +161,39 @@ class MaskRCNNSemantic(nn.Module):
 
 def _maskrcnn(backbone_name: str, in_channels: int, num_classes: int, image_size: tuple[int, int],
               pretrained: bool) -> MaskRCNNSemantic:
+    from torchvision.models import resnet
     from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-    # BatchNorm, not torchvision's default FrozenBatchNorm: frozen statistics only make sense with pretrained weights.
-    backbone = resnet_fpn_backbone(
-        backbone_name=backbone_name, weights="DEFAULT" if pretrained else None, trainable_layers=5,
-        norm_layer=nn.BatchNorm2d,
-    )
+    if pretrained:
+        # torchvision's fine-tuning setting: ImageNet weights, frozen BatchNorm, stem and layer1 frozen.
+        backbone = resnet_fpn_backbone(backbone_name=backbone_name, weights="DEFAULT", trainable_layers=3)
+        mask_head = None
+    else:
+        # From scratch: GroupNorm in the backbone, the FPN and the mask head, the recipe of He et al., "Rethinking
+        # ImageNet Pre-training" (ICCV 2019) for Mask R-CNN without pretraining. (BatchNorm would leave the eval
+        # network unnormalised until its running statistics settle: logits ~1e5 at init for R101.)
+        group_norm = partial(nn.GroupNorm, 32)
+        body = resnet.__dict__[backbone_name](weights=None, norm_layer=group_norm)
+        backbone = BackboneWithFPN(
+            body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, [256, 512, 1024, 2048], 256,
+            extra_blocks=LastLevelMaxPool(), norm_layer=group_norm,
+        )
+        mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=group_norm)
     if in_channels != 3:
         old = backbone.body.conv1
         backbone.body.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
                                         bias=False)
-    size = min(image_size)
     # Images come normalised by the pipeline and at their final size: the detector's own transform is a no-op.
     detector = MaskRCNN(
-        backbone, num_classes=num_classes, min_size=size, max_size=max(image_size),
-        image_mean=[0.0] * in_channels, image_std=[1.0] * in_channels,
+        backbone, num_classes=num_classes, min_size=min(image_size), max_size=max(image_size),
+        image_mean=[0.0] * in_channels, image_std=[1.0] * in_channels, mask_head=mask_head,
     )
+    # Detectron2's mask predictor init (N(0, 0.001)): near-zero logits at the start of training.
+    nn.init.normal_(detector.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(detector.roi_heads.mask_predictor.mask_fcn_logits.bias)
     return MaskRCNNSemantic(detector)
 
 
