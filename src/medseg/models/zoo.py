@@ -69,9 +69,12 @@ class TransUNet(nn.Module):
     ):
         super().__init__()
         self.vit = _timm_backbone(
-            "vit_base_r50_s16_224", pretrained, in_chans=in_channels, img_size=tuple(image_size), depth=depth,
-            class_token=False, global_pool="",  # TransUNet embeds patches only (no [CLS] token, no pooling)
+            "vit_base_r50_s16_224", pretrained, in_chans=in_channels, img_size=tuple(image_size), depth=depth
         )
+        # TransUNet embeds patches only: keep the patch rows of the position table (as TransUNet does when it loads
+        # the R50-ViT-B/16 checkpoint) and drop the [CLS] token, so pretrained timm weights still load.
+        self.pos_embed = nn.Parameter(self.vit.pos_embed[:, self.vit.num_prefix_tokens:].detach().clone())
+        self.vit.pos_embed, self.vit.cls_token = None, None
         if not pretrained:
             # timm zero-initialises each bottleneck's last GroupNorm; TransUNet's ResNetV2 keeps the default (ones),
             # which also lets every layer of a from-scratch network receive a gradient on the first step.
@@ -98,8 +101,9 @@ class TransUNet(nn.Module):
         eighth = resnet.stages[1](quarter)
         x = resnet.stages[2](eighth)  # 1024 channels at 1/16
         tokens = self.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        tokens = self.vit.norm(self.vit.blocks(self.vit.norm_pre(self.vit._pos_embed(tokens))))
-        b, n, c = tokens.shape
+        tokens = self.vit.pos_drop(tokens + self.pos_embed)
+        tokens = self.vit.norm(self.vit.blocks(self.vit.norm_pre(tokens)))
+        b, _, c = tokens.shape
         x = self.conv_more(tokens.transpose(1, 2).reshape(b, c, *self.grid))
         for block, skip in zip(self.blocks, (eighth, quarter, half, None)):
             x = block(x, skip)
