@@ -19,6 +19,17 @@ from medseg.export import export_onnx, onnx_max_abs_diff, ort_session
 from medseg.models import available_models, build_model, get_model_info
 from medseg.models.complexity import count_params_of
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core runner OpenMP's spinning threads made
+    these modules 4x slower (9.6 min with 2 threads vs 2.4 min with 1, same runner); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ZOO = [
     "unet", "unetpp",
     "unet_resnet18", "unet_resnet34", "unet_resnet50", "unet_resnet152", "unetpp_resnet50", "unet_effb5",
