@@ -16,15 +16,7 @@ from medseg.models.complexity import count_gflops, count_params, count_params_of
 from medseg.models.unet import UNet, UNetPlusPlus
 from medseg.models.zoo import PatchExpand, UperHead, _pixel_shuffle_nhwc, adaptive_avg_pool, beit_indices, deit_indices
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core runner OpenMP's spinning threads made
-    these modules 4x slower (9.6 min with 2 threads vs 2.4 min with 1, same runner); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_model_zoo import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 # ------------------------------------------------------------------------------------------------ complexity
