@@ -106,7 +106,7 @@ def test_strong_decay_stays_finite_and_exact():
     """Large delta*A (state forgets almost at once) must not overflow anywhere in the chunked formulation."""
     inputs = make_inputs(1, 4, 90, 4, "variable")
     with torch.no_grad():
-        inputs["delta"].mul_(0).add_(30.0)  # delta*A down to about -30 * 20 per token
+        inputs["delta"].mul_(0).add_(30.0)  # delta*A of several hundred per token
     out = selective_scan_torch(**inputs, chunk_size=32)
     ref, _ = sequential_reference(**inputs)
     assert torch.isfinite(out).all()
