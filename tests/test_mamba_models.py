@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from medseg.errors import ConfigError
 from medseg.models import available_models, build_model, get_model_info
-from medseg.models.complexity import count_params, count_params_of
+from medseg.models.complexity import count_params_of
 from medseg.models.mamba.ss2d import SS2D, MambaLayer, count_scan_gflops
 
 MAMBA_NETS = ["vm_unet", "mamba_unet", "swin_umamba", "msvm_unet", "umamba_bot"]

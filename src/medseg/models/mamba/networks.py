@@ -504,8 +504,8 @@ def build_msvm_unet(
     kernel_sizes: Sequence[int] = (1, 3, 5),
     pretrained: str | None = None,
 ) -> nn.Module:
-    """VMamba-T v2 ("tiny_0230s": depths [2, 2, 8, 2], ssm_ratio 1, d_state 1) encoder defaults; depths_decoder defaults to 2 blocks per decoder stage
-    (1 each when the encoder depths are all 1, as in the quick preset)."""
+    """VMamba-T v2 ("tiny_0230s": depths [2, 2, 8, 2], ssm_ratio 1, d_state 1) encoder defaults;
+    depths_decoder defaults to 2 blocks per decoder stage (1 where the encoder stage has depth 1)."""
     depths = _check_depths("msvm_unet depths", depths, 4)
     if depths_decoder is None:
         depths_decoder = [min(2, d) for d in depths[::-1][1:]]
