@@ -149,3 +149,17 @@ def test_onnx_export_matches_pytorch_at_traced_and_other_sizes(name, tmp_path):
     for shape in [(2, 1, 32, 32), (1, 1, 64, 96)]:
         diff = onnx_max_abs_diff(model, path, torch.randn(*shape), session=session)
         assert diff < 1e-3, (shape, diff)
+
+
+def test_count_gflops_includes_the_selective_scan():
+    from medseg.models import build_model
+    from medseg.models.complexity import count_gflops
+
+    model = build_model("vm_unet", 1, 9, (32, 32), depths=[1, 1, 1, 1], dims=8)
+    scan = count_scan_gflops(model, (1, 1, 32, 32))
+    assert scan > 0
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 1, 32, 32))
+    assert count_gflops(model, (1, 1, 32, 32)) == pytest.approx(counter.get_total_flops() / 2e9 + scan)

@@ -27,6 +27,7 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
     """GFLOPs (multiply-adds, see module doc) of one forward pass in eval mode on a zero tensor of `input_shape`.
 
     `input_shape` is (B, C, H, W); the result is for the whole batch. The model's train/eval mode is restored.
+    Selective scans (Mamba networks), which FlopCounterMode cannot see, are added with their analytic count.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -39,7 +40,15 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() / 2.0 / 1e9
+    return counter.get_total_flops() / 2.0 / 1e9 + _scan_gflops(model, input_shape)
+
+
+def _scan_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
+    from medseg.models.mamba.ss2d import SS2D, MambaLayer, count_scan_gflops
+
+    if not any(isinstance(m, (SS2D, MambaLayer)) for m in model.modules()):
+        return 0.0  # no scan: skip the meta-device copy
+    return count_scan_gflops(model, input_shape)
 
 
 class _MetaParameters(TorchFunctionMode):
