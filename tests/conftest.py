@@ -92,3 +92,19 @@ def make_dvc_project(dst: Path, params: dict) -> Path:
 def dvc_project(tmp_path, tiny_params) -> Path:
     """A fresh DVC project (nothing run yet) with the tiny params; MLflow store is sqlite inside it."""
     return make_dvc_project(tmp_path / "dvc_project", tiny_params)
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow sqlite store: creating one costs seconds, copying it milliseconds."""
+    from medseg.registry import connect
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    connect(f"sqlite:///{path}", retries=0)
+    return path
+
+
+def seed_store(root: Path, template: Path) -> None:
+    """Give `root` the empty store that register_model_version would otherwise create (and migrate) itself."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "mlflow.db")

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.errors import PromotionRefused
-from test_registry import mlflow_db_template, seed_store  # noqa: F401  (a fixture and its helper)
+from conftest import seed_store
 
 _names = itertools.count()
 

@@ -10,7 +10,6 @@ import copy
 import csv
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import seed_store
 from medseg.errors import MedsegError
 
 CLASS_NAMES = ["background", "aorta", "liver"]
@@ -104,27 +104,6 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     for png in ("curves.png", "overlay.png"):
         Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(reports / png)
     return onnx_path
-
-
-@pytest.fixture(scope="session")
-def mlflow_db_template(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow sqlite store: creating one costs seconds, copying it milliseconds."""
-    from medseg.registry import connect
-
-    # Keyed on the session's base temp dir, so the modules importing this fixture share one template.
-    path = tmp_path_factory.getbasetemp() / "mlflow_template" / "mlflow.db"
-    if not path.is_file():
-        building = tmp_path_factory.mktemp("mlflow_template_build") / "mlflow.db"
-        connect(f"sqlite:///{building}", retries=0)
-        path.parent.mkdir(exist_ok=True)
-        os.replace(building, path)
-    return path
-
-
-def seed_store(root: Path, template: Path) -> None:
-    """Give `root` the empty store that register_model_version would otherwise create (and migrate) itself."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, root / "mlflow.db")
 
 
 def free_port() -> int:

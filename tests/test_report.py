@@ -18,7 +18,7 @@ from PIL import Image
 
 from medseg.data.loader import load_case, read_cases
 from medseg.io import read_json
-from test_registry import mlflow_db_template, seed_store  # noqa: F401  (a fixture and its helper)
+from conftest import seed_store
 
 # arch -> (mean DSC, mean HD95, PyTorch ms, ONNX ms, training seconds); unetpp is better at DSC, unet at the rest.
 FABRICATED = {"unet": (0.61, 12.0, 3.0, 1.0, 40.0), "unetpp": (0.72, 15.0, 9.0, 4.0, 150.0)}

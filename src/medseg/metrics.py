@@ -18,7 +18,7 @@ Two protocols decide units and empty masks (see docs/metrics.md):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -192,3 +192,12 @@ def _isnan(value: float) -> bool:
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A metric read back from JSON/CSV/MLflow tags as float, or None when missing, unparsable, NaN or Inf."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

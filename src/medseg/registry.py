@@ -15,7 +15,6 @@ import contextlib
 import csv
 import importlib.metadata
 import logging
-import math
 import os
 import re
 import time
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options
 from medseg.errors import MedsegError, PromotionRefused
 from medseg.io import read_json, sha256_file, write_json
+from medseg.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +207,6 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[str, float]:
     """Scalar metrics of a run (non-finite values are left out: not every backend stores NaN/inf)."""
     values: dict[str, Any] = {
@@ -232,7 +224,7 @@ def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[st
             values[key if "val" in key or key.startswith("train") else f"train_{key}"] = value
     out = {}
     for key, value in values.items():
-        number = _finite(value)
+        number = finite_or_none(value)
         if number is not None:
             out[_metric_key(key)] = number
     return out
@@ -245,7 +237,7 @@ def read_train_log(path: Path) -> list[dict[str, float]]:
     rows = []
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            parsed = {key: _finite(value) for key, value in row.items() if key}
+            parsed = {key: finite_or_none(value) for key, value in row.items() if key}
             rows.append({key: value for key, value in parsed.items() if value is not None})
     return rows
 
@@ -397,7 +389,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
 
 def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]:
     """The model-version tags promotion compares: test split, protocol, test DSC, ONNX parity."""
-    test_dsc = _finite(metrics.get("mean_dsc"))
+    test_dsc = finite_or_none(metrics.get("mean_dsc"))
     return {
         "split_sha256": str(metrics.get("split_sha256", "")),
         "protocol": str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", ""))),
@@ -467,8 +459,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 mlflow.log_table(
                     {
                         "class": list(per_class),
-                        "dsc": [_finite((s or {}).get("dsc")) for s in per_class.values()],
-                        "hd95": [_finite((s or {}).get("hd95")) for s in per_class.values()],
+                        "dsc": [finite_or_none((s or {}).get("dsc")) for s in per_class.values()],
+                        "hd95": [finite_or_none((s or {}).get("hd95")) for s in per_class.values()],
                     },
                     artifact_file="reports/per_class.json",
                 )
@@ -496,7 +488,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
 # --------------------------------------------------------------------------------------------------- promote
 def _version_facts(version) -> dict[str, Any]:
     tags = version.tags or {}
-    dsc = _finite(tags.get("test_dsc"))
+    dsc = finite_or_none(tags.get("test_dsc"))
     return {
         "version": str(version.version),
         "dsc": dsc,

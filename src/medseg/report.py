@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, read_json, write_text
+from medseg.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ def _optional_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise MedsegError(f"{path}: cannot read JSON: {exc}") from exc
     return data if isinstance(data, dict) else {}
-
-
-def _number(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _family(arch: str) -> str:
@@ -93,18 +85,18 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
         row: dict[str, Any] = {
             "arch": arch,
             "family": _family(arch),
-            "mean_dsc": _number(metrics.get("mean_dsc")),
-            "mean_hd95": _number(metrics.get("mean_hd95")),
+            "mean_dsc": finite_or_none(metrics.get("mean_dsc")),
+            "mean_hd95": finite_or_none(metrics.get("mean_hd95")),
             "protocol": protocol,
             "hd95_unit": metrics.get("hd95_unit") or HD95_UNITS.get(protocol, "?"),
             "split_sha256": metrics.get("split_sha256"),
             "per_class": metrics.get("per_class") or {},
             "params_m": None,
             "gflops": None,
-            "torch_latency_ms": _number(export.get("torch_latency_ms")),
-            "onnx_latency_ms": _number(export.get("onnx_latency_ms")),
+            "torch_latency_ms": finite_or_none(export.get("torch_latency_ms")),
+            "onnx_latency_ms": finite_or_none(export.get("onnx_latency_ms")),
             "parity_passed": export.get("parity_passed"),
-            "train_seconds": _number(summary.get("train_seconds")),
+            "train_seconds": finite_or_none(summary.get("train_seconds")),
             "registry_version": registry.get("version"),
             "model": None,
             "meta": None,
@@ -143,14 +135,14 @@ def _duration(seconds: float) -> str:
 
 def best_values(rows: Sequence[dict], key: str, better: str | None) -> float | None:
     """The best value of a column (direction-aware), None if the column has no numbers or is not ranked."""
-    values = [row[key] for row in rows if _number(row.get(key)) is not None]
+    values = [row[key] for row in rows if finite_or_none(row.get(key)) is not None]
     if not values or better is None:
         return None
     return max(values) if better == "max" else min(values)
 
 
 def _cell(value: Any, fmt: Callable[[float], str], best: float | None) -> str:
-    number = _number(value)
+    number = finite_or_none(value)
     if number is None:
         return "n/a"
     text = fmt(number)
@@ -253,7 +245,7 @@ def write_per_class_csv(path: Path, rows: Sequence[dict]) -> None:
     writer.writerow(["arch", "class", "dsc", "hd95"])
     for row in rows:
         for name, scores in row["per_class"].items():
-            dsc, hd95 = _number((scores or {}).get("dsc")), _number((scores or {}).get("hd95"))
+            dsc, hd95 = finite_or_none((scores or {}).get("dsc")), finite_or_none((scores or {}).get("hd95"))
             writer.writerow([row["arch"], name, "" if dsc is None else repr(dsc), "" if hd95 is None else repr(hd95)])
     write_text(path, buf.getvalue())
 
@@ -292,7 +284,7 @@ def plot_dsc_bars(path: Path, rows: Sequence[dict]) -> None:
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
     for i, row in enumerate(rows):
-        values = [_number((row["per_class"].get(n) or {}).get("dsc")) for n in names]
+        values = [finite_or_none((row["per_class"].get(n) or {}).get("dsc")) for n in names]
         ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width,
                label=row["arch"])
     ax.set_xticks(x, names, rotation=30, ha="right")
@@ -314,7 +306,7 @@ def plot_summary(path: Path, rows: Sequence[dict]) -> None:
     for ax, key, label in ((axes[0], "onnx_latency_ms", "ONNX Runtime CPU latency (ms / slice)"),
                            (axes[1], "mean_hd95", f"mean HD95 ({unit})")):
         for row in rows:
-            if row["mean_dsc"] is None or _number(row[key]) is None:
+            if row["mean_dsc"] is None or finite_or_none(row[key]) is None:
                 continue
             ax.scatter(row[key], 100 * row["mean_dsc"], s=40)
             ax.annotate(row["arch"], (row[key], 100 * row["mean_dsc"]), textcoords="offset points",

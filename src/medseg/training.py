@@ -38,7 +38,7 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT_EVERY_STEPS = 50
 # Keys of train:/data: that do not change the numbers a run produces (so they may differ on resume).
-_HASH_IGNORED = {"checkpoint_every_steps", "num_workers", "device"}
+_HASH_IGNORED = {"checkpoint_every_steps", "num_workers", "device", "cache_resized"}
 VAL_DICE_DEFINITION = (
     "volume-wise: each validation volume is predicted slice by slice at its native size (as in evaluation); "
     "Dice per (case, foreground class) from the 3D volume, pairs where both prediction and ground truth are "
@@ -379,7 +379,6 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> di
     if not train_ids:
         raise ConfigError(f"{paths.split}: the train list is empty")
     class_names = list(cases["class_names"])
-    num_classes = len(class_names)
     context = int(data_p.get("context", 0))
     in_channels = int(cases["in_channels"]) * (2 * context + 1)
     image_size = tuple(int(v) for v in data_p["image_size"])
@@ -414,7 +413,8 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     dataset = SliceDataset(paths.ingested, train_ids, image_size, context=context,
-                           augment=data_p.get("augment"), seed=seed)
+                           augment=data_p.get("augment"), seed=seed,
+                           cache_resized=bool(data_p.get("cache_resized", True)))
     batch_size = int(train_p["batch_size"])
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
                                  seed=seed, drop_last=False)
