@@ -2,7 +2,8 @@
 
 Both paths deliver the same thing: one CT slice, HU-windowed to [0, 1], resized to 224 x 224 (bicubic) with
 its label (nearest). The naive path is what a quick script does: nib.load the .nii.gz for every slice, take the
-slice, window, resize. Data: phantom volumes at Synapse's in-plane size (512 x 512) in a temp folder.
+slice, window, resize. SliceDataset runs uncached (resize every item, every epoch) and with `cache_resized`
+(every slice resized once when the dataset is built; the one-time build is printed apart). Data: phantom volumes at Synapse's in-plane size (512 x 512) in a temp folder.
 
     python benchmarks/bench_loader.py [--cases 4] [--depth 24] [--size 512] [--batch 32] [--workers 0 2]
 
@@ -40,11 +41,13 @@ SIZE = (224, 224)
 
 
 def bench_slice_dataset(
-    ingested: Path, ids: list[str], batch: int, workers: int, augment: dict | None, epochs: int, mode: str
-) -> tuple[float, float]:
-    """(slices per wall-clock second, slices per CPU-second of this process; the latter only means
-    something with workers=0, and tells what an uncontended core would do on a busy shared machine)."""
-    dataset = SliceDataset(ingested, ids, SIZE, augment=augment, image_mode=mode)
+    ingested: Path, ids: list[str], batch: int, workers: int, augment: dict | None, epochs: int, mode: str, cache: bool
+) -> tuple[float, float, float]:
+    """(slices per wall-clock second, slices per CPU-second of this process, seconds to build the dataset); the
+    CPU rate only means something with workers=0, and tells what an uncontended core would do on a busy machine."""
+    build = time.perf_counter()
+    dataset = SliceDataset(ingested, ids, SIZE, augment=augment, image_mode=mode, cache_resized=cache)
+    build = time.perf_counter() - build
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(0))
     for _ in loader:  # warm-up: page cache, worker start
@@ -54,7 +57,7 @@ def bench_slice_dataset(
         dataset.set_epoch(epoch)
         for images, labels in loader:
             count += images.shape[0]
-    return count / (time.perf_counter() - start), count / max(time.process_time() - cpu, 1e-9)
+    return count / (time.perf_counter() - start), count / max(time.process_time() - cpu, 1e-9), build
 
 
 def bench_naive(raw: Path, stems: list[str], depth: int, limit: int, mode: str) -> tuple[float, float]:
@@ -97,14 +100,21 @@ def main() -> None:
               f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
 
         naive, naive_cpu = bench_naive(raw, stems, args.depth, args.naive_slices, args.mode)
-        print(f"{'naive nibabel per slice':38s}: {naive:8.1f} slices/s  ({naive_cpu:8.1f} per CPU-s)")
+        print(f"{'naive nibabel per slice':42s}: {naive:8.1f} slices/s  ({naive_cpu:8.1f} per CPU-s)")
         augment = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
         for workers in args.workers:
-            for name, aug in (("no augmentation", None), ("augmentation", augment)):
-                rate, rate_cpu = bench_slice_dataset(ingested, ids, args.batch, workers, aug, args.epochs, args.mode)
-                cpu_note = f"{rate_cpu:8.1f} per CPU-s, {rate_cpu / naive_cpu:6.1f}x" if workers == 0 else " " * 27
-                print(f"{f'SliceDataset {name}, workers={workers}':38s}: {rate:8.1f} slices/s  ({cpu_note})  "
-                      f"{rate / naive:6.1f}x naive wall-clock")
+            for name, aug in (("no aug", None), ("aug", augment)):
+                uncached = None
+                for cache in (False, True):
+                    rate, rate_cpu, build = bench_slice_dataset(ingested, ids, args.batch, workers, aug, args.epochs,
+                                                                args.mode, cache)
+                    uncached = uncached or (rate, rate_cpu)
+                    cpu_note = f"{rate_cpu:8.1f} per CPU-s, {rate_cpu / naive_cpu:6.1f}x" if workers == 0 else " " * 27
+                    extra = (f", {rate / uncached[0]:5.1f}x uncached wall"
+                             + (f" {rate_cpu / uncached[1]:5.1f}x CPU" if workers == 0 else "")
+                             + f"; cache build {build:.2f} s once") if cache else ""
+                    label = f"SliceDataset {'cached' if cache else 'uncached'} {name}, workers={workers}"
+                    print(f"{label:42s}: {rate:8.1f} slices/s  ({cpu_note})  {rate / naive:6.1f}x naive wall{extra}")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,37 @@ def test_workers_give_the_same_batches_as_the_main_process(ingested):
         torch.testing.assert_close(y0, y1)
 
 
+@pytest.mark.parametrize("context", [0, 1])
+@pytest.mark.parametrize("augment", [None, {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}])
+@pytest.mark.parametrize("size", [(24, 24), (16, 16)])  # resized from both shapes; native for case a
+def test_cached_resize_gives_identical_items(ingested, context, augment, size):
+    kwargs = dict(image_size=size, context=context, augment=augment, seed=7)
+    plain = SliceDataset(ingested, ["a", "b"], **kwargs)
+    cached = SliceDataset(ingested, ["a", "b"], cache_resized=True, **kwargs)
+    assert plain._cache is None and len(cached._cache) == 2
+    for epoch in (0, 3):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        batch = [4, 0, 3, 1, 2]
+        for (x0, y0), (x1, y1) in zip(plain.__getitems__(batch), cached.__getitems__(batch)):
+            assert x1.shape == (2 * context + 1, *size)
+            assert torch.equal(x0, x1) and torch.equal(y0, y1) and y1.dtype == torch.int64
+        for i in range(len(plain)):
+            assert all(torch.equal(u, v) for u, v in zip(plain[i], cached[i]))
+
+
+def test_cached_loader_with_workers_matches_uncached(ingested):
+    aug = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+    batches = []
+    for cache, workers in ((False, 0), (True, 2)):
+        loader = make_loader(ingested, ["a", "b"], (24, 24), batch_size=2, shuffle=True, context=1, augment=aug,
+                             seed=9, num_workers=workers, cache_resized=cache)
+        loader.dataset.set_epoch(1)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
 def test_bad_arguments(ingested):
     with pytest.raises(ConfigError, match="no case ids"):
         SliceDataset(ingested, [], (16, 16))
@@ -142,6 +173,7 @@ def test_on_the_tiny_phantom_project(tiny_project, tiny_params):
     split = json.loads((tiny_project / "data/splits/phantom.json").read_text())
     ds = dataset_from_params(tiny_params, tiny_project, split["train"], train=True)
     assert ds.augment == tiny_params["data"]["augment"]
+    assert (ds._cache is not None) == tiny_params["data"].get("cache_resized", True)
     loader = torch.utils.data.DataLoader(ds, batch_size=8)
     images, labels = next(iter(loader))
     assert images.shape == (8, 1, 32, 32) and labels.shape == (8, 32, 32)
