@@ -412,19 +412,24 @@ def _read_image2d_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     return RawCase(image, mask[None], None)
 
 
+def _read_image_label(path: Path, open_file, kind: str, member: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 'image' and 'label' arrays of a TransUNet file (npz slice or h5 volume), errors naming the file."""
+    try:
+        with open_file(path) as store:
+            missing = [k for k in ("image", "label") if k not in store]
+            if missing:
+                raise IngestError(path, f"missing {member} {missing[0]!r} (TransUNet files hold 'image' and 'label')")
+            return np.asarray(store["image"]), np.asarray(store["label"])
+    except IngestError:
+        raise
+    except Exception as exc:
+        raise IngestError(path, f"cannot read {kind} ({type(exc).__name__}: {exc})") from exc
+
+
 def _read_npz_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     images, labels = [], []
     for path in case.images:
-        try:
-            with np.load(path) as npz:
-                missing = [k for k in ("image", "label") if k not in npz.files]
-                if missing:
-                    raise IngestError(path, f"missing array {missing[0]!r} (TransUNet slices hold 'image' and 'label')")
-                image, label = np.asarray(npz["image"]), np.asarray(npz["label"])
-        except IngestError:
-            raise
-        except Exception as exc:
-            raise IngestError(path, f"cannot read npz ({type(exc).__name__}: {exc})") from exc
+        image, label = _read_image_label(path, np.load, "npz", "array")
         if image.ndim != 2 or image.shape != label.shape:
             raise IngestError(path, f"image {image.shape} and label {label.shape} must be the same 2D shape")
         if images and image.shape != images[0].shape:
@@ -438,16 +443,7 @@ def _read_h5_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     import h5py
 
     path = case.images[0]
-    try:
-        with h5py.File(path, "r") as h5:
-            missing = [k for k in ("image", "label") if k not in h5]
-            if missing:
-                raise IngestError(path, f"missing dataset {missing[0]!r} (TransUNet volumes hold 'image' and 'label')")
-            image, label = np.asarray(h5["image"]), np.asarray(h5["label"])
-    except IngestError:
-        raise
-    except Exception as exc:
-        raise IngestError(path, f"cannot read HDF5 ({type(exc).__name__}: {exc})") from exc
+    image, label = _read_image_label(path, lambda p: h5py.File(p, "r"), "HDF5", "dataset")
     if image.ndim != 3:
         raise IngestError(path, f"image must be (D, H, W), got shape {image.shape}")
     return RawCase(image[:, None], label, None)
