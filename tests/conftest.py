@@ -10,18 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-for _key, _value in {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_API_URL": "",
-    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-}.items():
-    if _key == "PREFECT_API_URL":
-        os.environ.pop(_key, None)
-    else:
-        os.environ[_key] = _value
+os.environ.update(
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DO_NOT_TRACK="1",
+    DVC_NO_ANALYTICS="1",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.pop("PREFECT_API_URL", None)  # never talk to a user's Prefect server; the harness brings its own
 
 ROOT = Path(__file__).resolve().parents[1]
 
