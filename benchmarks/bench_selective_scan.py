@@ -1,7 +1,7 @@
 """Selective scan speed: medseg's chunked pure-PyTorch scan against a sequential reference, side by side.
 
     python benchmarks/bench_selective_scan.py                 # B=2, D=96, N=16, L=56*56 on CPU
-    python benchmarks/bench_selective_scan.py --chunks 16 32 64 128 --device cuda
+    python benchmarks/bench_selective_scan.py --chunks 16 32 64 --device cuda
 
 The sequential reference is the algorithm of mamba_ssm's `selective_scan_ref` (a Python loop over L). Where
 `mamba_ssm` is installed its own `selective_scan_ref` is timed too, and on CUDA its fused kernel.
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=96)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--length", type=int, default=56 * 56)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[64, DEFAULT_CHUNK_SIZE, 256])
+    parser.add_argument("--chunks", type=int, nargs="+", default=sorted({16, DEFAULT_CHUNK_SIZE, 128}))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--inputs", choices=["mamba", "stress"], default="mamba", help=make_inputs.__doc__)
@@ -106,13 +106,15 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - optional package
         pass
     for chunk in args.chunks:
-        candidates[f"medseg chunked torch scan, T={chunk}"] = (
+        default = " (default)" if chunk == DEFAULT_CHUNK_SIZE else ""
+        candidates[f"medseg chunked torch scan, T={chunk}{default}"] = (
             lambda *a, chunk=chunk, **k: selective_scan_torch(*a, chunk_size=chunk, **k)
         )
     if dev == "cuda" and fused_kernel() is not None:
         candidates["mamba_ssm fused CUDA kernel"] = fused_kernel()
 
     baseline: dict[str, tuple[float, float]] = {}
+    goal_ratios: tuple[float, float] | None = None
     for mode in ("forward", "forward+backward"):
         grad = mode != "forward"
         inputs = make_inputs(args.batch, args.dim, args.state, args.length, dev, grad, args.inputs)
@@ -133,8 +135,16 @@ def main() -> None:
             slow = grad and mode not in baseline
             wall, cpu = timed(call, dev, 1 if slow else args.repeats, warmup=not slow)
             base_wall, base_cpu = baseline.setdefault(mode, (wall, cpu))
-            print(f"  {name:<48s} wall {wall:9.1f} ms {base_wall / wall:6.1f}x | "
+            print(f"  {name:<58s} wall {wall:9.1f} ms {base_wall / wall:6.1f}x | "
                   f"CPU {cpu:9.1f} ms {base_cpu / cpu:6.1f}x")
+            if not grad and name.endswith("(default)"):
+                goal_ratios = (base_wall / wall, base_cpu / cpu)
+
+    if goal_ratios is not None:
+        met = "met" if min(goal_ratios) >= 10 else "NOT met"
+        print(f"\ngoal: forward >= 10x the sequential loop with the default T={DEFAULT_CHUNK_SIZE}: "
+              f"{goal_ratios[0]:.1f}x wall, {goal_ratios[1]:.1f}x CPU -> {met}")
+
 
 if __name__ == "__main__":
     main()

@@ -95,6 +95,35 @@ def test_chunked_scan_matches_sequential_reference_values_and_gradients(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("batch,dim,length,n,bc,softplus,gating,chunk", CASES)
+def test_inference_path_matches_reference_and_leaves_inputs_untouched(
+    batch, dim, length, n, bc, softplus, gating, chunk
+):
+    """Without autograd the scan updates its own buffers in place: same values, inputs unchanged."""
+    inputs = {k: v.detach() if v is not None else None for k, v in make_inputs(batch, dim, length, n, bc,
+                                                                                   gating=gating).items()}
+    before = {k: v.clone() for k, v in inputs.items() if v is not None}
+    with torch.no_grad():
+        out, last = selective_scan_torch(**inputs, delta_softplus=softplus, return_last_state=True, chunk_size=chunk)
+    ref_out, ref_last = sequential_reference(**inputs, delta_softplus=softplus)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, ref_last, atol=1e-4, rtol=1e-4)
+    for k, v in before.items():
+        assert torch.equal(inputs[k], v), f"{k} was modified"
+
+
+def test_default_chunk_size_matches_reference_on_a_long_sequence():
+    """The default (eager) chunk size with many chunks, with and without autograd."""
+    inputs = make_inputs(1, 6, 300, 4, "variable")
+    ref, ref_last = sequential_reference(**inputs, delta_softplus=True)
+    out, last = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        out_inference = selective_scan_torch(**inputs, delta_softplus=True)
+    for got in (out, out_inference):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, ref_last, atol=1e-4, rtol=1e-4)
+
+
 def test_chunk_size_does_not_change_the_result():
     inputs = make_inputs(2, 4, 70, 3, "variable")
     outs = [selective_scan_torch(**inputs, delta_softplus=True, chunk_size=c) for c in (1, 3, 16, 70, 128)]
@@ -108,9 +137,12 @@ def test_strong_decay_stays_finite_and_exact():
     with torch.no_grad():
         inputs["delta"].mul_(0).add_(30.0)  # delta*A of several hundred per token
     out = selective_scan_torch(**inputs, chunk_size=32)
+    with torch.no_grad():
+        out_inference = selective_scan_torch(**inputs, chunk_size=32)
     ref, _ = sequential_reference(**inputs)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for got in (out, out_inference):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_float64_gradcheck_tiny_case():

@@ -13,20 +13,21 @@ Backends:
 - "torch": a chunked pure-PyTorch scan that runs on any device and exports to ONNX (opset 17).
 - "auto": the fused kernel when it imports and the tensors are on CUDA (and we are not exporting), else "torch".
 
-The chunked scan splits L into chunks of T tokens. A loop over the T positions runs the recurrence for *all
-chunks at once* (each chunk starting from a zero state); the chunk-to-chunk carry is then computed without a loop
-from the chunk totals of the log-decay with a "segment sum" (as in Mamba-2's SSD):
-state_end[c] = sum_{c' <= c} exp(sum_{c' < k <= c} logdecay_k) * local_end[c'], and a second loop over the T
-positions adds each chunk's entering state, decayed, to the output. Every exponent is a sum of log-decays taken
-directly (not a difference of two large cumulative sums), so nothing overflows or loses precision, and no
-exp(-cumsum) factor is ever formed. Work is O(L*N) per channel plus O((L/T)^2*N) for the carry; the Python loops
-have the fixed length T, so a traced ONNX graph works for any L. Complex A is not supported.
+The chunked scan splits L into chunks of T tokens and makes two passes of T steps, each step advancing the
+recurrence by one position in *all chunks at once*:
+1. every chunk from a zero state, which gives the chunks' local end states;
+2. the state entering each chunk, from start[c+1] = exp(A * sum of delta over chunk c) * start[c] + local_end[c]
+   (a loop over the L/T chunks on one state each; in a traced graph, which must serve any L, the same thing as a
+   loop-free "segment sum" as in Mamba-2's SSD, O((L/T)^2) per state);
+3. the recurrence again from the true entering states, read out with C at every position.
+This is the exact recurrence (no exp of a cumulative sum, nothing that can overflow), O(L*N) work per channel, in
+2T Python steps on tensors of L/T positions. Without autograd the steps update preallocated buffers in place.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,11 @@ from torch import Tensor
 
 _log = logging.getLogger(__name__)
 
-# CPU sweet spot measured by benchmarks/bench_selective_scan.py (B=2, D=96, N=16, L=3136): 64 -> 1.7x,
-# 128 -> 3.0x, 256 -> 3.1x the sequential loop's forward speed; 128 keeps the unrolled ONNX graph smaller.
-DEFAULT_CHUNK_SIZE = 128
+# Chunk sizes. Eager: the CPU sweet spot measured by benchmarks/bench_selective_scan.py (B=2, D=96, N=16, L=3136):
+# large enough that each step's tensors amortise the per-op overhead, small enough that they stay in L2 cache.
+# Traced (ONNX): the chunk carry is an O((L/T)^2) segment sum there, and the graph unrolls 2*T steps; 128 balances both.
+DEFAULT_CHUNK_SIZE = 32
+TRACED_CHUNK_SIZE = 128
 BACKENDS = ("auto", "torch", "mamba_ssm")
 # Log-decays are clamped here before exp: exp(-60) ~ 1e-26 is as good as zero next to float32's 1e-7 resolution,
 # while exp(< -87) gives subnormal floats that make CPU arithmetic 10-60x slower (measured: addcmul 57x, exp 13x).
@@ -110,11 +113,12 @@ def selective_scan(
 
 
 def _chunked_bc(x: Tensor, groups: int, what: str, dim: int, n: int, pad: int, chunk: int) -> Tensor:
-    """B or C -> a tensor broadcastable to the work layout (T, batch, groups, dim // groups, L/T, N)."""
+    """B or C in the work layout: (T, batch, L/T, groups, N, 1), or (groups, N, dim // groups) when fixed per channel
+    (no position axis)."""
     if x.dim() == 2:  # fixed per channel (dim, N)
         if tuple(x.shape) != (dim, n):
             raise ValueError(f"selective_scan: {what} of shape {tuple(x.shape)} should be ({dim}, {n})")
-        return x.reshape(1, 1, groups, dim // groups, 1, n)
+        return x.reshape(groups, dim // groups, n).transpose(-1, -2).contiguous()
     if x.dim() == 3:  # (batch, N, L), shared by every channel
         x = x[:, None]
     elif x.dim() == 4:  # (batch, G, N, L): channel d uses group d // (dim // G)
@@ -125,9 +129,15 @@ def _chunked_bc(x: Tensor, groups: int, what: str, dim: int, n: int, pad: int, c
             x = x.repeat_interleave(groups // g, dim=1)
     else:
         raise ValueError(f"selective_scan: {what} must have 2, 3 or 4 dims, got shape {tuple(x.shape)}")
-    x = F.pad(x, (0, pad))  # (b, G, N, L + pad)
-    x = x.reshape(x.shape[0], x.shape[1], x.shape[2], -1, chunk)  # (b, G, N, nc, T)
-    return x.permute(4, 0, 1, 3, 2).unsqueeze(3)  # (T, b, G, 1, nc, N)
+    x = _pad_end(x, pad).permute(0, 3, 1, 2).contiguous()  # (b, Lp, G, N)
+    x = x.reshape(x.shape[0], -1, chunk, x.shape[2], n)  # (b, nc, T, G, N)
+    return x.permute(2, 0, 1, 3, 4).contiguous().unsqueeze(-1)
+
+
+def _pad_end(x: Tensor, pad: int) -> Tensor:
+    """Zero-pad the last axis. Skipped (it would copy) when there is nothing to pad, except in a traced graph, where
+    the padding must stay in the graph for other lengths."""
+    return x if pad == 0 and not _exporting() else F.pad(x, (0, pad))
 
 
 def _segsum_exp(x: Tensor) -> Tensor:
@@ -171,7 +181,8 @@ def selective_scan_torch(
     groups = max(x.shape[1] if x.dim() == 4 else 1 for x in (B, C))
     if dim % groups:
         raise ValueError(f"selective_scan: dim {dim} is not divisible by the {groups} groups of B/C")
-    chunk = int(min(chunk_size or DEFAULT_CHUNK_SIZE, int(length)))
+    traced = _exporting()
+    chunk = int(min(chunk_size or (TRACED_CHUNK_SIZE if traced else DEFAULT_CHUNK_SIZE), int(length)))
 
     u = u.to(dtype)
     delta = delta.to(dtype)
@@ -179,57 +190,91 @@ def selective_scan_torch(
         delta = delta + delta_bias[..., None].to(dtype)
     if delta_softplus:
         delta = F.softplus(delta)
+    # Inference (nothing to differentiate) updates preallocated buffers in place: same arithmetic, about half the
+    # time, because nothing is allocated per step.
+    in_place = not traced and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C))
+    )
 
-    # Work layout (T, batch, groups, dim_per_group, L/T, N): position-in-chunk first, so each step of the loops
-    # below touches one contiguous slice. L is padded to a multiple of T with delta = 0 and u = 0 (decay 1, no
-    # input), which carries the state unchanged through the padding. Tensors of size L*N are never materialised:
-    # each step builds its (batch, dim, L/T, N) slice from the small per-token tensors, which keeps the work in
-    # cache (the scan is memory-bound on CPU otherwise).
+    # Work layout (T, batch, L/T, groups, ., dim_per_group): position-in-chunk first and channels last, so that each
+    # step of the loops reads contiguous slices and vectorises over channels. L is padded to a multiple of T with
+    # delta = 0 and u = 0 (decay 1, no input), which carries the state unchanged through the padding.
     pad = (chunk - length % chunk) % chunk
     dg = dim // groups
 
-    def chunked(x: Tensor) -> Tensor:  # (b, dim, L) -> (T, b, g, dg, nc, 1), contiguous
-        x = F.pad(x, (0, pad)).reshape(batch, groups, dg, -1, chunk)
-        return x.permute(4, 0, 1, 2, 3).contiguous().unsqueeze(-1)
+    def chunked(x: Tensor) -> Tensor:  # (b, dim, L) -> (T, b, nc, g, 1, dg)
+        # Two copies (a plain transpose, then whole rows of channels) are several times faster than one 6-d permute.
+        x = _pad_end(x, pad).transpose(1, 2).contiguous().reshape(batch, -1, chunk, groups, 1, dg)
+        return x.permute(2, 0, 1, 3, 4, 5).contiguous()
 
     delta6 = chunked(delta)
-    x6 = delta6 * chunked(u)  # delta_t * u_t
-    A5 = A.to(dtype).reshape(1, groups, dg, 1, n)
-    B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)
+    x6 = chunked(delta * u)  # delta_t * u_t
+    A5 = A.to(dtype).reshape(groups, dg, n).transpose(-1, -2).contiguous()  # (g, N, dg)
+    B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)  # (T, b, nc, g, N, 1) or fixed (g, N, dg)
     C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
+    state_shape = (batch, delta6.shape[2], groups, n, dg)
+    decay_buffer = torch.empty(state_shape, dtype=dtype, device=u.device) if in_place else None
 
-    def at(x: Tensor, t: int) -> Tensor:  # step t of a chunked tensor (fixed B/C have no position axis)
-        return x[t] if x.shape[0] > 1 else x[0]
+    # Per-step views taken once with unbind: indexing x[t] in the loop would make autograd build a zero tensor of
+    # the full size for every step's gradient (O(T) full-size fills per tensor in backward).
+    def steps(x: Tensor) -> Sequence[Tensor]:  # fixed B or C have no position axis: the same tensor at every step
+        return x.unbind(0) if x.dim() == 6 else [x] * chunk
 
-    def decay(log_decay: Tensor) -> Tensor:
-        return torch.exp(log_decay.clamp_min(_MIN_LOG_DECAY))
+    delta_at, x_at, B_at, C_at = steps(delta6), steps(x6), steps(B6), steps(C6)
 
-    # 1) Within every chunk at once: the recurrence from a zero state, a loop over the T positions.
-    h = x6[0] * at(B6, 0)
-    y_local = [(h * at(C6, 0)).sum(-1)]
-    for t in range(1, chunk):
-        h = torch.addcmul(x6[t] * at(B6, t), decay(delta6[t] * A5), h)
-        y_local.append((h * at(C6, t)).sum(-1))
-    # h is now every chunk's local end state (b, g, dg, nc, N)
+    def decay(t: int) -> Tensor:  # exp(delta_t * A), (b, nc, g, N, dg)
+        if decay_buffer is not None:
+            return torch.mul(delta_at[t], A5, out=decay_buffer).clamp_min_(_MIN_LOG_DECAY).exp_()
+        return torch.exp((delta_at[t] * A5).clamp_min(_MIN_LOG_DECAY))
 
-    # 2) Chunk-to-chunk carry from the chunk totals of the log-decay, A * sum(delta) (A is constant in time).
-    elapsed = torch.cumsum(delta6, dim=0)  # sum of delta from the chunk start, (T, b, g, dg, nc, 1)
-    chunk_log_decay = (elapsed[-1] * A5).transpose(-1, -2)  # (b, g, dg, N, nc)
-    carry = _segsum_exp(chunk_log_decay)  # (b, g, dg, N, nc, nc)
-    # A broadcast multiply-sum rather than matmul: the same cost here (matrix-vector), and FLOP counters that only
-    # see matmuls do not count a chunking artefact as model FLOPs (the scan is counted analytically instead).
-    ends = (carry * h.transpose(-1, -2).unsqueeze(-2)).sum(-1).transpose(-1, -2)  # (b, g, dg, nc, N)
-    starts = F.pad(ends, (0, 0, 1, 0))[..., :-1, :]  # state entering each chunk (zero for the first)
+    def advance(h: Tensor, t: int) -> Tensor:  # h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
+        if in_place:
+            return h.mul_(decay(t)).addcmul_(x_at[t], B_at[t])
+        return torch.addcmul(x_at[t] * B_at[t], decay(t), h)
 
-    # 3) Output: local part plus the entering state decayed to each position, contracted with C.
-    y = torch.stack(
-        [y_local[t] + (decay(elapsed[t] * A5) * starts * at(C6, t)).sum(-1) for t in range(chunk)]
-    )  # (T, b, g, dg, nc)
-    y = y.permute(1, 2, 3, 4, 0).reshape(batch, dim, -1)[..., :length]
+    def readout(h: Tensor, t: int) -> Tensor:  # <C_t, h_t>, (b, nc, g, 1, dg)
+        if C6.dim() == 3:
+            return (h * C6).sum(-2, keepdim=True)
+        return torch.matmul(C_at[t].transpose(-1, -2), h)
+
+    # 1) Every chunk at once from a zero state: the chunks' local end states.
+    h = torch.zeros(state_shape, dtype=dtype, device=u.device)
+    for t in range(chunk):
+        h = advance(h, t)
+
+    # 2) The state entering each chunk: start[c+1] = decay over chunk c * start[c] + local end of chunk c.
+    chunk_log_decay = delta6.sum(0) * A5  # A * sum(delta) over the chunk (A is constant in time), (b, nc, g, N, dg)
+    if traced:
+        starts = _carry_segsum(chunk_log_decay, h)
+    else:  # a loop over the L/T chunks on tensors of one state each
+        chunk_decay = torch.exp(chunk_log_decay.clamp_min(_MIN_LOG_DECAY))
+        starts_list = [torch.zeros_like(h[:, 0])]
+        for c in range(h.shape[1] - 1):
+            starts_list.append(torch.addcmul(h[:, c], chunk_decay[:, c], starts_list[-1]))
+        starts = torch.stack(starts_list, dim=1)
+
+    # 3) The recurrence again, every chunk from its true entering state, read out with C at every position.
+    h = starts
+    ys = []
+    for t in range(chunk):
+        h = advance(h, t)
+        ys.append(readout(h, t))
+    y = torch.stack(ys).squeeze(-2)  # (T, b, nc, g, dg)
+    y = y.permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
     out = y if D is None else y + u * D.to(dtype)[:, None]
     if z is not None:
         out = out * F.silu(z.to(dtype))
     out = out.to(dtype_in)
-    if return_last_state:
-        return out, ends[..., -1, :].reshape(batch, dim, n)
+    if return_last_state:  # the padding carries the last state unchanged to the end of the last chunk
+        return out, h[:, -1].transpose(-1, -2).reshape(batch, dim, n)
     return out
+
+
+def _carry_segsum(chunk_log_decay: Tensor, local_ends: Tensor) -> Tensor:
+    """The chunks' entering states without a loop over chunks, for traced graphs (ONNX) that must work for any L:
+    end[c] = sum_{c' <= c} exp(sum_{c' < k <= c} log_decay_k) * local_end[c'], entering state = end of the previous
+    chunk. Costs O((L/T)^2) per state, which is why eager mode uses the loop instead."""
+    chunks_last = (0, 2, 3, 4, 1)  # explicit permutations: movedim(1, -1) exports an invalid ONNX Transpose
+    carry = _segsum_exp(chunk_log_decay.permute(chunks_last))  # (b, g, N, dg, nc, nc)
+    ends = (carry * local_ends.permute(chunks_last).unsqueeze(-2)).sum(-1).permute(0, 4, 1, 2, 3)  # (b,nc,g,N,dg)
+    return F.pad(ends, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]  # zero entering state for the first chunk
