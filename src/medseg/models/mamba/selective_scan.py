@@ -21,7 +21,11 @@ recurrence by one position in *all chunks at once*:
    loop-free "segment sum" as in Mamba-2's SSD, O((L/T)^2) per state);
 3. the recurrence again from the true entering states, read out with C at every position.
 This is the exact recurrence (no exp of a cumulative sum, nothing that can overflow), O(L*N) work per channel, in
-2T Python steps on tensors of L/T positions. Without autograd the steps update preallocated buffers in place.
+2T Python steps on tensors of L/T positions. Without autograd the steps update preallocated buffers in place. With
+autograd (training) the eager scan is a torch.autograd.Function whose backward runs the adjoint recurrence backwards
+with the same chunking, recomputing the forward states from the saved chunk-entering states: between forward and
+backward it keeps O(L*D + L*N*D/T) values instead of autograd's several tensors of L*N*D per step. Traced graphs
+(ONNX, torch.compile) use the plain differentiable ops.
 """
 
 from __future__ import annotations
@@ -190,11 +194,6 @@ def selective_scan_torch(
         delta = delta + delta_bias[..., None].to(dtype)
     if delta_softplus:
         delta = F.softplus(delta)
-    # Inference (nothing to differentiate) updates preallocated buffers in place: same arithmetic, about half the
-    # time, because nothing is allocated per step.
-    in_place = not traced and not (
-        torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C))
-    )
 
     # Work layout (T, batch, L/T, groups, ., dim_per_group): position-in-chunk first and channels last, so that each
     # step of the loops reads contiguous slices and vectorises over channels. L is padded to a multiple of T with
@@ -212,33 +211,56 @@ def selective_scan_torch(
     A5 = A.to(dtype).reshape(groups, dg, n).transpose(-1, -2).contiguous()  # (g, N, dg)
     B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)  # (T, b, nc, g, N, 1) or fixed (g, N, dg)
     C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
-    state_shape = (batch, delta6.shape[2], groups, n, dg)
-    decay_buffer = torch.empty(state_shape, dtype=dtype, device=u.device) if in_place else None
+    if traced:  # plain differentiable ops, loop-free chunk carry: one graph for every L
+        y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=True)
+        last = ends[:, -1]  # the padding carries the last state unchanged to the end of the last chunk
+    elif torch.is_grad_enabled() and any(x.requires_grad for x in (delta6, x6, A5, B6, C6)):
+        y, last = _ChunkedScan.apply(delta6, x6, A5, B6, C6)  # hand-written chunked backward
+    else:
+        with torch.no_grad():
+            y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
+        last = ends[:, -1]
+    y = y.squeeze(-2).permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
+    out = y if D is None else y + u * D.to(dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(dtype))
+    out = out.to(dtype_in)
+    if return_last_state:
+        return out, last.transpose(-1, -2).reshape(batch, dim, n)
+    return out
 
-    # Per-step views taken once with unbind: indexing x[t] in the loop would make autograd build a zero tensor of
-    # the full size for every step's gradient (O(T) full-size fills per tensor in backward).
-    def steps(x: Tensor) -> Sequence[Tensor]:  # fixed B or C have no position axis: the same tensor at every step
-        return x.unbind(0) if x.dim() == 6 else [x] * chunk
 
-    delta_at, x_at, B_at, C_at = steps(delta6), steps(x6), steps(B6), steps(C6)
+def _steps(x: Tensor, chunk: int) -> Sequence[Tensor]:
+    """Per-step views of a work-layout tensor, taken once with unbind (indexing x[t] in a loop would make autograd
+    build a full-size zero gradient per step). Fixed B or C have no position axis: the same tensor at every step."""
+    return x.unbind(0) if x.dim() == 6 else [x] * chunk
 
-    def decay(t: int) -> Tensor:  # exp(delta_t * A), (b, nc, g, N, dg)
-        if decay_buffer is not None:
-            return torch.mul(delta_at[t], A5, out=decay_buffer).clamp_min_(_MIN_LOG_DECAY).exp_()
-        return torch.exp((delta_at[t] * A5).clamp_min(_MIN_LOG_DECAY))
+
+def _decay(delta_t: Tensor, A5: Tensor, out: Tensor | None = None) -> Tensor:
+    """exp(delta_t * A), (b, nc, g, N, dg); in place in `out` when given."""
+    if out is not None:
+        return torch.mul(delta_t, A5, out=out).clamp_min_(_MIN_LOG_DECAY).exp_()
+    return torch.exp((delta_t * A5).clamp_min(_MIN_LOG_DECAY))
+
+
+def _scan_chunks(
+    delta6: Tensor, x6: Tensor, A5: Tensor, B6: Tensor, C6: Tensor, traced: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunked scan on the work layout: y (T, b, nc, g, 1, dg), the state entering each chunk and the state at
+    each chunk's end (b, nc, g, N, dg). Out of place (differentiable) when traced, else in place in its own buffers
+    (call it under no_grad)."""
+    chunk = delta6.shape[0]
+    state_shape = (*delta6.shape[1:4], A5.shape[1], A5.shape[2])
+    decay_buffer = None if traced else torch.empty(state_shape, dtype=A5.dtype, device=A5.device)
+    delta_at, x_at, B_at, C_at = (_steps(x, chunk) for x in (delta6, x6, B6, C6))
 
     def advance(h: Tensor, t: int) -> Tensor:  # h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
-        if in_place:
-            return h.mul_(decay(t)).addcmul_(x_at[t], B_at[t])
-        return torch.addcmul(x_at[t] * B_at[t], decay(t), h)
-
-    def readout(h: Tensor, t: int) -> Tensor:  # <C_t, h_t>, (b, nc, g, 1, dg)
-        if C6.dim() == 3:
-            return (h * C6).sum(-2, keepdim=True)
-        return torch.matmul(C_at[t].transpose(-1, -2), h)
+        if decay_buffer is not None:
+            return h.mul_(_decay(delta_at[t], A5, decay_buffer)).addcmul_(x_at[t], B_at[t])
+        return torch.addcmul(x_at[t] * B_at[t], _decay(delta_at[t], A5), h)
 
     # 1) Every chunk at once from a zero state: the chunks' local end states.
-    h = torch.zeros(state_shape, dtype=dtype, device=u.device)
+    h = torch.zeros(state_shape, dtype=A5.dtype, device=A5.device)
     for t in range(chunk):
         h = advance(h, t)
 
@@ -254,20 +276,92 @@ def selective_scan_torch(
         starts = torch.stack(starts_list, dim=1)
 
     # 3) The recurrence again, every chunk from its true entering state, read out with C at every position.
-    h = starts
+    h = starts.clone() if decay_buffer is not None else starts
     ys = []
     for t in range(chunk):
         h = advance(h, t)
-        ys.append(readout(h, t))
-    y = torch.stack(ys).squeeze(-2)  # (T, b, nc, g, dg)
-    y = y.permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
-    out = y if D is None else y + u * D.to(dtype)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(dtype))
-    out = out.to(dtype_in)
-    if return_last_state:  # the padding carries the last state unchanged to the end of the last chunk
-        return out, h[:, -1].transpose(-1, -2).reshape(batch, dim, n)
-    return out
+        ys.append(_readout(h, C_at[t]))
+    return torch.stack(ys), starts, h
+
+
+def _readout(h: Tensor, C_t: Tensor) -> Tensor:
+    """<C_t, h_t> over the state axis, (b, nc, g, 1, dg)."""
+    if C_t.dim() == 3:  # fixed C (g, N, dg)
+        return (h * C_t).sum(-2, keepdim=True)
+    return torch.matmul(C_t.transpose(-1, -2), h)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The eager scan with a hand-written backward: the adjoint recurrence g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}
+    runs backwards with the same two-pass chunking as the forward (local adjoints from zero, a carry over chunks, then
+    the true adjoints with every gradient read off at each step). Autograd through the forward's per-step ops costs
+    about 4x more (a saved tensor and a broadcast-reducing backward per op)."""
+
+    @staticmethod
+    def forward(ctx, delta6, x6, A5, B6, C6):  # type: ignore[override]
+        y, starts, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
+        ctx.save_for_backward(delta6, x6, A5, B6, C6, starts)
+        return y, ends[:, -1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy6, dlast):  # type: ignore[override]
+        delta6, x6, A5, B6, C6, starts = ctx.saved_tensors
+        chunk = delta6.shape[0]
+        delta_at, x_at, B_at, C_at = (_steps(x, chunk) for x in (delta6, x6, B6, C6))
+        dy_at = _steps(dy6, chunk)
+
+        # The forward states, recomputed from the saved entering states: history[t] = h_{t-1} (history[0] = start).
+        # Decays are recomputed where needed: cheaper here than keeping T more full-size tensors in memory.
+        decay = torch.empty_like(starts)
+        history = starts.new_empty((chunk + 1, *starts.shape))
+        history[0] = starts
+        for t in range(chunk):
+            torch.mul(history[t], _decay(delta_at[t], A5, decay), out=history[t + 1]).addcmul_(x_at[t], B_at[t])
+
+        # 1) Every chunk at once from a zero adjoint at its end: what each chunk sends to the previous one.
+        g = torch.zeros_like(starts)
+        for t in reversed(range(chunk)):
+            g.addcmul_(C_at[t], dy_at[t]).mul_(_decay(delta_at[t], A5, decay))
+        # 2) The adjoint arriving at each chunk's last state from later chunks (the last chunk's: dlast).
+        chunk_decay = torch.exp((delta6.sum(0) * A5).clamp_min(_MIN_LOG_DECAY))
+        arriving = [dlast if dlast is not None else torch.zeros_like(starts[:, -1])]
+        for c in range(starts.shape[1] - 1, 0, -1):
+            arriving.append(torch.addcmul(g[:, c], chunk_decay[:, c], arriving[-1]))
+        g = torch.stack(arriving[::-1], dim=1)
+        # 3) The true adjoints g_t = dL/dh_t, backwards, with every gradient read off at each step.
+        fixed_B, fixed_C = B6.dim() == 3, C6.dim() == 3
+        d_delta, d_x, d_B, d_C = [], [], [], []
+        d_A = torch.zeros_like(g)
+        d_B_fixed = torch.zeros_like(g) if fixed_B else None
+        d_C_fixed = torch.zeros_like(g) if fixed_C else None
+        d_log_decay = torch.empty_like(g)
+        for t in reversed(range(chunk)):
+            g.addcmul_(C_at[t], dy_at[t])
+            h_t = history[t + 1]
+            if fixed_C:
+                d_C_fixed.addcmul_(h_t, dy_at[t])
+            else:
+                d_C.append(torch.matmul(h_t, dy_at[t].transpose(-1, -2)))  # sum over channels, (b, nc, g, N, 1)
+            if fixed_B:
+                d_B_fixed.addcmul_(g, x_at[t])
+                d_x.append((g * B6).sum(-2, keepdim=True))
+            else:
+                d_B.append(torch.matmul(g, x_at[t].transpose(-1, -2)))
+                d_x.append(torch.matmul(B_at[t].transpose(-1, -2), g))  # sum over the state, (b, nc, g, 1, dg)
+            # d log-decay; where the log-decay was clamped the true derivative is below exp(-60) * |g h|: ~0 anyway.
+            _decay(delta_at[t], A5, decay)
+            torch.mul(g, history[t], out=d_log_decay).mul_(decay)
+            d_delta.append((d_log_decay * A5).sum(-2, keepdim=True))
+            d_A.addcmul_(d_log_decay, delta_at[t])
+            g.mul_(decay)  # dL/dh_{t-1} through this step
+
+        def stacked(grads: list[Tensor]) -> Tensor:
+            return torch.stack(grads[::-1])
+
+        d_B6 = d_B_fixed.sum((0, 1)) if fixed_B else stacked(d_B)
+        d_C6 = d_C_fixed.sum((0, 1)) if fixed_C else stacked(d_C)
+        return stacked(d_delta), stacked(d_x), d_A.sum((0, 1)), d_B6, d_C6
 
 
 def _carry_segsum(chunk_log_decay: Tensor, local_ends: Tensor) -> Tensor:
