@@ -213,6 +213,7 @@ def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[st
         "mean_dsc": metrics.get("mean_dsc"),
         "mean_hd95": metrics.get("mean_hd95"),
         "export_max_abs_diff": export.get("max_abs_diff"),
+        "export_label_agreement": export.get("label_agreement"),
         "torch_latency_ms": export.get("torch_latency_ms"),
         "onnx_latency_ms": export.get("onnx_latency_ms"),
     }
