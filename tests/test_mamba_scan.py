@@ -198,6 +198,19 @@ def test_half_precision_input_is_computed_in_float32_and_returned_in_input_dtype
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_scan_stays_in_float32_under_autocast():
+    """Mixed-precision training must not turn the scan's readout matmuls into bfloat16 (about 1e-2 error)."""
+    inputs = make_inputs(2, 8, 100, 16, "variable")
+    ref, _ = sequential_reference(**inputs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan_torch(**inputs, delta_softplus=True)
+        with torch.no_grad():
+            out_inference = selective_scan_torch(**inputs, delta_softplus=True)
+    for got in (out, out_inference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_arguments_are_rejected_with_a_clear_message():
     inputs = {k: v for k, v in make_inputs(1, 4, 8, 2, "variable").items() if k in "u delta A B C"}
     with pytest.raises(ValueError, match="backend"):

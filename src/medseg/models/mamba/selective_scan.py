@@ -211,15 +211,18 @@ def selective_scan_torch(
     A5 = A.to(dtype).reshape(groups, dg, n).transpose(-1, -2).contiguous()  # (g, N, dg)
     B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)  # (T, b, nc, g, N, 1) or fixed (g, N, dg)
     C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
-    if traced:  # plain differentiable ops, loop-free chunk carry: one graph for every L
-        y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=True)
-        last = ends[:, -1]  # the padding carries the last state unchanged to the end of the last chunk
-    elif torch.is_grad_enabled() and any(x.requires_grad for x in (delta6, x6, A5, B6, C6)):
-        y, last = _ChunkedScan.apply(delta6, x6, A5, B6, C6)  # hand-written chunked backward
-    else:
-        with torch.no_grad():
-            y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
-        last = ends[:, -1]
+    # The recurrence stays in float32 under autocast too (as mamba_ssm's kernel does): a half-precision readout
+    # matmul would cost about three significant digits.
+    with torch.autocast(u.device.type, enabled=False):
+        if traced:  # plain differentiable ops, loop-free chunk carry: one graph for every L
+            y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=True)
+            last = ends[:, -1]  # the padding carries the last state unchanged to the end of the last chunk
+        elif torch.is_grad_enabled() and any(x.requires_grad for x in (delta6, x6, A5, B6, C6)):
+            y, last = _ChunkedScan.apply(delta6, x6, A5, B6, C6)  # hand-written chunked backward
+        else:
+            with torch.no_grad():
+                y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
+            last = ends[:, -1]
     y = y.squeeze(-2).permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
     out = y if D is None else y + u * D.to(dtype)[:, None]
     if z is not None:
