@@ -30,6 +30,7 @@ backward it keeps O(L*D + L*N*D/T) values instead of autograd's several tensors 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Sequence
 
@@ -213,7 +214,10 @@ def selective_scan_torch(
     C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
     # The recurrence stays in float32 under autocast too (as mamba_ssm's kernel does): a half-precision readout
     # matmul would cost about three significant digits.
-    with torch.autocast(u.device.type, enabled=False):
+    device_type = u.device.type
+    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())  # e.g. "meta" tensors (FLOP counting) have no autocast
+    with no_autocast:
         if traced:  # plain differentiable ops, loop-free chunk carry: one graph for every L
             y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=True)
             last = ends[:, -1]  # the padding carries the last state unchanged to the end of the last chunk
