@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.data.loader import SliceDataset, dataset_from_params, load_case, make_loader, read_cases
+from medseg.data.loader import (SliceDataset, augment_slice, dataset_from_params, load_case, make_loader, read_cases,
+                                rotation_grid)
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
 
@@ -102,6 +103,23 @@ def test_flip_and_rot90_keep_image_and_label_aligned(ingested):
             torch.testing.assert_close(image[0] % 10, label.float() / K)  # image still encodes the label
             changed += not torch.equal(label, plain[i][1])
     assert changed > 0
+
+
+@pytest.mark.parametrize("height,width,angle", [(224, 224, 0.1), (64, 96, -0.25), (5, 3, 1.0)])
+def test_rotation_grid_is_affine_grid(height, width, angle):
+    cos, sin = np.cos(angle), np.sin(angle)
+    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=torch.float32)
+    want = F.affine_grid(theta, [1, 1, height, width], align_corners=False)
+    torch.testing.assert_close(rotation_grid(height, width, angle), want, atol=1e-6, rtol=0)
+
+
+def test_augmentation_keeps_the_label_dtype_and_items_have_int64_labels(ingested):
+    aug = {"p": 1.0, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+    image, label = torch.rand(1, 16, 16), torch.randint(0, K, (16, 16), dtype=torch.uint8)
+    _, rotated = augment_slice(image, label, aug, np.random.default_rng(0))
+    assert rotated.dtype == torch.uint8 and set(rotated.unique().tolist()) <= set(range(K))
+    ds = SliceDataset(ingested, ["a"], (16, 16), augment=aug, seed=0, cache_resized=True)
+    assert all(item[1].dtype == torch.int64 for item in ds.__getitems__(list(range(len(ds)))))
 
 
 def test_augmentation_is_deterministic_per_seed_and_epoch(ingested):
