@@ -244,7 +244,8 @@ def _steps(x: Tensor, chunk: int) -> Sequence[Tensor]:
 
 
 def _decay(delta_t: Tensor, A5: Tensor, out: Tensor | None = None) -> Tensor:
-    """exp(delta_t * A), (b, nc, g, N, dg); in place in `out` when given."""
+    """exp(delta_t * A), (b, nc, g, N, dg), log-decay clamped at _MIN_LOG_DECAY; in place in `out` when given.
+    With delta summed over a chunk it is the whole chunk's decay."""
     if out is not None:
         return torch.mul(delta_t, A5, out=out).clamp_min_(_MIN_LOG_DECAY).exp_()
     return torch.exp((delta_t * A5).clamp_min(_MIN_LOG_DECAY))
@@ -272,11 +273,11 @@ def _scan_chunks(
         h = advance(h, t)
 
     # 2) The state entering each chunk: start[c+1] = decay over chunk c * start[c] + local end of chunk c.
-    chunk_log_decay = delta6.sum(0) * A5  # A * sum(delta) over the chunk (A is constant in time), (b, nc, g, N, dg)
+    # The decay over a whole chunk is exp(A * sum of delta over it), A being constant in time: (b, nc, g, N, dg).
     if traced:
-        starts = _carry_segsum(chunk_log_decay, h)
+        starts = _carry_segsum(delta6.sum(0) * A5, h)
     else:  # a loop over the L/T chunks on tensors of one state each
-        chunk_decay = torch.exp(chunk_log_decay.clamp_min(_MIN_LOG_DECAY))
+        chunk_decay = _decay(delta6.sum(0), A5)
         starts_list = [torch.zeros_like(h[:, 0])]
         for c in range(h.shape[1] - 1):
             starts_list.append(torch.addcmul(h[:, c], chunk_decay[:, c], starts_list[-1]))
@@ -332,7 +333,7 @@ class _ChunkedScan(torch.autograd.Function):
         for t in reversed(range(chunk)):
             g.addcmul_(C_at[t], dy_at[t]).mul_(_decay(delta_at[t], A5, decay))
         # 2) The adjoint arriving at each chunk's last state from later chunks (the last chunk's: dlast).
-        chunk_decay = torch.exp((delta6.sum(0) * A5).clamp_min(_MIN_LOG_DECAY))
+        chunk_decay = _decay(delta6.sum(0), A5)  # the same chunk decays as the forward's carry
         arriving = [dlast]  # autograd passes zeros when the last state was not used
         for c in range(starts.shape[1] - 1, 0, -1):
             arriving.append(torch.addcmul(g[:, c], chunk_decay[:, c], arriving[-1]))
