@@ -9,7 +9,7 @@ import pytest
 from medseg import io
 from medseg.cli import main
 from medseg.config import config_hash, load_params
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, OutputConflictError
 from conftest import ROOT
 
 
@@ -24,19 +24,63 @@ def test_atomic_open_keeps_old_file_when_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
 
 
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != io.OWNED_MARKER)
+
+
 def test_atomic_dir_swaps_whole_folder_or_nothing(tmp_path):
     out = tmp_path / "dataset"
     with io.atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("first")
+    assert io.is_medseg_output(out)
     with pytest.raises(ValueError):
         with io.atomic_dir(out) as tmp:
             (tmp / "b.txt").write_text("second, half done")
             raise ValueError("bad case")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert _listing(out) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
     with io.atomic_dir(out) as tmp:
         (tmp / "c.txt").write_text("replaced")
-    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert _listing(out) == ["c.txt"]
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): io.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_atomic_dir_refuses_to_replace_a_folder_it_did_not_create(tmp_path):
+    users = tmp_path / "my_dataset"
+    (users / "imagesTr").mkdir(parents=True)
+    (users / "imagesTr" / "case_0000.nii.gz").write_bytes(b"only copy")
+    (users / "dataset.json").write_text("{}")
+    before = _tree(users)
+    with pytest.raises(OutputConflictError, match=r"my_dataset: folder was not written by medseg .*refusing to replace"):
+        with io.atomic_dir(users) as tmp:
+            (tmp / "img").mkdir()
+    assert _tree(users) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_dataset"]  # no temp folder left either
+
+
+def test_atomic_dir_refuses_a_file_a_symlink_and_a_folder_taken_during_the_build(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(OutputConflictError, match="notes.txt: exists and is not a folder medseg wrote"):
+        with io.atomic_dir(a_file):
+            pass
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "data")
+    with pytest.raises(OutputConflictError):
+        with io.atomic_dir(link):
+            pass
+    late = tmp_path / "late"
+    with pytest.raises(OutputConflictError):
+        with io.atomic_dir(late) as tmp:
+            (tmp / "x").write_text("built")
+            late.mkdir()  # someone put a folder there while medseg was building
+            (late / "theirs.txt").write_text("keep")
+    assert (late / "theirs.txt").read_text() == "keep" and a_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "late", "link", "notes.txt"]
 
 
 def test_save_npy_is_memory_mappable(tmp_path):

@@ -32,3 +32,7 @@ class ExportError(MedsegError):
 
 class PromotionRefused(MedsegError):
     """The challenger did not earn the champion alias; the message says why."""
+
+
+class OutputConflictError(MedsegError):
+    """An output path is taken by something medseg did not write (e.g. a user's folder); nothing was touched."""

@@ -16,6 +16,8 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
+from medseg.errors import OutputConflictError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -74,14 +76,32 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
             np.save(fh, np.ascontiguousarray(array))
 
 
+# Written into every folder `atomic_dir` builds. `atomic_dir` replaces only folders that hold it, so a path
+# that happens to name a user's folder (a dataset, a home directory) is refused instead of swapped away.
+OWNED_MARKER = ".medseg-output"
+_MARKER_TEXT = "This folder was written by medseg and is replaced whole when its stage runs again.\n"
+
+
+def is_medseg_output(path: str | Path) -> bool:
+    return (Path(path) / OWNED_MARKER).is_file()
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a whole output folder in a temp sibling, then swap it in (old one removed only on success)."""
+    """Build a whole output folder in a temp sibling, then swap it in (old one removed only on success).
+
+    The folder gets an `OWNED_MARKER` file. An existing `path` is replaced only if it carries that marker (medseg
+    made it); any other existing path raises `OutputConflictError` before anything is written.
+    """
     path = Path(path)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; outputs get the usual permissions
     try:
+        (tmp / OWNED_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
         yield tmp
+        _check_replaceable(path)  # the block may have run for hours: look again just before the swap
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old"))
             os.replace(path, old / path.name)
@@ -92,6 +112,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputConflictError(f"{path}: exists and is not a folder medseg wrote; refusing to replace it")
+    if path.is_dir() and not is_medseg_output(path):
+        entries = sum(1 for _ in path.iterdir())
+        raise OutputConflictError(
+            f"{path}: folder was not written by medseg (no {OWNED_MARKER} file, {entries} entries); refusing to "
+            "replace it. Move it away or point the output elsewhere: medseg never deletes folders it did not create"
+        )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
