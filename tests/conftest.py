@@ -68,11 +68,11 @@ def project_copy(tiny_project, tmp_path) -> Path:
 
 
 def make_dvc_project(dst: Path, params: dict) -> Path:
-    """A runnable project copy: dvc.yaml, stages/, src/ (stage deps), tiny params.yaml, `dvc init --no-scm`."""
+    """A runnable project copy: dvc.yaml, builtin/ (the phantom stage), stages/, src/ (stage deps), tiny params.yaml, `dvc init --no-scm`."""
     import subprocess
 
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "stages", "src"):
+    for name in ("dvc.yaml", "builtin", "stages", "src"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -104,3 +104,12 @@ def seed_store(root: Path, template: Path) -> None:
     """Give `root` the empty store that register_model_version would otherwise create (and migrate) itself."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, root / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's temporary server, started once per test session (15-35 s) for every test that runs a real flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

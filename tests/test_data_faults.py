@@ -18,6 +18,7 @@ from PIL import Image
 from medseg.data.archive import safe_extract
 from medseg.data.ingest import ingest_dataset
 from medseg.errors import IngestError
+from medseg.io import atomic_dir
 from test_ingest import (
     SYNAPSE_CLASSES,
     folder2d_params,
@@ -308,8 +309,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_bad_input_names_the_file_and_leaves_previous_output(tmp_path, fault):
     raw, params, file_part, problem = fault(tmp_path)
     out = tmp_path / "ingested" / "ds"
-    out.mkdir(parents=True)
-    (out / "cases.json").write_text(json.dumps({"previous": "ingest"}))
+    with atomic_dir(out) as previous:  # an earlier ingest's output (medseg's, so a new ingest may replace it)
+        (previous / "cases.json").write_text(json.dumps({"previous": "ingest"}))
     before = _snapshot(out)
 
     with pytest.raises(IngestError) as info:

@@ -1,5 +1,5 @@
-"""The Prefect flows against a real (temporary) Prefect server. The server starts once for this module
-(15-35 s); every other flows test calls tasks with `.fn()` and never starts it."""
+"""The Prefect flows against a real (temporary) Prefect server (the session-scoped `prefect_server` fixture of
+conftest.py, started once for the whole test session); every other flows test calls tasks with `.fn()`."""
 
 from __future__ import annotations
 
@@ -16,14 +16,6 @@ from flows.tasks import DvcCommandError
 from medseg.errors import PromotionRefused
 
 pytestmark = pytest.mark.prefect
-
-
-@pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def latest_artifact(key: str):

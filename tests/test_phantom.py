@@ -8,7 +8,7 @@ import pytest
 
 from medseg.data import phantom
 from medseg.data.phantom import generate_from_params, generate_phantom_dataset
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, OutputConflictError
 
 SHAPE, SPACING = (64, 64, 10), (0.7, 0.7, 3.0)
 MAPPED = {8, 4, 3, 2, 6, 11, 1, 7}  # params.yaml label_map keys (the 8 TransUNet organs)
@@ -84,9 +84,9 @@ def test_cases_vary_but_regenerating_is_byte_identical(tmp_path, cases):
 
 
 def test_generate_from_params_replaces_the_folder_atomically(tmp_path, monkeypatch):
-    params = {"dataset": {"raw_dir": "data/raw/phantom"}, "phantom": {"num_cases": 2, "shape": [16, 16, 3], "spacing": [1, 1, 2], "seed": 0}}
+    params = {"dataset": {"raw_dir": "data/phantom"}, "phantom": {"num_cases": 2, "shape": [16, 16, 3], "spacing": [1, 1, 2], "seed": 0}}
     raw = generate_from_params(params, tmp_path)
-    assert raw == tmp_path / "data/raw/phantom"
+    assert raw == tmp_path / "data/phantom"
     assert len(list((raw / "img").iterdir())) == 2
     before = {p.name: p.read_bytes() for p in (raw / "img").iterdir()}
 
@@ -104,6 +104,35 @@ def test_generate_from_params_replaces_the_folder_atomically(tmp_path, monkeypat
         generate_from_params({**params, "phantom": {**params["phantom"], "num_cases": 3, "seed": 1}}, tmp_path)
     assert {p.name: p.read_bytes() for p in (raw / "img").iterdir()} == before
     assert sorted(p.name for p in raw.parent.iterdir()) == ["phantom"]
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_phantom_never_writes_to_dataset_raw_dir(tmp_path):
+    """Regression: the phantom stage wrote into `dataset.raw_dir` and swapped a user's dataset away."""
+    users = tmp_path / "outside" / "Task02_Heart"
+    (users / "imagesTr").mkdir(parents=True)
+    (users / "imagesTr" / "la_003_0000.nii.gz").write_bytes(b"the only copy")
+    (users / "dataset.json").write_text('{"labels": {"background": 0, "left atrium": 1}}')
+    before = _tree(users)
+    params = {"dataset": {"raw_dir": str(users)}, "phantom": {"num_cases": 1, "shape": [16, 16, 3], "spacing": [1, 1, 2], "seed": 0}}
+    out = generate_from_params(params, tmp_path / "project")
+    assert out == tmp_path / "project" / "data" / "phantom"
+    assert (out / "img" / "img0001.nii.gz").is_file()
+    assert _tree(users) == before
+    assert sorted(p.name for p in users.parent.iterdir()) == ["Task02_Heart"]
+
+
+def test_the_phantom_refuses_to_replace_a_folder_medseg_did_not_write(tmp_path):
+    taken = tmp_path / "data" / "phantom"
+    taken.mkdir(parents=True)
+    (taken / "scan.nii.gz").write_bytes(b"someone's file")
+    params = {"dataset": {"raw_dir": "data/phantom"}, "phantom": {"num_cases": 1, "shape": [16, 16, 3], "spacing": [1, 1, 2], "seed": 0}}
+    with pytest.raises(OutputConflictError, match="phantom: folder was not written by medseg"):
+        generate_from_params(params, tmp_path)
+    assert _tree(taken) == {"scan.nii.gz": b"someone's file"}
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,9 @@ def generate_phantom_dataset(
 ) -> list[str]:
     """Write `num_cases` phantom cases into `out_dir` (built in a temp folder, swapped in whole).
 
+    An existing `out_dir` is replaced only if medseg wrote it (`medseg.io.atomic_dir`'s marker); anything else
+    raises OutputConflictError and is left as it is.
+
     Returns the case file stems (`0001`, ...). The same arguments always give byte-identical files.
     """
     if int(num_cases) < 1:
@@ -197,12 +200,20 @@ def generate_phantom_dataset(
     return stems
 
 
+# The phantom's one output, fixed: the only raw folder medseg ever writes (see builtin/dvc.yaml). A user's
+# dataset lives wherever `dataset.raw_dir` says and is only ever read.
+PHANTOM_DIR = Path("data") / "phantom"
+
+
 def generate_from_params(params: dict[str, Any], root: str | Path = ".") -> Path:
-    """Generate the phantom described by `params["phantom"]` into `<root>/<dataset.raw_dir>`."""
+    """Generate the phantom described by `params["phantom"]` into `<root>/data/phantom` (PHANTOM_DIR).
+
+    `dataset.raw_dir` is not consulted: pointing it at a user's dataset must never make this write there.
+    """
     try:
         ph = params["phantom"]
-        raw_dir = Path(root) / params["dataset"]["raw_dir"]
-        generate_phantom_dataset(raw_dir, ph["num_cases"], ph["shape"], ph["spacing"], ph.get("seed", 0))
+        out = Path(root) / PHANTOM_DIR
+        generate_phantom_dataset(out, ph["num_cases"], ph["shape"], ph["spacing"], ph.get("seed", 0))
     except KeyError as exc:
         raise ConfigError(f"params.yaml: missing key {exc} needed by the phantom stage") from exc
-    return raw_dir
+    return out
