@@ -206,6 +206,19 @@ def test_fingerprint_matches_the_data(tmp_path):
     assert stats["percentile_99_5"] == pytest.approx(np.percentile(fg, 99.5))
 
 
+def test_scaled_nifti_is_read_as_float32_not_float64(tmp_path):
+    """scl_slope/scl_inter (common in CT exports): nibabel would scale to float64, twice float32's memory."""
+    from medseg.data.formats import read_nifti
+
+    hu = np.linspace(-1024.0, 1500.0, 12 * 10 * 4).reshape(12, 10, 4)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([*SPACING, 1.0]), dtype=np.int16), path)  # int16 on disk, with a slope
+    assert nib.load(path).dataobj.slope != 1.0
+    data = read_nifti(path).data
+    assert data.dtype == np.float32
+    np.testing.assert_allclose(data, np.asanyarray(nib.load(path).dataobj), rtol=1e-6)
+
+
 def test_btcv_names_and_reingest_is_deterministic_and_replaces(tmp_path):
     raw = make_synapse(tmp_path / "raw", n=2, dirs=("imagesTr", "labelsTr"))
     out = tmp_path / "out"
@@ -245,6 +258,24 @@ def test_nnunet_channel_files_and_dataset_json(tmp_path):
     # mr: per channel percentile clip then z-score.
     for c in range(2):
         assert abs(float(image[:, c].mean())) < 1e-4 and float(image[:, c].std()) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("style, channels, modality", [("nnunet", 2, None), ("msd", 1, "ct")])
+def test_stored_image_is_normalise_image_of_the_read_case(tmp_path, monkeypatch, style, channels, modality):
+    """Ingest writes the image slab by slab; the bytes are those of the in-memory `normalise_image`."""
+    from medseg.data.formats import dataset_spec, discover, read_case
+    from medseg.data.ingest import normalise_image
+
+    raw = make_msd(tmp_path / "raw", channels=channels, style=style, shape=(40, 30, 7))
+    params = msd_params(modality=modality)
+    spec = dataset_spec(params, raw)
+    case = discover(spec, raw)[0][0]
+    expected = normalise_image(read_case(case, spec).image, spec)  # one slab
+    monkeypatch.setattr("medseg.data.checks.SLAB_VOXELS", 500)  # one slice a slab
+    ingest_dataset(params, raw, tmp_path / "out")
+    stored, _, _ = load_case(tmp_path / "out", case.id)
+    assert stored.dtype == expected.dtype and stored.shape == expected.shape
+    assert np.asarray(stored).tobytes() == expected.tobytes()
 
 
 def test_msd_4d_volume_and_macos_shadow_files(tmp_path):

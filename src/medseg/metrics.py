@@ -7,7 +7,8 @@ transforms on the bounding box of the two masks (exact, and much faster than on 
 
 Two protocols decide units and empty masks (see docs/metrics.md):
 
-- "mm" (default): distances in millimetres from the voxel spacing.
+- "mm" (default): distances in millimetres from the voxel spacing (spacing None: in voxels, which is how
+  evaluation scores data whose spacing is unknown, labelled "voxels").
   both masks non-empty -> status "ok"; both empty -> "both_empty": DSC and HD95 NaN, excluded from the means
   (and counted); exactly one empty ("pred_empty" = missed organ, "gt_empty" = false positive) -> DSC 0 and
   HD95 = the volume's diagonal in mm (the largest distance possible inside the volume: a worst case).
@@ -94,7 +95,8 @@ def _hd95_defined(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | N
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """Length of the volume's diagonal in mm: the worst-case HD95 for a missed or hallucinated structure."""
+    """Length of the volume's diagonal in mm (in voxels for unit spacing): the worst-case HD95 for a missed or
+    hallucinated structure."""
     return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 

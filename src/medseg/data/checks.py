@@ -1,7 +1,9 @@
 """Data integrity checks, one function per check, shared by `ingest` (stops at the first problem) and
 `medseg.doctor` (runs them all and lists every problem).
 
-Every check raises `IngestError(path, problem)`; none of them modifies its input.
+Every check raises `IngestError(path, problem)`; none of them modifies its input. Volumes are walked in slabs
+of the first axis (`slabs`): a whole-volume temporary of a 512 x 512 x 200 CT (a bool mask, a rounded float copy,
+int64 indices) would cost as much as the case itself, or 4x more.
 """
 
 from __future__ import annotations
@@ -15,22 +17,46 @@ from medseg.errors import IngestError
 
 AFFINE_ATOL_MM = 1e-3  # image and label grids may differ by float noise, not by a voxel
 AFFINE_RTOL = 1e-4
+SLAB_VOXELS = 1 << 20  # 4 slices of 512 x 512: 4 MiB of float32, 8 MiB of int64, and still few numpy calls
+
+
+def slabs(shape: Sequence[int]) -> list[slice]:
+    """Consecutive ranges of the first axis of an array of `shape`, about SLAB_VOXELS voxels each (at least one
+    range, empty for an empty array, so that reductions over the slabs see every array)."""
+    step = max(1, SLAB_VOXELS // max(int(np.prod(shape[1:], dtype=np.int64)), 1))
+    return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
 
 
 def check_finite(path: str | Path, array: np.ndarray) -> None:
-    if np.issubdtype(array.dtype, np.floating):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            n_nan = int(np.isnan(array).sum())
-            raise IngestError(path, f"contains {n_nan} NaN and {int(bad.sum()) - n_nan} Inf voxels")
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    n_nan = n_bad = 0
+    for s in slabs(array.shape):
+        part = array[s]
+        if not np.isfinite(part).all():
+            n_nan += int(np.isnan(part).sum())
+            n_bad += int((~np.isfinite(part)).sum())
+    if n_bad:
+        raise IngestError(path, f"contains {n_nan} NaN and {n_bad - n_nan} Inf voxels")
 
 
 def check_integer_labels(path: str | Path, label: np.ndarray) -> None:
-    if np.issubdtype(label.dtype, np.floating):
-        frac = label != np.round(label)
+    if not np.issubdtype(label.dtype, np.floating):
+        return
+    count, example = 0, None
+    for s in slabs(label.shape):
+        part = label[s]
+        frac = part != np.round(part)
         if frac.any():
-            example = float(label[frac].flat[0])
-            raise IngestError(path, f"label volume has {int(frac.sum())} non-integer values (e.g. {example:g})")
+            count += int(frac.sum())
+            example = float(part[frac].flat[0]) if example is None else example
+    if count:
+        raise IngestError(path, f"label volume has {count} non-integer values (e.g. {example:g})")
+
+
+def label_values(label: np.ndarray) -> np.ndarray:
+    """The distinct values of a label volume, sorted (np.unique of the whole volume would sort a copy of it)."""
+    return np.unique(np.concatenate([np.unique(label[s]) for s in slabs(label.shape)]))
 
 
 def check_same_shape(label_path: str | Path, image_shape: Sequence[int], label_shape: Sequence[int]) -> None:
@@ -77,7 +103,7 @@ def map_labels(
     background (unmapped="background") or an error (unmapped="error"). Without one: values must be < num_classes.
     """
     check_integer_labels(path, label)
-    values = np.unique(label).astype(np.int64)
+    values = label_values(label).astype(np.int64)
     if values.size and values.min() < 0:
         raise IngestError(path, f"negative label values {values[values < 0].tolist()}")
     if not label_map:
@@ -86,7 +112,7 @@ def map_labels(
             raise IngestError(
                 path, f"label values {bad.tolist()} outside the {num_classes} declared classes (0..{num_classes - 1})"
             )
-        return label.astype(np.uint8)
+        return np.ascontiguousarray(label, dtype=np.uint8)
     known = {int(k) for k in label_map} | {0}
     unknown = [int(v) for v in values if int(v) not in known]
     if unknown and unmapped == "error":
@@ -94,7 +120,11 @@ def map_labels(
     lut = np.zeros(int(max(values.max(initial=0), max(known))) + 1, dtype=np.uint8)
     for raw, cls in label_map.items():
         lut[int(raw)] = int(cls)
-    return lut[label.astype(np.int64)]
+    out = np.empty(label.shape, dtype=np.uint8)
+    for s in slabs(label.shape):  # int64 indices for the whole volume would be 8 bytes a voxel
+        part = label[s]
+        out[s] = lut[part if part.dtype.kind in "ui" else part.astype(np.intp)]
+    return out
 
 
 def check_label_map(label_map: Mapping[int, int] | None, num_classes: int, where: str = "dataset.label_map") -> None:

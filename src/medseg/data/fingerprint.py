@@ -1,7 +1,8 @@
 """Dataset fingerprint (as nnU-Net's): spacings, shapes, foreground intensity statistics, class frequencies.
 
-Built incrementally, one case at a time, so a dataset never has to fit in memory. Intensities are sampled
-from foreground voxels (label > 0) of the *raw* image, with a seeded generator, like nnU-Net does.
+Built incrementally, one case at a time, so a dataset never has to fit in memory, and each case is read in
+slabs (no int64 copy or index array of a whole CT). Intensities are sampled from foreground voxels (label > 0)
+of the *raw* image, with a seeded generator, like nnU-Net does.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+
+from medseg.data.checks import slabs
 
 SAMPLES_PER_CASE = 10_000
 
@@ -28,13 +31,29 @@ class FingerprintBuilder:
         """raw_image (D, C, H, W) before normalisation; label (D, H, W) class indices."""
         self.spacings.append([float(s) for s in spacing])
         self.shapes.append([int(s) for s in label.shape])
-        counts = np.bincount(label.ravel(), minlength=len(self.class_names))[: len(self.class_names)]
+        k = len(self.class_names)
+        ranges = slabs(label.shape)
+        counts = np.zeros(k, dtype=np.int64)
+        fg_per_slab = np.zeros(len(ranges), dtype=np.int64)
+        for i, s in enumerate(ranges):
+            slab_counts = np.bincount(label[s].ravel(), minlength=k)
+            counts += slab_counts[:k]
+            fg_per_slab[i] = label[s].size - slab_counts[0]
         self.voxels += counts
         self.cases_with += counts > 0
-        fg = np.flatnonzero(label.ravel() > 0)
-        if fg.size:
-            pick = fg if fg.size <= SAMPLES_PER_CASE else self.rng.choice(fg, SAMPLES_PER_CASE, replace=False)
-            d, h, w = label.shape
+        fg = int(fg_per_slab.sum())
+        if fg:
+            # Ranks among the foreground voxels in C order: the same draw as rng.choice(np.flatnonzero(label > 0))
+            # without an index array of every foreground voxel.
+            rank = np.arange(fg) if fg <= SAMPLES_PER_CASE else self.rng.choice(fg, SAMPLES_PER_CASE, replace=False)
+            ends = np.cumsum(fg_per_slab)
+            slab_of = np.searchsorted(ends, rank, side="right")
+            pick = np.empty(rank.size, dtype=np.int64)
+            _, h, w = label.shape
+            for i in np.unique(slab_of):
+                mine = slab_of == i
+                local = np.flatnonzero(label[ranges[i]].ravel() > 0)[rank[mine] - (ends[i] - fg_per_slab[i])]
+                pick[mine] = ranges[i].start * h * w + local
             z, rest = np.divmod(pick, h * w)
             y, x = np.divmod(rest, w)
             self.samples.append(np.asarray(raw_image[z, :, y, x], dtype=np.float64))

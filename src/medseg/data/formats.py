@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medseg.data import orientation
+from medseg.data.archive import ARCHIVE_LIMIT_KEYS
 from medseg.errors import ConfigError, IngestError
 
 FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
@@ -70,13 +72,15 @@ class CaseSource:
 
 @dataclass
 class RawCase:
-    """A case as read from disk, before checks and normalisation."""
+    """A case as read from disk, before checks and normalisation; NIfTI arrays already in canonical orientation."""
 
     image: np.ndarray  # (D, C, H, W) raw intensities
     label: np.ndarray  # (D, H, W) raw label values
-    spacing: tuple[float, float, float] | None  # (sz, sy, sx) mm, None if the format does not record it
-    image_affine: np.ndarray | None = None
-    label_affine: np.ndarray | None = None
+    spacing: tuple[float, float, float] | None  # (sz, sy, sx) mm, None where the file or format leaves it unknown
+    image_affine: np.ndarray | None = None  # as in the image file (its own voxel order)
+    label_affine: np.ndarray | None = None  # as in the label file
+    affine: np.ndarray | None = None  # of the canonical arrays above
+    source_shape: tuple[int, int, int] | None = None  # (x, y, z) of the image file
 
 
 def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = None) -> DatasetSpec:
@@ -106,7 +110,7 @@ def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = No
     window = ds.get("hu_window") or (-125.0, 275.0)
     if len(window) != 2 or float(window[0]) >= float(window[1]):
         raise ConfigError(f"dataset.hu_window must be [low, high] with low < high, got {window}")
-    known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels"}
+    known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels", *ARCHIVE_LIMIT_KEYS}
     unknown = sorted(set(ds) - known - ADAPTER_OPTIONS)
     if unknown:  # a typo (images_folder) must not be silently ignored
         raise ConfigError(f"dataset: unknown key(s) {unknown}; adapter options are {sorted(ADAPTER_OPTIONS)}")
@@ -338,26 +342,55 @@ _ADAPTERS: dict[str, Callable[[DatasetSpec, Path], tuple[list[CaseSource], list[
 # ---------------------------------------------------------------- readers
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(data in NIfTI axis order, affine, zooms); any failure becomes an IngestError naming the file."""
+@dataclass
+class NiftiVolume:
+    """One NIfTI file as stored: data in its own axis order (x, y, z[, c]), affine, header zooms."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, ...]
+    spacing_known: bool
+
+
+def read_nifti(path: Path) -> NiftiVolume:
+    """Read a NIfTI file; any failure becomes an IngestError naming the file."""
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        return data, np.asarray(img.affine, dtype=np.float64), tuple(round(float(z), 6) for z in img.header.get_zooms())  # float32 0.7 -> 0.7
+        proxy = img.dataobj
+        # With scl_slope/scl_inter nibabel would scale to float64 (8 bytes a voxel); float32 holds HU exactly.
+        scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
+        data = np.asanyarray(proxy, dtype=np.float32) if scaled else np.asanyarray(proxy)
+        zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())  # float32 0.7 -> 0.7
+        return NiftiVolume(data, np.asarray(img.affine, dtype=np.float64), zooms, _spacing_known(img.header, zooms[:3]))
     except Exception as exc:  # nibabel/gzip/zlib raise many types for broken files
         raise IngestError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
 
 
-def _volume_to_dchw(path: Path, data: np.ndarray) -> np.ndarray:
-    """NIfTI (x, y, z) or (x, y, z, c) -> (z, c, y, x)."""
-    data = data.reshape(data.shape[:3] + tuple(s for s in data.shape[3:] if s != 1))
-    if data.ndim == 3:
-        return data.transpose(2, 1, 0)[:, None]
-    if data.ndim == 4:
-        return data.transpose(2, 3, 1, 0)
-    raise IngestError(path, f"expected a 3D (or 4D multi-channel) volume, got shape {data.shape}")
+def _spacing_known(header, zooms: tuple[float, ...]) -> bool:
+    """False for an "unknown spacing" export: unit zooms with no coordinate system (qform and sform codes 0)
+    or no spatial unit. Unit zooms with a coordinate system and a unit are a real 1 mm grid."""
+    if any(z != 1.0 for z in zooms):
+        return True
+    coded = int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    return coded and header.get_xyzt_units()[0] != "unknown"
+
+
+def _squeeze(data: np.ndarray) -> np.ndarray:
+    """Drop singleton axes after the third (NIfTI writers pad a 3D volume to (x, y, z, 1))."""
+    return data.reshape(data.shape[:3] + tuple(s for s in data.shape[3:] if s != 1))
+
+
+def _canonical_dchw(path: Path, data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NIfTI (x, y, z[, c]) in the orientation of `affine` -> ((z, c, y, x) view in the canonical (RAS+)
+    orientation, canonical affine, ornt)."""
+    try:
+        canonical, canonical_affine, ornt = orientation.to_canonical(data, affine)
+    except ValueError as exc:
+        raise IngestError(path, str(exc)) from exc
+    dchw = canonical.transpose(2, 1, 0)[:, None] if canonical.ndim == 3 else canonical.transpose(2, 3, 1, 0)
+    return dchw, canonical_affine, ornt
 
 
 def _dhw(image: np.ndarray) -> tuple[int, int, int]:
@@ -367,27 +400,35 @@ def _dhw(image: np.ndarray) -> tuple[int, int, int]:
 def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     from medseg.data import checks
 
-    channels, affine, zooms = [], None, None
+    channels, first = [], None
     for path in case.images:
-        data, aff, z = read_nifti(path)
+        vol = read_nifti(path)
+        data = _squeeze(vol.data)
         if data.ndim < 3:
-            raise IngestError(path, f"expected a 3D volume, got shape {data.shape}")
-        vol = _volume_to_dchw(path, data)
-        if spec.format != "msd" and vol.shape[1] != 1:
-            raise IngestError(path, f"expected a 3D volume, got 4D shape {data.shape}")
-        if channels:
-            checks.check_same_shape(path, _dhw(channels[0]), _dhw(vol))
-            checks.check_affine(path, affine, aff)
+            raise IngestError(path, f"expected a 3D volume, got shape {vol.data.shape}")
+        if data.ndim > 4:
+            raise IngestError(path, f"expected a 3D (or 4D multi-channel) volume, got shape {vol.data.shape}")
+        if spec.format != "msd" and data.ndim == 4:
+            raise IngestError(path, f"expected a 3D volume, got 4D shape {vol.data.shape}")
+        if first is None:
+            first = vol
         else:
-            affine, zooms = aff, z
-        channels.append(vol)
+            checks.check_affine(path, first.affine, vol.affine)
+        # Every channel, and the label below, takes the first file's reorientation: voxels stay paired as stored.
+        dchw, affine, ornt = _canonical_dchw(path, data, first.affine)
+        if channels:
+            checks.check_same_shape(path, _dhw(channels[0]), _dhw(dchw))
+        channels.append(dchw)
     image = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=1)
-    ldata, laff, _ = read_nifti(case.label)
-    ldata = ldata.reshape(ldata.shape[:3] + tuple(s for s in ldata.shape[3:] if s != 1))
+    label_vol = read_nifti(case.label)
+    ldata = _squeeze(label_vol.data)
     if ldata.ndim != 3:
-        raise IngestError(case.label, f"label must be a 3D volume, got shape {ldata.shape}")
-    spacing = (zooms[2], zooms[1], zooms[0])
-    return RawCase(image, ldata.transpose(2, 1, 0), spacing, affine, laff)
+        raise IngestError(case.label, f"label must be a 3D volume, got shape {label_vol.data.shape}")
+    label = _canonical_dchw(case.label, ldata, first.affine)[0][:, 0]
+    zooms = orientation.canonical_zooms(first.zooms[:3], ornt)
+    spacing = (zooms[2], zooms[1], zooms[0]) if first.spacing_known else None
+    source_shape = tuple(int(s) for s in first.data.shape[:3])
+    return RawCase(image, label, spacing, first.affine, label_vol.affine, affine, source_shape)
 
 
 def _read_image2d_case(case: CaseSource, spec: DatasetSpec) -> RawCase:

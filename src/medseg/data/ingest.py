@@ -3,12 +3,18 @@
 Per case: read (adapter in `medseg.data.formats`), check (`medseg.data.checks`), remap labels to class
 indices, normalise intensities (ct: HU window -> [0, 1]; mr: 0.5/99.5 percentile clip then z-score per channel;
 rgb: /255; TransUNet's npz/h5 are already windowed to [0, 1] and kept as they are), and store
-image float32 (D, C, H, W) + label uint8 (D, H, W). The folder is built with `atomic_dir`: a failing case
-leaves the previous output (or nothing), never half a dataset.
+image float32 (D, C, H, W) + label uint8 (D, H, W). NIfTI volumes arrive in the canonical (RAS+) orientation
+(`medseg.data.orientation`); cases.json keeps the source affine, shape and axis codes to write predictions back.
+The folder is built with `atomic_dir`: a failing case leaves the previous output (or nothing), never half a dataset.
+
+Memory: one case at a time (its arrays die with `_ingest_case`), and within a case no float32 copy of the whole
+volume: the image is normalised and written slab by slab (`medseg.data.checks.slabs`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,13 +23,16 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.data import checks
-from medseg.data.archive import dataset_root, is_archive, safe_extract
+from medseg.data.archive import ArchiveLimits, dataset_root, is_archive, safe_extract
 from medseg.data.fingerprint import FingerprintBuilder
 from medseg.data.formats import FORMATS_3D, CaseSource, DatasetSpec, RawCase, dataset_spec, discover, read_case
+from medseg.data.orientation import axcodes
 from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
 
 MR_PERCENTILES = (0.5, 99.5)
+
+_log = logging.getLogger(__name__)
 
 
 def load_and_check(case: CaseSource, spec: DatasetSpec) -> tuple[RawCase | None, np.ndarray | None, list[IngestError]]:
@@ -47,7 +56,9 @@ def load_and_check(case: CaseSource, spec: DatasetSpec) -> tuple[RawCase | None,
             return None
 
     run(checks.check_finite, image_path, raw.image)
+    before = len(problems)
     run(checks.check_finite, label_path, raw.label)
+    label_finite = len(problems) == before
     image_dhw = (raw.image.shape[0], raw.image.shape[2], raw.image.shape[3])
     run(checks.check_same_shape, label_path, image_dhw, raw.label.shape)
     if raw.image_affine is not None and raw.label_affine is not None:
@@ -55,7 +66,7 @@ def load_and_check(case: CaseSource, spec: DatasetSpec) -> tuple[RawCase | None,
     if spec.format in FORMATS_3D or case.kind == "h5":
         run(checks.check_not_single_slice, image_path, raw.image.shape[0])
     label = None
-    if not np.issubdtype(raw.label.dtype, np.floating) or np.isfinite(raw.label).all():
+    if label_finite:
         label = run(checks.map_labels, label_path, raw.label, spec.num_classes, _label_map(spec), spec.unmapped_labels)
     return raw, label, problems
 
@@ -65,24 +76,71 @@ def _label_map(spec: DatasetSpec) -> dict[int, int] | None:
     return None if spec.format == "transunet" else spec.label_map
 
 
-def normalise_image(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    """Raw intensities (D, C, H, W) -> float32 network input, per `spec.modality`."""
-    image = image.astype(np.float32, copy=False)
+# (low, high, shift, scale) per channel, float32, shaped (C, 1, 1): input = (clip(raw, low, high) - shift) / scale;
+# None where nothing is clipped, or (TransUNet) nothing is done at all.
+Transform = tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray] | None
+
+
+def intensity_transform(image: np.ndarray, spec: DatasetSpec) -> Transform:
+    """The normalisation of `spec.modality` for this raw image (D, C, H, W); MR statistics come from the image."""
     if spec.format == "transunet":
-        return np.ascontiguousarray(image)  # windowed to [0, 1] by TransUNet's preprocessing
+        return None  # windowed to [0, 1] by TransUNet's preprocessing
+
+    def per_channel(values) -> np.ndarray:
+        return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+
+    channels = image.shape[1]
     if spec.modality == "ct":
         lo, hi = spec.hu_window
-        return ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+        return tuple(per_channel([value] * channels) for value in (lo, hi, lo, hi - lo))
     if spec.modality == "rgb":
-        return (image / 255.0).astype(np.float32)
-    out = np.empty_like(image)
-    for c in range(image.shape[1]):
-        channel = image[:, c]
-        lo, hi = np.percentile(channel, MR_PERCENTILES)
-        channel = np.clip(channel, lo, hi)
-        std = float(channel.std())
-        out[:, c] = (channel - float(channel.mean())) / (std if std > 1e-8 else 1.0)
+        return None, None, per_channel([0.0] * channels), per_channel([255.0] * channels)
+    stats = []  # (low, high, mean, std) of each channel
+    for c in range(channels):
+        lo, hi = (float(v) for v in np.percentile(image[:, c], MR_PERCENTILES))
+        mean, std = _clipped_mean_std(image[:, c], lo, hi)
+        stats.append((lo, hi, mean, std if std > 1e-8 else 1.0))
+    return tuple(per_channel(column) for column in zip(*stats))
+
+
+def _clipped_mean_std(channel: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """Mean and standard deviation of clip(channel, lo, hi) in float64, two passes over slabs."""
+    ranges = checks.slabs(channel.shape)
+    mean = sum(float(np.clip(channel[s], lo, hi, dtype=np.float64).sum()) for s in ranges) / channel.size
+    squares = sum(float(np.square(np.clip(channel[s], lo, hi, dtype=np.float64) - mean).sum()) for s in ranges)
+    return mean, math.sqrt(squares / channel.size)
+
+
+def normalise_slab(raw: np.ndarray, transform: Transform) -> np.ndarray:
+    """Raw intensities (k, C, H, W) -> a new float32 array of network input."""
+    out = raw.astype(np.float32, order="C")  # the one copy; every step below works in place
+    if transform is None:
+        return out
+    low, high, shift, scale = transform
+    if low is not None:
+        np.clip(out, low, high, out=out)
+    out -= shift
+    out /= scale
     return out
+
+
+def normalise_image(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Raw intensities (D, C, H, W) -> float32 network input, per `spec.modality`."""
+    transform = intensity_transform(image, spec)
+    out = np.empty(image.shape, dtype=np.float32)
+    for s in checks.slabs(image.shape):
+        out[s] = normalise_slab(image[s], transform)
+    return out
+
+
+def _save_normalised(path: Path, image: np.ndarray, spec: DatasetSpec) -> None:
+    """`normalise_image` written straight into an .npy (the same bytes as np.save), one slab at a time."""
+    transform = intensity_transform(image, spec)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": image.shape}
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for s in checks.slabs(image.shape):
+            fh.write(normalise_slab(image[s], transform).data)
 
 
 def _relative(path: Path, raw_dir: Path) -> str:
@@ -108,7 +166,7 @@ def ingest_dataset(dataset_params: dict[str, Any], raw_dir: str | Path, out_dir:
     raw_dir = Path(raw_dir)
     if is_archive(raw_dir):
         with tempfile.TemporaryDirectory(prefix="medseg-extract-") as tmp:
-            extracted = safe_extract(raw_dir, Path(tmp) / "raw")
+            extracted = safe_extract(raw_dir, Path(tmp) / "raw", ArchiveLimits.from_params(dataset_params))
             return _ingest_folder(dataset_params, dataset_root(extracted), Path(out_dir), source=raw_dir)
     return _ingest_folder(dataset_params, raw_dir, Path(out_dir), source=raw_dir)
 
@@ -125,37 +183,13 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
     with atomic_dir(out_dir) as tmp:
         (tmp / "cases").mkdir()
         for case in tqdm(cases, desc=f"ingest {spec.name}", unit="case", disable=None):
-            raw, label, problems = load_and_check(case, spec)
-            if problems:
-                raise problems[0]
-            channels = raw.image.shape[1]
-            if in_channels is None:
-                in_channels = channels
-            elif channels != in_channels:
-                raise IngestError(case.images[0], f"has {channels} channels, earlier cases have {in_channels}")
-            spacing = raw.spacing or (1.0, 1.0, 1.0)
-            image = normalise_image(raw.image, spec)
-            image_rel, label_rel = f"cases/{case.id}_image.npy", f"cases/{case.id}_label.npy"
-            save_npy(tmp / image_rel, image)
-            save_npy(tmp / label_rel, label)
-            fingerprint.add(raw.image, label, spacing)
-            source_image, source_label = _source(case, raw_dir)
-            records.append(
-                {
-                    "id": case.id,
-                    "patient": case.patient,
-                    "shape": [int(s) for s in label.shape],
-                    "spacing": [float(s) for s in spacing],
-                    "spacing_known": raw.spacing is not None,
-                    "image": image_rel,
-                    "label": label_rel,
-                    "source_image": source_image,
-                    "source_label": source_label,
-                    "source_channels": [_relative(p, raw_dir) for p in case.images] if len(case.images) > 1 and case.kind == "nifti" else None,
-                    "sha256": sha256_file(tmp / image_rel),
-                    "label_sha256": sha256_file(tmp / label_rel),
-                }
-            )
+            record, channels = _ingest_case(case, spec, raw_dir, tmp, fingerprint, in_channels)
+            in_channels = channels
+            records.append(record)
+        unknown = sum(not r["spacing_known"] for r in records)
+        if unknown:
+            _log.warning("%s: voxel spacing unknown for %d of %d cases; distances (HD95) will be in voxels, not mm",
+                         source, unknown, len(records))
         manifest = {
             "dataset": spec.name,
             "format": spec.format,
@@ -169,9 +203,55 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
         }
         write_json(tmp / "cases.json", manifest)
         fp = fingerprint.result()
-        fp = {"dataset": spec.name, "modality": spec.modality, "spacing_known": all(r["spacing_known"] for r in records), **fp}
+        fp = {"dataset": spec.name, "modality": spec.modality, "spacing_known": not unknown, **fp}
         write_json(tmp / "fingerprint.json", fp)
     return manifest
+
+
+def _ingest_case(
+    case: CaseSource,
+    spec: DatasetSpec,
+    raw_dir: Path,
+    tmp: Path,
+    fingerprint: FingerprintBuilder,
+    in_channels: int | None,
+) -> tuple[dict[str, Any], int]:
+    """Check, normalise and store one case; returns (its cases.json record, its channel count)."""
+    raw, label, problems = load_and_check(case, spec)
+    if problems:
+        raise problems[0]
+    channels = raw.image.shape[1]
+    if in_channels is not None and channels != in_channels:
+        raise IngestError(case.images[0], f"has {channels} channels, earlier cases have {in_channels}")
+    spacing = raw.spacing or (1.0, 1.0, 1.0)
+    image_rel, label_rel = f"cases/{case.id}_image.npy", f"cases/{case.id}_label.npy"
+    _save_normalised(tmp / image_rel, raw.image, spec)
+    save_npy(tmp / label_rel, label)
+    fingerprint.add(raw.image, label, spacing)
+    source_image, source_label = _source(case, raw_dir)
+    record = {
+        "id": case.id,
+        "patient": case.patient,
+        "shape": [int(s) for s in label.shape],
+        "spacing": [float(s) for s in spacing],
+        "spacing_known": raw.spacing is not None,
+        "affine": _nested(raw.affine),
+        "source_affine": _nested(raw.image_affine),
+        "source_shape": list(raw.source_shape) if raw.source_shape else None,
+        "source_axcodes": axcodes(raw.image_affine) if raw.image_affine is not None else None,
+        "image": image_rel,
+        "label": label_rel,
+        "source_image": source_image,
+        "source_label": source_label,
+        "source_channels": [_relative(p, raw_dir) for p in case.images] if len(case.images) > 1 and case.kind == "nifti" else None,
+        "sha256": sha256_file(tmp / image_rel),
+        "label_sha256": sha256_file(tmp / label_rel),
+    }
+    return record, channels
+
+
+def _nested(affine: np.ndarray | None) -> list[list[float]] | None:
+    return None if affine is None else [[float(v) for v in row] for row in affine]
 
 
 def _normalisation(spec: DatasetSpec) -> dict[str, Any]:
@@ -192,9 +272,46 @@ def ingested_dir(params: dict[str, Any], root: str | Path = ".") -> Path:
         raise ConfigError(f"params.yaml: missing key {exc} (dataset.name)") from exc
 
 
-def ingest_from_params(params: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
-    """Ingest `<root>/<dataset.raw_dir>` into `<root>/data/ingested/<dataset.name>/`; returns cases.json's content."""
+def raw_dir_from_params(params: dict[str, Any], root: str | Path = ".") -> Path:
+    """`dataset.raw_dir` as a path: absolute as given (`~` expanded), else relative to the project root."""
     ds = params.get("dataset") or {}
-    if "raw_dir" not in ds:
+    if not ds.get("raw_dir"):
         raise ConfigError("params.yaml: dataset.raw_dir is required")
-    return ingest_dataset(ds, Path(root) / ds["raw_dir"], ingested_dir(params, root))
+    return Path(root) / Path(str(ds["raw_dir"])).expanduser()
+
+
+def check_outside_raw(out_dir: str | Path, raw_dir: str | Path) -> None:
+    """Refuse an output that is, holds or lies inside the raw dataset: medseg only ever reads a user's data."""
+    out, raw = Path(out_dir).resolve(), Path(raw_dir).resolve()
+    if out == raw or raw in out.parents or out in raw.parents:
+        raise ConfigError(
+            f"{out_dir}: output overlaps the raw dataset {raw_dir} (dataset.raw_dir); medseg never writes there. "
+            "Keep the raw data outside data/ingested/ or rename dataset.name"
+        )
+
+
+# Folders that are DVC stage outputs (DVC deletes an output before its stage runs) or medseg's own: no place
+# for a user's raw data. The phantom's folder is a raw dataset, but only ever the built-in one.
+OUTPUT_DIRS = ("data/ingested", "data/splits", "models", "reports", "registry", "mlartifacts")
+PHANTOM_RAW_DIR = "data/phantom"
+
+
+def check_raw_dir_is_not_an_output(raw_dir: str | Path, root: str | Path = ".", builtin_ok: bool = True) -> None:
+    """Refuse a raw dataset inside a folder that a stage replaces: there it would be deleted by the next run."""
+    raw, root = Path(raw_dir).resolve(), Path(root).resolve()
+    reserved = [*OUTPUT_DIRS, *(() if builtin_ok else (PHANTOM_RAW_DIR,))]
+    for rel in reserved:
+        folder = root / rel
+        if raw == folder or folder in raw.parents:
+            raise ConfigError(
+                f"{raw_dir}: raw data inside {rel}/, which medseg's stages replace on every run; move the data "
+                "elsewhere (any folder, inside the project under data/raw/ or outside it) and point dataset.raw_dir there"
+            )
+
+
+def ingest_from_params(params: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
+    """Ingest `dataset.raw_dir` into `<root>/data/ingested/<dataset.name>/`; returns cases.json's content."""
+    raw_dir, out_dir = raw_dir_from_params(params, root), ingested_dir(params, root)
+    check_raw_dir_is_not_an_output(raw_dir, root)
+    check_outside_raw(out_dir, raw_dir)
+    return ingest_dataset(params["dataset"], raw_dir, out_dir)
