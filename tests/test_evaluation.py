@@ -165,3 +165,41 @@ def test_bad_inputs_are_named(project_copy, tiny_params, tmp_path):
     params["evaluate"]["protocol"] = "pixels"
     with pytest.raises(ConfigError, match="evaluate.protocol"):
         evaluate_model(params, "unet", project_copy)
+
+
+def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path):
+    """One test case without a known spacing turns the whole evaluation to voxels: no mean mixes mm and voxels."""
+    from medseg.data.ingest import ingest_dataset
+    from medseg.data.loader import load_case
+    from test_ingest import synapse_params, volume_pair, write_nifti
+
+    torch.set_num_threads(1)
+    raw, root = tmp_path / "raw", tmp_path / "project"
+    for i, zooms in ((1, (0.8, 0.9, 2.5)), (2, (1.0, 1.0, 1.0))):  # case0002: unit zooms, no unit -> unknown
+        image, label = volume_pair(i)
+        write_nifti(raw / "img" / f"img{i:04d}.nii.gz", image, spacing=zooms)
+        write_nifti(raw / "label" / f"label{i:04d}.nii.gz", label, spacing=zooms)
+    ingested = root / "data" / "ingested" / "syn"
+    manifest = ingest_dataset(synapse_params(), raw, ingested)
+    assert [c["spacing_known"] for c in manifest["cases"]] == [True, False]
+    params = {"dataset": {"name": "syn"}, "data": {"image_size": [16, 16], "context": 0},
+              "evaluate": {"protocol": "mm", "overlay_cases": 0}, "train": {"device": "cpu"}}
+    _checkpoint(root, params)
+    split = root / "data" / "splits" / "syn.json"
+    split.parent.mkdir(parents=True)
+    hd95 = {}
+    for test_ids, unit in ((["case0001"], "mm"), (["case0001", "case0002"], "voxels")):
+        split.write_text(json.dumps({"test": test_ids}))
+        assert evaluate_model(params, "unet", root)["hd95_unit"] == unit
+        with open(root / "reports" / "unet" / "per_case.csv", newline="") as fh:
+            hd95[unit] = [float(r["hd95"]) for r in csv.DictReader(fh) if r["case"] == "case0001"]
+
+    model, meta = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
+    image, label, spacing = load_case(ingested, "case0001")
+    pred = predict_volume(model, image, meta["image_size"])
+    names = manifest["class_names"]
+    expected = {unit: [r["hd95"] for r in case_metrics(pred, np.asarray(label), names, s, "mm")]
+                for unit, s in (("mm", spacing), ("voxels", None))}
+    np.testing.assert_allclose(hd95["mm"], expected["mm"], equal_nan=True)
+    np.testing.assert_allclose(hd95["voxels"], expected["voxels"], equal_nan=True)
+    assert not np.allclose(hd95["mm"], hd95["voxels"], equal_nan=True)  # the unit changed the numbers

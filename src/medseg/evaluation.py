@@ -4,6 +4,8 @@ Checkpoints were selected on the validation split (medseg.training); this module
 `split["test"]`. Inference: each slice (with its 2.5D neighbours, as in training) is resized to the training
 image_size, the network's logits are resized back to the native slice size (bilinear, on logits), then argmax;
 DSC and HD95 are computed on the reassembled 3D volume (medseg.metrics, protocol from evaluate.protocol).
+HD95 is in mm only when every test case has a known voxel spacing (cases.json `spacing_known`); otherwise every
+distance is computed in voxels (spacing 1) and labelled so, never passed off as millimetres.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ from torch import nn
 
 from medseg.config import disable_telemetry, resolve_device
 from medseg.errors import ConfigError, TrainingError
+from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_json, write_text
 from medseg.metrics import aggregate, case_metrics
 
 _log = logging.getLogger(__name__)
 
-HD95_UNITS = {"mm": "mm", "transunet": "voxels"}
+HD95_UNITS = {"mm": "mm", "transunet": "voxels"}  # with known spacing; unknown spacing is always "voxels"
+
+
+def hd95_unit(protocol: str, spacing_known: bool) -> str:
+    """The unit HD95 is measured in: the protocol's, except voxels when any test case's spacing is unknown."""
+    return HD95_UNITS[protocol] if spacing_known else "voxels"
 
 
 def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -136,6 +144,13 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     if not test_ids:
         raise ConfigError(f"{split_path}: the test list is empty")
 
+    entries = {c["id"]: c for c in cases["cases"]}
+    unknown = sum(not entries.get(i, {}).get("spacing_known", True) for i in test_ids)
+    if unknown:
+        _log.warning("%s: voxel spacing unknown for %d of %d test cases; HD95 in voxels", ingested, unknown,
+                     len(test_ids))
+    unit = hd95_unit(protocol, not unknown)
+
     device = resolve_device(params.get("train", {}).get("device", "auto"))
     model = model.to(device)
     batch_size = int(eval_p.get("batch_size", 32))
@@ -146,7 +161,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         image, label, spacing = load_case(ingested, case_id)
         pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
         label = np.asarray(label)
-        for row in case_metrics(pred, label, class_names, spacing, protocol):
+        for row in case_metrics(pred, label, class_names, None if unknown else spacing, protocol):
             rows.append({"case": case_id, **row})
         if len(overlays) < overlay_cases:
             overlays.append((case_id, *_overlay_slice(image, label, pred)))
@@ -155,7 +170,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     metrics = {
         "arch": arch,
         "protocol": protocol,
-        "hd95_unit": HD95_UNITS[protocol],
+        "hd95_unit": unit,
         "split_sha256": test_split_sha256(test_ids),
         "mean_dsc": summary["mean_dsc"],
         "mean_hd95": summary["mean_hd95"],
@@ -188,11 +203,9 @@ def _fmt(value: float) -> str:
 
 
 def _overlay_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """The slice with the most ground-truth foreground: (index, image channel 0 or RGB, label, prediction)."""
+    """The slice with the most ground-truth foreground: (index, displayed image, label, prediction)."""
     index = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1)))
-    img = np.asarray(image[index], dtype=np.float32)
-    img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-    return index, img, label[index], pred[index]
+    return index, display_slice(image[index]), label[index], pred[index]
 
 
 def _plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str) -> None:
@@ -211,7 +224,7 @@ def _plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str
     for r, (case_id, index, img, label, pred) in enumerate(overlays):
         for c, (title, mask) in enumerate((("image", None), ("ground truth", label), ("prediction", pred))):
             ax = axes[r][c]
-            ax.imshow(_normalise(img), cmap="gray" if img.ndim == 2 else None)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
             if mask is not None:
                 ax.imshow(mask, cmap=cmap, vmin=0, vmax=len(class_names) - 1, interpolation="nearest")
             ax.set_title(f"{case_id} slice {index}: {title}", fontsize=9)
@@ -223,8 +236,3 @@ def _plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
-
-
-def _normalise(img: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(img)), float(np.max(img))
-    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medseg.display import display_slice
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, read_json, write_text
 from medseg.metrics import finite_or_none
@@ -218,9 +219,9 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
             f"{size} slice; latencies are single-slice CPU timings from `reports/<arch>/export.json`.",
             "",
         ]
-        if len(protocols) > 1:
-            parts += ["> **Warning:** the architectures were evaluated under different protocols; "
-                      "their HD95 values are not comparable.", ""]
+        if len(protocols) > 1 or len(units) > 1:
+            parts += ["> **Warning:** the architectures were evaluated under different protocols or HD95 units "
+                      f"({', '.join(units)}); their HD95 values are not comparable.", ""]
         if len(splits) > 1:
             parts += ["> **Warning:** the architectures were evaluated on different test splits "
                       "(split_sha256 differs); re-run `dvc repro evaluate` for all of them.", ""]
@@ -358,11 +359,6 @@ def predict_slice(model, meta: dict[str, Any], image: np.ndarray, index: int) ->
     return predict_volume(model, np.asarray(image[lo:hi]), meta["image_size"], context)[index - lo]
 
 
-def _display(image_slice: np.ndarray) -> np.ndarray:
-    img = image_slice[0] if image_slice.shape[0] == 1 else np.moveaxis(image_slice[:3], 0, -1)
-    lo, hi = float(np.min(img)), float(np.max(img))
-    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-
 
 def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Sequence[dict]) -> str:
     """Figure 1-style grid; returns a one-line description for comparison.md."""
@@ -394,7 +390,7 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
                              squeeze=False)
     for r, (case_id, index) in enumerate(slices):
         image, label, _ = load_case(ingested, case_id)
-        background = _display(np.asarray(image[index], dtype=np.float32))
+        background = display_slice(image[index])
         masks = [None, np.asarray(label[index])] + [predict_slice(row["model"], row["meta"], image, index)
                                                     for row in with_models]
         for c, mask in enumerate(masks):
