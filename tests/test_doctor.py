@@ -61,9 +61,11 @@ def test_clean_dataset_exits_zero_and_broken_exits_one(tmp_path, capsys):
 def test_format_override_and_config_problems(tmp_path, capsys):
     raw = make_acdc(tmp_path / "ACDC", patients=(1,))
     params = {"dataset": {"name": "acdc", "format": "synapse", "modality": "mr", "class_names": ["background", "rv", "myo", "lv"]}}
-    assert run_doctor(params, tmp_path, raw_dir=raw) == 1  # not a Synapse layout
+    assert run_doctor(params, tmp_path, raw_dir=raw, fmt="synapse") == 1  # not a Synapse layout
     assert "Synapse layout needs" in capsys.readouterr().out
     assert run_doctor(params, tmp_path, raw_dir=raw, fmt="acdc") == 0
+    assert run_doctor(params, tmp_path, raw_dir=raw) == 0  # a folder that is not params' raw_dir: layout detected
+    assert "dataset described by the acdc layout's conventions: acdc" in capsys.readouterr().out
     problems = check_dataset({**params["dataset"], "format": "dicom"}, raw)
     assert [p.severity for p in problems] == ["error"] and "dataset.format" in problems[0].problem
 
@@ -93,3 +95,39 @@ def test_folder2d_problems_all_reported(tmp_path):
     params = {"name": "k", "format": "folder2d", "modality": "rgb", "class_names": ["background", "polyp"]}
     files = sorted(p.file.rsplit("/", 1)[-1] for p in check_dataset(params, raw) if p.severity == "error")
     assert files == ["b.png", "c.jpg", "d.png"]
+
+
+def _brats_like(root):
+    """An MSD dataset that describes itself: 4 classes and 4 MR channels in its dataset.json."""
+    import json
+
+    root.mkdir(parents=True)
+    labels = {"0": "background", "1": "edema", "2": "non-enhancing tumour", "3": "enhancing tumour"}
+    meta = {"name": "BrainTumour", "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, "labels": labels}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    for k, case in enumerate(("BRATS_001", "BRATS_002")):
+        rng = np.random.default_rng(k)
+        write_nifti(root / "imagesTr" / f"{case}.nii.gz", rng.normal(100, 30, size=(8, 6, 3, 4)).astype(np.float32))
+        write_nifti(root / "labelsTr" / f"{case}.nii.gz", rng.integers(0, 4, size=(8, 6, 3)).astype(np.uint8))
+    return root
+
+
+def test_raw_dir_elsewhere_is_described_by_its_own_dataset_json(tmp_path, capsys):
+    # Regression: params.yaml still describes another dataset; doctor used its classes (and modality) for D.
+    raw = _brats_like(tmp_path / "Task01_BrainTumour")
+    synapse = {"dataset": {**synapse_params(), "raw_dir": "data/raw/phantom"}}
+    kvasir = {"dataset": {"name": "k", "format": "folder2d", "raw_dir": "data/raw/k", "modality": "rgb", "class_names": ["background", "polyp"]}}
+    for params in (kvasir, synapse):  # kvasir: today 2 classes -> label values [2, 3] are errors
+        assert run_doctor(params, tmp_path, raw_dir=raw, fmt="msd") == 0
+        out = capsys.readouterr().out
+        assert "dataset described by its dataset.json" in out and "background, edema" in out
+        assert "aorta" not in out and "error" not in out.replace("0 error(s)", "")
+    assert run_doctor(synapse, tmp_path, raw_dir=raw) == 0  # the layout is detected too
+    assert "dataset described by its dataset.json" in capsys.readouterr().out
+
+
+def test_params_raw_dir_is_described_by_params(tmp_path, capsys):
+    make_synapse(tmp_path / "data/raw/syn", n=1)
+    params = {"dataset": {**synapse_params(), "raw_dir": "data/raw/syn"}}
+    assert run_doctor(params, tmp_path, raw_dir=tmp_path / "data/raw/syn") == 0
+    assert "dataset described by params.yaml" in capsys.readouterr().out

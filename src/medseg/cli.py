@@ -81,6 +81,31 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(params, args.root, raw_dir=args.raw_dir, fmt=args.format)
 
 
+def cmd_dataset_init(args: argparse.Namespace) -> int:
+    """Describe a raw dataset as params.yaml's `dataset:` section (the raw folder is only read)."""
+    from medseg.data import detect
+    from medseg.data.ingest import check_raw_dir_is_not_an_output
+
+    section, notes = detect.infer_dataset_section(args.raw_dir, args.format, args.name, root=args.root)
+    check_raw_dir_is_not_an_output(Path(args.root) / section["raw_dir"], args.root, builtin_ok=False)
+    print(f"{args.raw_dir}:")
+    for note in notes:
+        print(f"  {note}")
+    print("check before training:")
+    for key, why in detect.review_items(section):
+        print(f"  - {key}: {why}")
+    params_path = Path(args.root) / args.params
+    if args.dry_run:
+        print("\n" + detect.dataset_block(section))
+        print(f"(dry run: {params_path} not changed)")
+        return 0
+    raw_path = Path(args.root) / section["raw_dir"]  # an absolute raw_dir stays itself
+    detect.write_dataset_section(params_path, section, raw_path)
+    print(f"{params_path}: dataset section written (every other line kept)")
+    print("next: `medseg doctor` (checks every case against this description), then `dvc repro`")
+    return 0
+
+
 def cmd_preset(args: argparse.Namespace) -> int:
     """Replace params.yaml with presets/<name>.yaml (the one switch between quick and paper settings)."""
     from medseg.io import write_text
@@ -133,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-dir", default=None, help="default: params dataset.raw_dir")
     p.add_argument("--format", default=None, help="default: params dataset.format")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("dataset", help="describe a raw dataset in params.yaml")
+    dataset_sub = p.add_subparsers(dest="dataset_command", required=True)
+    p = dataset_sub.add_parser("init", help="detect a raw dataset's layout and write params.yaml's dataset: section")
+    p.add_argument("raw_dir", help="raw dataset folder or .zip/.tar.gz archive (only read, never changed)")
+    p.add_argument("--format", default=None, help="synapse | msd | acdc | folder2d | transunet (default: detected)")
+    p.add_argument("--name", default=None, help="dataset name (default: a slug of the folder name)")
+    p.add_argument("--dry-run", action="store_true", help="print the section, write nothing")
+    p.set_defaults(func=cmd_dataset_init)
 
     p = sub.add_parser("preset", help="switch params.yaml to a preset (quick | paper)")
     p.add_argument("name")

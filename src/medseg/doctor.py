@@ -5,6 +5,7 @@ through `medseg.data.ingest.load_and_check`), plus dataset-wide warnings ingest 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +33,12 @@ def check_dataset(dataset_params: dict[str, Any], raw_dir: str | Path) -> list[P
 
 
 def _check(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
-    from medseg.data.archive import dataset_root, is_archive, safe_extract
+    from medseg.data.archive import ArchiveLimits, dataset_root, is_archive, safe_extract
 
     if is_archive(raw_dir):
         with tempfile.TemporaryDirectory(prefix="medseg-doctor-") as tmp:
             try:
-                extracted = dataset_root(safe_extract(raw_dir, Path(tmp) / "raw"))
+                extracted = dataset_root(safe_extract(raw_dir, Path(tmp) / "raw", ArchiveLimits.from_params(dataset_params)))
             except IngestError as exc:
                 return [_problem(exc)], 0
             return _check_folder(dataset_params, extracted)
@@ -102,26 +103,53 @@ def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[P
     return problems, len(cases)
 
 
+def _describe(params: dict[str, Any], root: str | Path, raw_dir: str | Path | None, fmt: str | None):
+    """(dataset section, raw folder, where the description came from, or the problem that stopped it).
+
+    A folder other than params' dataset.raw_dir is a different dataset: params' class names, label_map and
+    modality say nothing about it, so it describes itself (its dataset.json, or its layout's conventions:
+    what `medseg dataset init` would write). params.yaml's dataset is checked as it stands otherwise.
+    """
+    from medseg.data.detect import infer_dataset_section
+    from medseg.data.ingest import raw_dir_from_params
+
+    dataset = dict(params.get("dataset") or {})
+    own = raw_dir_from_params(params, root) if dataset.get("raw_dir") else None
+    if raw_dir is None:
+        if own is None:
+            raise ConfigError("params.yaml: dataset.raw_dir is required (or pass a raw folder)")
+        raw_dir = own
+    if own is not None and os.path.abspath(raw_dir) == os.path.abspath(own):
+        return {**dataset, **({"format": fmt} if fmt else {})}, Path(raw_dir), "params.yaml", None
+    try:
+        section, _ = infer_dataset_section(raw_dir, fmt, root=root)
+    except IngestError as exc:  # the layout holds no case (e.g. --format synapse on an ACDC folder)
+        return {"format": fmt}, Path(raw_dir), None, _problem(exc)
+    except ConfigError as exc:  # unknown or ambiguous layout; the message already names the folder
+        return {"format": fmt}, Path(raw_dir), None, Problem(str(raw_dir), str(exc).removeprefix(f"{raw_dir}: "))
+    source = "its dataset.json" if section["format"] == "msd" else f"the {section['format']} layout's conventions"
+    return section, Path(raw_dir), source, None
+
+
 def run_doctor(params: dict[str, Any], root: str | Path = ".", raw_dir: str | Path | None = None, fmt: str | None = None) -> int:
     """Check `raw_dir` (default `<root>/<dataset.raw_dir>`) as dataset format `fmt` (default `dataset.format`).
 
-    Prints a table of problems; returns 1 if any is an error, else 0 (the CLI's exit code).
+    A `raw_dir` other than params' dataset.raw_dir is described by itself (`_describe`). Prints which
+    description was used and a table of problems; returns 1 if any is an error, else 0 (the CLI's exit code).
     """
     from rich.console import Console
     from rich.table import Table
 
-    dataset = dict(params.get("dataset") or {})
-    if fmt:
-        dataset["format"] = fmt
-    if raw_dir is None:
-        if "raw_dir" not in dataset:
-            raise ConfigError("params.yaml: dataset.raw_dir is required (or pass a raw folder)")
-        raw_dir = Path(root) / dataset["raw_dir"]
-    problems, num_cases = _check(dataset, Path(raw_dir))
+    dataset, raw_dir, source, failed = _describe(params, root, raw_dir, fmt)
+    problems, num_cases = ([failed], 0) if failed else _check(dataset, raw_dir)
     console = Console()
+    if source:
+        names = ", ".join(map(str, dataset.get("class_names") or [])) or "from dataset.json"
+        modality = dataset.get("modality") or "from dataset.json"
+        console.print(f"dataset described by {source}: {dataset.get('format')}, classes {names}, modality {modality}")
     errors = sum(p.severity == "error" for p in problems)
     if problems:
-        table = Table(title=f"medseg doctor: {raw_dir} ({dataset.get('format')})", show_lines=False)
+        table = Table(title=f"medseg doctor: {raw_dir} ({dataset.get('format') or 'layout unknown'})", show_lines=False)
         table.add_column("severity")
         table.add_column("file", overflow="fold")
         table.add_column("problem", overflow="fold")
