@@ -422,3 +422,15 @@ def test_unknown_dataset_keys_are_refused(tmp_path):
         ingest_dataset(folder2d_params(image_folder="imgs"), raw, tmp_path / "out")
     manifest = ingest_dataset(folder2d_params(images_dir="images", masks_dir="masks", mask_suffix=""), raw, tmp_path / "out")
     assert len(manifest["cases"]) == 2
+
+
+def test_btcv_rawdata_with_testing_beside_training_pairs_training_images(tmp_path):
+    """BTCV's RawData/ has Testing/img (no labels) sorted before Training/: images must come from Training."""
+    raw = tmp_path / "RawData"
+    make_synapse(raw / "Training", n=2)
+    for i in (61, 62):
+        image, _ = volume_pair(i)
+        write_nifti(raw / "Testing" / "img" / f"img{i:04d}.nii.gz", image)
+    manifest = ingest_dataset(synapse_params(), raw, tmp_path / "out")
+    assert [c["id"] for c in manifest["cases"]] == ["case0001", "case0002"]
+    assert all(c["source_image"].startswith("Training/img/") for c in manifest["cases"])

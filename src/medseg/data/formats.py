@@ -155,13 +155,14 @@ def _visible_files(folder: Path, pattern: str) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
 
 
-def _find_dir(root: Path, names: tuple[str, ...], depth: int = 2) -> Path | None:
-    """The first folder called one of `names` at `root` or up to `depth` levels below it."""
+def _find_dir(root: Path, names: tuple[str, ...], depth: int = 2, has_sibling: tuple[str, ...] = ()) -> Path | None:
+    """The first folder called one of `names` at `root` or up to `depth` levels below it (with a sibling folder
+    called one of `has_sibling`, when given)."""
     level = [root]
     for _ in range(depth + 1):
         for parent in level:
             for name in names:
-                if (parent / name).is_dir():
+                if (parent / name).is_dir() and (not has_sibling or any((parent / s).is_dir() for s in has_sibling)):
                     return parent / name
         level = [d for p in level for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     return None
@@ -179,8 +180,12 @@ def _number(name: str) -> str | None:
 
 
 def _discover_synapse(spec: DatasetSpec, raw_dir: Path):
-    img_dir = _find_dir(raw_dir, ("img", "imagesTr"))
-    lbl_dir = _find_dir(raw_dir, ("label", "labelsTr"))
+    # BTCV's RawData holds Testing/img (no labels) beside Training/img + label: take images from the folder
+    # whose sibling holds the labels, not simply the first img/ found.
+    img_dir = _find_dir(raw_dir, ("img", "imagesTr"), has_sibling=("label", "labelsTr"))
+    img_dir = img_dir or _find_dir(raw_dir, ("img", "imagesTr"))
+    lbl_dir = next((img_dir.parent / n for n in ("label", "labelsTr") if (img_dir.parent / n).is_dir()), None) if img_dir else None
+    lbl_dir = lbl_dir or _find_dir(raw_dir, ("label", "labelsTr"))
     if img_dir is None or lbl_dir is None:
         missing = "img/ (or imagesTr/)" if img_dir is None else "label/ (or labelsTr/)"
         return [], [IngestError(raw_dir, f"Synapse layout needs a {missing} folder")]
