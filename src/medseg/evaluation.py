@@ -1,9 +1,10 @@
 """Evaluation of a trained checkpoint on the TEST split, volume by volume, slice by slice.
 
 Checkpoints were selected on the validation split (medseg.training); this module is the only one that reads
-`split["test"]`. Inference: each slice (with its 2.5D neighbours, as in training) is resized to the training
-image_size, the network's logits are resized back to the native slice size (bilinear, on logits), then argmax;
-DSC and HD95 are computed on the reassembled 3D volume (medseg.metrics, protocol from evaluate.protocol).
+`split["test"]`. Inference (`medseg.preprocessing`, the rules training and predict use): each slice (with its
+2.5D neighbours) is resized to the training image_size, the network's logits are resized back to the native
+slice size (bilinear, on logits), then argmax; DSC and HD95 are computed on the reassembled 3D volume
+(medseg.metrics, protocol from evaluate.protocol).
 HD95 is in mm only when every test case has a known voxel spacing (cases.json `spacing_known`); otherwise every
 distance is computed in voxels (spacing 1) and labelled so, never passed off as millimetres.
 """
@@ -21,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medseg.config import disable_telemetry, resolve_device
@@ -29,6 +29,7 @@ from medseg.errors import ConfigError, TrainingError
 from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_json, write_text
 from medseg.metrics import aggregate, case_metrics
+from medseg.preprocessing import logits_to_labels, network_input
 
 _log = logging.getLogger(__name__)
 
@@ -63,20 +64,9 @@ def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str
     return model.eval(), meta
 
 
-def context_indices(num_slices: int, index: int, context: int) -> list[int]:
-    """Slices stacked as channels for 2.5D input: index-context..index+context, clamped at the volume ends."""
-    return [min(max(index + offset, 0), num_slices - 1) for offset in range(-context, context + 1)]
-
-
 def prepare_slices(image: np.ndarray, indices: Sequence[int], context: int, image_size: Sequence[int]) -> torch.Tensor:
     """(len(indices), C*(2*context+1), h, w) float32 network input from an ingested (D, C, H, W) volume."""
-    from medseg.data.loader import resize_slices
-
-    depth = image.shape[0]
-    stacks = [np.concatenate([np.asarray(image[j]) for j in context_indices(depth, i, context)], axis=0)
-              for i in indices]
-    batch = torch.from_numpy(np.stack(stacks).astype(np.float32, copy=False))
-    return resize_slices(batch, None, image_size)[0]  # bicubic, as SliceDataset does in training
+    return torch.from_numpy(network_input(image, indices, context, image_size))
 
 
 @torch.no_grad()
@@ -99,10 +89,7 @@ def predict_volume(
         on_cuda = str(device).startswith("cuda")
         with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
             logits = model(x)
-        logits = logits.float()
-        if logits.shape[-2:] != (height, width):
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        out[start : start + len(indices)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        out[start : start + len(indices)] = logits_to_labels(logits.float().cpu().numpy(), (height, width))
     return out
 
 

@@ -14,17 +14,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medseg.errors import IngestError
+from medseg.preprocessing import slabs  # one slab rule for checks, ingest and normalisation
 
 AFFINE_ATOL_MM = 1e-3  # image and label grids may differ by float noise, not by a voxel
 AFFINE_RTOL = 1e-4
-SLAB_VOXELS = 1 << 20  # 4 slices of 512 x 512: 4 MiB of float32, 8 MiB of int64, and still few numpy calls
-
-
-def slabs(shape: Sequence[int]) -> list[slice]:
-    """Consecutive ranges of the first axis of an array of `shape`, about SLAB_VOXELS voxels each (at least one
-    range, empty for an empty array, so that reductions over the slabs see every array)."""
-    step = max(1, SLAB_VOXELS // max(int(np.prod(shape[1:], dtype=np.int64)), 1))
-    return [slice(start, min(start + step, shape[0])) for start in range(0, max(shape[0], 1), step)]
 
 
 def check_finite(path: str | Path, array: np.ndarray) -> None:

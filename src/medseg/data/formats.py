@@ -33,6 +33,7 @@ import numpy as np
 from medseg.data import orientation
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS
 from medseg.errors import ConfigError, IngestError
+from medseg.preprocessing import volume_from_canonical_xyz
 
 FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
 FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case
@@ -394,8 +395,7 @@ def _canonical_dchw(path: Path, data: np.ndarray, affine: np.ndarray) -> tuple[n
         canonical, canonical_affine, ornt = orientation.to_canonical(data, affine)
     except ValueError as exc:
         raise IngestError(path, str(exc)) from exc
-    dchw = canonical.transpose(2, 1, 0)[:, None] if canonical.ndim == 3 else canonical.transpose(2, 3, 1, 0)
-    return dchw, canonical_affine, ornt
+    return volume_from_canonical_xyz(canonical), canonical_affine, ornt
 
 
 def _dhw(image: np.ndarray) -> tuple[int, int, int]:

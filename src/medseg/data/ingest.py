@@ -1,8 +1,9 @@
 """Raw dataset -> `data/ingested/<name>/`: per-case memory-mappable arrays, cases.json, fingerprint.json.
 
 Per case: read (adapter in `medseg.data.formats`), check (`medseg.data.checks`), remap labels to class
-indices, normalise intensities (ct: HU window -> [0, 1]; mr: 0.5/99.5 percentile clip then z-score per channel;
-rgb: /255; TransUNet's npz/h5 are already windowed to [0, 1] and kept as they are), and store
+indices, normalise intensities (`medseg.preprocessing`, recorded in cases.json `normalisation`; ct: HU window ->
+[0, 1]; mr: 0.5/99.5 percentile clip then z-score per channel; rgb: /255; TransUNet's npz/h5 are already
+windowed to [0, 1] and kept as they are), and store
 image float32 (D, C, H, W) + label uint8 (D, H, W). NIfTI volumes arrive in the canonical (RAS+) orientation
 (`medseg.data.orientation`); cases.json keeps the source affine, shape and axis codes to write predictions back.
 The folder is built with `atomic_dir`: a failing case leaves the previous output (or nothing), never half a dataset.
@@ -14,7 +15,6 @@ volume: the image is normalised and written slab by slab (`medseg.data.checks.sl
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,7 @@ from medseg.data.formats import FORMATS_3D, CaseSource, DatasetSpec, RawCase, da
 from medseg.data.orientation import axcodes
 from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
-
-MR_PERCENTILES = (0.5, 99.5)
+from medseg.preprocessing import intensity_transform, normalisation_for, normalise_slab
 
 _log = logging.getLogger(__name__)
 
@@ -76,66 +75,10 @@ def _label_map(spec: DatasetSpec) -> dict[int, int] | None:
     return None if spec.format == "transunet" else spec.label_map
 
 
-# (low, high, shift, scale) per channel, float32, shaped (C, 1, 1): input = (clip(raw, low, high) - shift) / scale;
-# None where nothing is clipped, or (TransUNet) nothing is done at all.
-Transform = tuple[np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray] | None
-
-
-def intensity_transform(image: np.ndarray, spec: DatasetSpec) -> Transform:
-    """The normalisation of `spec.modality` for this raw image (D, C, H, W); MR statistics come from the image."""
-    if spec.format == "transunet":
-        return None  # windowed to [0, 1] by TransUNet's preprocessing
-
-    def per_channel(values) -> np.ndarray:
-        return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
-
-    channels = image.shape[1]
-    if spec.modality == "ct":
-        lo, hi = spec.hu_window
-        return tuple(per_channel([value] * channels) for value in (lo, hi, lo, hi - lo))
-    if spec.modality == "rgb":
-        return None, None, per_channel([0.0] * channels), per_channel([255.0] * channels)
-    stats = []  # (low, high, mean, std) of each channel
-    for c in range(channels):
-        lo, hi = (float(v) for v in np.percentile(image[:, c], MR_PERCENTILES))
-        mean, std = _clipped_mean_std(image[:, c], lo, hi)
-        stats.append((lo, hi, mean, std if std > 1e-8 else 1.0))
-    return tuple(per_channel(column) for column in zip(*stats))
-
-
-def _clipped_mean_std(channel: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """Mean and standard deviation of clip(channel, lo, hi) in float64, two passes over slabs."""
-    ranges = checks.slabs(channel.shape)
-    mean = sum(float(np.clip(channel[s], lo, hi, dtype=np.float64).sum()) for s in ranges) / channel.size
-    squares = sum(float(np.square(np.clip(channel[s], lo, hi, dtype=np.float64) - mean).sum()) for s in ranges)
-    return mean, math.sqrt(squares / channel.size)
-
-
-def normalise_slab(raw: np.ndarray, transform: Transform) -> np.ndarray:
-    """Raw intensities (k, C, H, W) -> a new float32 array of network input."""
-    out = raw.astype(np.float32, order="C")  # the one copy; every step below works in place
-    if transform is None:
-        return out
-    low, high, shift, scale = transform
-    if low is not None:
-        np.clip(out, low, high, out=out)
-    out -= shift
-    out /= scale
-    return out
-
-
-def normalise_image(image: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    """Raw intensities (D, C, H, W) -> float32 network input, per `spec.modality`."""
-    transform = intensity_transform(image, spec)
-    out = np.empty(image.shape, dtype=np.float32)
-    for s in checks.slabs(image.shape):
-        out[s] = normalise_slab(image[s], transform)
-    return out
-
-
-def _save_normalised(path: Path, image: np.ndarray, spec: DatasetSpec) -> None:
-    """`normalise_image` written straight into an .npy (the same bytes as np.save), one slab at a time."""
-    transform = intensity_transform(image, spec)
+def _save_normalised(path: Path, image: np.ndarray, normalisation: dict[str, Any]) -> None:
+    """`medseg.preprocessing.normalise_image` written straight into an .npy (the same bytes as np.save), one slab
+    at a time (no float32 copy of the whole volume)."""
+    transform = intensity_transform(image, normalisation)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": image.shape}
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
@@ -178,12 +121,13 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
     if problems:
         raise problems[0]
     fingerprint = FingerprintBuilder(spec.class_names)
+    normalisation = normalisation_for(spec.format, spec.modality, spec.hu_window)
     records = []
     in_channels = None
     with atomic_dir(out_dir) as tmp:
         (tmp / "cases").mkdir()
         for case in tqdm(cases, desc=f"ingest {spec.name}", unit="case", disable=None):
-            record, channels = _ingest_case(case, spec, raw_dir, tmp, fingerprint, in_channels)
+            record, channels = _ingest_case(case, spec, normalisation, raw_dir, tmp, fingerprint, in_channels)
             in_channels = channels
             records.append(record)
         unknown = sum(not r["spacing_known"] for r in records)
@@ -198,7 +142,7 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
             "class_names": spec.class_names,
             "in_channels": int(in_channels),
             "source": source.name,  # not the absolute path: the manifest must not depend on where the project lives
-            "normalisation": _normalisation(spec),
+            "normalisation": normalisation,
             "cases": records,
         }
         write_json(tmp / "cases.json", manifest)
@@ -211,6 +155,7 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
 def _ingest_case(
     case: CaseSource,
     spec: DatasetSpec,
+    normalisation: dict[str, Any],
     raw_dir: Path,
     tmp: Path,
     fingerprint: FingerprintBuilder,
@@ -225,7 +170,7 @@ def _ingest_case(
         raise IngestError(case.images[0], f"has {channels} channels, earlier cases have {in_channels}")
     spacing = raw.spacing or (1.0, 1.0, 1.0)
     image_rel, label_rel = f"cases/{case.id}_image.npy", f"cases/{case.id}_label.npy"
-    _save_normalised(tmp / image_rel, raw.image, spec)
+    _save_normalised(tmp / image_rel, raw.image, normalisation)
     save_npy(tmp / label_rel, label)
     fingerprint.add(raw.image, label, spacing)
     source_image, source_label = _source(case, raw_dir)
@@ -252,16 +197,6 @@ def _ingest_case(
 
 def _nested(affine: np.ndarray | None) -> list[list[float]] | None:
     return None if affine is None else [[float(v) for v in row] for row in affine]
-
-
-def _normalisation(spec: DatasetSpec) -> dict[str, Any]:
-    if spec.format == "transunet":
-        return {"method": "none", "note": "TransUNet data is pre-windowed to [0, 1]"}
-    if spec.modality == "ct":
-        return {"method": "hu_window", "window": list(spec.hu_window)}
-    if spec.modality == "mr":
-        return {"method": "percentile_clip_zscore", "percentiles": list(MR_PERCENTILES)}
-    return {"method": "divide_255"}
 
 
 def ingested_dir(params: dict[str, Any], root: str | Path = ".") -> Path:

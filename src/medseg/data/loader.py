@@ -2,7 +2,8 @@
 
 `SliceDataset` indexes every (case, slice) pair up front and opens each case's `.npy` files lazily with
 `mmap_mode="r"` in whichever process reads them (DataLoader workers included), so only the slices asked for
-are read. Resizing and augmentation run in torch on the slice. Augmentation draws from a generator seeded by
+are read. Resizing follows `medseg.preprocessing` (numpy, the rules every path uses); augmentation runs in
+torch on the slice. Augmentation draws from a generator seeded by
 (seed, epoch, index): the same item gets the same augmentation whatever the number of workers or the order.
 `__getitems__` serves a whole batch at once (one resize call for same-sized slices), which DataLoader uses.
 With `cache_resized=True` every slice is resized once, when the dataset is built, and items are copied out of
@@ -11,7 +12,6 @@ that in-memory cache (identical values; only the augmentation runs per item).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from pathlib import Path
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medseg.errors import ConfigError, IngestError
 from medseg.io import read_json
+from medseg.preprocessing import context_indices, nearest_indices, resize, resize_labels
 
 DEFAULT_AUGMENT = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15.0, "intensity_jitter": 0.1}
 
@@ -60,24 +61,14 @@ def load_case(ingested_dir: str | Path, case_id: str) -> tuple[np.ndarray, np.nd
     return image, label, tuple(float(s) for s in case["spacing"])
 
 
-@functools.lru_cache(maxsize=64)
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source rows/cols of PyTorch's mode="nearest" (floor(dst * in / out)), to index labels without a float copy."""
-    scale = np.float32(in_size / out_size)
-    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
-
-
 def resize_slices(
     image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int], mode: str = "bicubic"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Batched resize: image (B, C, H, W) with `mode`, label (B, H, W) nearest. No-op at the target size."""
-    size = (int(size[0]), int(size[1]))
-    align = False if mode in ("bilinear", "bicubic") else None
-    if tuple(image.shape[-2:]) != size:
-        image = F.interpolate(image, size=size, mode=mode, align_corners=align)
-    if label is not None and tuple(label.shape[-2:]) != size:
-        rows, cols = nearest_indices(label.shape[-2], size[0]), nearest_indices(label.shape[-1], size[1])
-        label = label[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+    """Batched resize of CPU tensors with `medseg.preprocessing` (the rules evaluation and predict use): image
+    (B, C, H, W) with `mode`, label (B, H, W) nearest. No-op at the target size."""
+    image = torch.from_numpy(resize(image.numpy(), size, mode))
+    if label is not None:
+        label = torch.from_numpy(resize_labels(label.numpy(), size))
     return image, label
 
 
@@ -204,7 +195,7 @@ class SliceDataset(Dataset):
 
     def _slices(self, z: int, depth: int) -> np.ndarray | int:
         """The slice index, or with 2.5D context the (2 * context + 1) neighbours, edges replicated."""
-        return np.clip(np.arange(z - self.context, z + self.context + 1), 0, depth - 1) if self.context else z
+        return context_indices(depth, z, self.context) if self.context else z
 
     def _cached_item(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         case, z = (int(v) for v in self.index[idx])

@@ -1,0 +1,236 @@
+"""The model card: everything needed to apply a trained model without the project (timm's pretrained config,
+nnU-Net's plans.json + dataset.json, a MONAI bundle's `network_data_format`, in one object).
+
+Written by training into checkpoint.pt (`card`), by export into the ONNX file's `metadata_props` (key
+`ONNX_METADATA_KEY`, JSON), by register into the MLflow model's metadata and version tags. Read back with
+`ModelCard.from_dict` / `card_from_onnx` (ONNX Runtime only: a deployment needs neither torch nor onnx).
+
+Pure Python + json: importable by the prediction path (`build_card` imports `medseg.data.split`, numpy only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from medseg import __version__
+from medseg.errors import MedsegError
+
+CARD_SCHEMA = 1
+ONNX_METADATA_KEY = "medseg.model_card"
+CANONICAL_ORIENTATION = "RAS"  # NIfTI volumes are reoriented to the closest canonical at ingest and predict
+SLICE_AXIS = "z"  # 2D networks see axial (canonical z) slices, stored (D=z, H=y, W=x)
+RESIZE = {"image": "bicubic", "label": "nearest", "logits": "bilinear"}  # align_corners=False everywhere
+NORMALISATIONS = ("hu_window", "percentile_clip_zscore", "divide_255", "none")
+
+
+class CardError(MedsegError):
+    """A model card is missing, unreadable or does not describe a usable model; the message names the source."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    arch: str
+    model_options: dict[str, Any]
+    image_channels: int  # channels of one slice (1 CT/MR, 3 RGB, k for multi-sequence MR)
+    context: int  # 2.5D: neighbouring slices on each side stacked as channels
+    class_names: list[str]
+    label_values: list[int]  # class index -> raw label value written to disk (inverse of dataset.label_map)
+    image_size: list[int]  # [h, w] every slice is resized to (RESIZE rules)
+    size_multiple: int  # H and W the network accepts must be multiples of this (at image_size they are)
+    dynamic_hw: bool  # whether the exported graph accepts other H, W than image_size
+    modality: str  # ct | mr | rgb
+    normalisation: dict[str, Any]  # {"method": one of NORMALISATIONS, + its exact parameters}
+    input_kind: str  # "volume" (NIfTI, 3D) | "image2d" (PNG/JPG/TIF, one slice)
+    spacing: list[float] | None  # (sz, sy, sx) mm, the training fingerprint's median; None when unknown
+    dataset: dict[str, Any]  # name, format, version (hash of cases.json)
+    split: dict[str, Any]  # fingerprints of the split the model was trained / tested on
+    intensity: list[dict[str, float]] = field(default_factory=list)  # training foreground stats per channel
+    evaluation: dict[str, Any] | None = None  # protocol, hd95_unit, test metrics; None until evaluated
+    orientation: str = CANONICAL_ORIENTATION
+    slice_axis: str = SLICE_AXIS
+    resize: dict[str, str] = field(default_factory=lambda: dict(RESIZE))
+    medseg_version: str = ""
+    schema: int = CARD_SCHEMA
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input: each slice's channels times the 2.5D stack."""
+        return self.image_channels * (2 * self.context + 1)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "in_channels": self.in_channels, "num_classes": self.num_classes}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def with_evaluation(self, evaluation: Mapping[str, Any]) -> "ModelCard":
+        return ModelCard(**{**asdict(self), "evaluation": dict(evaluation)})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path = "model card") -> "ModelCard":
+        """Validate and build; CardError names `source` and the first problem."""
+        if not isinstance(data, Mapping):
+            raise CardError(f"{source}: model card is not a mapping")
+        if int(data.get("schema", 0)) > CARD_SCHEMA:
+            raise CardError(f"{source}: model card schema {data.get('schema')} is newer than this medseg ({CARD_SCHEMA}); upgrade medseg")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING)
+        if missing:
+            raise CardError(f"{source}: model card lacks {', '.join(missing)}")
+        try:
+            card = cls(**{k: v for k, v in data.items() if k in names})  # derived keys are recomputed, below
+            card.validate(source)
+        except (TypeError, ValueError, AttributeError) as exc:  # e.g. image_size null, normalisation a string
+            raise CardError(f"{source}: model card is malformed ({type(exc).__name__}: {exc})") from exc
+        for key in ("in_channels", "num_classes"):  # a stored derived value that disagrees means a corrupt card
+            if key in data and data[key] != getattr(card, key):
+                raise CardError(f"{source}: model card {key} {data[key]} != {getattr(card, key)} from its other fields")
+        return card
+
+    def validate(self, source: str | Path = "model card") -> None:
+        def bad(problem: str) -> CardError:
+            return CardError(f"{source}: model card {problem}")
+
+        if len(self.class_names) < 2 or len(self.label_values) != len(self.class_names):
+            raise bad(f"needs >= 2 class names and one label value each, got {self.class_names} / {self.label_values}")
+        if len(self.image_size) != 2 or min(int(s) for s in self.image_size) < 1:
+            raise bad(f"image_size must be [h, w], got {self.image_size}")
+        if int(self.image_channels) < 1 or int(self.context) < 0 or int(self.size_multiple) < 1:
+            raise bad("image_channels >= 1, context >= 0 and size_multiple >= 1 are required")
+        if self.normalisation.get("method") not in NORMALISATIONS:
+            raise bad(f"normalisation method {self.normalisation.get('method')!r} is not one of {', '.join(NORMALISATIONS)}")
+        if self.input_kind not in ("volume", "image2d"):
+            raise bad(f"input_kind {self.input_kind!r} is not volume or image2d")
+        if self.spacing is not None and len(self.spacing) != 3:
+            raise bad(f"spacing must be [sz, sy, sx] or null, got {self.spacing}")
+
+
+def inverse_label_map(label_map: Mapping[Any, Any] | None, num_classes: int) -> list[int]:
+    """class index -> the raw label value to write back (dataset.label_map inverted; identity without one).
+
+    Background writes 0. When several raw values map to one class, the smallest is written.
+    """
+    values = list(range(num_classes))
+    if label_map:
+        chosen: dict[int, int] = {}
+        for raw, cls in label_map.items():
+            cls = int(cls)
+            if cls > 0:
+                chosen[cls] = min(int(raw), chosen.get(cls, int(raw)))
+        values = [0] + [chosen.get(c, c) for c in range(1, num_classes)]
+    return values
+
+
+def dataset_version(cases_json: str | Path) -> str:
+    """Content version of an ingested dataset: sha256[:12] of its cases.json bytes (which hold every case's sha256)."""
+    return hashlib.sha256(Path(cases_json).read_bytes()).hexdigest()[:12]
+
+
+def sha256_of_test_cases(test_ids: Sequence[str]) -> str:
+    """sha256 of the sorted test case ids: the rule of `medseg.evaluation.test_split_sha256` (metrics.json
+    `split_sha256`), restated here because evaluation imports torch."""
+    return hashlib.sha256(json.dumps(sorted(test_ids)).encode()).hexdigest()
+
+
+def build_card(
+    params: Mapping[str, Any],
+    arch: str,
+    manifest: Mapping[str, Any],
+    fingerprint: Mapping[str, Any],
+    split: Mapping[str, Any],
+    *,
+    dataset_version: str,
+    size_multiple: int,
+    dynamic_hw: bool,
+    medseg_version: str = __version__,
+) -> ModelCard:
+    """The card of a model trained on this dataset and split, from the plain dicts of params.yaml,
+    data/ingested/<name>/cases.json (`manifest`), fingerprint.json and data/splits/<name>.json.
+
+    `dataset_version` is `dataset_version(cases.json)` (a hash of the file's bytes, which the dict cannot give);
+    `size_multiple` / `dynamic_hw` are the architecture's (`medseg.models.size_multiple_of`, ModelInfo).
+    """
+    from medseg.config import model_options
+    from medseg.data.split import split_sha256
+
+    dataset = params.get("dataset") or {}
+    data = params.get("data") or {}
+    class_names = [str(n) for n in manifest["class_names"]]
+    # TransUNet's npz/h5 labels are already class indices (ingest applies no label_map): write them back as such.
+    label_map = None if manifest["format"] == "transunet" else dataset.get("label_map")
+    spacing = fingerprint.get("spacing") or {}
+    card = ModelCard(
+        arch=arch,
+        model_options=json.loads(json.dumps(model_options(dict(params), arch))),  # tuples -> lists: JSON-native
+        image_channels=int(manifest["in_channels"]),
+        context=int(data.get("context", 0)),
+        class_names=class_names,
+        label_values=inverse_label_map(label_map, len(class_names)),
+        image_size=[int(v) for v in data["image_size"]],
+        size_multiple=int(size_multiple),
+        dynamic_hw=bool(dynamic_hw),
+        modality=str(manifest["modality"]),
+        normalisation=dict(manifest["normalisation"]),
+        input_kind="image2d" if manifest["format"] == "folder2d" else "volume",
+        # An unknown spacing was recorded as 1 mm at ingest; the card says "unknown" instead of passing it off as mm.
+        spacing=[float(v) for v in spacing["median"]] if fingerprint.get("spacing_known") else None,
+        dataset={"name": str(dataset.get("name", manifest.get("dataset"))), "format": str(manifest["format"]),
+                 "version": dataset_version},
+        split={"split_sha256": split_sha256(split), "test_cases_sha256": sha256_of_test_cases(split.get("test") or [])},
+        intensity=[dict(stats) for stats in fingerprint.get("foreground_intensity") or []],
+        medseg_version=medseg_version,
+    )
+    card.validate(f"model card of {arch}")
+    return card
+
+
+def evaluation_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's `evaluation` from reports/<arch>/metrics.json: protocol, HD95 unit, mean and per-class DSC/HD95.
+
+    Non-finite values become None, so the card stays strict JSON and equal to itself after a round trip.
+    """
+    def number(value: Any) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    return {
+        "protocol": metrics.get("protocol"),
+        "hd95_unit": metrics.get("hd95_unit"),
+        "mean_dsc": number(metrics.get("mean_dsc")),
+        "mean_hd95": number(metrics.get("mean_hd95")),
+        "per_class": {str(name): {"dsc": number((scores or {}).get("dsc")), "hd95": number((scores or {}).get("hd95"))}
+                      for name, scores in (metrics.get("per_class") or {}).items()},
+    }
+
+
+def card_from_onnx(path: str | Path) -> ModelCard:
+    """The card in an exported model's metadata_props, read with ONNX Runtime (no torch, no onnx package)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise CardError(f"{path}: ONNX model not found")
+    try:
+        meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    except Exception as exc:  # onnxruntime raises its own types for truncated or foreign files
+        raise CardError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    return card_from_metadata(meta, path)
+
+
+def card_from_metadata(meta: Mapping[str, str], source: str | Path) -> ModelCard:
+    text = meta.get(ONNX_METADATA_KEY)
+    if text is None:
+        raise CardError(f"{source}: no {ONNX_METADATA_KEY} in the model's metadata (exported by an older medseg? re-run `dvc repro export@<arch>`)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CardError(f"{source}: {ONNX_METADATA_KEY} is not valid JSON ({exc})") from exc
+    return ModelCard.from_dict(data, source)
