@@ -113,3 +113,15 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch single-threaded for one test, restored after it: a leaked thread count changes later tests' float
+    reductions (the bitwise-resume tests compare runs made in this process and in subprocesses)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -167,13 +167,12 @@ def test_bad_inputs_are_named(project_copy, tiny_params, tmp_path):
         evaluate_model(params, "unet", project_copy)
 
 
-def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path):
+def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thread):
     """One test case without a known spacing turns the whole evaluation to voxels: no mean mixes mm and voxels."""
     from medseg.data.ingest import ingest_dataset
     from medseg.data.loader import load_case
     from test_ingest import synapse_params, volume_pair, write_nifti
 
-    torch.set_num_threads(1)
     raw, root = tmp_path / "raw", tmp_path / "project"
     for i, zooms in ((1, (0.8, 0.9, 2.5)), (2, (1.0, 1.0, 1.0))):  # case0002: unit zooms, no unit -> unknown
         image, label = volume_pair(i)
