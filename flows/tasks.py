@@ -12,7 +12,6 @@ workers, each with its own checkout (see docs/orchestration.md).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import subprocess
@@ -27,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
+from medseg.card import dataset_version as cases_json_version
 from medseg.config import disable_telemetry, load_params
 from medseg.errors import ConfigError, MedsegError
 from medseg.io import read_json
@@ -249,11 +249,9 @@ def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 
 
 def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
-    """Content version of the ingested dataset: a hash of its cases.json (which holds every case's sha256)."""
+    """Content version of the ingested dataset (the one model cards record), None before ingest."""
     cases = Path(root) / "data" / "ingested" / params["dataset"]["name"] / "cases.json"
-    if not cases.is_file():
-        return None
-    return hashlib.sha256(cases.read_bytes()).hexdigest()[:12]
+    return cases_json_version(cases) if cases.is_file() else None
 
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:

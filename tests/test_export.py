@@ -79,10 +79,17 @@ def test_export_onnx_failure_names_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+FAKE_METRICS = {"arch": "unet", "protocol": "mm", "hd95_unit": "mm", "split_sha256": "split-a", "mean_dsc": 0.5,
+                "mean_hd95": float("nan"), "per_class": {"aorta": {"dsc": 0.4, "hd95": 3.0, "excluded": 0},
+                                                          "liver": {"dsc": 0.6, "hd95": float("nan"), "excluded": 1}}}
+
+
 def _fake_project(tmp_path, threshold: float, rel_threshold: float = 1e-5, logit_gain: float = 1.0
                   ) -> tuple[dict, object]:
-    """A project root holding only a trained-looking U-Net checkpoint (parity then runs on random input)."""
+    """A project root holding only a trained-looking U-Net checkpoint with its model card, and its test metrics
+    (parity then runs on random input)."""
     from medseg.models import build_model
+    from test_registry import tiny_card
 
     params = {
         "seed": 0,
@@ -97,9 +104,12 @@ def _fake_project(tmp_path, threshold: float, rel_threshold: float = 1e-5, logit
         "arch": "unet", "model_options": {"base_channels": 4}, "in_channels": 1, "num_classes": 3,
         "image_size": [32, 32], "class_names": ["background", "a", "b"], "context": 0,
         "state_dict": model.state_dict(), "epoch": 1, "val_dice": 0.5, "config_hash": "x", "split_hash": "y",
+        "card": tiny_card("unet").to_dict(),
     }
     (tmp_path / "models" / "unet").mkdir(parents=True)
     torch.save(checkpoint, tmp_path / "models" / "unet" / "checkpoint.pt")
+    (tmp_path / "reports" / "unet").mkdir(parents=True)
+    (tmp_path / "reports" / "unet" / "metrics.json").write_text(json.dumps(FAKE_METRICS))
     return params, model
 
 
@@ -145,3 +155,43 @@ def test_export_model_parity_failure_leaves_no_onnx(tmp_path):
     assert sorted(p.name for p in (tmp_path / "models" / "unet").iterdir()) == ["checkpoint.pt"]
     saved = read_json(tmp_path / "reports" / "unet" / "export.json")
     assert saved["parity_passed"] is False and saved["max_abs_diff"] is not None
+
+
+def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp_path):
+    import onnxruntime as ort
+
+    from medseg.card import ONNX_METADATA_KEY, card_from_onnx
+    from medseg.io import sha256_file
+    from test_registry import tiny_card
+
+    params, _ = _fake_project(tmp_path, threshold=1e-3)
+    report = export_model(params, "unet", tmp_path)
+    onnx_path = tmp_path / "models" / "unet" / "model.onnx"
+    card = card_from_onnx(onnx_path)
+    # NaN is not JSON: undefined metrics travel as null; per-class entries keep only the numbers
+    assert card == tiny_card("unet").with_evaluation({
+        "protocol": "mm", "hd95_unit": "mm", "mean_dsc": 0.5, "mean_hd95": None,
+        "per_class": {"aorta": {"dsc": 0.4, "hd95": 3.0}, "liver": {"dsc": 0.6, "hd95": None}}})
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert set(props) == {ONNX_METADATA_KEY, "medseg.version", "medseg.arch"}
+    assert (props["medseg.version"], props["medseg.arch"]) == (card.medseg_version, "unet")
+    meta = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert meta.custom_metadata_map["medseg.arch"] == "unet"
+    # parity and latency describe this very file: export.json's sha256 is the final file's
+    assert report["onnx_sha256"] == sha256_file(onnx_path) and report["parity_passed"]
+    # the second parity size follows the card's size multiple (16): 32 + 16 by 32 + 32
+    assert report["checked_shapes"][1][2:] == [48, 64]
+
+
+def test_export_needs_the_card_and_the_test_metrics(tmp_path):
+    params, _ = _fake_project(tmp_path, threshold=1e-3)
+    (tmp_path / "reports" / "unet" / "metrics.json").unlink()
+    with pytest.raises(ExportError, match=r"metrics\.json: missing; run the evaluate stage"):
+        export_model(params, "unet", tmp_path)
+    checkpoint_path = tmp_path / "models" / "unet" / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    del checkpoint["card"]
+    torch.save(checkpoint, checkpoint_path)
+    with pytest.raises(ExportError, match=r"checkpoint\.pt: no model card .* re-run the train stage"):
+        export_model(params, "unet", tmp_path)
+    assert not (tmp_path / "models" / "unet" / "model.onnx").exists()

@@ -104,3 +104,61 @@ def test_forward_train_step_and_onnx_parity(name, tmp_path):
             scale = max(1.0, float(model(probe).abs().max()))
         diff = onnx_max_abs_diff(model, onnx_path, probe, session=session)
         assert math.isfinite(diff) and diff <= 1e-4 * scale, f"{name} at {h}x{w}: ONNX differs by {diff} (scale {scale})"
+
+
+# Narrow widths and single blocks for the size contract only: every registered network, batch 1, the smallest sizes.
+TINY = {
+    "unet": {"base_channels": 4}, "unetpp": {"base_channels": 4},
+    **{name: {"decoder_channels": (8, 8, 8, 8, 8)} for name in (
+        "unet_resnet18", "unet_resnet34", "unet_resnet50", "unet_resnet152", "unetpp_resnet50", "unet_effb5",
+        "unet_effb7", "unet_mit_b2")},
+    **{name: {"decoder_segmentation_channels": 16} for name in ("segformer_b0", "segformer_b2", "segformer_b4")},
+    "transunet_r50_vit": {"depth": 1, "decoder_channels": (8, 8, 8, 8)},
+    "swin_unet": {"embed_dim": 24, "depths": (1, 1, 1, 1)},
+    "upernet_deit_s": {"depth": 4, "head_channels": 16}, "upernet_deit_b": {"depth": 4, "head_channels": 16},
+    "upernet_beit_b": {"depth": 3, "head_channels": 16}, "upernet_beit_l": {"depth": 3, "head_channels": 16},
+    "mask2former_r50": {"depths": (1, 1, 1, 1), "num_queries": 8},
+    "mask2former_swin_l": {"depths": (1, 1, 1, 1), "embed_dim": 48, "num_queries": 8},
+    "maskrcnn_r101_fpn": {}, "maskrcnn_x101_fpn": {},
+    "transnext_base_standin": {"backbone": "pvt_v2_b0", "head_channels": 16},
+    "vm_unet": {"dims": 16, "depths": [1, 1, 1, 1], "d_state": 4},
+    "mamba_unet": {"dims": 16, "depths": [1, 1, 1, 1], "d_state": 4},
+    "swin_umamba": {"dims": 16, "depths": [1, 1, 1, 1], "d_state": 4},
+    "msvm_unet": {"dims": 16, "depths": [1, 1, 1, 1], "d_state": 2},
+    "umamba_bot": {"base_channels": 8, "max_channels": 32, "d_state": 4},
+}  # fmt: skip
+
+
+def test_every_registered_model_has_tiny_size_options():
+    assert set(TINY) == set(available_models()), "a new model needs an entry in TINY (its size contract is tested)"
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_size_multiple_gives_same_hw(name):
+    """At 2 x size_multiple the network returns the input's H, W; a dynamic-H/W network also at 3 x (odd factor:
+    a stride that the declared multiple understates fails there)."""
+    from medseg.models import size_multiple_of
+
+    info = get_model_info(name)
+    m = info.size_multiple
+    torch.manual_seed(0)
+    model = build_model(name, 1, 2, (2 * m, 2 * m), **TINY[name]).eval()
+    assert (2 * m) % size_multiple_of(name, (2 * m, 2 * m), **TINY[name]) == 0
+    sizes = [(2 * m, 2 * m)] + ([(3 * m, 2 * m)] if info.dynamic_hw else [])
+    with torch.no_grad():
+        for h, w in sizes:
+            assert model(torch.randn(1, 1, h, w)).shape == (1, 2, h, w), f"{name} at {h}x{w}"
+
+
+def test_size_multiple_follows_the_options_that_change_the_stride():
+    from medseg.models import size_multiple_of
+
+    assert size_multiple_of("unet", (64, 64)) == 16 and size_multiple_of("unet", (64, 64), depth=5) == 32
+    assert size_multiple_of("unet_resnet18", (64, 64), encoder_depth=4) == 16
+    assert size_multiple_of("swin_unet", (64, 64), depths=(2, 2, 2)) == 16
+    assert size_multiple_of("umamba_bot", (224, 224)) == 32  # 6 stages
+    with torch.no_grad():
+        for name, options in (("vm_unet", {"patch_size": 2}), ("umamba_bot", {})):  # stride 16 at these sizes
+            assert size_multiple_of(name, (64, 64), **options) == 16
+            model = build_model(name, 1, 2, (64, 64), **{**TINY[name], **options}).eval()
+            assert model(torch.randn(1, 1, 48, 48)).shape == (1, 2, 48, 48)

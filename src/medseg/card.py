@@ -5,7 +5,8 @@ Written by training into checkpoint.pt (`card`), by export into the ONNX file's 
 `ONNX_METADATA_KEY`, JSON), by register into the MLflow model's metadata and version tags. Read back with
 `ModelCard.from_dict` / `card_from_onnx` (ONNX Runtime only: a deployment needs neither torch nor onnx).
 
-Pure Python + json: importable by the prediction path (`build_card` imports `medseg.data.split`, numpy only).
+Pure Python + json: importable by the prediction path (only `build_card`, which training calls, imports more:
+`medseg.config` and `medseg.data.split`, yaml and numpy; never torch).
 """
 
 from __future__ import annotations

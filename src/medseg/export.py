@@ -2,6 +2,7 @@
 
 The exported graph has one input `image` (N, C, H, W) float32 and one output `logits` (N, K, H, W);
 the batch axis is always dynamic, H and W too when the architecture allows it (ModelInfo.dynamic_hw).
+`export_model` writes the model card (medseg.card), with the test evaluation, into the file's metadata_props.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
 from medseg.errors import ExportError
-from medseg.io import atomic_path, sha256_file, write_json
+from medseg.io import atomic_path, read_json, sha256_file, write_json
 
 _log = logging.getLogger(__name__)
 
@@ -113,6 +115,37 @@ def _check_onnx(path: Path) -> None:
         raise ExportError(f"{path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, got {inputs} -> {outputs}")
 
 
+def write_card_metadata(path: str | Path, card: ModelCard) -> None:
+    """Put `card` (JSON under ONNX_METADATA_KEY) and `medseg.version` / `medseg.arch` (for tools that list
+    metadata_props) into the ONNX file at `path`, keeping its other properties."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({ONNX_METADATA_KEY: card.to_json(), "medseg.version": card.medseg_version, "medseg.arch": card.arch})
+    onnx.helper.set_model_props(model, props)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def _trained_card(meta: dict[str, Any], checkpoint: Path, metrics_path: Path) -> ModelCard:
+    """The checkpoint's card with the test evaluation of reports/<arch>/metrics.json."""
+    if "card" not in meta:
+        raise ExportError(f"{checkpoint}: no model card (trained by an older medseg); re-run the train stage")
+    try:
+        card = ModelCard.from_dict(meta["card"], checkpoint)
+    except CardError as exc:
+        raise ExportError(str(exc)) from exc
+    network = (int(meta["in_channels"]), int(meta["num_classes"]), [int(v) for v in meta["image_size"]])
+    if (card.in_channels, card.num_classes, [int(v) for v in card.image_size]) != network:
+        raise ExportError(f"{checkpoint}: model card (in_channels, classes, image_size) "
+                          f"{card.in_channels, card.num_classes, card.image_size} != the network's {network}")
+    if not metrics_path.is_file():
+        raise ExportError(f"{metrics_path}: missing; run the evaluate stage first (the card carries the test metrics)")
+    return card.with_evaluation(evaluation_of(read_json(metrics_path)))
+
+
 def ort_session(onnx_path: str | Path):
     """A CPU onnxruntime session (single-threaded intra-op so latency numbers are comparable to torch's)."""
     import onnxruntime as ort
@@ -189,7 +222,11 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], siz
 
 
 def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
-    """models/<arch>/checkpoint.pt -> models/<arch>/model.onnx + reports/<arch>/export.json.
+    """models/<arch>/checkpoint.pt + reports/<arch>/metrics.json -> models/<arch>/model.onnx + export.json.
+
+    model.onnx carries the checkpoint's model card with the test evaluation in its metadata_props
+    (`medseg.card.card_from_onnx` reads it back). Parity is checked at the card's image_size and, when the card
+    says H and W are dynamic, at a second, non-square size (multiples of its size_multiple).
 
     Parity passes when max |torch - onnxruntime| <= export.max_abs_diff + export.max_rel_diff * max |torch logit|
     (numpy's allclose rule with the logits' own scale: float32 rounding differences grow with the values, and an
@@ -198,7 +235,6 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     """
     from medseg.config import disable_telemetry
     from medseg.evaluation import load_trained_model
-    from medseg.models import get_model_info
 
     disable_telemetry()
     root = Path(root)
@@ -209,14 +245,15 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     runs = int(export_p.get("latency_runs", 10))
     onnx_path = root / "models" / arch / "model.onnx"
     report_path = root / "reports" / arch / "export.json"
+    checkpoint = root / "models" / arch / "checkpoint.pt"
 
-    model, meta = load_trained_model(root / "models" / arch / "checkpoint.pt")
+    model, meta = load_trained_model(checkpoint)
     model = model.cpu().eval()
-    info = get_model_info(meta["arch"])
-    h, w = (int(v) for v in meta["image_size"])
+    card = _trained_card(meta, checkpoint, root / "reports" / arch / "metrics.json")
+    h, w = (int(v) for v in card.image_size)
     sizes = [(h, w)]
-    if info.dynamic_hw:
-        sizes.append((h + info.size_multiple, w + 2 * info.size_multiple))  # a second, non-square size
+    if card.dynamic_hw:
+        sizes.append((h + card.size_multiple, w + 2 * card.size_multiple))  # a second, non-square size
     report: dict[str, Any] = {
         "arch": arch,
         "max_abs_diff": None,
@@ -229,15 +266,19 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
         "torch_latency_ms": None,
         "onnx_latency_ms": None,
         "opset": opset,
-        "dynamic_hw": bool(info.dynamic_hw),
-        "input_shape": [None, int(meta["in_channels"]), None if info.dynamic_hw else h, None if info.dynamic_hw else w],
+        "dynamic_hw": card.dynamic_hw,
+        "input_shape": [None, card.in_channels, None if card.dynamic_hw else h, None if card.dynamic_hw else w],
         "checked_shapes": [],
     }
     try:
         with atomic_path(onnx_path) as tmp:
-            export_onnx(model, int(meta["in_channels"]), (h, w), tmp, opset=opset, dynamic_hw=info.dynamic_hw)
+            export_onnx(model, card.in_channels, (h, w), tmp, opset=opset, dynamic_hw=card.dynamic_hw)
+            # Into the file before parity and latency, so both measure the graph that is renamed to model.onnx.
+            write_card_metadata(tmp, card)
             report["opset"] = _onnx_opset(tmp)
             session = ort_session(tmp)
+            if card_from_metadata(session.get_modelmeta().custom_metadata_map, onnx_path) != card:
+                raise ExportError(f"{onnx_path}: the model card read back from metadata_props differs from the written one")
             checks = []
             for size in sizes:
                 x = _parity_inputs(params, root, meta, size)
@@ -253,7 +294,7 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
                     f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report['max_abs_diff']:.3g} "
                     f"> {report['allowed_diff']:.3g} = export.max_abs_diff {threshold:g} + export.max_rel_diff "
                     f"{rel_threshold:g} x logit scale {report['logit_scale']:.3g} (shapes {report['checked_shapes']})")
-            one = torch.rand(1, int(meta["in_channels"]), h, w)
+            one = torch.rand(1, card.in_channels, h, w)
             with torch.inference_mode():
                 report["torch_latency_ms"] = _median_ms(lambda: model(one), runs)
             feed = {INPUT_NAME: one.numpy()}

@@ -407,6 +407,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
 
     num_classes = len(class_names)
     on_cuda = device.startswith("cuda")
+    card = _model_card(params, arch, paths, split, image_size, options)
     seed_everything(seed)
     model = build_model(arch, in_channels, num_classes, image_size, **options).to(device)
     use_channels_last = on_cuda and bool(train_p.get("channels_last", False))
@@ -452,7 +453,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
         if best_state is not None and dist_info.main:
             # DVC deletes checkpoint.pt before re-running the stage; last.pt holds the best weights too.
             _save(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size, class_names,
-                                   context, best_epoch, best_dice, run_hash, split), paths.checkpoint)
+                                   context, best_epoch, best_dice, run_hash, split, card), paths.checkpoint)
 
     train_model_ref: nn.Module = model
     if dist_info.enabled:
@@ -556,7 +557,8 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
                 if best_epoch is None or score > best_dice or (not val_ids):
                     best_dice, best_epoch, best_state = score, epoch + 1, _cpu_state_dict(model)
                     _save(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size,
-                                           class_names, context, best_epoch, val_dice, run_hash, split), paths.checkpoint)
+                                           class_names, context, best_epoch, val_dice, run_hash, split, card),
+                          paths.checkpoint)
                 save_last(epoch + 1, 0, finished=epoch + 1 == epochs)
                 _write_log(paths.reports / "train_log.csv", history)
                 mlflow_logger.epoch(row)
@@ -588,9 +590,23 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
     return summary
 
 
+def _model_card(params, arch, paths: Paths, split, image_size, options):
+    """The model card of this run (medseg.card), from the ingested dataset's cases.json and fingerprint.json."""
+    from medseg.card import build_card, dataset_version
+    from medseg.models import get_model_info, size_multiple_of
+
+    fingerprint = paths.ingested / "fingerprint.json"
+    if not fingerprint.is_file():
+        raise ConfigError(f"{fingerprint}: not found; run the ingest stage again (it writes the dataset fingerprint)")
+    return build_card(params, arch, read_json(paths.ingested / "cases.json"), read_json(fingerprint), split,
+                      dataset_version=dataset_version(paths.ingested / "cases.json"),
+                      size_multiple=size_multiple_of(arch, image_size, **options),
+                      dynamic_hw=get_model_info(arch).dynamic_hw)
+
+
 def _best_checkpoint(state_dict, arch, options, in_channels, num_classes, image_size, class_names, context, epoch,
-                     val_dice, run_hash, split) -> dict[str, Any]:
-    """The contract's checkpoint.pt dict (docs/architecture.md)."""
+                     val_dice, run_hash, split, card) -> dict[str, Any]:
+    """The contract's checkpoint.pt dict (docs/architecture.md), with the model card under `card`."""
     return {
         "arch": arch,
         "model_options": options,
@@ -604,4 +620,5 @@ def _best_checkpoint(state_dict, arch, options, in_channels, num_classes, image_
         "val_dice": val_dice if (val_dice is not None and val_dice >= 0) else None,
         "config_hash": run_hash,
         "split_hash": split_hash(split),
+        "card": card.to_dict(),
     }

@@ -6,6 +6,7 @@ from medseg.models.registry import (
     build_model,
     get_model_info,
     register_model,
+    size_multiple_of,
 )
 
-__all__ = ["ModelInfo", "available_models", "build_model", "get_model_info", "register_model"]
+__all__ = ["ModelInfo", "available_models", "build_model", "get_model_info", "register_model", "size_multiple_of"]

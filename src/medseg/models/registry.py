@@ -23,23 +23,30 @@ class ModelInfo:
     builder: Builder
     family: str  # "cnn" | "transformer" | "mamba" | "hybrid"
     description: str
+    # The network's output stride with its default options: H and W must be multiples of it so that every strided
+    # layer divides exactly (no padding, cropping or re-aligning resize inside); declared by every entry, no default.
+    size_multiple: int
     paper: str = ""  # citation / source of the design
     paper_params_m: float | None = None  # parameter count reported by the paper (millions)
     paper_gflops: float | None = None  # GFLOPs reported by the paper at paper_input
     paper_input: tuple[int, int] | None = (224, 224)
     dynamic_hw: bool = True  # ONNX export may leave H and W dynamic
-    size_multiple: int = 32  # H and W must be multiples of this
+    # size_rule(image_size, **options) -> the stride for these options, where options change it (e.g. U-Net depth)
+    size_rule: Callable[..., int] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, family: str, description: str, **info: Any) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, *, family: str, description: str, size_multiple: int, **info: Any
+) -> Callable[[Builder], Builder]:
     def decorate(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelInfo(name=name, builder=builder, family=family, description=description, **info)
+        _REGISTRY[name] = ModelInfo(name=name, builder=builder, family=family, description=description,
+                                    size_multiple=size_multiple, **info)
         return builder
 
     return decorate
@@ -60,6 +67,14 @@ def get_model_info(name: str) -> ModelInfo:
 def available_models() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def size_multiple_of(name: str, image_size: tuple[int, int] | list[int], **options: Any) -> int:
+    """The output stride of `name` built at `image_size` with `options`: what H and W must be multiples of."""
+    info = get_model_info(name)
+    if info.size_rule is None:
+        return info.size_multiple
+    return int(info.size_rule((int(image_size[0]), int(image_size[1])), **{**info.defaults, **options}))
 
 
 def build_model(

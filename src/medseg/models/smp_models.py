@@ -68,12 +68,16 @@ def build_smp(
         raise ConfigError(f"smp {arch} with encoder {encoder!r} and options {options}: {exc}") from exc
 
 
+def _encoder_stride(image_size: tuple[int, int], encoder_depth: int = 5, **_: Any) -> int:
+    return 2 ** int(encoder_depth)  # smp's encoder.output_stride: one x2 reduction per encoder stage
+
+
 def _register(name: str, arch: str, encoder: str, description: str, info: dict, defaults: dict) -> None:
     def builder(in_channels: int, num_classes: int, image_size: tuple[int, int], **options: Any) -> nn.Module:
         return build_smp(arch, encoder, in_channels, num_classes, **options)
 
     builder.__name__ = f"build_{name}"
-    info = {"family": "cnn", "paper": _SMP, "size_multiple": 32, **info}
+    info = {"family": "cnn", "paper": _SMP, "size_multiple": 32, "size_rule": _encoder_stride, **info}
     register_model(name, description=description, defaults={"encoder_weights": None, **defaults}, **info)(builder)
 
 

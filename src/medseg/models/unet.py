@@ -129,6 +129,10 @@ class UNetPlusPlus(nn.Module):
         return self.heads[0](grid[0][self.depth])
 
 
+def _depth_stride(image_size: tuple[int, int], depth: int = 4, **_: object) -> int:
+    return 2 ** int(depth)  # one 2x2 max-pool per level
+
+
 def _check_depth(image_size: tuple[int, int], depth: int) -> None:
     # The registry checks the default depth's multiple (16); a deeper net needs 2**depth.
     if image_size[0] % 2**depth or image_size[1] % 2**depth:
@@ -143,6 +147,7 @@ def _check_depth(image_size: tuple[int, int], depth: int) -> None:
     # The paper prints no count; 31.0M is the count of its published layer list (64..1024 channels).
     paper_params_m=31.0,
     size_multiple=16,
+    size_rule=_depth_stride,
 )
 def build_unet(
     in_channels: int,
@@ -164,6 +169,7 @@ def build_unet(
     paper="Zhou et al. UNet++: A Nested U-Net Architecture for Medical Image Segmentation. DLMIA 2018",
     paper_params_m=9.04,
     size_multiple=16,
+    size_rule=_depth_stride,
 )
 def build_unetpp(
     in_channels: int,

@@ -234,7 +234,8 @@ class SwinUNet(nn.Module):
     paper_params_m=27.17,
     paper_gflops=6.16,
     dynamic_hw=False,  # shifted-window attention masks are built for a fixed grid
-    size_multiple=32,
+    size_multiple=32,  # patch 4, then one x2 patch merging per further stage
+    size_rule=lambda image_size, depths=(2, 2, 2, 2), **_: 4 * 2 ** (len(depths) - 1),
 )
 def build_swin_unet(
     in_channels: int, num_classes: int, image_size: tuple[int, int], embed_dim: int = 96,

@@ -162,6 +162,10 @@ class VSSEncoder(nn.Module):
         return outs
 
 
+def _patch_stride(image_size: tuple[int, int], patch_size: int = 4, **_: object) -> int:
+    return int(patch_size) * 8  # patch embedding, then 3 x2 patch mergings (4 stages)
+
+
 # ------------------------------------------------------------------------------------------------ VM-UNet
 
 
@@ -209,6 +213,7 @@ class VMUNet(nn.Module):
     paper_gflops=4.11,
     dynamic_hw=True,
     size_multiple=32,
+    size_rule=_patch_stride,
 )
 def build_vm_unet(
     in_channels: int,
@@ -275,6 +280,7 @@ class MambaUNet(nn.Module):
     paper="Wang et al. 2024, Mamba-UNet: UNet-Like Pure Visual Mamba for Medical Image Segmentation (arXiv:2402.05079)",
     dynamic_hw=True,
     size_multiple=32,
+    size_rule=_patch_stride,
 )
 def build_mamba_unet(
     in_channels: int,
@@ -561,6 +567,11 @@ class UMambaBot(nn.Module):
         return self.head(y)
 
 
+def _umamba_stages(image_size: tuple[int, int], num_stages: int | None) -> int:
+    """nnU-Net's rule unless given: downsample while the bottleneck stays >= 4 pixels, at most 6 stages."""
+    return int(num_stages) if num_stages is not None else max(2, min(6, int(math.log2(min(image_size) / 4)) + 1))
+
+
 @register_model(
     "umamba_bot",
     family=_FAMILY,
@@ -568,7 +579,8 @@ class UMambaBot(nn.Module):
     paper="Ma, Li & Wang 2024, U-Mamba: Enhancing Long-range Dependency for Biomedical Image Segmentation "
     "(arXiv:2401.04722)",
     dynamic_hw=True,
-    size_multiple=32,
+    size_multiple=32,  # the most stages the default rule builds (6, at image sides >= 128)
+    size_rule=lambda image_size, num_stages=None, **_: 2 ** (_umamba_stages(image_size, num_stages) - 1),
 )
 def build_umamba_bot(
     in_channels: int,
@@ -585,8 +597,7 @@ def build_umamba_bot(
 ) -> nn.Module:
     """num_stages defaults to nnU-Net's rule: downsample while the bottleneck stays >= 4 pixels, at most 6
     stages (x32); widths double per stage from base_channels up to max_channels (nnU-Net 2D: 32 ... 512)."""
-    if num_stages is None:
-        num_stages = max(2, min(6, int(math.log2(min(image_size) / 4)) + 1))
+    num_stages = _umamba_stages(image_size, num_stages)
     if num_stages < 2 or min(image_size) % 2 ** (num_stages - 1):
         raise ConfigError(f"umamba_bot: {num_stages} stages need image sides divisible by {2 ** (num_stages - 1)}, "
                           f"got {tuple(image_size)}")
