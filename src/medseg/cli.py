@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from medseg.models import available_models, get_model_info
 
     table = Table(title="medseg models")
-    for col in ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "description"):
+    for col in ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "H, W multiple of",
+                "description"):
         table.add_column(col)
     for name in available_models():
         info = get_model_info(name)
@@ -38,6 +40,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             "" if info.paper_params_m is None else f"{info.paper_params_m:g}",
             "" if info.paper_gflops is None else f"{info.paper_gflops:g}",
             "yes" if info.dynamic_hw else "no",
+            str(info.size_multiple),
             info.description,
         )
     Console().print(table)
@@ -71,6 +74,26 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"promotion refused: {exc}", file=sys.stderr)
         return 3
     _print_json(result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Segment files with an exported model on ONNX Runtime; imports no torch (nor mlflow for a local model)."""
+    from medseg.predict import load_predictor, predict_files
+
+    tracking_uri = args.tracking_uri
+    params_path = Path(args.root) / args.params
+    if args.model.startswith("models:/") and not tracking_uri and params_path.is_file():
+        from medseg.registry import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
+
+        tracking_uri = resolve_tracking_uri(load_params(params_path), args.root)
+    start = time.perf_counter()
+    predictor = load_predictor(args.model, args.device, tracking_uri=tracking_uri, batch_size=args.batch_size)
+    results = predict_files(predictor, args.input, args.output, labels=args.labels,
+                            save_probabilities=args.save_probabilities, tta=args.tta, resume=args.resume)
+    skipped = sum(r["skipped"] for r in results)
+    log.info("%s: %d case(s) predicted, %d already there, in %.1f s", args.output, len(results) - skipped, skipped,
+             time.perf_counter() - start)
     return 0
 
 
@@ -153,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_name", help="registered model name, e.g. medseg-phantom-unet")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("predict", help="segment NIfTI volumes or 2D images with an exported model (ONNX Runtime)",
+                       description="Segment NIfTI volumes (or 2D images) with an exported model on ONNX Runtime. "
+                       "Labels are written as the dataset's raw values (the card's label_values; a 0/255 mask "
+                       "dataset was ingested as 0/1, so its masks come out 0/1) with the input's header and affine.")
+    p.add_argument("-m", "--model", required=True,
+                   help="model.onnx, a models/<arch>/ folder, or models:/<name>@<alias> | models:/<name>/<version>")
+    p.add_argument("-i", "--input", required=True, help="a file, or a folder (every .nii/.nii.gz or image file in it)")
+    p.add_argument("-o", "--output", required=True, help="output folder (outside the input)")
+    p.add_argument("--labels", choices=("raw", "index"), default="raw",
+                   help="raw label values (default) or class indices 0..K-1")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>.npz: probabilities (K, ...) float16 and class_names")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (in-plane flips, 4x slower)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
+                   "else params.yaml register.tracking_uri)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("doctor", help="check a raw dataset before ingest and print a table of problems")
     p.add_argument("--raw-dir", default=None, help="default: params dataset.raw_dir")

@@ -36,3 +36,12 @@ class PromotionRefused(MedsegError):
 
 class OutputConflictError(MedsegError):
     """An output path is taken by something medseg did not write (e.g. a user's folder); nothing was touched."""
+
+
+class PredictError(MedsegError):
+    """An input cannot be segmented by this model, or an output would clash with an input; nothing was written."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

@@ -1,0 +1,492 @@
+"""Apply an exported model to new scans: `medseg predict` (as nnU-Net's `nnUNetv2_predict`), on ONNX Runtime only.
+
+The model is a `model.onnx` carrying the model card (`medseg.card`), a `models/<arch>/` folder, or a registered
+version `models:/<name>@<alias>` / `models:/<name>/<version>` (downloaded with MLflow, the only case that imports
+it). torch is never imported here: a deployment needs numpy, nibabel, pillow and onnxruntime.
+
+Each case goes through the preprocessing training used (`medseg.preprocessing`, parameters from the card):
+NIfTI volume -> canonical (RAS) orientation -> (D, C, H, W) slices -> normalisation -> 2.5D stacks at the training
+size -> network -> logits resized back to the native slice size -> argmax, then back to the file's own voxel order
+and written with its header, affine and qform/sform: label voxel (i, j, k) belongs to image voxel (i, j, k).
+2D images (PNG/JPG/TIF/BMP) are one slice. Labels are written as the dataset's raw values (`card.label_values`;
+a 0/255 binary mask dataset was ingested as 0/1, so its masks come out 0/1) or, with labels="index", as class
+indices.
+
+Every input is read and checked before the first output is written (channels, 2D vs 3D, unreadable or truncated
+files, NaN/Inf voxels, outputs that would land on or inside an input), so a bad case 40 stops the run before case 1.
+Outputs are written atomically; `resume` skips cases whose outputs all exist.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from medseg.card import ModelCard, card_from_metadata
+from medseg.data import checks, orientation
+from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
+from medseg.errors import ConfigError, IngestError, PredictError
+from medseg.io import atomic_open, atomic_path
+from medseg.preprocessing import (
+    logits_to_labels,
+    network_input,
+    normalise_image,
+    probabilities_at,
+    volume_from_canonical_xyz,
+)
+
+_log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+LABEL_KINDS = ("raw", "index")
+# Mirroring test-time augmentation over the in-plane axes of (N, C, H, W): none, W, H, both (nnU-Net's 2D mirroring).
+MIRROR_AXES = ((), (3,), (2,), (2, 3))
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's <case>_0000.nii.gz
+INPUT_KINDS = {"volume": ("a 3D volume", "3D NIfTI volumes"), "image2d": ("a 2D image", "2D images (PNG/JPG/TIF/BMP)")}
+SPACING_RATIO = 2.0  # warn when a case's voxel size differs from the training median by more than this factor
+
+
+@dataclass
+class Predictor:
+    """An ONNX Runtime session and the card of the model it runs."""
+
+    session: Any  # onnxruntime.InferenceSession
+    card: ModelCard
+    source: str
+    batch_size: int = 32
+
+    def predict_volume(self, data_xyz: np.ndarray, affine: np.ndarray, *, labels: str = "raw",
+                       tta: bool = False) -> np.ndarray:
+        """Labels for a NIfTI-ordered volume (x, y, z[, c]) with its affine, in the same voxel order."""
+        data = self._check_volume("volume", np.asarray(data_xyz))
+        checks.check_finite("volume", data)
+        canonical, _, _ = _to_canonical("volume", data, affine)
+        classes, _ = self._segment(volume_from_canonical_xyz(canonical), tta, probabilities=False)
+        return self.label_array(_volume_to_source(classes, affine), labels)
+
+    def predict_image(self, array_hw_or_hwc: np.ndarray, *, labels: str = "raw", tta: bool = False) -> np.ndarray:
+        """Labels (H, W) for one 2D image (H, W) or (H, W, C) of raw intensities (0..255 for RGB)."""
+        image = self._check_image("image", np.asarray(array_hw_or_hwc))
+        classes, _ = self._segment(image, tta, probabilities=False)
+        return self.label_array(classes[0], labels)
+
+    def label_array(self, classes: np.ndarray, labels: str) -> np.ndarray:
+        """Class indices -> what is written: raw label values (smallest dtype that holds them) or the indices."""
+        _check_labels(labels)
+        if labels == "index":
+            return classes
+        values = np.asarray(self.card.label_values)
+        return values.astype(np.min_scalar_type(int(values.max())))[classes]
+
+    def _segment(self, image_dchw: np.ndarray, tta: bool, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw (D, C, H, W) -> class indices (D, H, W) uint8 and, if asked, probabilities (D, K, H, W) float16
+        (what is saved: half the memory of float32 for a K-class CT, sums to 1 within 1e-2)."""
+        card = self.card
+        image = normalise_image(image_dchw, card.normalisation)
+        depth, _, height, width = image.shape
+        classes = np.empty((depth, height, width), dtype=np.uint8)
+        probs = np.empty((depth, card.num_classes, height, width), dtype=np.float16) if probabilities else None
+        for start in range(0, depth, self.batch_size):
+            batch = slice(start, min(start + self.batch_size, depth))
+            x = network_input(image, list(range(batch.start, batch.stop)), card.context, card.image_size)
+            if tta:
+                # nnU-Net (v1) averages the softmax of every mirrored prediction, flipped back, then takes argmax.
+                p = sum(np.flip(probabilities_at(self._run(np.flip(x, axes)), (height, width)), axes)
+                        for axes in MIRROR_AXES) / len(MIRROR_AXES)
+                classes[batch] = p.argmax(axis=1)
+            else:
+                logits = self._run(x)
+                classes[batch] = logits_to_labels(logits, (height, width))
+                p = probabilities_at(logits, (height, width)) if probabilities else None
+            if probs is not None:
+                probs[batch] = p
+        return classes, probs
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        return self.session.run([outputs[0].name], {inputs[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def _check_kind(self, source: str | Path, kind: str) -> None:
+        if self.card.input_kind != kind:
+            raise PredictError(source, f"is {INPUT_KINDS[kind][0]}, but {self.source} segments "
+                                       f"{INPUT_KINDS[self.card.input_kind][1]} (input_kind {self.card.input_kind})")
+
+    def _check_volume(self, source: str | Path, data: np.ndarray) -> np.ndarray:
+        """(x, y, z) or (x, y, z, c) with the model's channel count, else PredictError naming `source`."""
+        self._check_kind(source, "volume")
+        if data.ndim not in (3, 4) or 0 in data.shape:
+            raise PredictError(source, f"expected a 3D volume (x, y, z) or 4D with channels last, got shape {data.shape}")
+        self._check_channels(source, 1 if data.ndim == 3 else data.shape[3], data.shape)
+        return data
+
+    def _check_image(self, source: str | Path, array: np.ndarray) -> np.ndarray:
+        """(H, W[, C]) with the model's channel count and finite values -> (1, C, H, W)."""
+        self._check_kind(source, "image2d")
+        if array.ndim not in (2, 3) or 0 in array.shape:
+            raise PredictError(source, f"expected a 2D image (H, W) or (H, W, C), got shape {array.shape}")
+        self._check_channels(source, 1 if array.ndim == 2 else array.shape[2], array.shape)
+        checks.check_finite(source, array)
+        return array[None, None] if array.ndim == 2 else array.transpose(2, 0, 1)[None]
+
+    def _check_channels(self, source: str | Path, channels: int, shape: tuple[int, ...]) -> None:
+        expected = self.card.image_channels
+        if channels != expected:
+            raise PredictError(source, f"has {channels} channel(s) (shape {shape}), but {self.source} expects "
+                                       f"{expected} ({self.card.modality}); a multi-channel case is one 4D file "
+                                       "(channels last) or nnU-Net channel files <case>_0000.nii.gz, <case>_0001.nii.gz, ...")
+
+
+def _check_labels(labels: str) -> None:
+    if labels not in LABEL_KINDS:
+        raise ConfigError(f"labels={labels!r}; expected one of {', '.join(LABEL_KINDS)}")
+
+
+def load_predictor(model: str | Path, device: str = "cpu", *, tracking_uri: str | None = None,
+                   batch_size: int = 32) -> Predictor:
+    """A Predictor for a model.onnx, a models/<arch>/ folder or a models:/ registry URI (`tracking_uri`, else
+    MLFLOW_TRACKING_URI, names the MLflow store)."""
+    text = str(model)
+    if text.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="medseg-predict-") as tmp:
+            # ONNX Runtime reads the whole graph (external data included) into the session: the download can go.
+            return _open_session(_download_registered(text, tracking_uri, Path(tmp)), device, batch_size, text)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.onnx"
+    return _open_session(path, device, batch_size, str(path))
+
+
+def _download_registered(uri: str, tracking_uri: str | None, dest: Path) -> Path:
+    import mlflow
+
+    from medseg.registry import mlflow_store
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise ConfigError(f"{uri}: no MLflow store to resolve it in; pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    # MLflow resolves models:/ names in the global registry URI whatever download_artifacts is given (3.17)
+    with mlflow_store(tracking_uri):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        except Exception as exc:  # MlflowException for unknown names/aliases, OSError/HTTP errors for the store
+            raise PredictError(uri, f"cannot download the model from {tracking_uri} ({type(exc).__name__}: {exc})") from exc
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+    if len(found) != 1 or found[0].suffix != ".onnx":
+        raise PredictError(uri, f"expected one .onnx file in the registered model, found {[p.name for p in found]}")
+    return found[0]
+
+
+def _open_session(path: Path, device: str, batch_size: int, source: str) -> Predictor:
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}; expected cpu or cuda")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch size {batch_size}: expected at least 1 slice per network call")
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError(f"device cuda: this ONNX Runtime has no CUDAExecutionProvider (it has "
+                              f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use cpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    if not path.is_file():
+        raise PredictError(path, "ONNX model not found (a model.onnx, a models/<arch>/ folder or models:/<name>@<alias>)")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():  # ONNX Runtime ignores OMP_NUM_THREADS; honour it so a shared machine can cap us as torch
+        options.intra_op_num_threads = int(threads)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own types for truncated or foreign files
+        raise PredictError(path, f"not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if session.get_providers()[0] != providers[0]:  # ONNX Runtime falls back to CPU silently when CUDA fails to load
+        raise ConfigError(f"device {device}: ONNX Runtime could not start {providers[0]} (CUDA/cuDNN libraries?)")
+    card = card_from_metadata(session.get_modelmeta().custom_metadata_map, source)
+    graph_channels = session.get_inputs()[0].shape[1]
+    if isinstance(graph_channels, int) and graph_channels != card.in_channels:
+        raise PredictError(path, f"the graph takes {graph_channels} input channels, its model card says "
+                                 f"{card.in_channels}; re-export the model")
+    return Predictor(session, card, source, int(batch_size))
+
+
+# ------------------------------------------------------------------------------------------------ cases and files
+
+
+@dataclass
+class Case:
+    """One prediction: its input file(s) (channel files in channel order) and the files it writes."""
+
+    name: str
+    inputs: list[Path]
+    labels: Path
+    probabilities: Path | None
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.labels] + ([self.probabilities] if self.probabilities else [])
+
+
+@dataclass
+class _CaseImage:
+    image: np.ndarray  # (D, C, H, W) raw intensities, canonical orientation for volumes
+    affine: np.ndarray | None  # the source file's affine (volumes)
+    spacing: tuple[float, float, float] | None  # (sz, sy, sx) mm, None where unknown
+
+
+def _nifti_stem(path: Path) -> str | None:
+    name = path.name
+    return next((name[: -len(s)] for s in NIFTI_SUFFIXES if name.lower().endswith(s)), None)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _input_files(inputs: Path) -> list[Path]:
+    if inputs.is_dir():
+        files = sorted(p for p in inputs.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and (_nifti_stem(p) is not None or _is_image(p)))
+        if not files:
+            raise PredictError(inputs, f"no NIfTI ({', '.join(NIFTI_SUFFIXES)}) or image ({', '.join(IMAGE_EXTENSIONS)}) files")
+        return files
+    if not inputs.is_file():
+        raise PredictError(inputs, "no such file or folder")
+    if _nifti_stem(inputs) is None and not _is_image(inputs):
+        raise PredictError(inputs, f"not a supported input ({', '.join(NIFTI_SUFFIXES + IMAGE_EXTENSIONS)})")
+    return [inputs]
+
+
+def plan_cases(predictor: Predictor, inputs: str | Path | Iterable[str | Path], output_dir: str | Path,
+               save_probabilities: bool = False) -> list[Case]:
+    """The cases in `inputs` (files and/or folders) and the files they write; PredictError (nothing read yet) for
+    inputs the model cannot take and outputs that would land on or inside an input."""
+    card = predictor.card
+    roots = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PredictError(output_dir, "output folder is a file (an input?); pass a folder for the predictions")
+    out_resolved = output_dir.resolve()
+    files: dict[Path, Path] = {}  # resolved -> as given; a file named twice is one case
+    for root in roots:
+        if root.is_dir() and (out_resolved == root.resolve() or root.resolve() in out_resolved.parents):
+            raise PredictError(output_dir, f"is inside the input folder {root}; write predictions elsewhere "
+                                           "(inputs are never overwritten)")
+        files.update((p.resolve(), p) for p in _input_files(root))
+    singles: list[tuple[str, list[Path]]] = []
+    channel_groups: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
+    for path in files.values():
+        stem = _nifti_stem(path)
+        predictor._check_kind(path, "image2d" if stem is None else "volume")
+        match = CHANNEL_FILE.match(stem) if stem is not None and card.image_channels > 1 else None
+        if match:
+            channel_groups.setdefault((path.parent, match["case"]), []).append((int(match["channel"]), path))
+        else:
+            singles.append((path.stem if stem is None else stem, [path]))
+    for (folder, name), members in channel_groups.items():
+        members.sort()
+        if [c for c, _ in members] != list(range(card.image_channels)):
+            raise PredictError(folder / name, f"channel files {[p.name for _, p in members]} are not "
+                                              f"{name}_0000 .. {name}_{card.image_channels - 1:04d}")
+        singles.append((name, [p for _, p in members]))
+    cases, writers = [], {}
+    for name, paths in sorted(singles, key=lambda item: (item[0], str(item[1][0]))):
+        stem = _nifti_stem(paths[0])
+        suffix = ".png" if stem is None else paths[0].name[len(stem):]  # .nii stays .nii, .nii.gz stays .nii.gz
+        case = Case(name, paths, output_dir / f"{name}{suffix}", output_dir / f"{name}.npz" if save_probabilities else None)
+        for out in case.outputs:
+            resolved = out.resolve()
+            if resolved in files:
+                raise PredictError(out, "output would overwrite an input; write predictions to another folder")
+            if resolved in writers:
+                raise PredictError(out, f"would be written for both {writers[resolved]} and {paths[0]}; rename one")
+            writers[resolved] = paths[0]
+        cases.append(case)
+    return cases
+
+
+def _read_case(predictor: Predictor, case: Case) -> _CaseImage:
+    """Read and check one case's input(s); PredictError naming the file for anything the model cannot take."""
+    try:
+        if _nifti_stem(case.inputs[0]) is None:
+            image = _read_image(case.inputs[0], predictor.card.image_channels)
+            return _CaseImage(predictor._check_image(case.inputs[0], image), None, None)
+        return _read_volume(predictor, case.inputs)
+    except IngestError as exc:  # the shared readers and checks (medseg.data) name the file and the problem
+        raise PredictError(exc.path, exc.problem) from exc
+
+
+def _read_volume(predictor: Predictor, paths: list[Path]) -> _CaseImage:
+    volumes = [read_nifti(p) for p in paths]
+    first = volumes[0]
+    for path, vol in zip(paths, volumes):
+        checks.check_finite(path, vol.data)
+        checks.check_same_shape(path, first.data.shape, vol.data.shape)
+        checks.check_affine(path, first.affine, vol.affine)  # channel files must share the grid, voxel for voxel
+    data = first.data if len(volumes) == 1 else np.stack([v.data for v in volumes], axis=-1)
+    data = predictor._check_volume(paths[0], data)
+    canonical, _, ornt = _to_canonical(paths[0], data, first.affine)
+    zooms = orientation.canonical_zooms(first.zooms[:3], ornt)
+    spacing = (zooms[2], zooms[1], zooms[0]) if first.spacing_known else None
+    return _CaseImage(volume_from_canonical_xyz(canonical), first.affine, spacing)
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    """A 2D image as ingest reads it: RGB for 3-channel models, else as stored (16-bit greyscale kept)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB") if channels == 3 else im)
+    except Exception as exc:  # PIL raises many types for truncated or foreign files
+        raise PredictError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+    if channels == 1 and array.ndim == 3 and (array[..., :3] == array[..., :1]).all():
+        array = array[..., 0]  # greyscale saved as RGB(A)
+    return array
+
+
+def _to_canonical(source: str | Path, data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        return orientation.to_canonical(data, affine)
+    except ValueError as exc:  # an affine without an orientation
+        raise PredictError(source, str(exc)) from exc
+
+
+def _volume_to_source(classes_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Canonical (D, H, W) = (z, y, x) -> the voxel order (x, y, z) of the file with `affine`."""
+    return orientation.from_canonical(classes_dhw.transpose(2, 1, 0), affine)
+
+
+def _probabilities_to_source(probs_dkhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Canonical (D, K, H, W) -> (K, x, y, z) in the voxel order of the file with `affine`."""
+    return np.moveaxis(orientation.from_canonical(probs_dkhw.transpose(3, 2, 0, 1), affine), -1, 0)
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: str | Path | Iterable[str | Path],
+    output_dir: str | Path,
+    *,
+    labels: str = "raw",
+    save_probabilities: bool = False,
+    tta: bool = False,
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """Segment every case in `inputs` into `output_dir`; one summary per case (input files, output, seconds,
+    voxels per class; `skipped` for cases `resume` found done)."""
+    from tqdm.auto import tqdm
+
+    _check_labels(labels)
+    cases = plan_cases(predictor, inputs, output_dir, save_probabilities)
+    skipped = [resume and all(p.exists() for p in case.outputs) for case in cases]
+    todo = [case for case, skip in zip(cases, skipped) if not skip]
+    # Cases 2.. are read (and checked) twice, so that a truncated file or a NaN in the last case stops the run before
+    # the first output is written; the first case is checked by its own read, before its output.
+    for case in todo[1:]:
+        _read_case(predictor, case)
+    results = []
+    with tqdm(total=len(todo), desc="predict", unit="case", dynamic_ncols=True, leave=False) as bar:
+        for case, skip in zip(cases, skipped):
+            if skip:
+                results.append(_summary(case, 0.0, None, predictor.card))
+                continue
+            bar.set_postfix_str(case.name)
+            results.append(_predict_case(predictor, case, labels, tta))
+            bar.update()
+    return results
+
+
+def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    card = predictor.card
+    data = _read_case(predictor, case)
+    classes, probs = predictor._segment(data.image, tta, probabilities=case.probabilities is not None)
+    problems = _distribution_warnings(card, data, classes)
+    if problems:
+        _log.warning("%s: %s", case.name, "; ".join(problems))
+    if data.affine is None:  # a 2D image: one slice
+        source_classes, probs = classes[0], None if probs is None else probs[0]
+    else:
+        source_classes = _volume_to_source(classes, data.affine)
+        probs = None if probs is None else _probabilities_to_source(probs, data.affine)
+    if probs is not None:  # before the labels: a case whose labels exist is complete
+        _write_probabilities(case.probabilities, probs, card.class_names)
+    written = predictor.label_array(source_classes, labels)
+    if data.affine is None:
+        _write_png(case.labels, written)
+    else:
+        _write_nifti(case.labels, written, case.inputs[0])
+    counts = np.bincount(classes.ravel(), minlength=card.num_classes)
+    return _summary(case, time.perf_counter() - start, counts, card)
+
+
+def _summary(case: Case, seconds: float, counts: np.ndarray | None, card: ModelCard) -> dict[str, Any]:
+    return {
+        "case": case.name,
+        "input": [str(p) for p in case.inputs],
+        "output": str(case.labels),
+        "probabilities": None if case.probabilities is None else str(case.probabilities),
+        "skipped": counts is None,
+        "seconds": round(seconds, 3),
+        "voxels": None if counts is None else {n: int(c) for n, c in zip(card.class_names, counts)},
+    }
+
+
+def _distribution_warnings(card: ModelCard, data: _CaseImage, classes: np.ndarray) -> list[str]:
+    """Why this case may be outside what the model was trained on: voxel spacing, intensities."""
+    problems = []
+    if card.spacing and data.spacing:
+        ratios = [s / t for s, t in zip(data.spacing, card.spacing) if t > 0]
+        if any(r > SPACING_RATIO or r < 1 / SPACING_RATIO for r in ratios):
+            problems.append(f"voxel spacing {[round(s, 3) for s in data.spacing]} mm (z, y, x) is more than "
+                            f"{SPACING_RATIO:g}x off the training median {card.spacing}")
+    foreground = classes > 0
+    if foreground.any():
+        for c, stats in enumerate(card.intensity[: data.image.shape[1]]):
+            low, high = stats.get("percentile_00_5"), stats.get("percentile_99_5")
+            if low is None or high is None:
+                continue
+            median = float(np.median(data.image[:, c][foreground]))
+            if not low <= median <= high:
+                problems.append(f"channel {c}: the predicted foreground's median intensity {median:.4g} is outside "
+                                f"the training foreground's 0.5..99.5 percentile range [{low:.4g}, {high:.4g}] "
+                                "(another modality, or other units?)")
+    return problems
+
+
+def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path) -> None:
+    """Labels as a NIfTI with the template's header, affine and qform/sform (codes included), written atomically."""
+    import nibabel as nib
+
+    template = nib.load(str(template_path))  # the header only: the data were read before
+    header = template.header.copy()
+    header.set_data_dtype(labels_xyz.dtype)
+    header.set_slope_inter(None, None)  # labels are stored as they are
+    header["cal_min"] = header["cal_max"] = 0  # the image's display window means nothing for labels
+    data = type(template)(labels_xyz, template.affine, header).to_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's default level; same labels, same bytes
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _write_png(path: Path, labels_hw: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(labels_hw)).save(tmp, format="PNG")
+
+
+def _write_probabilities(path: Path, probs: np.ndarray, class_names: Sequence[str]) -> None:
+    """(K, ...) float16 softmax probabilities in the source's voxel order, and the class names."""
+    with atomic_open(path, "wb") as fh:
+        np.savez_compressed(fh, probabilities=probs, class_names=np.asarray(class_names))
