@@ -43,20 +43,22 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
         assert (project / "registry" / f"{arch}.json").is_file()
     assert "unet" in (project / "reports" / "comparison.md").read_text()
 
-    # A fresh MLflow client (new process) loads the challenger of each model and predicts.
+    # A fresh MLflow client (new process) loads the challenger: the pyfunc segments a raw phantom scan (the
+    # serving payload), the ONNX flavor gives the graph with its model card.
     model_name = f"{params['register']['model_prefix']}-{params['dataset']['name']}-vm_unet"
-    h, w = params["data"]["image_size"]
+    scan = project / "data" / "phantom" / "img" / "img0001.nii.gz"
     script = f"""
-import mlflow, numpy as np
+import base64, gzip, io, mlflow, nibabel as nib, numpy as np
 mlflow.set_tracking_uri("sqlite:///{project / 'mlflow.db'}")
-model = mlflow.pyfunc.load_model("models:/{model_name}@challenger")
-out = model.predict(np.zeros((2, 1, {h}, {w}), dtype=np.float32))
-out = out["logits"] if isinstance(out, dict) else out
-print(np.asarray(out).shape)
+uri = "models:/{model_name}@challenger"
+out = mlflow.pyfunc.load_model(uri).predict({{"nifti_base64": base64.b64encode(open("{scan}", "rb").read()).decode()}})
+mask = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(out["mask_nifti_base64"])))
+meta = {{p.key for p in mlflow.onnx.load_model(uri).metadata_props}}
+print(mask.shape, "medseg.model_card" in meta)
 """
     proc = subprocess.run(["python", "-c", script], capture_output=True, text=True, cwd=project)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == f"(2, {len(params['dataset']['class_names'])}, {h}, {w})"
+    assert proc.stdout.strip().splitlines()[-1] == f"{tuple(params['phantom']['shape'])} True"
 
     # Nothing changed: the second repro runs no stage.
     second = _dvc(project, "repro")

@@ -69,10 +69,29 @@ def tiny_params(tmp_path: Path, arch: str = "unet") -> dict:
     }
 
 
+def tiny_card(arch: str = "unet", **fields):
+    """A model card for TinySegNet-like models (1 channel, CLASS_NAMES, IMAGE_SIZE, dynamic H/W)."""
+    from medseg.card import ModelCard
+
+    return ModelCard(**{
+        "arch": arch, "model_options": {"base_channels": 4}, "image_channels": 1, "context": 0,
+        "class_names": list(CLASS_NAMES), "label_values": [0, 8, 6], "image_size": list(IMAGE_SIZE),
+        "size_multiple": 16, "dynamic_hw": True, "modality": "ct",
+        "normalisation": {"method": "hu_window", "window": [-125, 275]}, "input_kind": "volume",
+        "spacing": [3.0, 0.7, 0.7], "dataset": {"name": "phantom", "format": "synapse", "version": "0123456789ab"},
+        "split": {"split_sha256": "whole-split", "test_cases_sha256": "split-a"}, "medseg_version": "0.1.0",
+        **fields,
+    })
+
+
 def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc: float = 0.7,
                       parity_passed: bool = True, split_sha256: str = "split-a",
                       model: nn.Module | None = None) -> Path:
-    """Write the files train/evaluate/export leave for `arch` under `root`; returns the ONNX path."""
+    """Write the files train/evaluate/export leave for `arch` under `root` (model.onnx with its model card);
+    returns the ONNX path."""
+    from medseg.card import evaluation_of
+    from medseg.export import write_card_metadata
+
     torch.manual_seed(seed)
     model = model or TinySegNet(1, len(CLASS_NAMES))
     onnx_path = root / "models" / arch / "model.onnx"
@@ -80,10 +99,11 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     reports = root / "reports" / arch
     reports.mkdir(parents=True, exist_ok=True)
     per_class = {name: {"dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i} for i, name in enumerate(CLASS_NAMES[1:])}
-    (reports / "metrics.json").write_text(json.dumps({
-        "arch": arch, "protocol": "mm", "split_sha256": split_sha256, "mean_dsc": mean_dsc,
-        "mean_hd95": 9.5, "per_class": per_class, "num_cases": 2,
-    }))
+    metrics = {"arch": arch, "protocol": "mm", "hd95_unit": "mm", "split_sha256": split_sha256, "mean_dsc": mean_dsc,
+               "mean_hd95": 9.5, "per_class": per_class, "num_cases": 2}
+    (reports / "metrics.json").write_text(json.dumps(metrics))
+    card = tiny_card(arch, split={"split_sha256": "whole-split", "test_cases_sha256": split_sha256})
+    write_card_metadata(onnx_path, card.with_evaluation(evaluation_of(metrics)))
     (reports / "export.json").write_text(json.dumps({
         "max_abs_diff": 2e-6 if parity_passed else 0.5, "parity_passed": parity_passed, "threshold": 1e-3,
         "torch_latency_ms": 3.0, "onnx_latency_ms": 1.5, "opset": 17, "dynamic_hw": True,
@@ -195,8 +215,11 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     assert str(client.get_model_version_by_alias("medseg-phantom-unet", "challenger").version) == newer["version"]
 
 
-def test_challenger_loads_with_pyfunc_and_predicts(tmp_path, no_env_uri, mlflow_db_template):
-    import mlflow.pyfunc
+def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, mlflow_db_template):
+    import mlflow
+    import mlflow.onnx
+    import onnxruntime as ort
+    from mlflow.models import ModelSignature
 
     from medseg.registry import mlflow_store, register_model_version
 
@@ -208,12 +231,14 @@ def test_challenger_loads_with_pyfunc_and_predicts(tmp_path, no_env_uri, mlflow_
     record = register_model_version(params, "unet", tmp_path)
 
     with mlflow_store(record["tracking_uri"]):  # a fresh load through the registry, by alias
-        loaded = mlflow.pyfunc.load_model(f"models:/{record['model_name']}@challenger")
-    spec = loaded.metadata.get_input_schema().inputs[0]
+        uri = f"models:/{record['model_name']}@challenger"
+        proto = mlflow.onnx.load_model(uri)  # the pyfunc serves NIfTI/PNG payloads (tests/test_serving.py)
+        info = mlflow.models.get_model_info(uri)
+    spec = ModelSignature.from_dict(info.metadata["medseg_input"]["onnx_signature"]).inputs.inputs[0]
     assert spec.name == "image" and tuple(spec.shape) == (-1, 1, -1, -1)
-    batch = np.random.default_rng(0).random((2, 1, 48, 40), dtype=np.float32)  # a size other than the example
-    prediction = loaded.predict(batch)
-    logits = prediction["logits"] if isinstance(prediction, dict) else np.asarray(prediction)
+    batch = np.random.default_rng(0).random((2, 1, 48, 40), dtype=np.float32)  # a size other than image_size
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": batch})
     assert logits.shape == (2, len(CLASS_NAMES), 48, 40)
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
@@ -274,3 +299,39 @@ def test_run_params_flatten_nested_options(tmp_path):
     assert flat["model.block.kind"] == "res"
     assert flat["dataset.name"] == "phantom"
     assert flat["data.image_size"] == "[32, 32]"
+
+
+def test_model_without_a_card_is_refused_before_the_store(tmp_path, no_env_uri):
+    from medseg.registry import register_model_version
+
+    params = tiny_params(tmp_path)
+    onnx_path = fabricate_outputs(tmp_path, "unet")
+    export_tiny_onnx(TinySegNet(1, len(CLASS_NAMES)), onnx_path)  # a graph without metadata_props
+    with pytest.raises(MedsegError, match=r"model\.onnx: no medseg\.model_card in the model's metadata"):
+        register_model_version(params, "unet", tmp_path)
+    assert not (tmp_path / "mlflow.db").exists(), "inputs are checked before touching the store"
+
+
+def test_signature_states_what_the_model_accepts(tmp_path):
+    from medseg.registry import _onnx_signature
+
+    onnx_path = fabricate_outputs(tmp_path, "unet")  # a graph with dynamic H and W
+    signature = _onnx_signature(onnx_path, tiny_card(dynamic_hw=False))
+    assert tuple(signature.inputs.inputs[0].shape) == (-1, 1, 32, 32)  # the card says: image_size only
+    assert tuple(signature.outputs.inputs[0].shape) == (-1, 3, 32, 32)
+    with pytest.raises(MedsegError, match=r"model\.onnx: input shape \[-1, 1, -1, -1\] does not fit its model card"):
+        _onnx_signature(onnx_path, tiny_card(image_channels=2))
+
+
+def test_card_tags_leave_out_a_card_longer_than_a_tag():
+    from medseg.registry import MAX_TAG_VALUE, card_tags
+
+    card = tiny_card()
+    assert json.loads(card_tags(card)["medseg.card"]) == card.to_dict()
+    names = ["background"] + [f"structure_{i:03d}_long" for i in range(200)]
+    big = tiny_card(class_names=names, label_values=list(range(len(names))))
+    tags = card_tags(big)
+    assert len(big.to_json()) > MAX_TAG_VALUE and "medseg.card" not in tags  # the model's metadata carries it
+    assert json.loads(tags["medseg.class_names"]) == names and tags["medseg.arch"] == "unet"
+    many = tiny_card(class_names=names * 2, label_values=list(range(2 * len(names))))
+    assert "medseg.class_names" not in card_tags(many) and card_tags(many)["medseg.modality"] == "ct"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from medseg.card import ModelCard, card_from_metadata
 from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options
 from medseg.errors import MedsegError, PromotionRefused
 from medseg.io import read_json, sha256_file, write_json
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP client retries 7 times with exponential backoff (minutes) before failing; our retry loop
 # replaces it while probing, and the real work gets a short leash so a server dying mid-run fails in about a minute.
@@ -193,6 +196,9 @@ def run_params(params: dict[str, Any], arch: str) -> dict[str, str]:
     for key in ("name", "format", "modality"):
         if key in dataset:
             flat[f"dataset.{key}"] = str(dataset[key])
+    for key in ("hu_window", "class_names"):  # JSON, so the run says exactly what the model was trained on
+        if key in dataset:
+            flat[f"dataset.{key}"] = json.dumps(dataset[key])[:500]
     for section in ("data", "train"):
         _flatten(section, params.get(section) or {}, flat)
     _flatten("model", model_options(params, arch), flat)
@@ -260,25 +266,24 @@ def _onnx_io(path: Path) -> tuple[str, list[int], str, list[int]]:
     return inputs[0].name, shape(inputs[0]), model.graph.output[0].name, shape(model.graph.output[0])
 
 
-def _signature_and_example(onnx_path: Path, image_size: list[int], seed: int):
+def _onnx_signature(onnx_path: Path, card: ModelCard):
+    """What the ONNX graph accepts, from its card: float32 (-1, in_channels, h, w), h and w fixed to image_size unless
+    H and W are dynamic (-1; multiples of card.size_multiple, stated in the model metadata). Checked against the graph.
+    """
     import numpy as np
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
     in_name, in_shape, out_name, out_shape = _onnx_io(onnx_path)
-    if len(in_shape) != 4:
-        raise MedsegError(f"{onnx_path}: input {in_name!r} has shape {in_shape}, expected (N, C, H, W)")
-    in_shape[0] = -1
-    out_shape = [-1, *out_shape[1:]] if out_shape else [-1, -1, -1, -1]
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), tuple(in_shape), in_name)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(out_shape), out_name)]),
+    h, w = (-1, -1) if card.dynamic_hw else (int(card.image_size[0]), int(card.image_size[1]))
+    want_in, want_out = [-1, card.in_channels, h, w], [-1, card.num_classes, h, w]
+    for what, graph, want in (("input", in_shape, want_in), ("output", out_shape, want_out)):
+        if len(graph) != 4 or any(g != -1 and g != c for g, c in zip(graph, want)):
+            raise MedsegError(f"{onnx_path}: {what} shape {graph} does not fit its model card ({want})")
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), tuple(want_in), in_name)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(want_out), out_name)]),
     )
-    channels = in_shape[1] if in_shape[1] > 0 else 1
-    height = in_shape[2] if in_shape[2] > 0 else int(image_size[0])
-    width = in_shape[3] if in_shape[3] > 0 else int(image_size[1])
-    example = np.random.default_rng(seed).random((1, channels, height, width), dtype=np.float32)
-    return signature, example
 
 
 def _pip_requirements() -> list[str]:
@@ -350,6 +355,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     if export.get("onnx_sha256") and export["onnx_sha256"] != sha:  # parity/latency would describe another file
         raise MedsegError(f"{files['export']}: describes an ONNX file with sha256 {export['onnx_sha256'][:12]}…, "
                           f"but {files['onnx']} has {sha[:12]}…; re-run the export stage for {arch!r}")
+    card = _onnx_card(files["onnx"])
     name = model_name(params, arch)
 
     tracking_uri = resolve_tracking_uri(params, root)
@@ -363,7 +369,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
                 log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
             else:
                 version, run_id = _log_and_register(
-                    client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri
+                    client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri, card
                 )
                 created = True
             if _alias_version(client, name, CHAMPION) != version:
@@ -399,6 +405,25 @@ def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]
     }
 
 
+def card_tags(card: ModelCard) -> dict[str, str]:
+    """Model-version tags from the card, for searching the registry. A value longer than MLflow allows (the whole
+    card, or the class names of a dataset with hundreds of classes) is left out: the model's metadata has it."""
+    evaluation = card.evaluation or {}
+    tags = {
+        "medseg.arch": card.arch,
+        "medseg.dataset": str(card.dataset.get("name", "")),
+        "medseg.dataset_version": str(card.dataset.get("version", "")),
+        "medseg.test_cases_sha256": str(card.split.get("test_cases_sha256", "")),
+        "medseg.split_sha256": str(card.split.get("split_sha256", "")),
+        "medseg.protocol": str(evaluation.get("protocol", "")),
+        "medseg.image_size": json.dumps(card.image_size),
+        "medseg.modality": card.modality,
+        "medseg.class_names": json.dumps(card.class_names),
+        "medseg.card": card.to_json(),
+    }
+    return {key: value for key, value in tags.items() if len(value) <= MAX_TAG_VALUE}
+
+
 def _refresh_tags(client, name: str, version, tags: dict[str, str]) -> None:
     """A reused version takes the latest evaluation's tags (e.g. re-evaluated under another protocol)."""
     stale = {key: value for key, value in tags.items() if version.tags.get(key) != value}
@@ -408,12 +433,21 @@ def _refresh_tags(client, name: str, version, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, str(version.version), key, value)
 
 
-def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri):
-    import mlflow
-    import mlflow.onnx
+def _onnx_card(path: Path) -> ModelCard:
+    """The card export wrote into model.onnx (CardError, a MedsegError, names the file when it has none)."""
     import onnx
-    from mlflow.entities import Metric
 
+    model = onnx.load(str(path), load_external_data=False)
+    return card_from_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri,
+                      card):
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.models import Model
+
+    from medseg import serving
     from medseg.models import get_model_info
 
     experiment_id = _ensure_experiment(
@@ -435,8 +469,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
         "config_hash": config_hash(run_params(params, arch)),
         "artifact_sha256": sha,
     }
-    image_size = (params.get("data") or {}).get("image_size", [224, 224])
-    signature, example = _signature_and_example(files["onnx"], image_size, int(params.get("seed", 0)))
+    onnx_signature = _onnx_signature(files["onnx"], card)
     with mlflow_store(tracking_uri):
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"{arch}-{dataset}", tags=run_tags) as run:
             run_id = run.info.run_id
@@ -465,16 +498,24 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                     },
                     artifact_file="reports/per_class.json",
                 )
-            model_info = mlflow.onnx.log_model(
-                onnx.load(str(files["onnx"])),
+            # One model, two flavors over one model.onnx: python_function serves NIfTI/PNG payloads (its signature),
+            # onnx gives the graph, whose tensor signature is medseg_input's (medseg.serving).
+            model_info = Model.log(
+                artifact_path=None,
                 name="model",
-                signature=signature,
-                input_example=example,
+                flavor=serving,
+                onnx_path=files["onnx"],
+                card=card,
                 pip_requirements=_pip_requirements(),
-                # One self-contained model.onnx, as exported, unless protobuf's 2 GB limit forces external data.
-                save_as_external_data=files["onnx"].stat().st_size > 1_800_000_000,
+                metadata={
+                    "medseg_card": card.to_dict(),
+                    # The signature's -1 H, W: any multiple of size_multiple when dynamic, else exactly image_size.
+                    "medseg_input": {"layout": "NCHW", "dtype": "float32", "in_channels": card.in_channels,
+                                     "image_size": card.image_size, "dynamic_hw": card.dynamic_hw,
+                                     "size_multiple": card.size_multiple, "onnx_signature": onnx_signature.to_dict()},
+                },
             )
-        version_tags = {**eval_tags, "artifact_sha256": sha, "arch": arch, "family": family}
+        version_tags = {**eval_tags, "artifact_sha256": sha, "arch": arch, "family": family, **card_tags(card)}
         model_version = mlflow.register_model(model_info.model_uri, name, tags=version_tags)
     client.update_model_version(
         name,
