@@ -235,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         max_parallel=args.max_parallel,
         return_state=True,
     )
+    return flow_exit_code(state, "pipeline")
+
+
+def flow_exit_code(state: Any, what: str) -> int:
+    """A flow run's CLI ending: the summary printed as JSON; 0 only when it completed with nothing failed."""
     if not state.is_completed():
-        print(f"pipeline failed: {failure_message(state)}", file=sys.stderr)
+        print(f"{what} failed: {failure_message(state)}", file=sys.stderr)
         return 1
     summary = state.result()
     print(json.dumps(summary, indent=2, default=str))

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script, or loaded from its path by a P
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import failure_message
+from flows.pipeline import failure_message, flow_exit_code
 from flows.tasks import retry_if_transient
 from medseg.config import disable_telemetry
 from medseg.errors import ConfigError, MedsegError, PredictError
@@ -208,12 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()  # before the flow starts Prefect's temporary server
     state = batch_predict(input_dir=args.input_dir, output_dir=args.output_dir, model=args.model,
                           tracking_uri=args.tracking_uri, labels=args.labels, tta=args.tta, return_state=True)
-    if not state.is_completed():
-        print(f"batch prediction failed: {failure_message(state)}", file=sys.stderr)
-        return 1
-    summary = state.result()
-    print(json.dumps(summary, indent=2, default=str))
-    return 1 if summary["failed"] else 0
+    return flow_exit_code(state, "batch prediction")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -125,3 +126,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every entry under `path` (or the file itself): relative name -> sha256 (files), 'dir', or 'link -> target'."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    entries = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_symlink():
+            entries[rel] = f"link -> {os.readlink(p)}"
+        elif p.is_dir():
+            entries[rel] = "dir"
+        else:
+            entries[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return entries

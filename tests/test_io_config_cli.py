@@ -10,7 +10,7 @@ from medseg import io
 from medseg.cli import main
 from medseg.config import config_hash, load_params
 from medseg.errors import ConfigError, OutputConflictError
-from conftest import ROOT
+from conftest import ROOT, snapshot
 
 
 def test_atomic_open_keeps_old_file_when_writer_fails(tmp_path):
@@ -44,20 +44,16 @@ def test_atomic_dir_swaps_whole_folder_or_nothing(tmp_path):
     assert _listing(out) == ["c.txt"]
 
 
-def _tree(folder):
-    return {str(p.relative_to(folder)): io.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_atomic_dir_refuses_to_replace_a_folder_it_did_not_create(tmp_path):
     users = tmp_path / "my_dataset"
     (users / "imagesTr").mkdir(parents=True)
     (users / "imagesTr" / "case_0000.nii.gz").write_bytes(b"only copy")
     (users / "dataset.json").write_text("{}")
-    before = _tree(users)
+    before = snapshot(users)
     with pytest.raises(OutputConflictError, match=r"my_dataset: folder was not written by medseg .*refusing to replace"):
         with io.atomic_dir(users) as tmp:
             (tmp / "img").mkdir()
-    assert _tree(users) == before
+    assert snapshot(users) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_dataset"]  # no temp folder left either
 
 

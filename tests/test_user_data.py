@@ -10,7 +10,6 @@ afterwards every file's sha256 and the folder's listing are what they were. The 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_dvc_project
+from conftest import ROOT, make_dvc_project, snapshot
 from test_ingest import (
     make_acdc,
     make_kvasir,
@@ -39,23 +38,6 @@ RAW_FORMATS = ["synapse", "msd", "acdc", "folder2d", "transunet", "archive"]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Every entry under `path` (or the file itself): relative name -> sha256 (files), 'dir', or 'link -> target'."""
-    path = Path(path)
-    if path.is_file():
-        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    entries = {}
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path).as_posix()
-        if p.is_symlink():
-            entries[rel] = f"link -> {os.readlink(p)}"
-        elif p.is_dir():
-            entries[rel] = "dir"
-        else:
-            entries[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return entries
 
 
 def write_user_dataset(fmt: str, outside: Path) -> tuple[dict, Path]:
