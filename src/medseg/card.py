@@ -137,8 +137,8 @@ def dataset_version(cases_json: str | Path) -> str:
 
 
 def sha256_of_test_cases(test_ids: Sequence[str]) -> str:
-    """sha256 of the sorted test case ids: the rule of `medseg.evaluation.test_split_sha256` (metrics.json
-    `split_sha256`), restated here because evaluation imports torch."""
+    """sha256 of the sorted test case ids (metrics.json `split_sha256`; `medseg.evaluation.test_split_sha256`
+    calls this, so the card and the metrics use one rule)."""
     return hashlib.sha256(json.dumps(sorted(test_ids)).encode()).hexdigest()
 
 

@@ -12,9 +12,7 @@ distance is computed in voxels (spacing 1) and labelled so, never passed off as 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.card import sha256_of_test_cases
 from medseg.config import disable_telemetry, resolve_device
 from medseg.errors import ConfigError, TrainingError
 from medseg.display import display_slice
@@ -95,7 +94,7 @@ def predict_volume(
 
 def test_split_sha256(test_ids: Sequence[str]) -> str:
     """sha256 of the sorted test case list: two metrics.json with the same value were measured on the same cases."""
-    return hashlib.sha256(json.dumps(sorted(test_ids)).encode()).hexdigest()
+    return sha256_of_test_cases(test_ids)  # the model card's rule, so card and metrics.json always agree
 
 
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
