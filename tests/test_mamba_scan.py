@@ -131,12 +131,13 @@ def test_default_chunk_size_matches_reference_on_a_long_sequence():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("bc", ["variable", "fixed", 2])
-def test_traced_formulation_matches_reference_values_and_gradients(monkeypatch, bc):
-    """The formulation used while tracing (ONNX export, torch.compile): plain autograd ops and the loop-free chunk
-    carry. Run eagerly here by pretending to trace, so its gradients can be compared too."""
+@pytest.mark.parametrize("bc,length", [("variable", 45), ("fixed", 45), (2, 45), ("variable", 600), (2, 7)])
+def test_traced_formulation_matches_reference_values_and_gradients(monkeypatch, bc, length):
+    """The formulation used while tracing (ONNX export, torch.compile): plain autograd ops, chunk levels and a
+    segment sum. Run eagerly here by pretending to trace, so its gradients can be compared too. With chunks of 8 and
+    three levels, 600 positions leave 2 for the segment sum; 7 is shorter than one chunk."""
     monkeypatch.setattr(scan_module, "_exporting", lambda: True)
-    inputs = make_inputs(2, 4, 45, 3, bc)
+    inputs = make_inputs(2, 4, length, 3, bc)
     names = [k for k, v in inputs.items() if v is not None]
     out, last = selective_scan_torch(**inputs, delta_softplus=True, return_last_state=True, chunk_size=8)
     ref_out, ref_last = sequential_reference(**inputs, delta_softplus=True)
@@ -164,8 +165,11 @@ def test_strong_decay_stays_finite_and_exact():
     out = selective_scan_torch(**inputs, chunk_size=32)
     with torch.no_grad():
         out_inference = selective_scan_torch(**inputs, chunk_size=32)
+        with pytest.MonkeyPatch.context() as patch:  # the traced formulation (ONNX), segment sum included
+            patch.setattr(scan_module, "_exporting", lambda: True)
+            out_traced = selective_scan_torch(**inputs, chunk_size=4)
     ref, _ = sequential_reference(**inputs)
-    for got in (out, out_inference):
+    for got in (out, out_inference, out_traced):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     names = [k for k, v in inputs.items() if v is not None]
@@ -269,7 +273,7 @@ def test_scan_exports_to_onnx_and_handles_other_lengths(tmp_path):
     torch.onnx.export(model, args(20, 0), str(path), dynamo=False, opset_version=17, input_names=names,
                       output_names=["out"], dynamic_axes={k: {0: "b", 2 if k not in "BC" else 3: "L"} for k in names})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for length in (20, 3, 45):  # shorter than a chunk, and more chunks than traced
+    for length in (20, 3, 45, 600):  # shorter than a chunk, more chunks than traced, beyond the chunk levels
         a = args(length, length)
         (got,) = session.run(None, {k: v.numpy() for k, v in zip(names, a)})
         with torch.no_grad():

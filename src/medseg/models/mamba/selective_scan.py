@@ -13,19 +13,19 @@ Backends:
 - "torch": a chunked pure-PyTorch scan that runs on any device and exports to ONNX (opset 17).
 - "auto": the fused kernel when it imports and the tensors are on CUDA (and we are not exporting), else "torch".
 
-The chunked scan splits L into chunks of T tokens and makes two passes of T steps, each step advancing the
+The eager chunked scan splits L into chunks of T tokens and makes two passes of T steps, each step advancing the
 recurrence by one position in *all chunks at once*:
 1. every chunk from a zero state, which gives the chunks' local end states;
 2. the state entering each chunk, from start[c+1] = exp(A * sum of delta over chunk c) * start[c] + local_end[c]
-   (a loop over the L/T chunks on one state each; in a traced graph, which must serve any L, the same thing as a
-   loop-free "segment sum" as in Mamba-2's SSD, O((L/T)^2) per state);
+   (a loop over the L/T chunks on one state each);
 3. the recurrence again from the true entering states, read out with C at every position.
 This is the exact recurrence (no exp of a cumulative sum, nothing that can overflow), O(L*N) work per channel, in
 2T Python steps on tensors of L/T positions. Without autograd the steps update preallocated buffers in place. With
 autograd (training) the eager scan is a torch.autograd.Function whose backward runs the adjoint recurrence backwards
 with the same chunking, recomputing the forward states from the saved chunk-entering states: between forward and
-backward it keeps O(L*D + L*N*D/T) values instead of autograd's several tensors of L*N*D per step. Traced graphs
-(ONNX, torch.compile) use the plain differentiable ops.
+backward it keeps O(L*D + L*N*D/T) values instead of autograd's several tensors of L*N*D per step.
+Traced graphs (ONNX, torch.compile) must serve any L in few nodes: see `_traced_scan` (chunks of 8 solved by 8
+multiply-adds, the chunk carry by the same recurrence one level up, the rest by a segment sum).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ _log = logging.getLogger(__name__)
 
 # Chunk sizes. Eager: the CPU sweet spot measured by benchmarks/bench_selective_scan.py (B=2, D=96, N=16, L=3136):
 # large enough that each step's tensors amortise the per-op overhead, small enough that they stay in L2 cache.
-# Traced (ONNX): the chunk carry is an O((L/T)^2) segment sum there, and the graph unrolls 2*T steps; 128 balances both.
+# Traced (ONNX): each of TRACED_LEVELS levels unrolls T steps; 8 gave the fastest ONNX Runtime MSVM-UNet of 4, 8, 16.
 DEFAULT_CHUNK_SIZE = 32
-TRACED_CHUNK_SIZE = 128
+TRACED_CHUNK_SIZE = 8
 BACKENDS = ("auto", "torch", "mamba_ssm")
 # Log-decays are clamped here before exp: exp(-60) ~ 1e-26 is as good as zero next to float32's 1e-7 resolution,
 # while exp(< -87) gives subnormal floats that make CPU arithmetic 10-60x slower (measured: addcmul 57x, exp 13x).
@@ -145,21 +145,6 @@ def _pad_end(x: Tensor, pad: int) -> Tensor:
     return x if pad == 0 and not _exporting() else F.pad(x, (0, pad))
 
 
-def _segsum_exp(x: Tensor) -> Tensor:
-    """exp(segsum(x)) over the last axis, lower triangular: out[..., i, j] = exp(sum_{j < k <= i} x_k) for j <= i.
-
-    The sums are accumulated per (i, j) pair rather than as cumsum[i] - cumsum[j], which loses precision when the
-    cumulative sums are large.
-    """
-    n = x.shape[-1]
-    idx = torch.arange(n, device=x.device)
-    strictly_lower = idx[:, None] > idx[None, :]  # [k, j]: k > j
-    lower = idx[:, None] >= idx[None, :]
-    rep = x[..., :, None].expand(*x.shape, n)  # rep[..., k, j] = x_k
-    sums = torch.cumsum(torch.where(strictly_lower, rep, torch.zeros_like(rep)), dim=-2)
-    return torch.where(lower, torch.exp(sums.clamp_min(_MIN_LOG_DECAY)), torch.zeros_like(sums))
-
-
 def selective_scan_torch(
     u: Tensor,
     delta: Tensor,
@@ -194,7 +179,7 @@ def selective_scan_torch(
     if delta_bias is not None:
         delta = delta + delta_bias[..., None].to(dtype)
     if delta_softplus:
-        delta = F.softplus(delta)
+        delta = _softplus_traced(delta) if traced else F.softplus(delta)
 
     # Work layout (T, batch, L/T, groups, ., dim_per_group): position-in-chunk first and channels last, so that each
     # step of the loops reads contiguous slices and vectorises over channels. L is padded to a multiple of T with
@@ -207,27 +192,28 @@ def selective_scan_torch(
         x = _pad_end(x, pad).transpose(1, 2).contiguous().reshape(batch, -1, chunk, groups, 1, dg)
         return x.permute(2, 0, 1, 3, 4, 5).contiguous()
 
-    delta6 = chunked(delta)
-    x6 = chunked(delta * u)  # delta_t * u_t
-    A5 = A.to(dtype).reshape(groups, dg, n).transpose(-1, -2).contiguous()  # (g, N, dg)
-    B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)  # (T, b, nc, g, N, 1) or fixed (g, N, dg)
-    C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
+    if not traced:
+        delta6 = chunked(delta)
+        x6 = chunked(delta * u)  # delta_t * u_t
+        A5 = A.to(dtype).reshape(groups, dg, n).transpose(-1, -2).contiguous()  # (g, N, dg)
+        B6 = _chunked_bc(B.to(dtype), groups, "B", dim, n, pad, chunk)  # (T, b, nc, g, N, 1) or fixed (g, N, dg)
+        C6 = _chunked_bc(C.to(dtype), groups, "C", dim, n, pad, chunk)
     # The recurrence stays in float32 under autocast too (as mamba_ssm's kernel does): a half-precision readout
     # matmul would cost about three significant digits.
     device_type = u.device.type
     no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
                    else contextlib.nullcontext())  # e.g. "meta" tensors (FLOP counting) have no autocast
     with no_autocast:
-        if traced:  # plain differentiable ops, loop-free chunk carry: one graph for every L
-            y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=True)
-            last = ends[:, -1]  # the padding carries the last state unchanged to the end of the last chunk
+        if traced:  # plain differentiable ops on a few large tensors: one small graph for every L
+            y, last = _traced_scan(delta, delta * u, A.to(dtype), B.to(dtype), C.to(dtype), groups, chunk)
         elif torch.is_grad_enabled() and any(x.requires_grad for x in (delta6, x6, A5, B6, C6)):
             y, last = _ChunkedScan.apply(delta6, x6, A5, B6, C6)  # hand-written chunked backward
         else:
             with torch.no_grad():
-                y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
+                y, _, ends = _scan_chunks(delta6, x6, A5, B6, C6)
             last = ends[:, -1]
-    y = y.squeeze(-2).permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
+    if not traced:
+        y = y.squeeze(-2).permute(1, 2, 0, 3, 4).reshape(batch, -1, dim)[:, :length].transpose(1, 2).contiguous()
     out = y if D is None else y + u * D.to(dtype)[:, None]
     if z is not None:
         out = out * F.silu(z.to(dtype))
@@ -251,21 +237,16 @@ def _decay(delta_t: Tensor, A5: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.exp((delta_t * A5).clamp_min(_MIN_LOG_DECAY))
 
 
-def _scan_chunks(
-    delta6: Tensor, x6: Tensor, A5: Tensor, B6: Tensor, C6: Tensor, traced: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The chunked scan on the work layout: y (T, b, nc, g, 1, dg), the state entering each chunk and the state at
-    each chunk's end (b, nc, g, N, dg). Out of place (differentiable) when traced, else in place in its own buffers
-    (call it under no_grad)."""
+def _scan_chunks(delta6: Tensor, x6: Tensor, A5: Tensor, B6: Tensor, C6: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The eager chunked scan on the work layout: y (T, b, nc, g, 1, dg), the state entering each chunk and the
+    state at each chunk's end (b, nc, g, N, dg). In place in its own buffers: call it under no_grad."""
     chunk = delta6.shape[0]
     state_shape = (*delta6.shape[1:4], A5.shape[1], A5.shape[2])
-    decay_buffer = None if traced else torch.empty(state_shape, dtype=A5.dtype, device=A5.device)
+    decay_buffer = torch.empty(state_shape, dtype=A5.dtype, device=A5.device)
     delta_at, x_at, B_at, C_at = (_steps(x, chunk) for x in (delta6, x6, B6, C6))
 
     def advance(h: Tensor, t: int) -> Tensor:  # h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
-        if decay_buffer is not None:
-            return h.mul_(_decay(delta_at[t], A5, decay_buffer)).addcmul_(x_at[t], B_at[t])
-        return torch.addcmul(x_at[t] * B_at[t], _decay(delta_at[t], A5), h)
+        return h.mul_(_decay(delta_at[t], A5, decay_buffer)).addcmul_(x_at[t], B_at[t])
 
     # 1) Every chunk at once from a zero state: the chunks' local end states.
     h = torch.zeros(state_shape, dtype=A5.dtype, device=A5.device)
@@ -274,17 +255,14 @@ def _scan_chunks(
 
     # 2) The state entering each chunk: start[c+1] = decay over chunk c * start[c] + local end of chunk c.
     # The decay over a whole chunk is exp(A * sum of delta over it), A being constant in time: (b, nc, g, N, dg).
-    if traced:
-        starts = _carry_segsum(delta6.sum(0) * A5, h)
-    else:  # a loop over the L/T chunks on tensors of one state each
-        chunk_decay = _decay(delta6.sum(0), A5)
-        starts_list = [torch.zeros_like(h[:, 0])]
-        for c in range(h.shape[1] - 1):
-            starts_list.append(torch.addcmul(h[:, c], chunk_decay[:, c], starts_list[-1]))
-        starts = torch.stack(starts_list, dim=1)
+    chunk_decay = _decay(delta6.sum(0), A5)  # a loop over the L/T chunks on tensors of one state each
+    starts_list = [torch.zeros_like(h[:, 0])]
+    for c in range(h.shape[1] - 1):
+        starts_list.append(torch.addcmul(h[:, c], chunk_decay[:, c], starts_list[-1]))
+    starts = torch.stack(starts_list, dim=1)
 
     # 3) The recurrence again, every chunk from its true entering state, read out with C at every position.
-    h = starts.clone() if decay_buffer is not None else starts
+    h = starts.clone()
     ys = []
     for t in range(chunk):
         h = advance(h, t)
@@ -308,7 +286,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta6, x6, A5, B6, C6):  # type: ignore[override]
-        y, starts, ends = _scan_chunks(delta6, x6, A5, B6, C6, traced=False)
+        y, starts, ends = _scan_chunks(delta6, x6, A5, B6, C6)
         ctx.save_for_backward(delta6, x6, A5, B6, C6, starts)
         return y, ends[:, -1]
 
@@ -373,11 +351,94 @@ class _ChunkedScan(torch.autograd.Function):
         return stacked(d_delta), stacked(d_x), d_A.sum((0, 1)), d_B6, d_C6
 
 
-def _carry_segsum(chunk_log_decay: Tensor, local_ends: Tensor) -> Tensor:
-    """The chunks' entering states without a loop over chunks, for traced graphs (ONNX) that must work for any L:
-    end[c] = sum_{c' <= c} exp(sum_{c' < k <= c} log_decay_k) * local_end[c'], entering state = end of the previous
-    chunk. Costs O((L/T)^2) per state, which is why eager mode uses the loop instead."""
-    chunks_last = (0, 2, 3, 4, 1)  # explicit permutations: movedim(1, -1) exports an invalid ONNX Transpose
-    carry = _segsum_exp(chunk_log_decay.permute(chunks_last))  # (b, g, N, dg, nc, nc)
-    ends = (carry * local_ends.permute(chunks_last).unsqueeze(-2)).sum(-1).permute(0, 4, 1, 2, 3)  # (b,nc,g,N,dg)
-    return F.pad(ends, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]  # zero entering state for the first chunk
+# ------------------------------------------------------------------------------------ traced (ONNX) formulation
+# A graph must serve every L, and ONNX Runtime pays per node: the eager scan's 2T unrolled steps gave ~1,700 nodes
+# per scan call (14,000 for the quick MSVM-UNet, 5x slower than PyTorch eager). Here the recurrence is solved on
+# whole tensors instead: inside chunks of T positions by T multiply-adds, the states entering the chunks by the same
+# recurrence one level up (on L/T chunk-end states), and, after TRACED_LEVELS levels, the few remaining positions by
+# a quadratic segment sum (as Mamba-2's SSD does). Every exp is of a sum of non-positive log-decays: no overflow.
+# Three levels of 8 leave L/512 positions to the segment sum (7 for a 224x224 image at patch size 4, 32 at 512x512),
+# whose (L/512)^2 weights per state must stay small next to the states themselves.
+TRACED_LEVELS = 3
+
+
+def _softplus_traced(x: Tensor) -> Tensor:
+    """softplus as relu(x) + log(1 + exp(-|x|)) (stable for every x): ONNX Runtime's Softplus kernel took 3.3 ms
+    for 16x96x256 values, these four ops 1.2 ms."""
+    return torch.relu(x) + torch.log(1 + torch.exp(-x.abs()))
+
+
+def _traced_scan(delta: Tensor, x: Tensor, A: Tensor, B: Tensor, C: Tensor, groups: int,
+                 chunk: int) -> tuple[Tensor, Tensor]:
+    """y (batch, dim, L) and the last state (batch, groups, N, dim // groups) from delta and x = delta * u
+    (batch, dim, L), in plain differentiable ops on the layout (batch, groups, N, dim // groups, L): time stays the
+    last axis, as it comes, so no transposes are needed."""
+    batch, dim, _ = delta.shape
+    n = A.shape[1]
+    dg = dim // groups
+
+    def grouped(v: Tensor) -> Tensor:  # (b, dim, L) -> (b, g, 1, dg, L), a view
+        return v.reshape(batch, groups, 1, dg, -1)
+
+    A5 = A.reshape(groups, dg, n).transpose(-1, -2)[..., None]  # (g, N, dg, 1)
+    B5, C5 = (_grouped_bc(v, groups, what, dim, n) for v, what in ((B, "B"), (C, "C")))
+    log_decay = (grouped(delta) * A5).clamp_min(_MIN_LOG_DECAY)  # (b, g, N, dg, L)
+    h = _linear_recurrence(log_decay, grouped(x) * B5, chunk, TRACED_LEVELS)
+    y = (h * C5).sum(2)  # <C_t, h_t>: (b, g, dg, L)
+    return y.reshape(batch, dim, -1), h[..., -1]
+
+
+def _grouped_bc(x: Tensor, groups: int, what: str, dim: int, n: int) -> Tensor:
+    """B or C as (b, groups, N, 1, L), or (groups, N, dim // groups, 1) when fixed per channel."""
+    if x.dim() == 2:  # fixed per channel (dim, N)
+        if tuple(x.shape) != (dim, n):
+            raise ValueError(f"selective_scan: {what} of shape {tuple(x.shape)} should be ({dim}, {n})")
+        return x.reshape(groups, dim // groups, n).transpose(-1, -2)[..., None]
+    if x.dim() == 3:  # (batch, N, L), shared by every channel
+        x = x[:, None]
+    elif x.dim() == 4:
+        g = x.shape[1]
+        if g != groups:
+            if groups % g:
+                raise ValueError(f"selective_scan: {what} has {g} groups, not a divisor of {groups}")
+            x = x.repeat_interleave(groups // g, dim=1)
+    else:
+        raise ValueError(f"selective_scan: {what} must have 2, 3 or 4 dims, got shape {tuple(x.shape)}")
+    return x.unsqueeze(-2)
+
+
+def _linear_recurrence(log_decay: Tensor, inputs: Tensor, chunk: int, levels: int) -> Tensor:
+    """Every h_t of h_t = exp(log_decay_t) * h_{t-1} + inputs_t, h_{-1} = 0, along the last axis (log_decay <= 0)."""
+    if levels == 0:
+        return _segment_sum_recurrence(log_decay, inputs)
+    length = log_decay.shape[-1]
+    pad = (chunk - length % chunk) % chunk  # decay 1 and no input: the padding changes no real position
+    log_c, in_c = (F.pad(v, (0, pad)).reshape(*v.shape[:-1], -1, chunk) for v in (log_decay, inputs))
+    # 1) Inside each chunk from a zero state: T multiply-adds on (..., L/T, 1) tensors (split and cat, not unbind
+    # and stack, which would add a Squeeze or Unsqueeze node per step).
+    decays, ins = torch.exp(log_c).split(1, -1), in_c.split(1, -1)
+    local = [ins[0]]
+    for t in range(1, chunk):
+        local.append(torch.addcmul(ins[t], decays[t], local[-1]))
+    local_h = torch.cat(local, -1)  # (..., L/T, T)
+    # 2) The true state at each chunk's end: the same recurrence over chunks, with a chunk's total log-decay.
+    ends = _linear_recurrence(log_c.sum(-1), local[-1].squeeze(-1), chunk, levels - 1)
+    starts = F.pad(ends, (1, 0))[..., :-1, None]  # the state entering chunk c is the end of chunk c - 1
+    # 3) h_t = local h_t + (decay from the chunk's start through t) * entering state.
+    from_start = torch.exp(torch.cumsum(log_c, -1).clamp_min(_MIN_LOG_DECAY))
+    h = torch.addcmul(local_h, from_start, starts)
+    return h.reshape(*log_decay.shape[:-1], -1)[..., :length]
+
+
+def _segment_sum_recurrence(log_decay: Tensor, inputs: Tensor) -> Tensor:
+    """The recurrence in closed form, h_t = sum_{s <= t} exp(sum_{s < k <= t} log_decay_k) inputs_s: O(L^2), for
+    the few positions left after the chunk levels. The sums are accumulated per (t, s) pair, not as differences of
+    cumulative sums, which lose precision when those grow large."""
+    length = log_decay.shape[-1]
+    idx = torch.arange(length, device=log_decay.device)
+    after_s = idx[:, None] > idx[None, :]  # [k, s]: k > s
+    at_or_after_s = idx[:, None] >= idx[None, :]  # [t, s]: t >= s
+    rep = log_decay[..., :, None].expand(*log_decay.shape, length)  # rep[..., k, s] = log_decay_k
+    sums = torch.cumsum(torch.where(after_s, rep, torch.zeros_like(rep)), dim=-2)  # [t, s]: sum over s < k <= t
+    weights = torch.where(at_or_after_s, torch.exp(sums.clamp_min(_MIN_LOG_DECAY)), torch.zeros_like(sums))
+    return (weights * inputs[..., None, :]).sum(-1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from medseg.models.mamba.selective_scan import selective_scan
+from medseg.models.mamba.selective_scan import _exporting, selective_scan
 
 # Every SS2D / MambaLayer adds its analytic scan cost here while `count_scan_flops` is active (FlopCounterMode
 # does not see the scan's elementwise recurrence, so GFLOPs from it alone would leave the scan out).
@@ -98,12 +98,11 @@ class SS2D(nn.Module):
     def _scan_4_directions(self, x: Tensor) -> Tensor:
         batch, d, height, width = x.shape
         k = self.directions
-        rows = x.flatten(2)  # (B, D, L) row-major
-        cols = x.transpose(2, 3).flatten(2)  # column-major
-        xs = torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        xs = _cross_scan(x)  # (B, K, D, L)
+        # matmul, not einsum: the same products, and ONNX Runtime's Einsum kernel was 12 % of MSVM-UNet's time
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (K, R + 2N, D) @ (B, K, D, L) -> (B, K, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # (K, D, R) @ (B, K, R, L) -> (B, K, D, L)
         length = xs.shape[-1]
         _log_scan_flops(batch, k * d, length, self.d_state)
         # float32 in, as VMamba does: under autocast the fused kernel wants one dtype for u/delta/B/C
@@ -117,10 +116,46 @@ class SS2D(nn.Module):
             delta_bias=self.dt_projs_bias.float().reshape(-1),
             delta_softplus=True,
         ).reshape(batch, k, d, -1)
-        along_rows = y[:, 0] + y[:, 2].flip(-1)
-        along_cols = y[:, 1] + y[:, 3].flip(-1)  # column-major order -> back to row-major
-        along_cols = along_cols.reshape(batch, d, width, height).transpose(2, 3).reshape(batch, d, -1)
-        return along_rows + along_cols
+        return _cross_merge(y, height, width)
+
+
+def _cross_scan(x: Tensor) -> Tensor:
+    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major and both reversed.
+
+    In a traced graph every direction is one Gather of the row-major sequence: ONNX Runtime's Transpose of many
+    small blocks (a 2x2 or 4x4 map per channel) is pathological with more than one thread (measured: 4 ms for
+    16x192x2x2 with 2 threads, 48 us with one), and its reversed Slice is no better. Eagerly, PyTorch's transpose
+    and flip are several times faster than index_select (forward and backward)."""
+    rows = x.flatten(2)
+    if _exporting():
+        order = _direction_orders(x.shape[2], x.shape[3], x.device)
+        return torch.stack([rows.index_select(2, idx) for idx in order], dim=1)
+    cols = x.transpose(2, 3).flatten(2)
+    return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
+
+
+def _cross_merge(y: Tensor, height: int, width: int) -> Tensor:
+    """(B, 4, D, L) in the four scan orders -> (B, D, L) row-major, the sum of the four directions."""
+    batch, _, d, _ = y.shape
+    if _exporting():  # each direction back to row-major by one Gather, as in _cross_scan
+        back = _direction_orders(height, width, y.device, inverse=True)
+        return sum(y[:, i].index_select(2, idx) for i, idx in enumerate(back))
+    along_rows = y[:, 0] + y[:, 2].flip(-1)
+    along_cols = y[:, 1] + y[:, 3].flip(-1)  # column-major order -> back to row-major
+    along_cols = along_cols.reshape(batch, d, width, height).transpose(2, 3).reshape(batch, d, -1)
+    return along_rows + along_cols
+
+
+def _direction_orders(height: int, width: int, device: torch.device, inverse: bool = False) -> list[Tensor]:
+    """Row-major positions of an (H, W) map in the order each direction visits them; with `inverse`, for every
+    row-major position, where each direction's sequence has it (the argsort of the former)."""
+    length = height * width
+    forward = torch.arange(length, device=device)
+    if inverse:  # position i*W + j is at j*H + i in column-major order
+        cols = forward.reshape(width, height).t().reshape(-1)
+        return [forward, cols, (length - 1) - forward, (length - 1) - cols]
+    cols = forward.reshape(height, width).t().reshape(-1)  # column-major visits i*W + j at j*H + i
+    return [forward, cols, forward.flip(0), cols.flip(0)]
 
 
 class Mlp(nn.Module):
