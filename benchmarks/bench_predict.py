@@ -15,7 +15,7 @@ one warm-up call, then --repeats calls; every line is the median and (min..max) 
 (a) one synthetic CT-like int16 .nii.gz (benchmarks/bench_ingest.py's volume) with the quick preset's unet at
     the preset's image size: `medseg predict` file to file (read, reorient, normalise, resize, network, resize
     back, argmax, write), then the in-memory segmentation with the same preprocessing, ONNX Runtime
-    (`Predictor`) against PyTorch eager (`medseg.evaluation.predict_volume`), then the network alone.
+    (`Predictor`) against PyTorch eager (`medseg.inference.predict_volume`), then the network alone.
 (b) every architecture of params.yaml `models` with its `model_options`, 1 channel, 9 classes, 64 x 64: latency
     per slice at batch 1 and batch 16, and the ONNX / PyTorch ratio.
 Goal (not a test): ONNX Runtime latency <= 0.7x PyTorch eager for every exported architecture, both batches.
@@ -156,10 +156,10 @@ def child_onnx(work: Path, meta: dict[str, Any], repeats: int, latency_repeats: 
 
 
 def child_torch(work: Path, meta: dict[str, Any], repeats: int, latency_repeats: int) -> dict[str, Any]:
-    """PyTorch eager through medseg.evaluation.predict_volume: this process never imports onnxruntime."""
+    """PyTorch eager through medseg.inference.predict_volume: this process never imports onnxruntime."""
     import torch
 
-    from medseg.evaluation import predict_volume
+    from medseg.inference import predict_volume
     from medseg.models import build_model
     from medseg.preprocessing import normalise_image
 

@@ -62,7 +62,7 @@ def registered_version(uri: str, tracking_uri: str) -> tuple[str, str]:
         return uri, match["version"]
     from mlflow.exceptions import MlflowException
 
-    from medseg.registry import connect
+    from medseg.tracking import connect
 
     client = connect(tracking_uri)  # retries an unreachable store with backoff, then a MedsegError
     try:

@@ -1,8 +1,12 @@
-"""DVC stage `export@<arch>`: a thin entry point over the medseg library (see dvc.yaml). Usage: export.py ARCH"""
+"""DVC stage `export@<arch>`: export one architecture to ONNX and check parity. Usage: export.py ARCH
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.export import export_model
 
 if __name__ == "__main__":
-    raise SystemExit(main(["export", *sys.argv[1:]]))
+    raise SystemExit(run_stage(export_model, sys.argv[1:], with_arch=True))

@@ -1,8 +1,12 @@
-"""DVC stage `phantom`: a thin entry point over the medseg library (see dvc.yaml)."""
+"""DVC stage `phantom`: the built-in phantom dataset (see builtin/dvc.yaml). Usage: phantom.py
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.data.phantom import generate_from_params
 
 if __name__ == "__main__":
-    raise SystemExit(main(["phantom", *sys.argv[1:]]))
+    raise SystemExit(run_stage(generate_from_params, sys.argv[1:], with_arch=False))

@@ -1,8 +1,12 @@
-"""DVC stage `register@<arch>`: a thin entry point over the medseg library (see dvc.yaml). Usage: register.py ARCH"""
+"""DVC stage `register@<arch>`: log and register one architecture in MLflow. Usage: register.py ARCH
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.registry import register_model_version
 
 if __name__ == "__main__":
-    raise SystemExit(main(["register", *sys.argv[1:]]))
+    raise SystemExit(run_stage(register_model_version, sys.argv[1:], with_arch=True))

@@ -1,8 +1,12 @@
-"""DVC stage `report`: a thin entry point over the medseg library (see dvc.yaml)."""
+"""DVC stage `report`: comparison report over params.yaml models. Usage: report.py
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.report import build_report
 
 if __name__ == "__main__":
-    raise SystemExit(main(["report", *sys.argv[1:]]))
+    raise SystemExit(run_stage(build_report, sys.argv[1:], with_arch=False))

@@ -1,8 +1,12 @@
-"""DVC stage `split`: a thin entry point over the medseg library (see dvc.yaml)."""
+"""DVC stage `split`: patient-level train/val/test split. Usage: split.py
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.data.split import split_from_params
 
 if __name__ == "__main__":
-    raise SystemExit(main(["split", *sys.argv[1:]]))
+    raise SystemExit(run_stage(split_from_params, sys.argv[1:], with_arch=False))

@@ -1,8 +1,12 @@
-"""DVC stage `train@<arch>`: a thin entry point over the medseg library (see dvc.yaml). Usage: train.py ARCH"""
+"""DVC stage `train@<arch>`: train one architecture. Usage: train.py ARCH
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
 
 import sys
 
-from medseg.cli import main
+from medseg.entry import run_stage
+from medseg.training import train_model
 
 if __name__ == "__main__":
-    raise SystemExit(main(["train", *sys.argv[1:]]))
+    raise SystemExit(run_stage(train_model, sys.argv[1:], with_arch=True))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError, TrainingError
-from medseg.evaluation import evaluate_model, load_trained_model, predict_volume, prepare_slices
+from medseg.evaluation import evaluate_model
+from medseg.inference import load_trained_model, predict_volume, prepare_slices
 from medseg.io import read_json
 from medseg.metrics import case_metrics
 
@@ -85,7 +86,7 @@ def _checkpoint(root, params, context=0):
         "arch": "unet", "model_options": {"base_channels": 4}, "in_channels": in_channels,
         "num_classes": cases["num_classes"], "image_size": params["data"]["image_size"],
         "class_names": cases["class_names"], "context": context, "state_dict": model.state_dict(),
-        "epoch": 3, "val_dice": 0.25, "config_hash": "h", "split_hash": "s",
+        "epoch": 3, "val_dice": 0.25, "config_hash": "h", "training_cases_hash": "s",
     }, root / "models" / "unet" / "checkpoint.pt")
 
 
@@ -114,9 +115,9 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
     assert loaded == split["test"]  # the test split, every case once, nothing else
     reports = project_copy / "reports" / "unet"
     assert read_json(reports / "metrics.json") == json.loads(json.dumps(metrics))
-    for key in ("arch", "protocol", "split_sha256", "mean_dsc", "mean_hd95", "per_class", "num_cases"):
+    for key in ("arch", "protocol", "test_cases_sha256", "mean_dsc", "mean_hd95", "per_class", "num_cases"):
         assert key in metrics
-    assert metrics["split_sha256"] == hashlib.sha256(json.dumps(sorted(split["test"])).encode()).hexdigest()
+    assert metrics["test_cases_sha256"] == hashlib.sha256(json.dumps(sorted(split["test"])).encode()).hexdigest()
     assert metrics["num_cases"] == len(split["test"]) and metrics["protocol"] == "mm"
     class_names = tiny_params["dataset"]["class_names"]
     assert list(metrics["per_class"]) == class_names[1:]

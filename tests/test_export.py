@@ -79,7 +79,7 @@ def test_export_onnx_failure_names_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-FAKE_METRICS = {"arch": "unet", "protocol": "mm", "hd95_unit": "mm", "split_sha256": "split-a", "mean_dsc": 0.5,
+FAKE_METRICS = {"arch": "unet", "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": "split-a", "mean_dsc": 0.5,
                 "mean_hd95": float("nan"), "per_class": {"aorta": {"dsc": 0.4, "hd95": 3.0, "excluded": 0},
                                                           "liver": {"dsc": 0.6, "hd95": float("nan"), "excluded": 1}}}
 
@@ -103,7 +103,7 @@ def _fake_project(tmp_path, threshold: float, rel_threshold: float = 1e-5, logit
     checkpoint = {
         "arch": "unet", "model_options": {"base_channels": 4}, "in_channels": 1, "num_classes": 3,
         "image_size": [32, 32], "class_names": ["background", "a", "b"], "context": 0,
-        "state_dict": model.state_dict(), "epoch": 1, "val_dice": 0.5, "config_hash": "x", "split_hash": "y",
+        "state_dict": model.state_dict(), "epoch": 1, "val_dice": 0.5, "config_hash": "x", "training_cases_hash": "y",
         "card": tiny_card("unet").to_dict(),
     }
     (tmp_path / "models" / "unet").mkdir(parents=True)

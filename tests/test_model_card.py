@@ -63,7 +63,7 @@ def test_inverse_label_map():
 
 def test_evaluation_keeps_flat_finite_numbers():
     metrics = {"protocol": "transunet", "hd95_unit": "voxels", "mean_dsc": 0.7, "mean_hd95": float("nan"),
-               "split_sha256": "s", "num_cases": 2,
+               "test_cases_sha256": "s", "num_cases": 2,
                "per_class": {"liver": {"dsc": 0.9, "hd95": float("inf"), "excluded": 1, "status": "ok"}}}
     assert evaluation_of(metrics) == {"protocol": "transunet", "hd95_unit": "voxels", "mean_dsc": 0.7,
                                       "mean_hd95": None, "per_class": {"liver": {"dsc": 0.9, "hd95": None}}}
@@ -77,7 +77,6 @@ def _project_inputs(root, params):
 
 def test_build_card_from_the_project_files(tiny_project, tiny_params):
     from medseg.data.split import split_sha256
-    from medseg.evaluation import test_split_sha256
 
     manifest, fingerprint, split, cases_json = _project_inputs(tiny_project, tiny_params)
     version = dataset_version(cases_json)
@@ -95,8 +94,7 @@ def test_build_card_from_the_project_files(tiny_project, tiny_params):
     assert fingerprint["spacing_known"] and card.spacing == fingerprint["spacing"]["median"]
     assert card.intensity == fingerprint["foreground_intensity"] and len(card.intensity) == 1
     assert card.dataset == {"name": "phantom", "format": "synapse", "version": version}
-    assert card.split == {"split_sha256": split_sha256(split), "test_cases_sha256": test_split_sha256(split["test"])}
-    assert sha256_of_test_cases(split["test"]) == test_split_sha256(split["test"])
+    assert card.split == {"split_sha256": split_sha256(split), "test_cases_sha256": sha256_of_test_cases(split["test"])}
     assert card.medseg_version == "9.9" and card.evaluation is None
 
     def variant(**manifest_changes):
@@ -118,7 +116,8 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
 
     from medseg.evaluation import evaluate_model
     from medseg.export import export_model
-    from medseg.registry import mlflow_store, register_model_version
+    from medseg.registry import register_model_version
+    from medseg.tracking import mlflow_store
     from medseg.training import train_model
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
@@ -128,7 +127,7 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
     train_model(params, "unet", root)
     checkpoint = torch.load(root / "models" / "unet" / "checkpoint.pt", weights_only=False)
     assert {"arch", "model_options", "in_channels", "num_classes", "image_size", "class_names", "context",
-            "state_dict", "epoch", "val_dice", "config_hash", "split_hash", "card"} <= set(checkpoint)
+            "state_dict", "epoch", "val_dice", "config_hash", "training_cases_hash", "card"} <= set(checkpoint)
     manifest, fingerprint, split, cases_json = _project_inputs(root, params)
     expected = build_card(params, "unet", manifest, fingerprint, split, dataset_version=dataset_version(cases_json),
                           size_multiple=16, dynamic_hw=True)
@@ -158,7 +157,7 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
                                        "medseg.modality")} == {
         "medseg.arch": "unet", "medseg.dataset": "phantom", "medseg.dataset_version": card.dataset["version"],
         "medseg.protocol": "mm", "medseg.modality": "ct"}
-    assert tags["medseg.test_cases_sha256"] == metrics["split_sha256"] == tags["split_sha256"]
+    assert tags["medseg.test_cases_sha256"] == metrics["test_cases_sha256"] == tags["test_cases_sha256"]
     assert tags["medseg.split_sha256"] == card.split["split_sha256"]
     assert json.loads(tags["medseg.image_size"]) == [32, 32]
     assert json.loads(tags["medseg.class_names"]) == params["dataset"]["class_names"]

@@ -173,7 +173,7 @@ def test_report_labels_voxels_and_warns_on_mixed_units():
 
     def row(arch, unit):
         return {"arch": arch, "family": "cnn", "mean_dsc": 0.5, "mean_hd95": 7.0, "protocol": "mm", "hd95_unit": unit,
-                "split_sha256": "s", "per_class": {"organ": {"dsc": 0.5, "hd95": 7.0}}, "params_m": None,
+                "test_cases_sha256": "s", "per_class": {"organ": {"dsc": 0.5, "hd95": 7.0}}, "params_m": None,
                 "gflops": None, "torch_latency_ms": None, "onnx_latency_ms": None, "parity_passed": None,
                 "train_seconds": None, "registry_version": None}
 

@@ -78,7 +78,7 @@ def _to_index(raw: np.ndarray, label_values: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cli_labels_equal_evaluation_voxel_for_voxel_with_the_input_header(project, tmp_path, arch):
     from medseg.data.loader import load_case
-    from medseg.evaluation import load_trained_model, predict_volume
+    from medseg.inference import load_trained_model, predict_volume
 
     cases = _test_cases(project)
     inputs = tmp_path / "in"
@@ -269,7 +269,7 @@ def test_2d_model_segments_images_as_evaluation_does(project, tmp_path):
     from PIL import Image
 
     from medseg.card import ModelCard
-    from medseg.evaluation import load_trained_model, predict_volume
+    from medseg.inference import load_trained_model, predict_volume
     from medseg.export import write_card_metadata
 
     onnx_2d = tmp_path / "model2d.onnx"

@@ -149,7 +149,7 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
 
     from medseg.data.loader import SliceDataset, load_case, read_cases
     from medseg.data.orientation import to_canonical
-    from medseg.evaluation import prepare_slices
+    from medseg.inference import prepare_slices
     from medseg.export import _parity_inputs
     from medseg.io import read_json
 

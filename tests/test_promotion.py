@@ -21,7 +21,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, mlflow_db_template):
-    from medseg.registry import connect
+    from medseg.tracking import connect
 
     root = tmp_path_factory.mktemp("promotion")
     seed_store(root, mlflow_db_template)
@@ -40,7 +40,7 @@ def add_challenger(client, name: str, dsc: float, parity: bool = True, split: st
                    protocol: str = "mm") -> str:
     version = client.create_model_version(
         name, source=Path("/nonexistent/model").as_uri(),
-        tags={"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "split_sha256": split,
+        tags={"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "test_cases_sha256": split,
               "protocol": protocol, "artifact_sha256": f"sha-{dsc}-{parity}-{split}"},
     )
     client.set_registered_model_alias(name, "challenger", version.version)
@@ -150,7 +150,7 @@ def test_champion_never_gets_worse(client, challengers):
             continue
         tags = client.get_model_version(name, champion).tags
         assert tags["parity_passed"] == "true"
-        current = (float(tags["test_dsc"]), tags["split_sha256"])
+        current = (float(tags["test_dsc"]), tags["test_cases_sha256"])
         if best is not None:
             assert current[1] == best[1] and current[0] >= best[0]
         best = current
@@ -177,7 +177,7 @@ def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_templ
     second = register_model_version(params, "unet", tmp_path)
     with pytest.raises(PromotionRefused, match="does not beat"):
         promote_from_params(params, "unet", tmp_path)
-    from medseg.registry import connect
+    from medseg.tracking import connect
 
     client = connect(first["tracking_uri"], retries=0)
     assert alias(client, first["model_name"], "champion") == first["version"]

@@ -99,7 +99,7 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     reports = root / "reports" / arch
     reports.mkdir(parents=True, exist_ok=True)
     per_class = {name: {"dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i} for i, name in enumerate(CLASS_NAMES[1:])}
-    metrics = {"arch": arch, "protocol": "mm", "hd95_unit": "mm", "split_sha256": split_sha256, "mean_dsc": mean_dsc,
+    metrics = {"arch": arch, "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": split_sha256, "mean_dsc": mean_dsc,
                "mean_hd95": 9.5, "per_class": per_class, "num_cases": 2}
     (reports / "metrics.json").write_text(json.dumps(metrics))
     card = tiny_card(arch, split={"split_sha256": "whole-split", "test_cases_sha256": split_sha256})
@@ -140,7 +140,7 @@ def no_env_uri(monkeypatch):
 
 
 def test_resolve_tracking_uri_is_absolute_from_root(tmp_path, monkeypatch, no_env_uri):
-    from medseg.registry import resolve_tracking_uri
+    from medseg.tracking import resolve_tracking_uri
 
     params = tiny_params(tmp_path)
     assert resolve_tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -172,7 +172,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     version = client.get_model_version_by_alias(record["model_name"], "challenger")
     assert str(version.version) == record["version"]
     assert version.tags["artifact_sha256"] == record["artifact_sha256"]
-    assert version.tags["split_sha256"] == "split-a"
+    assert version.tags["test_cases_sha256"] == "split-a"
     assert float(version.tags["test_dsc"]) == pytest.approx(0.7)
     assert version.tags["parity_passed"] == "true"
     assert version.tags["protocol"] == "mm"
@@ -221,7 +221,8 @@ def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, ml
     import onnxruntime as ort
     from mlflow.models import ModelSignature
 
-    from medseg.registry import mlflow_store, register_model_version
+    from medseg.registry import register_model_version
+    from medseg.tracking import mlflow_store
 
     seed_store(tmp_path, mlflow_db_template)
     params = tiny_params(tmp_path)

@@ -38,7 +38,7 @@ def write_checkpoint(root: Path, arch: str, params: dict, context: int = 0, seed
     torch.save({"arch": arch, "model_options": OPTIONS[arch], "in_channels": in_channels,
                 "num_classes": len(cases["class_names"]), "image_size": list(size),
                 "class_names": list(cases["class_names"]), "context": context, "state_dict": model.state_dict(),
-                "epoch": 1, "val_dice": 0.5, "config_hash": "x", "split_hash": "y"}, path)
+                "epoch": 1, "val_dice": 0.5, "config_hash": "x", "training_cases_hash": "y"}, path)
     return model
 
 
@@ -49,7 +49,7 @@ def fabricate_arch(root: Path, arch: str, params: dict) -> None:
     reports.mkdir(parents=True, exist_ok=True)
     per_class = {name: {"dsc": dsc + 0.01 * i, "hd95": hd95 - i} for i, name in enumerate(class_names)}
     (reports / "metrics.json").write_text(json.dumps({
-        "arch": arch, "protocol": "mm", "hd95_unit": "mm", "split_sha256": "s", "mean_dsc": dsc, "mean_hd95": hd95,
+        "arch": arch, "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": "s", "mean_dsc": dsc, "mean_hd95": hd95,
         "per_class": per_class, "num_cases": 2}))
     (reports / "export.json").write_text(json.dumps({
         "max_abs_diff": 1e-6, "parity_passed": True, "threshold": 1e-3, "torch_latency_ms": torch_ms,
@@ -149,7 +149,7 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
 
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
     """The qualitative figure predicts single slices; with 2.5D context they must equal evaluation's predictions."""
-    from medseg.evaluation import load_trained_model, predict_volume
+    from medseg.inference import load_trained_model, predict_volume
     from medseg.report import predict_slice
 
     root, params = project_copy, tiny_params

@@ -110,7 +110,7 @@ def test_pyfunc_gives_the_mask_medseg_predict_writes(project, tmp_path):
     import mlflow.pyfunc
 
     from medseg.card import card_from_onnx
-    from medseg.registry import mlflow_store
+    from medseg.tracking import mlflow_store
 
     root, record = project
     raw = _raw_file(root)
@@ -133,7 +133,7 @@ def test_onnx_flavor_loads_the_registered_file_with_its_card(project, tmp_path):
 
     from medseg.card import ONNX_METADATA_KEY
     from medseg.io import sha256_file
-    from medseg.registry import mlflow_store
+    from medseg.tracking import mlflow_store
 
     root, record = project
     uri = f"models:/{record['model_name']}@challenger"

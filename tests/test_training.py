@@ -85,7 +85,7 @@ def test_outputs_follow_the_contract(reference):
     root, params, summary, _ = reference
     checkpoint = _load(root / "models" / "unet" / "checkpoint.pt")
     for key in ("arch", "model_options", "in_channels", "num_classes", "image_size", "class_names", "state_dict",
-                "epoch", "val_dice", "config_hash", "split_hash"):
+                "epoch", "val_dice", "config_hash", "training_cases_hash"):
         assert key in checkpoint, key
     assert checkpoint["arch"] == "unet" and checkpoint["num_classes"] == len(params["dataset"]["class_names"])
     assert checkpoint["image_size"] == params["data"]["image_size"]
@@ -99,7 +99,7 @@ def test_outputs_follow_the_contract(reference):
     assert checkpoint["epoch"] == best + 1 and checkpoint["val_dice"] == pytest.approx(dices[best])
     saved = read_json(root / "reports" / "unet" / "train_summary.json")
     assert saved["best_val_dice"] == pytest.approx(dices[best]) and saved["best_epoch"] == best + 1
-    from medseg.evaluation import load_trained_model
+    from medseg.inference import load_trained_model
 
     model, _ = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
     assert saved["params"] == sum(p.numel() for p in model.parameters())

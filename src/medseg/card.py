@@ -20,13 +20,12 @@ from typing import Any, Mapping, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError
+from medseg.preprocessing import NORMALISATIONS, RESIZE  # the card records preprocessing's rules
 
 CARD_SCHEMA = 1
 ONNX_METADATA_KEY = "medseg.model_card"
 CANONICAL_ORIENTATION = "RAS"  # NIfTI volumes are reoriented to the closest canonical at ingest and predict
 SLICE_AXIS = "z"  # 2D networks see axial (canonical z) slices, stored (D=z, H=y, W=x)
-RESIZE = {"image": "bicubic", "label": "nearest", "logits": "bilinear"}  # align_corners=False everywhere
-NORMALISATIONS = ("hu_window", "percentile_clip_zscore", "divide_255", "none")
 
 
 class CardError(MedsegError):
@@ -137,8 +136,9 @@ def dataset_version(cases_json: str | Path) -> str:
 
 
 def sha256_of_test_cases(test_ids: Sequence[str]) -> str:
-    """sha256 of the sorted test case ids (metrics.json `split_sha256`; `medseg.evaluation.test_split_sha256`
-    calls this, so the card and the metrics use one rule)."""
+    """sha256 of the sorted test case ids: the fingerprint of the cases test metrics were measured on (the card's
+    split.test_cases_sha256, metrics.json and the version tag `test_cases_sha256`, which the promotion gate
+    compares). Not `medseg.data.split.split_sha256`, which covers the whole split file."""
     return hashlib.sha256(json.dumps(sorted(test_ids)).encode()).hexdigest()
 
 

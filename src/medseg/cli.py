@@ -1,4 +1,5 @@
-"""`medseg` command line. DVC stages (stages/*.py) call `main([...])` so there is one parser for both."""
+"""`medseg` command line. `medseg train ARCH` etc. run what the DVC stage scripts (stages/*.py) run, through
+the same `medseg.entry.call_stage`."""
 
 from __future__ import annotations
 
@@ -48,17 +49,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], int]:
-    """Build a command that loads params.yaml and calls `module:function(params, [arch,] root)`."""
+    """Build a command that calls `module:function(params, [arch,] root)` as its DVC stage script does."""
 
     def run(args: argparse.Namespace) -> int:
         import importlib
 
+        from medseg.entry import call_stage
+
         module_name, func_name = func_path.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
-        params = load_params(Path(args.root) / args.params)
-        result = func(params, args.arch, root=args.root) if with_arch else func(params, root=args.root)
-        if result is not None:
-            _print_json(result)
+        call_stage(func, args.arch if with_arch else None, root=args.root, params_file=args.params)
         return 0
 
     return run
@@ -84,7 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri
     params_path = Path(args.root) / args.params
     if args.model.startswith("models:/") and not tracking_uri and params_path.is_file():
-        from medseg.registry import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
+        from medseg.tracking import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
 
         tracking_uri = resolve_tracking_uri(load_params(params_path), args.root)
     start = time.perf_counter()

@@ -16,19 +16,18 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from medseg.card import sha256_of_test_cases
 from medseg.config import disable_telemetry, resolve_device
-from medseg.errors import ConfigError, TrainingError
+from medseg.errors import ConfigError
 from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_json, write_text
+from medseg.layout import ProjectLayout
 from medseg.metrics import aggregate, case_metrics
-from medseg.preprocessing import logits_to_labels, network_input
+from medseg.inference import load_trained_model, predict_volume
 
 _log = logging.getLogger(__name__)
 
@@ -40,63 +39,6 @@ def hd95_unit(protocol: str, spacing_known: bool) -> str:
     return HD95_UNITS[protocol] if spacing_known else "voxels"
 
 
-def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network recorded in checkpoint.pt, load its weights; returns (model in eval mode, meta).
-
-    meta is the checkpoint dict without "state_dict" (arch, model_options, in_channels, num_classes,
-    image_size, class_names, epoch, val_dice, config_hash, split_hash, context).
-    """
-    from medseg.models import build_model
-    from medseg.training import load_checkpoint
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    missing = [k for k in ("arch", "in_channels", "num_classes", "image_size", "state_dict") if k not in checkpoint]
-    if missing:
-        raise TrainingError(f"{checkpoint_path}: not a medseg checkpoint (missing {', '.join(missing)})")
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"],
-                        **(meta.get("model_options") or {}))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise TrainingError(f"{checkpoint_path}: weights do not fit {meta['arch']}: {exc}") from exc
-    return model.eval(), meta
-
-
-def prepare_slices(image: np.ndarray, indices: Sequence[int], context: int, image_size: Sequence[int]) -> torch.Tensor:
-    """(len(indices), C*(2*context+1), h, w) float32 network input from an ingested (D, C, H, W) volume."""
-    return torch.from_numpy(network_input(image, indices, context, image_size))
-
-
-@torch.no_grad()
-def predict_volume(
-    model: nn.Module,
-    image: np.ndarray,
-    image_size: Sequence[int],
-    context: int = 0,
-    batch_size: int = 32,
-    device: str = "cpu",
-    amp: tuple[bool, torch.dtype] = (False, torch.float32),
-) -> np.ndarray:
-    """Label volume (D, H, W) uint8 for an ingested image (D, C, H, W) at its native slice size."""
-    model.eval()
-    depth, _, height, width = image.shape
-    out = np.empty((depth, height, width), dtype=np.uint8)
-    for start in range(0, depth, batch_size):
-        indices = list(range(start, min(start + batch_size, depth)))
-        x = prepare_slices(image, indices, context, image_size).to(device)
-        on_cuda = str(device).startswith("cuda")
-        with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
-            logits = model(x)
-        out[start : start + len(indices)] = logits_to_labels(logits.float().cpu().numpy(), (height, width))
-    return out
-
-
-def test_split_sha256(test_ids: Sequence[str]) -> str:
-    """sha256 of the sorted test case list: two metrics.json with the same value were measured on the same cases."""
-    return sha256_of_test_cases(test_ids)  # the model card's rule, so card and metrics.json always agree
-
-
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
     from tqdm.auto import tqdm
@@ -105,16 +47,14 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
 
     disable_telemetry()
     root = Path(root)
-    name = params["dataset"]["name"]
-    ingested = root / "data" / "ingested" / name
-    split_path = root / "data" / "splits" / f"{name}.json"
-    reports = root / "reports" / arch
+    layout = ProjectLayout.of(params, root)
+    ingested, split_path, reports = layout.ingested, layout.split_file, layout.reports_dir(arch)
     eval_p = params.get("evaluate", {})
     protocol = eval_p.get("protocol", "mm")
     if protocol not in HD95_UNITS:
         raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
 
-    model, meta = load_trained_model(root / "models" / arch / "checkpoint.pt")
+    model, meta = load_trained_model(layout.checkpoint(arch))
     cases = read_cases(ingested)
     class_names = list(meta.get("class_names") or cases["class_names"])
     if list(cases["class_names"]) != class_names:
@@ -157,7 +97,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "arch": arch,
         "protocol": protocol,
         "hd95_unit": unit,
-        "split_sha256": test_split_sha256(test_ids),
+        "test_cases_sha256": sha256_of_test_cases(test_ids),
         "mean_dsc": summary["mean_dsc"],
         "mean_hd95": summary["mean_hd95"],
         "per_class": summary["per_class"],

@@ -21,6 +21,7 @@ from torch import nn
 from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
 from medseg.errors import ExportError
 from medseg.io import atomic_path, read_json, sha256_file, write_json
+from medseg.layout import ProjectLayout
 
 _log = logging.getLogger(__name__)
 
@@ -200,11 +201,10 @@ def _onnx_opset(path: Path) -> int:
 
 def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
     """A real batch of 2 slices (the first test case's most central ones) at `size`; random if no data is there."""
-    from medseg.evaluation import prepare_slices
+    from medseg.inference import prepare_slices
 
-    name = params["dataset"]["name"]
-    ingested = root / "data" / "ingested" / name
-    split_path = root / "data" / "splits" / f"{name}.json"
+    layout = ProjectLayout.of(params, root)
+    ingested, split_path = layout.ingested, layout.split_file
     try:
         from medseg.data.loader import load_case
         from medseg.io import read_json
@@ -234,7 +234,7 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     removed, so a failed export never looks like an output (export.json still records the numbers).
     """
     from medseg.config import disable_telemetry
-    from medseg.evaluation import load_trained_model
+    from medseg.inference import load_trained_model
 
     disable_telemetry()
     root = Path(root)
@@ -243,13 +243,12 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     threshold = float(export_p.get("max_abs_diff", 1e-3))
     rel_threshold = float(export_p.get("max_rel_diff", 1e-5))
     runs = int(export_p.get("latency_runs", 10))
-    onnx_path = root / "models" / arch / "model.onnx"
-    report_path = root / "reports" / arch / "export.json"
-    checkpoint = root / "models" / arch / "checkpoint.pt"
+    layout = ProjectLayout.of(params, root)
+    onnx_path, report_path, checkpoint = layout.onnx(arch), layout.export_report(arch), layout.checkpoint(arch)
 
     model, meta = load_trained_model(checkpoint)
     model = model.cpu().eval()
-    card = _trained_card(meta, checkpoint, root / "reports" / arch / "metrics.json")
+    card = _trained_card(meta, checkpoint, layout.metrics(arch))
     h, w = (int(v) for v in card.image_size)
     sizes = [(h, w)]
     if card.dynamic_hw:

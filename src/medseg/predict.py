@@ -168,7 +168,7 @@ def load_predictor(model: str | Path, device: str = "cpu", *, tracking_uri: str 
 def _download_registered(uri: str, tracking_uri: str | None, dest: Path) -> Path:
     import mlflow
 
-    from medseg.registry import mlflow_store
+    from medseg.tracking import mlflow_store
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:

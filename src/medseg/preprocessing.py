@@ -22,9 +22,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medseg.card import NORMALISATIONS, RESIZE
 from medseg.errors import ConfigError
 
+RESIZE = {"image": "bicubic", "label": "nearest", "logits": "bilinear"}  # align_corners=False everywhere
+NORMALISATIONS = ("hu_window", "percentile_clip_zscore", "divide_255", "none")
 MR_PERCENTILES = (0.5, 99.5)
 SLAB_VOXELS = 1 << 20  # 4 slices of 512 x 512: 4 MiB of float32, 8 MiB of int64, and still few numpy calls
 CUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic convolution coefficient

@@ -11,7 +11,6 @@ passed ONNX parity check; it never moves the champion to a worse model.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.metadata
 import json
@@ -20,151 +19,43 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from medseg.card import ModelCard, card_from_metadata
 from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options
 from medseg.errors import MedsegError, PromotionRefused
+from medseg.gate import VersionFacts, decide
 from medseg.io import read_json, sha256_file, write_json
+from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
+from medseg.tracking import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
+                             resolve_tracking_uri, short_error, temporary_env)
 
 log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-# MLflow's own HTTP client retries 7 times with exponential backoff (minutes) before failing; our retry loop
-# replaces it while probing, and the real work gets a short leash so a server dying mid-run fails in about a minute.
-_PROBE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_WORK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
-# --------------------------------------------------------------------------------------------------- naming / URIs
+# --------------------------------------------------------------------------------------------------- naming
 def model_name(params: dict[str, Any], arch: str) -> str:
     """Registered model name `<register.model_prefix>-<dataset.name>-<arch>`."""
     prefix = (params.get("register") or {}).get("model_prefix", "medseg")
     return f"{prefix}-{params['dataset']['name']}-{arch}"
 
 
-def resolve_tracking_uri(params: dict[str, Any], root: str | Path = ".") -> str:
-    """MLFLOW_TRACKING_URI, else params.register.tracking_uri; local stores are made absolute from `root`.
-
-    A relative `sqlite:///mlflow.db` would otherwise land wherever the process happens to run.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params.get("register") or {}).get("tracking_uri")
-    uri = uri or DEFAULT_TRACKING_URI
-    root = Path(root).resolve()
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///") :]
-        if not db.startswith("/") and db != ":memory:":
-            return f"sqlite:///{root / db}"
-        return uri
-    if "://" not in uri:  # a plain folder means a file store
-        path = Path(uri)
-        return (path if path.is_absolute() else root / path).as_uri()
-    return uri
-
-
-def _artifact_location(uri: str, root: Path) -> str | None:
-    # Only a store on this machine gets root/mlartifacts; a tracking server decides its own artifact store.
-    if uri.startswith(("sqlite:", "file:")):
-        return (root / "mlartifacts").resolve().as_uri()
-    return None
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str], force: bool) -> Iterator[None]:
-    """Temporarily set environment variables (`force=False` keeps values the user set)."""
-    saved = {key: os.environ.get(key) for key in values}
-    for key, value in values.items():
-        if force or key not in os.environ:
-            os.environ[key] = value
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def connect(tracking_uri: str, retries: int = 3, backoff_s: float = 2.0):
-    """An MlflowClient whose store answered; retries with exponential backoff, then raises MedsegError."""
-    from mlflow import MlflowClient
-
-    disable_telemetry()
-    registry_uri = _registry_uri(tracking_uri)
-    attempts = max(int(retries), 0) + 1
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            with _env(_PROBE_HTTP_ENV, force=True):
-                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-                client.search_experiments(max_results=1)
-            return client
-        except Exception as exc:  # any failure to reach the store counts: connection, auth, bad database
-            last = exc
-            if attempt + 1 < attempts:
-                delay = float(backoff_s) * 2**attempt
-                log.warning("MLflow at %s not reachable (%s); retry %d/%d in %.1fs", tracking_uri,
-                            _short(exc), attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-    raise MedsegError(
-        f"MLflow tracking store {tracking_uri} unreachable after {attempts} attempt(s): {_short(last)}. "
-        "Start the server (see docs/mlflow.md) or set MLFLOW_TRACKING_URI / register.tracking_uri."
-    ) from last
-
-
-def _registry_uri(tracking_uri: str) -> str:
-    # The registry lives in the tracking store unless the user points MLFLOW_REGISTRY_URI elsewhere.
-    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-
-
-def _short(exc: BaseException | None) -> str:
-    text = f"{type(exc).__name__}: {exc}" if exc else "unknown error"
-    return text if len(text) < 300 else text[:300] + "..."
-
-
-@contextlib.contextmanager
-def mlflow_store(tracking_uri: str, registry_uri: str | None = None) -> Iterator[None]:
-    """Point MLflow's global (fluent) URIs here for log_model/register_model, then restore them exactly.
-
-    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak this store into later calls.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    registry_uri = registry_uri or _registry_uri(tracking_uri)
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 # --------------------------------------------------------------------------------------------------- inputs
-def _arch_files(root: Path, arch: str) -> dict[str, Path]:
+def _arch_files(layout: ProjectLayout, arch: str) -> dict[str, Path]:
     return {
-        "onnx": root / "models" / arch / "model.onnx",
-        "metrics": root / "reports" / arch / "metrics.json",
-        "export": root / "reports" / arch / "export.json",
-        "train_summary": root / "reports" / arch / "train_summary.json",
-        "train_log": root / "reports" / arch / "train_log.csv",
-        "per_case": root / "reports" / arch / "per_case.csv",
-        "curves": root / "reports" / arch / "curves.png",
-        "overlay": root / "reports" / arch / "overlay.png",
+        "onnx": layout.onnx(arch),
+        "metrics": layout.metrics(arch),
+        "export": layout.export_report(arch),
+        "train_summary": layout.train_summary(arch),
+        "train_log": layout.train_log(arch),
+        "per_case": layout.per_case(arch),
+        "curves": layout.curves(arch),
+        "overlay": layout.overlay(arch),
     }
 
 
@@ -315,27 +206,6 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path) -> str:
-    """The experiment's id, creating it with root/mlartifacts as artifact store when the store is local."""
-    return _ensure_experiment(client, name, _artifact_location(tracking_uri, Path(root)))
-
-
-def _ensure_experiment(client, name: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:  # another architecture's register stage created it first
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
-
-
 def register_model_version(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Log one architecture's outputs to MLflow and register its ONNX model; writes registry/<arch>.json.
 
@@ -344,7 +214,8 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     """
     root = Path(root).resolve()
     reg = params.get("register") or {}
-    files = _arch_files(root, arch)
+    layout = ProjectLayout.of(params, root)
+    files = _arch_files(layout, arch)
     for key in _REQUIRED:
         if not files[key].is_file():
             raise MedsegError(f"{files[key]}: missing; run the train/evaluate/export stages for {arch!r} first")
@@ -361,7 +232,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     tracking_uri = resolve_tracking_uri(params, root)
     client = connect(tracking_uri, reg.get("retries", 3), reg.get("backoff_s", 2.0))
     try:
-        with _env(_WORK_HTTP_ENV, force=False):
+        with temporary_env(WORK_HTTP_ENV, force=False):
             existing = _find_version_by_sha(client, name, sha)
             if existing is not None:
                 version, run_id, created = str(existing.version), existing.run_id, False
@@ -377,7 +248,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     except MedsegError:
         raise
     except Exception as exc:
-        raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed: {_short(exc)}") from exc
+        raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed: {short_error(exc)}") from exc
 
     record = {
         "model_name": name,
@@ -390,7 +261,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
         "test_dsc": metrics.get("mean_dsc"),
         "parity_passed": bool(export.get("parity_passed")),
     }
-    write_json(root / "registry" / f"{arch}.json", record)
+    write_json(layout.registry_record(arch), record)
     return record
 
 
@@ -398,7 +269,7 @@ def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]
     """The model-version tags promotion compares: test split, protocol, test DSC, ONNX parity."""
     test_dsc = finite_or_none(metrics.get("mean_dsc"))
     return {
-        "split_sha256": str(metrics.get("split_sha256", "")),
+        "test_cases_sha256": str(metrics.get("test_cases_sha256", "")),
         "protocol": str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", ""))),
         "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
         "parity_passed": "true" if export.get("parity_passed") else "false",
@@ -450,8 +321,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     from medseg import serving
     from medseg.models import get_model_info
 
-    experiment_id = _ensure_experiment(
-        client, (params.get("register") or {}).get("experiment", "medseg"), _artifact_location(tracking_uri, root)
+    experiment_id = ensure_experiment_at(
+        client, (params.get("register") or {}).get("experiment", "medseg"), artifact_location(tracking_uri, root)
     )
     try:
         family = get_model_info(arch).family
@@ -465,7 +336,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
         "family": family,
         "dataset": dataset,
         "protocol": protocol,
-        "split_sha256": eval_tags["split_sha256"],
+        "test_cases_sha256": eval_tags["test_cases_sha256"],
         "config_hash": config_hash(run_params(params, arch)),
         "artifact_sha256": sha,
     }
@@ -528,16 +399,16 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
 
 
 # --------------------------------------------------------------------------------------------------- promote
-def _version_facts(version) -> dict[str, Any]:
+def _version_facts(version) -> VersionFacts:
     tags = version.tags or {}
-    dsc = finite_or_none(tags.get("test_dsc"))
-    return {
-        "version": str(version.version),
-        "dsc": dsc,
-        "split": tags.get("split_sha256") or None,
-        "protocol": tags.get("protocol") or None,
-        "parity": str(tags.get("parity_passed", "")).lower() == "true",
-    }
+    return VersionFacts(
+        version=str(version.version),
+        dsc=finite_or_none(tags.get("test_dsc")),
+        # versions registered before the rename carry the same value as `split_sha256`
+        test_cases=tags.get("test_cases_sha256") or tags.get("split_sha256") or None,
+        protocol=tags.get("protocol") or None,
+        parity=str(tags.get("parity_passed", "")).lower() == "true",
+    )
 
 
 def promote(
@@ -546,7 +417,7 @@ def promote(
     """Move alias `champion` to the `challenger` version if it earned it; raise PromotionRefused otherwise.
 
     Rules: the challenger's ONNX parity passed; with a champion present, both were tested on the same split
-    (split_sha256) under the same evaluation protocol, and the challenger's test DSC is strictly greater than the
+    (test_cases_sha256) under the same evaluation protocol, and the challenger's test DSC is strictly greater than the
     champion's + min_improvement.
     On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else the store
     ./params.yaml names (register.tracking_uri), else MLflow's default. PromotionRefused carries `.result`.
@@ -582,42 +453,21 @@ def promote(
     challenger = _version_facts(client.get_model_version(model_name, challenger_v))
     champion_v = _alias_version(client, model_name, CHAMPION)
     champion = _version_facts(client.get_model_version(model_name, champion_v)) if champion_v else None
-    result.update(challenger_version=challenger["version"], challenger_dsc=challenger["dsc"],
-                  champion_version=champion_v, champion_dsc=champion["dsc"] if champion else None)
+    result.update(challenger_version=challenger.version, challenger_dsc=challenger.dsc,
+                  champion_version=champion_v, champion_dsc=champion.dsc if champion else None)
 
-    if champion and champion["version"] == challenger["version"]:
-        result.update(decision="unchanged", reason=f"version {champion_v} is already the champion")
+    decision = decide(challenger, champion, min_improvement)
+    if decision.outcome == "unchanged":
+        result.update(decision="unchanged", reason=decision.reason)
         return result
-    if not challenger["parity"]:
-        raise refuse(f"version {challenger_v} failed the ONNX parity check (tag parity_passed != true)")
-    if challenger["dsc"] is None:
-        raise refuse(f"version {challenger_v} has no finite test_dsc tag")
-    if champion is not None:
-        if not challenger["split"] or challenger["split"] != champion["split"]:
-            raise refuse(
-                f"version {challenger_v} was tested on split {challenger['split']} but champion {champion_v} on "
-                f"{champion['split']}: DSCs on different test sets are not comparable"
-            )
-        if challenger["protocol"] != champion["protocol"]:
-            raise refuse(
-                f"version {challenger_v} was evaluated under protocol {challenger['protocol']} but champion "
-                f"{champion_v} under {champion['protocol']}: the empty-mask rules differ, DSCs are not comparable"
-            )
-        if champion["dsc"] is None:
-            raise refuse(f"champion {champion_v} has no finite test_dsc tag, so the challenger cannot be compared")
-        if not challenger["dsc"] > champion["dsc"] + float(min_improvement):
-            raise refuse(
-                f"challenger {challenger_v} test DSC {challenger['dsc']:.4f} does not beat champion {champion_v} "
-                f"DSC {champion['dsc']:.4f}" + (f" by more than {min_improvement}" if min_improvement else "")
-            )
+    if decision.outcome == "refused":
+        raise refuse(decision.reason)
 
     client.set_registered_model_alias(model_name, CHAMPION, challenger_v)
     # The challenger has become the champion: a later `promote` without a new registration has nothing to do.
     client.delete_registered_model_alias(model_name, CHALLENGER)
     client.set_model_version_tag(model_name, challenger_v, "promoted_from_champion", champion_v or "none")
-    previous = f"replaces champion {champion_v} (DSC {champion['dsc']:.4f})" if champion else "first champion"
-    result.update(decision="promoted", champion_version=challenger_v,
-                  reason=f"version {challenger_v} (DSC {challenger['dsc']:.4f}, parity passed) {previous}")
+    result.update(decision="promoted", champion_version=challenger_v, reason=decision.reason)
     result["previous_champion_version"] = champion_v
     return result
 

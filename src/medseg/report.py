@@ -22,6 +22,7 @@ import numpy as np
 from medseg.display import display_slice
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, read_json, write_text
+from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,20 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
     A row holds the numbers of the summary table plus `per_class`, and (if `load_models`) the trained `model`
     and checkpoint `meta` for the complexity columns and the qualitative figure.
     """
-    from medseg.evaluation import HD95_UNITS, load_trained_model
+    from medseg.evaluation import HD95_UNITS
+    from medseg.inference import load_trained_model
 
     root = Path(root)
+    layout = ProjectLayout.of(params, root)
     rows, missing = [], {}
     for arch in params.get("models") or []:
-        reports = root / "reports" / arch
-        metrics = _optional_json(reports / "metrics.json")
+        metrics = _optional_json(layout.metrics(arch))
         if not metrics:
             missing[arch] = f"no reports/{arch}/metrics.json (run `dvc repro evaluate@{arch}`)"
             continue
-        export = _optional_json(reports / "export.json")
-        summary = _optional_json(reports / "train_summary.json")
-        registry = _optional_json(root / "registry" / f"{arch}.json")
+        export = _optional_json(layout.export_report(arch))
+        summary = _optional_json(layout.train_summary(arch))
+        registry = _optional_json(layout.registry_record(arch))
         protocol = str(metrics.get("protocol", ""))
         row: dict[str, Any] = {
             "arch": arch,
@@ -90,7 +92,7 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "mean_hd95": finite_or_none(metrics.get("mean_hd95")),
             "protocol": protocol,
             "hd95_unit": metrics.get("hd95_unit") or HD95_UNITS.get(protocol, "?"),
-            "split_sha256": metrics.get("split_sha256"),
+            "test_cases_sha256": metrics.get("test_cases_sha256"),
             "per_class": metrics.get("per_class") or {},
             "params_m": None,
             "gflops": None,
@@ -102,7 +104,7 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "model": None,
             "meta": None,
         }
-        checkpoint = root / "models" / arch / "checkpoint.pt"
+        checkpoint = layout.checkpoint(arch)
         if load_models and checkpoint.is_file():
             try:
                 row["model"], row["meta"] = load_trained_model(checkpoint)
@@ -208,7 +210,7 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
     dataset = params["dataset"]["name"]
     protocols = sorted({row["protocol"] for row in rows})
     units = sorted({row["hd95_unit"] for row in rows})
-    splits = {row["split_sha256"] for row in rows}
+    splits = {row["test_cases_sha256"] for row in rows}
     parts = [f"# medseg comparison: `{dataset}` (preset `{params.get('preset', '?')}`)", ""]
     if rows:
         size = "x".join(str(s) for s in (params.get("data") or {}).get("image_size", []))
@@ -224,7 +226,7 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
                       f"({', '.join(units)}); their HD95 values are not comparable.", ""]
         if len(splits) > 1:
             parts += ["> **Warning:** the architectures were evaluated on different test splits "
-                      "(split_sha256 differs); re-run `dvc repro evaluate` for all of them.", ""]
+                      "(test_cases_sha256 differs); re-run `dvc repro evaluate` for all of them.", ""]
         parts += ["## Summary", "", summary_table(rows), "",
                   "## Per-class DSC (%)", "", per_class_table(rows, "dsc"), "",
                   f"## Per-class HD95 ({', '.join(units)})", "", per_class_table(rows, "hd95"), "",
@@ -348,11 +350,11 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
 
 
 def predict_slice(model, meta: dict[str, Any], image: np.ndarray, index: int) -> np.ndarray:
-    """Label map (H, W) of one slice with medseg.evaluation.predict_volume (same resize and argmax as evaluation).
+    """Label map (H, W) of one slice with medseg.inference.predict_volume (same resize and argmax as evaluation).
 
     Only the slice's 2.5D context window is passed, which clamps at the volume ends exactly as the full volume would.
     """
-    from medseg.evaluation import predict_volume
+    from medseg.inference import predict_volume
 
     context = int(meta.get("context", 0))
     lo, hi = max(index - context, 0), min(index + context + 1, image.shape[0])
@@ -364,9 +366,8 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
     """Figure 1-style grid; returns a one-line description for comparison.md."""
     from medseg.data.loader import load_case, read_cases
 
-    name = params["dataset"]["name"]
-    ingested = root / "data" / "ingested" / name
-    split_path = root / "data" / "splits" / f"{name}.json"
+    layout = ProjectLayout.of(params, root)
+    ingested, split_path = layout.ingested, layout.split_file
     with_models = [row for row in rows if row["model"] is not None]
     if not with_models or not (ingested / "cases.json").is_file() or not split_path.is_file():
         _placeholder(path, "no trained model or no ingested test data to show")
@@ -416,7 +417,7 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
 def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """Write the comparison report files under reports/; returns the summary numbers, the missing archs and paths."""
     root = Path(root)
-    out = root / "reports"
+    out = ProjectLayout.of(params, root).comparison_dir
     rows, missing = collect_results(params, root)
     qualitative_note = plot_qualitative(out / "qualitative.png", params, root, rows)
     plot_dsc_bars(out / "comparison_dsc.png", rows)

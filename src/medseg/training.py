@@ -31,7 +31,9 @@ from torch import nn
 
 from medseg.config import config_hash, disable_telemetry, model_options, resolve_device
 from medseg.errors import ConfigError, TrainingError
+from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.io import atomic_path, read_json, write_json, write_text
+from medseg.layout import ProjectLayout
 from medseg.losses import build_loss
 
 _log = logging.getLogger(__name__)
@@ -61,15 +63,9 @@ class Paths:
 
     @classmethod
     def of(cls, params: dict[str, Any], arch: str, root: Path) -> "Paths":
-        name = params["dataset"]["name"]
-        return cls(
-            root=root,
-            ingested=root / "data" / "ingested" / name,
-            split=root / "data" / "splits" / f"{name}.json",
-            checkpoint=root / "models" / arch / "checkpoint.pt",
-            last=root / "models" / arch / "last.pt",
-            reports=root / "reports" / arch,
-        )
+        layout = ProjectLayout.of(params, root)
+        return cls(root=root, ingested=layout.ingested, split=layout.split_file, checkpoint=layout.checkpoint(arch),
+                   last=layout.last_checkpoint(arch), reports=layout.reports_dir(arch))
 
 
 @dataclass
@@ -100,8 +96,9 @@ def _setup_distributed(device: str) -> tuple[Dist, str]:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, enabled=True), device
 
 
-def split_hash(split: dict[str, Any]) -> str:
-    """Hash of the case lists training depends on (train + val); the test list is evaluation's business."""
+def training_cases_hash(split: dict[str, Any]) -> str:
+    """Hash of the case lists training depends on (train + val), part of the run's config hash and stored in the
+    checkpoints: a changed test list must not restart a training. The test list is evaluation's business."""
     return config_hash({"train": split.get("train", []), "val": split.get("val", [])})
 
 
@@ -116,7 +113,7 @@ def run_config_hash(params: dict[str, Any], arch: str, split: dict[str, Any]) ->
             "model_options": model_options(params, arch),
             "train": train,
             "data": data,
-            "split": split_hash(split),
+            "split": training_cases_hash(split),
         }
     )
 
@@ -220,22 +217,6 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _save(obj: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) with a clear error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: checkpoint not found (run the train stage first)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise TrainingError(f"{path}: cannot read checkpoint: {exc}") from exc
-
-
 def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -259,7 +240,7 @@ def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size,
               num_classes: int, batch_size: int, device: str, amp: tuple[bool, torch.dtype]) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
     from medseg.data.loader import load_case
-    from medseg.evaluation import predict_volume
+    from medseg.inference import predict_volume
 
     scores = []
     for case_id in case_ids:
@@ -293,7 +274,7 @@ class _MlflowLogger:
         try:
             import mlflow
 
-            from medseg.registry import ensure_experiment, resolve_tracking_uri
+            from medseg.tracking import ensure_experiment, resolve_tracking_uri
 
             # created like the register stage creates it, so artifacts of both land in the same store
             uri = resolve_tracking_uri(params, root)
@@ -452,7 +433,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
         resumed_from = global_step
         if best_state is not None and dist_info.main:
             # DVC deletes checkpoint.pt before re-running the stage; last.pt holds the best weights too.
-            _save(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size, class_names,
+            save_checkpoint(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size, class_names,
                                    context, best_epoch, best_dice, run_hash, split, card), paths.checkpoint)
 
     train_model_ref: nn.Module = model
@@ -468,7 +449,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
         return {
             "arch": arch,
             "config_hash": run_hash,
-            "split_hash": split_hash(split),
+            "training_cases_hash": training_cases_hash(split),
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "global_step": global_step,
@@ -490,7 +471,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
     def save_last(epoch: int, batch_in_epoch: int, finished: bool = False) -> None:
         if dist_info.main:
             _check_finite(model, f"epoch {epoch}, step {global_step}")
-            _save(last_state(epoch, batch_in_epoch, finished), paths.last)
+            save_checkpoint(last_state(epoch, batch_in_epoch, finished), paths.last)
 
     try:
         for epoch in range(start_epoch, epochs):
@@ -556,7 +537,7 @@ def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids
                 score = val_dice if val_dice is not None else -1.0
                 if best_epoch is None or score > best_dice or (not val_ids):
                     best_dice, best_epoch, best_state = score, epoch + 1, _cpu_state_dict(model)
-                    _save(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size,
+                    save_checkpoint(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size,
                                            class_names, context, best_epoch, val_dice, run_hash, split, card),
                           paths.checkpoint)
                 save_last(epoch + 1, 0, finished=epoch + 1 == epochs)
@@ -619,6 +600,6 @@ def _best_checkpoint(state_dict, arch, options, in_channels, num_classes, image_
         "epoch": epoch,
         "val_dice": val_dice if (val_dice is not None and val_dice >= 0) else None,
         "config_hash": run_hash,
-        "split_hash": split_hash(split),
+        "training_cases_hash": training_cases_hash(split),
         "card": card.to_dict(),
     }

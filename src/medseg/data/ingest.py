@@ -29,6 +29,7 @@ from medseg.data.formats import FORMATS_3D, CaseSource, DatasetSpec, RawCase, da
 from medseg.data.orientation import axcodes
 from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
+from medseg.layout import OUTPUT_DIRS, PHANTOM_DIR, ProjectLayout
 from medseg.preprocessing import intensity_transform, normalisation_for, normalise_slab
 
 _log = logging.getLogger(__name__)
@@ -200,9 +201,9 @@ def _nested(affine: np.ndarray | None) -> list[list[float]] | None:
 
 
 def ingested_dir(params: dict[str, Any], root: str | Path = ".") -> Path:
-    """`<root>/data/ingested/<dataset.name>`."""
+    """`<root>/data/ingested/<dataset.name>` (ProjectLayout.ingested), with a clear error without dataset.name."""
     try:
-        return Path(root) / "data" / "ingested" / str(params["dataset"]["name"])
+        return ProjectLayout.of(params, root).ingested
     except KeyError as exc:
         raise ConfigError(f"params.yaml: missing key {exc} (dataset.name)") from exc
 
@@ -227,8 +228,7 @@ def check_outside_raw(out_dir: str | Path, raw_dir: str | Path) -> None:
 
 # Folders that are DVC stage outputs (DVC deletes an output before its stage runs) or medseg's own: no place
 # for a user's raw data. The phantom's folder is a raw dataset, but only ever the built-in one.
-OUTPUT_DIRS = ("data/ingested", "data/splits", "models", "reports", "registry", "mlartifacts")
-PHANTOM_RAW_DIR = "data/phantom"
+PHANTOM_RAW_DIR = PHANTOM_DIR.as_posix()
 
 
 def check_raw_dir_is_not_an_output(raw_dir: str | Path, root: str | Path = ".", builtin_ok: bool = True) -> None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from medseg.errors import ConfigError
 from medseg.io import atomic_dir, write_json
+from medseg.layout import PHANTOM_DIR
 
 # Raw Synapse label values (the BTCV abdomen challenge numbering).
 SYNAPSE_LABELS = {
@@ -200,9 +201,8 @@ def generate_phantom_dataset(
     return stems
 
 
-# The phantom's one output, fixed: the only raw folder medseg ever writes (see builtin/dvc.yaml). A user's
-# dataset lives wherever `dataset.raw_dir` says and is only ever read.
-PHANTOM_DIR = Path("data") / "phantom"
+# PHANTOM_DIR, the phantom's one output, is fixed: the only raw folder medseg ever writes (see builtin/dvc.yaml).
+# A user's dataset lives wherever `dataset.raw_dir` says and is only ever read.
 
 
 def generate_from_params(params: dict[str, Any], root: str | Path = ".") -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 
 from medseg.errors import ConfigError
 from medseg.io import read_json, write_json
+from medseg.layout import ProjectLayout
 
 # TransUNet (Chen et al. 2021) Synapse list: lists/lists_Synapse/train.txt and test_vol.txt case numbers.
 PRESETS: dict[str, dict[str, list[str]]] = {
@@ -145,13 +146,13 @@ def split_sha256(split: Mapping[str, Any]) -> str:
 
 
 def split_path(params: Mapping[str, Any], root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "splits" / f"{params['dataset']['name']}.json"
+    return ProjectLayout.of(dict(params), root).split_file
 
 
 def split_from_params(params: Mapping[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """Read `data/ingested/<name>/cases.json`, split it per `params["split"]`, write `data/splits/<name>.json`."""
     name = params["dataset"]["name"]
-    cases_json = Path(root) / "data" / "ingested" / name / "cases.json"
+    cases_json = ProjectLayout.of(dict(params), root).cases_json
     if not cases_json.is_file():
         raise ConfigError(f"{cases_json}: not found; run the ingest stage first")
     split_params = dict(params.get("split") or {})

@@ -1,0 +1,45 @@
+"""What every DVC stage script does around its one library call: params.yaml in, JSON summary out, exit 2 on a
+MedsegError (a deterministic error: a retry gives the same answer; flows read that exit code).
+
+stages/<name>.py imports its library function itself and passes it here, so that the stage's imports, read by
+tests/import_graph.py, are exactly the code the stage runs, and dvc.yaml's deps can be derived from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from medseg.config import PARAMS_FILE, disable_telemetry, load_params
+from medseg.errors import MedsegError
+
+EXIT_MEDSEG_ERROR = 2
+
+
+def call_stage(func: Callable[..., Any], arch: str | None, root: str | Path = ".", params_file: str = PARAMS_FILE
+               ) -> Any:
+    """Load params.yaml under `root`, call func(params, [arch,] root=root), print its result as JSON."""
+    params = load_params(Path(root) / params_file)
+    result = func(params, arch, root=root) if arch is not None else func(params, root=root)
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool) -> int:
+    """A stage script's main: `python stages/train.py ARCH` -> 0, or 2 with `error: ...` on a MedsegError."""
+    disable_telemetry()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    name = Path(sys.argv[0]).stem
+    if len(argv) != (1 if with_arch else 0):
+        print(f"usage: {name}.py {'ARCH' if with_arch else ''}".rstrip(), file=sys.stderr)
+        return EXIT_MEDSEG_ERROR
+    try:
+        call_stage(func, argv[0] if with_arch else None)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MEDSEG_ERROR
+    return 0

@@ -1,0 +1,57 @@
+"""The champion gate's rules, as a pure function: may a challenger model version replace the champion?
+
+`medseg.registry.promote` reads the two versions' tags from MLflow into `VersionFacts`, asks `decide`, and moves
+the aliases only on "promoted". Nothing here talks to MLflow, so every rule is tested on plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Outcome = Literal["promoted", "unchanged", "refused"]
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What the gate knows about one registered version (from its tags)."""
+
+    version: str
+    dsc: float | None  # mean test DSC, None when not a finite number
+    test_cases: str | None  # sha256 of the sorted test case ids the DSC was measured on
+    protocol: str | None  # evaluation protocol ("mm", "transunet"): the empty-mask rules behind the DSC
+    parity: bool  # the ONNX export matched PyTorch
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str
+
+
+def decide(challenger: VersionFacts, champion: VersionFacts | None, min_improvement: float = 0.0) -> Decision:
+    """Promote only a challenger whose ONNX parity passed and, with a champion present, that was tested on the same
+    test cases under the same protocol and whose DSC is strictly greater than the champion's + min_improvement."""
+    c, v = challenger, challenger.version
+    if champion is not None and champion.version == v:
+        return Decision("unchanged", f"version {v} is already the champion")
+    if not c.parity:
+        return Decision("refused", f"version {v} failed the ONNX parity check (tag parity_passed != true)")
+    if c.dsc is None:
+        return Decision("refused", f"version {v} has no finite test_dsc tag")
+    if champion is None:
+        return Decision("promoted", f"version {v} (DSC {c.dsc:.4f}, parity passed) first champion")
+    w = champion.version
+    if not c.test_cases or c.test_cases != champion.test_cases:
+        return Decision("refused", f"version {v} was tested on split {c.test_cases} but champion {w} on "
+                                   f"{champion.test_cases}: DSCs on different test sets are not comparable")
+    if c.protocol != champion.protocol:
+        return Decision("refused", f"version {v} was evaluated under protocol {c.protocol} but champion {w} under "
+                                   f"{champion.protocol}: the empty-mask rules differ, DSCs are not comparable")
+    if champion.dsc is None:
+        return Decision("refused", f"champion {w} has no finite test_dsc tag, so the challenger cannot be compared")
+    if not c.dsc > champion.dsc + float(min_improvement):
+        return Decision("refused", f"challenger {v} test DSC {c.dsc:.4f} does not beat champion {w} DSC "
+                                   f"{champion.dsc:.4f}" + (f" by more than {min_improvement}" if min_improvement else ""))
+    return Decision("promoted", f"version {v} (DSC {c.dsc:.4f}, parity passed) replaces champion {w} "
+                                f"(DSC {champion.dsc:.4f})")
