@@ -233,3 +233,32 @@ def test_epochs_are_logged_to_mlflow_when_a_tracking_uri_is_set(tiny_project, tm
     assert run.data.params["arch"] == "unet"
     history = client.get_metric_history(run.info.run_id, "val_dice")
     assert [m.step for m in history] == [1, 2]
+
+
+def test_trainer_steps_and_state_round_trip(tiny_project, tmp_path):
+    """The Trainer's named steps, driven by hand: its state_dict() carries a run mid-way, and a second Trainer
+    that loads it continues to exactly the weights of one that never stopped."""
+    from medseg.training import Dist, RunSpec, Trainer
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=100)
+    spec = RunSpec.of(params, "unet", root)
+    first = Trainer(spec, "cpu", Dist())
+    first.train_epoch()
+    row = first.end_epoch(first.validate())
+    assert row["epoch"] == 1 and row["step"] == first.state.global_step == 3 and 0 <= row["val_dice"] <= 1
+    assert (first.state.epoch, first.state.batch_in_epoch, first.state.loss_count) == (1, 0, 0)
+    saved = first.state_dict()
+    assert (saved["epoch"], saved["global_step"], saved["best_epoch"]) == (1, 3, 1)
+
+    first.train_epoch()
+    first.end_epoch(first.validate())
+    uninterrupted = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    # fresh objects (its own initialisation; the global RNG is shared in-process, so after `first` is done) ...
+    second = Trainer(spec, "cpu", Dist())
+    second.load_state_dict(saved)  # ... until the state is loaded: RNG streams and position included
+    assert second.state.history == first.state.history[:1] and second.state.resumed_from == 3
+    second.train_epoch()
+    second.end_epoch(second.validate())
+    _assert_same_weights(uninterrupted, second.model.state_dict())
+    assert first.state.epoch == second.state.epoch == 2

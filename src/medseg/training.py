@@ -14,6 +14,7 @@ starts fresh (logged).
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -21,7 +22,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -237,7 +238,7 @@ def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
 
 
 def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size, context: int,
-              num_classes: int, batch_size: int, device: str, amp: tuple[bool, torch.dtype]) -> float | None:
+              num_classes: int, batch_size: int, device: str) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
     from medseg.data.loader import load_case
     from medseg.inference import predict_volume
@@ -245,7 +246,7 @@ def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size,
     scores = []
     for case_id in case_ids:
         image, label, _spacing = load_case(ingested, case_id)
-        pred = predict_volume(model, image, image_size, context, batch_size, device, amp=amp)
+        pred = predict_volume(model, image, image_size, context, batch_size, device)  # as evaluation: no AMP
         label = np.asarray(label)
         # per-class intersection and sizes in one pass over the volume
         joint = np.bincount(label.astype(np.int64).ravel() * num_classes + pred.ravel(), minlength=num_classes**2)
@@ -341,234 +342,321 @@ def _plot_curves(path: Path, history: list[dict[str, Any]], arch: str) -> None:
     plt.close(fig)
 
 
-def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
-    """Train `arch` on the split's train cases, select on its val cases; returns the train summary."""
-    from medseg.data.loader import SliceDataset, read_cases
-    from medseg.models import build_model
-    from medseg.models.complexity import count_params
+@dataclass(frozen=True)
+class RunSpec:
+    """What one training run is, fixed before it starts (from params.yaml, cases.json and the split)."""
 
-    disable_telemetry()
-    root = Path(root)
-    paths = Paths.of(params, arch, root)
-    train_p, data_p = dict(params["train"]), dict(params["data"])
-    seed = int(params.get("seed", 0))
-    cases = read_cases(paths.ingested)
-    if not paths.split.is_file():
-        raise ConfigError(f"{paths.split}: split file not found (run the split stage first)")
-    split = read_json(paths.split)
-    train_ids, val_ids = list(split.get("train", [])), list(split.get("val", []))
-    if not train_ids:
-        raise ConfigError(f"{paths.split}: the train list is empty")
-    class_names = list(cases["class_names"])
-    context = int(data_p.get("context", 0))
-    in_channels = int(cases["in_channels"]) * (2 * context + 1)
-    image_size = tuple(int(v) for v in data_p["image_size"])
-    options = model_options(params, arch)
-    run_hash = run_config_hash(params, arch, split)
+    params: dict[str, Any]
+    arch: str
+    paths: Paths
+    train_p: dict[str, Any]
+    data_p: dict[str, Any]
+    seed: int
+    train_ids: list[str]
+    val_ids: list[str]
+    class_names: list[str]
+    context: int
+    in_channels: int
+    image_size: tuple[int, int]
+    options: dict[str, Any]
+    run_hash: str
+    split: dict[str, Any]
 
-    device = resolve_device(train_p.get("device", "auto"))
-    dist_info, device = _setup_distributed(device)
-    on_cuda = device.startswith("cuda")
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    if not on_cuda:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        return _train(params, arch, paths, train_p, data_p, seed, train_ids, val_ids, class_names, context,
-                      in_channels, image_size, options, run_hash, split, device, dist_info,
-                      SliceDataset, build_model, count_params)
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def of(cls, params: dict[str, Any], arch: str, root: Path) -> "RunSpec":
+        from medseg.data.loader import read_cases
+
+        paths = Paths.of(params, arch, root)
+        cases = read_cases(paths.ingested)
+        if not paths.split.is_file():
+            raise ConfigError(f"{paths.split}: split file not found (run the split stage first)")
+        split = read_json(paths.split)
+        train_ids, val_ids = list(split.get("train", [])), list(split.get("val", []))
+        if not train_ids:
+            raise ConfigError(f"{paths.split}: the train list is empty")
+        data_p = dict(params["data"])
+        context = int(data_p.get("context", 0))
+        return cls(params=params, arch=arch, paths=paths, train_p=dict(params["train"]), data_p=data_p,
+                   seed=int(params.get("seed", 0)), train_ids=train_ids, val_ids=val_ids,
+                   class_names=list(cases["class_names"]), context=context,
+                   in_channels=int(cases["in_channels"]) * (2 * context + 1),
+                   image_size=tuple(int(v) for v in data_p["image_size"]),  # type: ignore[arg-type]
+                   options=model_options(params, arch), run_hash=run_config_hash(params, arch, split), split=split)
 
 
-def _train(params, arch, paths: Paths, train_p, data_p, seed, train_ids, val_ids, class_names, context,
-           in_channels, image_size, options, run_hash, split, device, dist_info: Dist,
-           SliceDataset, build_model, count_params) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
+@dataclass
+class TrainState:
+    """Everything that changes while training and that a resume must restore (besides the model, optimizer,
+    scheduler, scaler and RNG states, which Trainer.state_dict adds)."""
 
-    num_classes = len(class_names)
-    on_cuda = device.startswith("cuda")
-    card = _model_card(params, arch, paths, split, image_size, options)
-    seed_everything(seed)
-    model = build_model(arch, in_channels, num_classes, image_size, **options).to(device)
-    use_channels_last = on_cuda and bool(train_p.get("channels_last", False))
-    if use_channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dataset = SliceDataset(paths.ingested, train_ids, image_size, context=context,
-                           augment=data_p.get("augment"), seed=seed,
-                           cache_resized=bool(data_p.get("cache_resized", True)))
-    batch_size = int(train_p["batch_size"])
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world, rank=dist_info.rank, shuffle=True,
-                                 seed=seed, drop_last=False)
-    steps_per_epoch = _steps_per_epoch(len(dataset), dist_info.world, batch_size, train_p.get("max_steps_per_epoch"))
-    epochs = int(train_p["epochs"])
-    optimizer = build_optimizer(model, train_p)
-    scheduler = build_scheduler(optimizer, train_p, epochs * steps_per_epoch)
-    amp_enabled, amp_dtype = _amp_settings(train_p, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_enabled and amp_dtype == torch.float16)
-    loss_fn = build_loss(train_p, num_classes)
-    every = int(train_p.get("checkpoint_every_steps") or DEFAULT_CHECKPOINT_EVERY_STEPS)
-    grad_clip = train_p.get("grad_clip")
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches of `epoch` already done (a mid-epoch checkpoint)
+    global_step: int = 0
+    best_dice: float = -1.0
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: float = 0.0  # of the current epoch
+    loss_count: int = 0
+    seconds_before: float = 0.0  # training seconds of the runs this one resumes
+    resumed_from: int | None = None
 
-    # ---- resume state ------------------------------------------------------------------------------------
-    start_epoch, start_batch, global_step = 0, 0, 0
-    best_dice, best_epoch, best_state = -1.0, None, None
-    history: list[dict[str, Any]] = []
-    loss_sum, loss_count, elapsed_before = 0.0, 0, 0.0
-    resumed_from = None
-    state = _try_resume(paths.last, run_hash)
-    if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_epoch, start_batch, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        best_dice = state["best_val_dice"] if state["best_val_dice"] is not None else -1.0
-        best_epoch, best_state = state["best_epoch"], state["best_state_dict"]
-        history = list(state["history"])
-        loss_sum, loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
-        elapsed_before = state["train_seconds"]
-        resumed_from = global_step
-        if best_state is not None and dist_info.main:
-            # DVC deletes checkpoint.pt before re-running the stage; last.pt holds the best weights too.
-            save_checkpoint(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size, class_names,
-                                   context, best_epoch, best_dice, run_hash, split, card), paths.checkpoint)
 
-    train_model_ref: nn.Module = model
-    if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+class Trainer:
+    """One architecture's training: the objects it needs, its state in one TrainState, and short named steps
+    (train_step, train_epoch, validate, end_epoch, save_last) that `fit` strings together. last.pt is
+    `state_dict()`; a resumed run continues bit for bit (every RNG and the position in the epoch are in it)."""
 
-        train_model_ref = DistributedDataParallel(model, device_ids=[dist_info.local_rank] if on_cuda else None)
+    def __init__(self, spec: RunSpec, device: str, dist_info: Dist):
+        from medseg.data.loader import SliceDataset
+        from medseg.models import build_model
+        from torch.utils.data.distributed import DistributedSampler
 
-    mlflow_logger = _MlflowLogger(params, arch, dist_info.main, paths.root)
-    t0 = time.perf_counter()
+        self.spec, self.device, self.dist = spec, device, dist_info
+        self.on_cuda = device.startswith("cuda")
+        train_p, data_p = spec.train_p, spec.data_p
+        self.card = _model_card(spec.params, spec.arch, spec.paths, spec.split, spec.image_size, spec.options)
+        seed_everything(spec.seed)
+        self.model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size,
+                                 **spec.options).to(device)
+        self.channels_last = self.on_cuda and bool(train_p.get("channels_last", False))
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
+                                    augment=data_p.get("augment"), seed=spec.seed,
+                                    cache_resized=bool(data_p.get("cache_resized", True)))
+        self.batch_size = int(train_p["batch_size"])
+        self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
+                                          shuffle=True, seed=spec.seed, drop_last=False)
+        self.steps_per_epoch = _steps_per_epoch(len(self.dataset), dist_info.world, self.batch_size,
+                                                train_p.get("max_steps_per_epoch"))
+        self.epochs = int(train_p["epochs"])
+        self.optimizer = build_optimizer(self.model, train_p)
+        self.scheduler = build_scheduler(self.optimizer, train_p, self.epochs * self.steps_per_epoch)
+        self.amp_enabled, self.amp_dtype = _amp_settings(train_p, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16)
+        self.loss_fn = build_loss(train_p, spec.num_classes)
+        self.checkpoint_every = int(train_p.get("checkpoint_every_steps") or DEFAULT_CHECKPOINT_EVERY_STEPS)
+        self.grad_clip = train_p.get("grad_clip")
+        self.state = TrainState()
+        self.network: nn.Module = self.model  # what the training steps call: DDP's wrapper when distributed
+        self._t0 = time.perf_counter()
 
-    def last_state(epoch: int, batch_in_epoch: int, finished: bool = False) -> dict[str, Any]:
+    # ---- state ---------------------------------------------------------------------------------------------
+    def seconds(self) -> float:
+        return self.state.seconds_before + time.perf_counter() - self._t0
+
+    def state_dict(self, finished: bool = False) -> dict[str, Any]:
+        """last.pt: the run's state, readable with torch.load(weights_only=True)."""
+        st = self.state
         return {
-            "arch": arch,
-            "config_hash": run_hash,
-            "training_cases_hash": training_cases_hash(split),
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "global_step": global_step,
+            "arch": self.spec.arch,
+            "config_hash": self.spec.run_hash,
+            "training_cases_hash": training_cases_hash(self.spec.split),
+            "epoch": st.epoch,
+            "batch_in_epoch": st.batch_in_epoch,
+            "global_step": st.global_step,
             "finished": finished,
-            "state_dict": _cpu_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "state_dict": _cpu_state_dict(self.model),
+            # copies: optimizer.state_dict() shares the moment tensors that the next steps update in place
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": _rng_state(),
-            "best_val_dice": None if best_epoch is None else best_dice,
-            "best_epoch": best_epoch,
-            "best_state_dict": best_state,
-            "history": history,
-            "epoch_loss_sum": loss_sum,
-            "epoch_loss_count": loss_count,
-            "train_seconds": elapsed_before + time.perf_counter() - t0,
+            "best_val_dice": None if st.best_epoch is None else st.best_dice,
+            "best_epoch": st.best_epoch,
+            "best_state_dict": st.best_state,
+            "history": [dict(row) for row in st.history],  # a snapshot: the run goes on appending
+            "epoch_loss_sum": st.loss_sum,
+            "epoch_loss_count": st.loss_count,
+            "train_seconds": self.seconds(),
         }
 
-    def save_last(epoch: int, batch_in_epoch: int, finished: bool = False) -> None:
-        if dist_info.main:
-            _check_finite(model, f"epoch {epoch}, step {global_step}")
-            save_checkpoint(last_state(epoch, batch_in_epoch, finished), paths.last)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.state = TrainState(
+            epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"], global_step=state["global_step"],
+            best_dice=state["best_val_dice"] if state["best_val_dice"] is not None else -1.0,
+            best_epoch=state["best_epoch"], best_state=state["best_state_dict"], history=list(state["history"]),
+            loss_sum=state["epoch_loss_sum"], loss_count=state["epoch_loss_count"],
+            seconds_before=state["train_seconds"], resumed_from=state["global_step"])
+        self._t0 = time.perf_counter()
 
+    def resume(self) -> None:
+        """Continue from last.pt when it was written by this configuration and did not finish."""
+        state = _try_resume(self.spec.paths.last, self.spec.run_hash)
+        if state is None:
+            return
+        self.load_state_dict(state)
+        if self.state.best_state is not None and self.dist.main:
+            # DVC deletes checkpoint.pt before re-running the stage; last.pt holds the best weights too.
+            self.save_best()
+
+    def save_last(self, finished: bool = False) -> None:
+        if self.dist.main:
+            _check_finite(self.model, f"epoch {self.state.epoch}, step {self.state.global_step}")
+            save_checkpoint(self.state_dict(finished), self.spec.paths.last)
+
+    def save_best(self) -> None:
+        spec, st = self.spec, self.state
+        save_checkpoint(_best_checkpoint(st.best_state, spec.arch, spec.options, spec.in_channels, spec.num_classes,
+                                         spec.image_size, spec.class_names, spec.context, st.best_epoch,
+                                         st.best_dice, spec.run_hash, spec.split, self.card), spec.paths.checkpoint)
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimizer step; returns the batch loss."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda" if self.on_cuda else "cpu", dtype=self.amp_dtype, enabled=self.amp_enabled):
+            logits = self.network(images)
+        loss = self.loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"{self.spec.arch}: loss is {loss.item()} at epoch {self.state.epoch + 1}, step "
+                f"{self.state.global_step + 1}; stopped, the last good checkpoint ({self.spec.paths.last}) is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state.global_step += 1
+        return float(loss.detach())
+
+    def train_epoch(self) -> None:
+        """The batches of epoch `state.epoch` from `state.batch_in_epoch` on, checkpointing every N steps."""
+        from torch.utils.data import DataLoader
+
+        st, epoch = self.state, self.state.epoch
+        batches = _epoch_batches(self.sampler, epoch, self.batch_size, self.steps_per_epoch)
+        self.dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
+        skip = st.batch_in_epoch
+        # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
+        # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
+        loader = DataLoader(self.dataset, batch_sampler=batches[skip:],
+                            num_workers=int(self.spec.data_p.get("num_workers", 0)), pin_memory=self.on_cuda,
+                            persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
+        self.network.train()
+        bar = _progress(len(batches), skip, f"{self.spec.arch} epoch {epoch + 1}/{self.epochs}", self.dist.main)
+        for batch_index, (images, labels) in enumerate(loader, start=skip):
+            st.loss_sum += self.train_step(images, labels)
+            st.loss_count += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{st.loss_sum / st.loss_count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if st.global_step % self.checkpoint_every == 0 and batch_index + 1 < len(batches):
+                st.batch_in_epoch = batch_index + 1
+                self.save_last()
+            for hook in STEP_HOOKS:
+                hook(st.global_step)
+        bar.close()
+
+    def validate(self) -> float | None:
+        """Volume-wise validation Dice (VAL_DICE_DEFINITION) on rank 0, exactly as evaluation predicts."""
+        if not (self.dist.main and self.spec.val_ids):
+            return None
+        spec = self.spec
+        batch = int(spec.params.get("evaluate", {}).get("batch_size", self.batch_size))
+        return _validate(self.model, spec.paths.ingested, spec.val_ids, spec.image_size, spec.context,
+                         spec.num_classes, batch, self.device)
+
+    def end_epoch(self, val_dice: float | None) -> dict[str, Any]:
+        """Log the epoch, keep the best weights (checkpoint.pt) and write last.pt at the epoch boundary."""
+        st = self.state
+        row = {
+            "epoch": st.epoch + 1,
+            "step": st.global_step,
+            "train_loss": st.loss_sum / max(st.loss_count, 1),
+            "val_dice": val_dice,
+            "lr": self.scheduler.get_last_lr()[0],
+            "seconds": round(self.seconds(), 3),
+        }
+        st.history.append(row)
+        st.loss_sum, st.loss_count = 0.0, 0
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        if self.dist.main:
+            _check_finite(self.model, f"epoch {st.epoch}, step {st.global_step}")
+            # No validation cases: the last epoch is "best" (nothing else to select on without leakage).
+            score = val_dice if val_dice is not None else -1.0
+            if st.best_epoch is None or score > st.best_dice or not self.spec.val_ids:
+                st.best_dice, st.best_epoch, st.best_state = score, st.epoch, _cpu_state_dict(self.model)
+                self.save_best()
+            self.save_last(finished=st.epoch == self.epochs)
+            _write_log(self.spec.paths.reports / "train_log.csv", st.history)
+            _log.info("%s epoch %d: loss %.4f, val Dice %s", self.spec.arch, st.epoch, row["train_loss"], val_dice)
+        return row
+
+    def fit(self) -> dict[str, Any]:
+        """Resume if possible, train the remaining epochs, write the summary; returns it."""
+        from medseg.models.complexity import count_params
+
+        spec = self.spec
+        self.resume()
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.network = DistributedDataParallel(self.model,
+                                                   device_ids=[self.dist.local_rank] if self.on_cuda else None)
+        mlflow_logger = _MlflowLogger(spec.params, spec.arch, self.dist.main, spec.paths.root)
+        try:
+            while self.state.epoch < self.epochs:
+                self.train_epoch()
+                mlflow_logger.epoch(self.end_epoch(self.validate()))
+        finally:
+            mlflow_logger.close()
+
+        st = self.state
+        summary = {
+            "arch": spec.arch,
+            "params": count_params(self.model),
+            "epochs": self.epochs,
+            "steps": st.global_step,
+            "best_val_dice": st.best_dice if st.best_epoch is not None and st.best_dice >= 0 else None,
+            "best_epoch": st.best_epoch,
+            "val_dice_definition": VAL_DICE_DEFINITION,
+            "train_seconds": round(st.history[-1]["seconds"] if st.history else 0.0, 3),
+            "device": self.device,
+            "world_size": self.dist.world,
+            "resumed_from_step": st.resumed_from,
+            "config_hash": spec.run_hash,
+        }
+        if self.dist.main:
+            write_json(spec.paths.reports / "train_summary.json", summary)
+            _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return summary
+
+
+def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """Train `arch` on the split's train cases, select on its val cases; returns the train summary."""
+    disable_telemetry()
+    spec = RunSpec.of(params, arch, Path(root))
+    device = resolve_device(spec.train_p.get("device", "auto"))
+    dist_info, device = _setup_distributed(device)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if not device.startswith("cuda"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        for epoch in range(start_epoch, epochs):
-            batches = _epoch_batches(sampler, epoch, batch_size, steps_per_epoch)
-            dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
-            skip = start_batch if epoch == start_epoch else 0
-            # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
-            # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
-            loader = DataLoader(dataset, batch_sampler=batches[skip:], num_workers=int(data_p.get("num_workers", 0)),
-                                pin_memory=on_cuda, persistent_workers=False,
-                                generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            train_model_ref.train()
-            bar = _progress(len(batches), skip, f"{arch} epoch {epoch + 1}/{epochs}", dist_info.main)
-            for batch_index, (images, labels) in enumerate(loader, start=skip):
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if use_channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp_dtype, enabled=amp_enabled):
-                    logits = train_model_ref(images)
-                loss = loss_fn(logits, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"{arch}: loss is {loss.item()} at epoch {epoch + 1}, step {global_step + 1}; stopped, "
-                        f"the last good checkpoint ({paths.last}) is kept")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                global_step += 1
-                loss_sum += float(loss.detach())
-                loss_count += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if global_step % every == 0 and batch_index + 1 < len(batches):
-                    save_last(epoch, batch_index + 1)
-                for hook in STEP_HOOKS:
-                    hook(global_step)
-            bar.close()
-
-            val_dice = None
-            if dist_info.main and val_ids:
-                val_dice = _validate(model, paths.ingested, val_ids, image_size, context, num_classes,
-                                     int(params.get("evaluate", {}).get("batch_size", batch_size)), device,
-                                     (amp_enabled, amp_dtype))
-            row = {
-                "epoch": epoch + 1,
-                "step": global_step,
-                "train_loss": loss_sum / max(loss_count, 1),
-                "val_dice": val_dice,
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": round(elapsed_before + time.perf_counter() - t0, 3),
-            }
-            history.append(row)
-            loss_sum, loss_count = 0.0, 0
-            if dist_info.main:
-                _check_finite(model, f"epoch {epoch + 1}, step {global_step}")
-                # No validation cases: the last epoch is "best" (nothing else to select on without leakage).
-                score = val_dice if val_dice is not None else -1.0
-                if best_epoch is None or score > best_dice or (not val_ids):
-                    best_dice, best_epoch, best_state = score, epoch + 1, _cpu_state_dict(model)
-                    save_checkpoint(_best_checkpoint(best_state, arch, options, in_channels, num_classes, image_size,
-                                           class_names, context, best_epoch, val_dice, run_hash, split, card),
-                          paths.checkpoint)
-                save_last(epoch + 1, 0, finished=epoch + 1 == epochs)
-                _write_log(paths.reports / "train_log.csv", history)
-                mlflow_logger.epoch(row)
-                _log.info("%s epoch %d: loss %.4f, val Dice %s", arch, epoch + 1, row["train_loss"], val_dice)
+        return Trainer(spec, device, dist_info).fit()
     finally:
-        mlflow_logger.close()
-
-    summary = {
-        "arch": arch,
-        "params": count_params(model),
-        "epochs": epochs,
-        "steps": global_step,
-        "best_val_dice": best_dice if best_epoch is not None and best_dice >= 0 else None,
-        "best_epoch": best_epoch,
-        "val_dice_definition": VAL_DICE_DEFINITION,
-        "train_seconds": round(history[-1]["seconds"] if history else 0.0, 3),
-        "device": device,
-        "world_size": dist_info.world,
-        "resumed_from_step": resumed_from,
-        "config_hash": run_hash,
-    }
-    if dist_info.main:
-        write_json(paths.reports / "train_summary.json", summary)
-        _plot_curves(paths.reports / "curves.png", history, arch)
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return summary
+        torch.use_deterministic_algorithms(deterministic_before)
 
 
 def _model_card(params, arch, paths: Paths, split, image_size, options):
