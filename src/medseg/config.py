@@ -1,12 +1,24 @@
-"""params.yaml loading; the file is the single source of configuration for stages, flows and the CLI."""
+"""params.yaml: loaded and validated once into typed sections with one set of defaults (the dataclasses below).
+
+`load_params` returns the file as a dict with every default filled in (what DVC, MLflow and the config hashes
+see) after checking each section against its dataclass: an unknown key or a wrong type is a ConfigError naming
+the key and the file before any work starts. `settings(params)` gives the same values typed
+(`settings(params).train.epochs`). `dataset:` is checked by medseg.data.formats.dataset_spec (its keys depend on
+the format's adapter) and `model_options:` by each network's builder.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -15,7 +27,116 @@ from medseg.errors import ConfigError
 PARAMS_FILE = "params.yaml"
 
 
+@dataclass(frozen=True)
+class PhantomSettings:
+    num_cases: int = 12
+    shape: list[int] = field(default_factory=lambda: [96, 96, 20])  # x, y, z voxels
+    spacing: list[float] = field(default_factory=lambda: [0.7, 0.7, 3.0])  # mm
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    preset: str | None = None
+    test_fraction: float = 0.25
+    val_fraction: float = 0.2
+    folds: int = 0
+    seed: int | None = None  # None: the top-level seed
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Each transform fires with probability p; a transform left out is off."""
+
+    p: float = 0.5
+    flip: bool = False
+    rot90: bool = False
+    rotate_deg: float = 0.0
+    intensity_jitter: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    context: int = 0
+    num_workers: int = 0
+    cache_resized: bool = True
+    augment: AugmentSettings | None = None  # None: no augmentation
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 150
+    batch_size: int = 24
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["poly", "cosine"] = "poly"
+    poly_power: float = 0.9
+    ce_weight: float = 0.5
+    dice_weight: float = 0.5
+    dice_include_background: bool = True
+    amp: bool = False  # CUDA only
+    channels_last: bool = False  # CUDA only
+    device: str = "auto"
+    max_steps_per_epoch: int | None = None
+    grad_clip: float | None = None
+    checkpoint_every_steps: int = 50
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    protocol: Literal["mm", "transunet"] = "mm"
+    batch_size: int = 32
+    overlay_cases: int = 1
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 17
+    max_abs_diff: float = 1e-3
+    max_rel_diff: float = 1e-5
+    latency_runs: int = 10
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    qualitative_slices: int = 3
+
+
+@dataclass(frozen=True)
+class RegisterSettings:
+    experiment: str = "medseg"
+    model_prefix: str = "medseg"
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else medseg.tracking.DEFAULT_TRACKING_URI
+    retries: int = 3
+    backoff_s: float = 2.0
+
+
+SECTIONS: dict[str, type] = {
+    "phantom": PhantomSettings, "split": SplitSettings, "data": DataSettings, "train": TrainSettings,
+    "evaluate": EvaluateSettings, "export": ExportSettings, "report": ReportSettings, "register": RegisterSettings,
+}
+TOP_LEVEL = {"preset", "seed", "dataset", "models", "model_options", *SECTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int
+    models: list[str]
+    phantom: PhantomSettings
+    split: SplitSettings
+    data: DataSettings
+    train: TrainSettings
+    evaluate: EvaluateSettings
+    export: ExportSettings
+    report: ReportSettings
+    register: RegisterSettings
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml as a dict, validated, with every section's defaults filled in."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found (run from the project root or pass --params)")
@@ -25,7 +146,90 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return params
+    return validate_params(params, path)
+
+
+def validate_params(params: dict[str, Any], source: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """A copy of `params` with the sections' defaults filled in; ConfigError naming `source` and the key otherwise."""
+    _check_keys(params, TOP_LEVEL, "", source)
+    out = dict(params)
+    out["seed"] = _check_value(params.get("seed", 0), int, "seed", source)
+    models = params.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{source}: models must be a list of architecture names (see `medseg models`)")
+    out["models"] = list(models)
+    for key in ("dataset", "model_options"):
+        if params.get(key) is not None and not isinstance(params[key], dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {type(params[key]).__name__}")
+    for name, cls in SECTIONS.items():
+        out[name] = dataclasses.asdict(_build(cls, params.get(name), name, source))
+    return out
+
+
+def settings(params: dict[str, Any], source: str | Path = PARAMS_FILE) -> Settings:
+    """The typed view of params (validated again: cheap, and callers may pass a dict not read by load_params)."""
+    valid = validate_params(params, source)
+    return Settings(seed=valid["seed"], models=valid["models"],
+                    **{name: _build(cls, valid[name], name, source) for name, cls in SECTIONS.items()})
+
+
+def _check_keys(given: dict[str, Any], known: set[str], prefix: str, source: str | Path) -> None:
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; known: {', '.join(sorted(known))}"
+            raise ConfigError(f"{source}: unknown key {prefix}{key}{hint}")
+
+
+def _build(cls: type, given: Any, name: str, source: str | Path) -> Any:
+    if given is None:
+        given = {}
+    if isinstance(given, cls):
+        return given
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: {name} must be a mapping, got {type(given).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(given, set(fields), f"{name}.", source)
+    hints = typing.get_type_hints(cls)
+    values = {key: _check_value(value, hints[key], f"{name}.{key}", source) for key, value in given.items()}
+    return cls(**values)
+
+
+def _check_value(value: Any, hint: Any, key: str, source: str | Path) -> Any:
+    """`value` if it fits the type hint (ints are accepted for floats), else a ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _check_value(value, option, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} fits none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {key}={value!r}; expected one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else _build(hint, value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_check_value(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint in (bool, str) and not isinstance(value, hint):
+        raise ConfigError(f"{source}: {key} must be {'true or false' if hint is bool else 'a string'}, got {value!r}")
+    return value
 
 
 def model_options(params: dict[str, Any], arch: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from medseg.card import sha256_of_test_cases
-from medseg.config import disable_telemetry, resolve_device
+from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
 from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_json, write_text
@@ -49,8 +49,8 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     root = Path(root)
     layout = ProjectLayout.of(params, root)
     ingested, split_path, reports = layout.ingested, layout.split_file, layout.reports_dir(arch)
-    eval_p = params.get("evaluate", {})
-    protocol = eval_p.get("protocol", "mm")
+    config = settings(params)
+    protocol = config.evaluate.protocol
     if protocol not in HD95_UNITS:
         raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
 
@@ -77,10 +77,9 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
                      len(test_ids))
     unit = hd95_unit(protocol, not unknown)
 
-    device = resolve_device(params.get("train", {}).get("device", "auto"))
+    device = resolve_device(config.train.device)
     model = model.to(device)
-    batch_size = int(eval_p.get("batch_size", 32))
-    overlay_cases = int(eval_p.get("overlay_cases", 1))
+    batch_size, overlay_cases = config.evaluate.batch_size, config.evaluate.overlay_cases
     rows: list[dict[str, Any]] = []
     overlays = []
     for case_id in tqdm(test_ids, desc=f"evaluate {arch}", dynamic_ncols=True, leave=False):

@@ -217,7 +217,7 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], siz
         return prepare_slices(image, indices, int(meta.get("context", 0)), size)
     except Exception as exc:  # noqa: BLE001 - parity still means something on random input
         _log.warning("parity check on random input (no test slices readable: %s)", exc)
-        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        generator = torch.Generator().manual_seed(int(params.get("seed") or 0))
         return torch.rand(2, int(meta["in_channels"]), *size, generator=generator)
 
 
@@ -233,16 +233,14 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     untrained deep BatchNorm network can have logits of 1e6). Raises ExportError otherwise; model.onnx is then
     removed, so a failed export never looks like an output (export.json still records the numbers).
     """
-    from medseg.config import disable_telemetry
+    from medseg.config import disable_telemetry, settings
     from medseg.inference import load_trained_model
 
     disable_telemetry()
     root = Path(root)
-    export_p = params.get("export", {})
-    opset = int(export_p.get("opset", 17))
-    threshold = float(export_p.get("max_abs_diff", 1e-3))
-    rel_threshold = float(export_p.get("max_rel_diff", 1e-5))
-    runs = int(export_p.get("latency_runs", 10))
+    export_p = settings(params).export
+    opset, runs = export_p.opset, export_p.latency_runs
+    threshold, rel_threshold = export_p.max_abs_diff, export_p.max_rel_diff
     layout = ProjectLayout.of(params, root)
     onnx_path, report_path, checkpoint = layout.onnx(arch), layout.export_report(arch), layout.checkpoint(arch)
 

@@ -57,7 +57,7 @@ class CEDiceLoss(nn.Module):
 def build_loss(train_params: dict[str, Any], num_classes: int) -> CEDiceLoss:
     return CEDiceLoss(
         num_classes,
-        ce_weight=train_params.get("ce_weight", 0.5),
-        dice_weight=train_params.get("dice_weight", 0.5),
-        include_background=train_params.get("dice_include_background", True),
+        ce_weight=train_params["ce_weight"],  # params validated by medseg.config: defaults are filled in there
+        dice_weight=train_params["dice_weight"],
+        include_background=train_params["dice_include_background"],
     )

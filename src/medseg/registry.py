@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.card import ModelCard, card_from_metadata
-from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options
+from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options, settings
 from medseg.errors import MedsegError, PromotionRefused
 from medseg.gate import VersionFacts, decide
 from medseg.io import read_json, sha256_file, write_json
@@ -41,7 +41,7 @@ MAX_TAG_VALUE = 5000  # MLflow's limit on a model version tag value
 # --------------------------------------------------------------------------------------------------- naming
 def model_name(params: dict[str, Any], arch: str) -> str:
     """Registered model name `<register.model_prefix>-<dataset.name>-<arch>`."""
-    prefix = (params.get("register") or {}).get("model_prefix", "medseg")
+    prefix = settings(params).register.model_prefix
     return f"{prefix}-{params['dataset']['name']}-{arch}"
 
 
@@ -213,7 +213,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     register.retries retries (registry/<arch>.json is then left as it was).
     """
     root = Path(root).resolve()
-    reg = params.get("register") or {}
+    reg = settings(params).register
     layout = ProjectLayout.of(params, root)
     files = _arch_files(layout, arch)
     for key in _REQUIRED:
@@ -230,7 +230,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     name = model_name(params, arch)
 
     tracking_uri = resolve_tracking_uri(params, root)
-    client = connect(tracking_uri, reg.get("retries", 3), reg.get("backoff_s", 2.0))
+    client = connect(tracking_uri, reg.retries, reg.backoff_s)
     try:
         with temporary_env(WORK_HTTP_ENV, force=False):
             existing = _find_version_by_sha(client, name, sha)
@@ -322,7 +322,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     from medseg.models import get_model_info
 
     experiment_id = ensure_experiment_at(
-        client, (params.get("register") or {}).get("experiment", "medseg"), artifact_location(tracking_uri, root)
+        client, settings(params).register.experiment, artifact_location(tracking_uri, root)
     )
     try:
         family = get_model_info(arch).family
@@ -475,6 +475,6 @@ def promote(
 def promote_from_params(params: dict[str, Any], arch: str, root: str | Path = ".",
                         min_improvement: float = 0.0) -> dict[str, Any]:
     """promote() for `<prefix>-<dataset>-<arch>` on the store params.yaml points at."""
-    reg = params.get("register") or {}
-    client = connect(resolve_tracking_uri(params, root), reg.get("retries", 3), reg.get("backoff_s", 2.0))
+    reg = settings(params).register
+    client = connect(resolve_tracking_uri(params, root), reg.retries, reg.backoff_s)
     return promote(model_name(params, arch), min_improvement=min_improvement, client=client)

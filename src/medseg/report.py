@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medseg.config import settings
 from medseg.display import display_slice
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, read_json, write_text
@@ -27,7 +28,6 @@ from medseg.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
-QUALITATIVE_SLICES = 3  # default rows of reports/qualitative.png (params: report.qualitative_slices)
 OUTPUTS = ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv")
 
 
@@ -373,7 +373,7 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
         _placeholder(path, "no trained model or no ingested test data to show")
         return "not drawn (no checkpoint or no ingested test split)"
     class_names = list(read_cases(ingested)["class_names"])
-    count = int((params.get("report") or {}).get("qualitative_slices", QUALITATIVE_SLICES))
+    count = settings(params).report.qualitative_slices
     slices = pick_slices(ingested, read_json(split_path).get("test", []), count)
     if not slices:
         _placeholder(path, "the test split has no slice with foreground")

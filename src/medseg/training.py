@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.config import config_hash, disable_telemetry, model_options, resolve_device
+from medseg.config import config_hash, disable_telemetry, model_options, resolve_device, settings, validate_params
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.io import atomic_path, read_json, write_json, write_text
@@ -39,7 +39,6 @@ from medseg.losses import build_loss
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT_EVERY_STEPS = 50
 # Keys of train:/data: that do not change the numbers a run produces (so they may differ on resume).
 _HASH_IGNORED = {"checkpoint_every_steps", "num_workers", "device", "cache_resized"}
 VAL_DICE_DEFINITION = (
@@ -104,12 +103,13 @@ def training_cases_hash(split: dict[str, Any]) -> str:
 
 
 def run_config_hash(params: dict[str, Any], arch: str, split: dict[str, Any]) -> str:
-    train = {k: v for k, v in params.get("train", {}).items() if k not in _HASH_IGNORED}
-    data = {k: v for k, v in params.get("data", {}).items() if k not in _HASH_IGNORED}
+    params = validate_params(params)  # the same hash whether or not the caller's dict spelled out the defaults
+    train = {k: v for k, v in params["train"].items() if k not in _HASH_IGNORED}
+    data = {k: v for k, v in params["data"].items() if k not in _HASH_IGNORED}
     return config_hash(
         {
             "arch": arch,
-            "seed": params.get("seed", 0),
+            "seed": params["seed"],
             "dataset": params["dataset"]["name"],
             "model_options": model_options(params, arch),
             "train": train,
@@ -163,10 +163,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def build_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
-    name = train.get("optimizer", "sgd")
-    lr, wd = float(train["lr"]), float(train.get("weight_decay", 0.0))
+    name = train["optimizer"]
+    lr, wd = float(train["lr"]), float(train["weight_decay"])
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(train.get("momentum", 0.9)), weight_decay=wd)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(train["momentum"]), weight_decay=wd)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     raise ConfigError(f"train.optimizer={name!r}; expected sgd or adamw")
@@ -174,10 +174,10 @@ def build_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Opti
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], max_iter: int):
     """Per-iteration schedule. poly is TransUNet's lr * (1 - iter/max_iter)^0.9."""
-    name = train.get("schedule", "poly")
+    name = train["schedule"]
     max_iter = max(1, max_iter)
     if name == "poly":
-        power = float(train.get("poly_power", 0.9))
+        power = float(train["poly_power"])
         factor = lambda it: max(0.0, 1.0 - it / max_iter) ** power  # noqa: E731
     elif name == "cosine":
         factor = lambda it: 0.5 * (1.0 + math.cos(math.pi * min(it, max_iter) / max_iter))  # noqa: E731
@@ -188,7 +188,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], max
 
 def _amp_settings(train: dict[str, Any], device: str) -> tuple[bool, torch.dtype]:
     """AMP only on CUDA: bf16 where supported (no scaler needed), else fp16 with a GradScaler."""
-    if not (train.get("amp", False) and device.startswith("cuda")):
+    if not (train["amp"] and device.startswith("cuda")):
         return False, torch.float32
     return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -279,7 +279,7 @@ class _MlflowLogger:
 
             # created like the register stage creates it, so artifacts of both land in the same store
             uri = resolve_tracking_uri(params, root)
-            name = params.get("register", {}).get("experiment", "medseg")
+            name = settings(params).register.experiment
             mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), name, uri, root))
             # nested when a caller (e.g. a Prefect flow) already has a run open
             self.run = mlflow.start_run(run_name=f"train-{arch}", nested=mlflow.active_run() is not None)
@@ -370,6 +370,7 @@ class RunSpec:
     def of(cls, params: dict[str, Any], arch: str, root: Path) -> "RunSpec":
         from medseg.data.loader import read_cases
 
+        params = validate_params(params)  # every section with its defaults: below, no key is optional
         paths = Paths.of(params, arch, root)
         cases = read_cases(paths.ingested)
         if not paths.split.is_file():
@@ -379,9 +380,9 @@ class RunSpec:
         if not train_ids:
             raise ConfigError(f"{paths.split}: the train list is empty")
         data_p = dict(params["data"])
-        context = int(data_p.get("context", 0))
+        context = int(data_p["context"])
         return cls(params=params, arch=arch, paths=paths, train_p=dict(params["train"]), data_p=data_p,
-                   seed=int(params.get("seed", 0)), train_ids=train_ids, val_ids=val_ids,
+                   seed=int(params["seed"]), train_ids=train_ids, val_ids=val_ids,
                    class_names=list(cases["class_names"]), context=context,
                    in_channels=int(cases["in_channels"]) * (2 * context + 1),
                    image_size=tuple(int(v) for v in data_p["image_size"]),  # type: ignore[arg-type]
@@ -423,25 +424,24 @@ class Trainer:
         seed_everything(spec.seed)
         self.model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size,
                                  **spec.options).to(device)
-        self.channels_last = self.on_cuda and bool(train_p.get("channels_last", False))
+        self.channels_last = self.on_cuda and bool(train_p["channels_last"])
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
-                                    augment=data_p.get("augment"), seed=spec.seed,
-                                    cache_resized=bool(data_p.get("cache_resized", True)))
+                                    augment=data_p["augment"], seed=spec.seed, cache_resized=data_p["cache_resized"])
         self.batch_size = int(train_p["batch_size"])
         self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
                                           shuffle=True, seed=spec.seed, drop_last=False)
         self.steps_per_epoch = _steps_per_epoch(len(self.dataset), dist_info.world, self.batch_size,
-                                                train_p.get("max_steps_per_epoch"))
+                                                train_p["max_steps_per_epoch"])
         self.epochs = int(train_p["epochs"])
         self.optimizer = build_optimizer(self.model, train_p)
         self.scheduler = build_scheduler(self.optimizer, train_p, self.epochs * self.steps_per_epoch)
         self.amp_enabled, self.amp_dtype = _amp_settings(train_p, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(train_p, spec.num_classes)
-        self.checkpoint_every = int(train_p.get("checkpoint_every_steps") or DEFAULT_CHECKPOINT_EVERY_STEPS)
-        self.grad_clip = train_p.get("grad_clip")
+        self.checkpoint_every = int(train_p["checkpoint_every_steps"])
+        self.grad_clip = train_p["grad_clip"]
         self.state = TrainState()
         self.network: nn.Module = self.model  # what the training steps call: DDP's wrapper when distributed
         self._t0 = time.perf_counter()
@@ -548,7 +548,7 @@ class Trainer:
         # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
         # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
         loader = DataLoader(self.dataset, batch_sampler=batches[skip:],
-                            num_workers=int(self.spec.data_p.get("num_workers", 0)), pin_memory=self.on_cuda,
+                            num_workers=int(self.spec.data_p["num_workers"]), pin_memory=self.on_cuda,
                             persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
         self.network.train()
@@ -570,7 +570,7 @@ class Trainer:
         if not (self.dist.main and self.spec.val_ids):
             return None
         spec = self.spec
-        batch = int(spec.params.get("evaluate", {}).get("batch_size", self.batch_size))
+        batch = int(spec.params["evaluate"]["batch_size"])
         return _validate(self.model, spec.paths.ingested, spec.val_ids, spec.image_size, spec.context,
                          spec.num_classes, batch, self.device)
 
@@ -648,7 +648,7 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> di
     """Train `arch` on the split's train cases, select on its val cases; returns the train summary."""
     disable_telemetry()
     spec = RunSpec.of(params, arch, Path(root))
-    device = resolve_device(spec.train_p.get("device", "auto"))
+    device = resolve_device(spec.train_p["device"])
     dist_info, device = _setup_distributed(device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if not device.startswith("cuda"):

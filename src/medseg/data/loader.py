@@ -12,6 +12,7 @@ that in-memory cache (identical values; only the augmentation runs per item).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -22,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from medseg.config import settings
 from medseg.errors import ConfigError, IngestError
 from medseg.io import read_json
+from medseg.layout import ProjectLayout
 from medseg.preprocessing import context_indices, nearest_indices, resize, resize_labels
-
-DEFAULT_AUGMENT = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15.0, "intensity_jitter": 0.1}
-
 
 def read_cases(ingested_dir: str | Path) -> dict[str, Any]:
     """The parsed `cases.json` of an ingested dataset."""
@@ -277,13 +277,14 @@ def dataset_from_params(
     params: Mapping[str, Any], root: str | Path, case_ids: Sequence[str], train: bool = False
 ) -> SliceDataset:
     """SliceDataset configured from params.yaml `data:` (augmentation only when `train`)."""
-    data = params.get("data") or {}
+    config = settings(dict(params))
+    data = config.data
     return SliceDataset(
-        Path(root) / "data" / "ingested" / params["dataset"]["name"],
+        ProjectLayout.of(dict(params), root).ingested,
         case_ids,
-        data.get("image_size", (224, 224)),
-        context=int(data.get("context", 0) or 0),
-        augment=(data.get("augment") or None) if train else None,
-        seed=int(params.get("seed", 0)),
-        cache_resized=bool(data.get("cache_resized", True)),
+        data.image_size,
+        context=data.context,
+        augment=dataclasses.asdict(data.augment) if (train and data.augment) else None,
+        seed=config.seed,
+        cache_resized=data.cache_resized,
     )

@@ -156,7 +156,8 @@ def split_from_params(params: Mapping[str, Any], root: str | Path = ".") -> dict
     if not cases_json.is_file():
         raise ConfigError(f"{cases_json}: not found; run the ingest stage first")
     split_params = dict(params.get("split") or {})
-    split_params.setdefault("seed", params.get("seed", 0))
+    if split_params.get("seed") is None:  # split.seed unset: the project's seed
+        split_params["seed"] = params.get("seed", 0)
     split = make_split(read_json(cases_json), split_params)
     split = {"dataset": name, **split}
     write_json(split_path(params, root), split)
