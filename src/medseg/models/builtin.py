@@ -1,17 +1,11 @@
-"""Imports every module that registers models. Add new model modules here."""
+"""Imports every module that registers models (what `available_models()` does).
 
-import importlib
-import logging
+The modules and the names each registers are listed once, in `medseg.models.registry` (`_FAMILY_OF`), so that
+looking up one model imports only its family: add a new model module's names there.
+"""
 
-_log = logging.getLogger(__name__)
+from medseg.models.registry import MODEL_MODULES, _load_builtin
 
-MODEL_MODULES = [
-    "medseg.models.unet",  # original 2015 UNet and the nested UNet++
-    "medseg.models.smp_models",  # segmentation_models_pytorch: UNet/UNet++/SegFormer with ResNet/EfficientNet/MiT
-    "medseg.models.zoo",  # TransUNet, Swin-UNet, UperNet on DeiT/BEiT, TransNeXt stand-in
-    "medseg.models.detection",  # Mask2Former and Mask R-CNN as dense semantic segmenters
-    "medseg.models.mamba.networks",  # VM-UNet, Mamba-UNet, Swin-UMamba, MSVM-UNet, U-Mamba-Bot
-]
+__all__ = ["MODEL_MODULES"]
 
-for _module in MODEL_MODULES:
-    importlib.import_module(_module)
+_load_builtin()
