@@ -68,6 +68,13 @@ def project_copy(tiny_project, tmp_path) -> Path:
     return dst
 
 
+def paths(root: str | Path, dataset: str = "phantom"):
+    """The project's paths (medseg.layout.ProjectLayout), as every module uses them; the tiny project is "phantom"."""
+    from medseg.layout import ProjectLayout
+
+    return ProjectLayout(Path(root), dataset)
+
+
 def make_dvc_project(dst: Path, params: dict) -> Path:
     """A runnable project copy: dvc.yaml, builtin/ (the phantom stage), stages/, src/ (stage deps), tiny params.yaml, `dvc init --no-scm`."""
     import subprocess

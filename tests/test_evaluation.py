@@ -17,6 +17,7 @@ from medseg.evaluation import evaluate_model
 from medseg.inference import load_trained_model, predict_volume, prepare_slices
 from medseg.io import read_json
 from medseg.metrics import case_metrics
+from conftest import paths
 
 
 class ThresholdNet(nn.Module):
@@ -55,7 +56,7 @@ def test_native_size_prediction_is_exact_and_resized_prediction_is_close():
 def test_context_channels_match_training_slices(tiny_project):
     from medseg.data.loader import SliceDataset, load_case, read_cases
 
-    ingested = tiny_project / "data" / "ingested" / "phantom"
+    ingested = paths(tiny_project).ingested
     case_id = read_cases(ingested)["cases"][0]["id"]
     image, _, _ = load_case(ingested, case_id)
     dataset = SliceDataset(ingested, [case_id], (32, 32), context=1, augment=None)
@@ -77,24 +78,24 @@ def _checkpoint(root, params, context=0):
     from medseg.data.loader import read_cases
     from medseg.models import build_model
 
-    cases = read_cases(root / "data" / "ingested" / params["dataset"]["name"])
+    cases = read_cases(paths(root, params["dataset"]["name"]).ingested)
     in_channels = cases["in_channels"] * (2 * context + 1)
     torch.manual_seed(0)
     model = build_model("unet", in_channels, cases["num_classes"], params["data"]["image_size"], base_channels=4)
-    (root / "models" / "unet").mkdir(parents=True, exist_ok=True)
+    paths(root).model_dir("unet").mkdir(parents=True, exist_ok=True)
     torch.save({
         "arch": "unet", "model_options": {"base_channels": 4}, "in_channels": in_channels,
         "num_classes": cases["num_classes"], "image_size": params["data"]["image_size"],
         "class_names": cases["class_names"], "context": context, "state_dict": model.state_dict(),
         "epoch": 3, "val_dice": 0.25, "config_hash": "h", "training_cases_hash": "s",
-    }, root / "models" / "unet" / "checkpoint.pt")
+    }, paths(root).checkpoint("unet"))
 
 
 def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, tiny_params, monkeypatch):
     import medseg.data.loader as loader
 
     _checkpoint(project_copy, tiny_params)
-    split = read_json(project_copy / "data" / "splits" / "phantom.json")
+    split = read_json(paths(project_copy).split_file)
     loaded, predictions = [], {}
     original_load = loader.load_case
     original_predict = predict_volume
@@ -113,7 +114,7 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
     metrics = evaluate_model(tiny_params, "unet", project_copy)
 
     assert loaded == split["test"]  # the test split, every case once, nothing else
-    reports = project_copy / "reports" / "unet"
+    reports = paths(project_copy).reports_dir("unet")
     assert read_json(reports / "metrics.json") == json.loads(json.dumps(metrics))
     for key in ("arch", "protocol", "test_cases_sha256", "mean_dsc", "mean_hd95", "per_class", "num_cases"):
         assert key in metrics
@@ -128,7 +129,7 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
     assert len(rows) == len(split["test"]) * (len(class_names) - 1)
     # every row is the metric of the saved prediction against the ingested label, in millimetres
     for case_id in split["test"]:
-        _, label, spacing = original_load(project_copy / "data" / "ingested" / "phantom", case_id)
+        _, label, spacing = original_load(paths(project_copy).ingested, case_id)
         expected = case_metrics(predictions[case_id], np.asarray(label), class_names, spacing, "mm")
         got = [r for r in rows if r["case"] == case_id]
         for want, row in zip(expected, got):
@@ -179,22 +180,22 @@ def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thr
         image, label = volume_pair(i)
         write_nifti(raw / "img" / f"img{i:04d}.nii.gz", image, spacing=zooms)
         write_nifti(raw / "label" / f"label{i:04d}.nii.gz", label, spacing=zooms)
-    ingested = root / "data" / "ingested" / "syn"
+    ingested = paths(root, "syn").ingested
     manifest = ingest_dataset(synapse_params(), raw, ingested)
     assert [c["spacing_known"] for c in manifest["cases"]] == [True, False]
     params = {"dataset": {"name": "syn"}, "data": {"image_size": [16, 16], "context": 0},
               "evaluate": {"protocol": "mm", "overlay_cases": 0}, "train": {"device": "cpu"}}
     _checkpoint(root, params)
-    split = root / "data" / "splits" / "syn.json"
+    split = paths(root, "syn").split_file
     split.parent.mkdir(parents=True)
     hd95 = {}
     for test_ids, unit in ((["case0001"], "mm"), (["case0001", "case0002"], "voxels")):
         split.write_text(json.dumps({"test": test_ids}))
         assert evaluate_model(params, "unet", root)["hd95_unit"] == unit
-        with open(root / "reports" / "unet" / "per_case.csv", newline="") as fh:
+        with open(paths(root).per_case("unet"), newline="") as fh:
             hd95[unit] = [float(r["hd95"]) for r in csv.DictReader(fh) if r["case"] == "case0001"]
 
-    model, meta = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
+    model, meta = load_trained_model(paths(root).checkpoint("unet"))
     image, label, spacing = load_case(ingested, "case0001")
     pred = predict_volume(model, image, meta["image_size"])
     names = manifest["class_names"]

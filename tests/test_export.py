@@ -14,6 +14,7 @@ from torch import nn
 from medseg.errors import ExportError
 from medseg.export import export_model, export_onnx, onnx_max_abs_diff, ort_session
 from medseg.io import read_json
+from conftest import paths
 
 
 class TinyNet(nn.Module):
@@ -106,19 +107,19 @@ def _fake_project(tmp_path, threshold: float, rel_threshold: float = 1e-5, logit
         "state_dict": model.state_dict(), "epoch": 1, "val_dice": 0.5, "config_hash": "x", "training_cases_hash": "y",
         "card": tiny_card("unet").to_dict(),
     }
-    (tmp_path / "models" / "unet").mkdir(parents=True)
-    torch.save(checkpoint, tmp_path / "models" / "unet" / "checkpoint.pt")
-    (tmp_path / "reports" / "unet").mkdir(parents=True)
-    (tmp_path / "reports" / "unet" / "metrics.json").write_text(json.dumps(FAKE_METRICS))
+    paths(tmp_path).model_dir("unet").mkdir(parents=True)
+    torch.save(checkpoint, paths(tmp_path).checkpoint("unet"))
+    paths(tmp_path).reports_dir("unet").mkdir(parents=True)
+    paths(tmp_path).metrics("unet").write_text(json.dumps(FAKE_METRICS))
     return params, model
 
 
 def test_export_model_writes_onnx_and_report(tmp_path):
     params, model = _fake_project(tmp_path, threshold=1e-3)
     report = export_model(params, "unet", tmp_path)
-    onnx_path = tmp_path / "models" / "unet" / "model.onnx"
+    onnx_path = paths(tmp_path).onnx("unet")
     assert onnx_path.is_file()
-    saved = read_json(tmp_path / "reports" / "unet" / "export.json")
+    saved = read_json(paths(tmp_path).export_report("unet"))
     assert saved == json.loads(json.dumps(report))
     for key in ("max_abs_diff", "parity_passed", "threshold", "torch_latency_ms", "onnx_latency_ms", "opset", "dynamic_hw"):
         assert key in saved
@@ -148,12 +149,12 @@ def test_parity_allows_rounding_differences_that_grow_with_the_logits(tmp_path):
 
 def test_export_model_parity_failure_leaves_no_onnx(tmp_path):
     params, _ = _fake_project(tmp_path, threshold=-1.0)  # nothing can pass a negative threshold
-    (tmp_path / "models" / "unet" / "model.onnx").write_bytes(b"stale graph from an earlier run")
+    paths(tmp_path).onnx("unet").write_bytes(b"stale graph from an earlier run")
     with pytest.raises(ExportError, match="model.onnx: ONNX Runtime output differs"):
         export_model(params, "unet", tmp_path)
-    assert not (tmp_path / "models" / "unet" / "model.onnx").exists()
-    assert sorted(p.name for p in (tmp_path / "models" / "unet").iterdir()) == ["checkpoint.pt"]
-    saved = read_json(tmp_path / "reports" / "unet" / "export.json")
+    assert not paths(tmp_path).onnx("unet").exists()
+    assert sorted(p.name for p in paths(tmp_path).model_dir("unet").iterdir()) == ["checkpoint.pt"]
+    saved = read_json(paths(tmp_path).export_report("unet"))
     assert saved["parity_passed"] is False and saved["max_abs_diff"] is not None
 
 
@@ -166,7 +167,7 @@ def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp
 
     params, _ = _fake_project(tmp_path, threshold=1e-3)
     report = export_model(params, "unet", tmp_path)
-    onnx_path = tmp_path / "models" / "unet" / "model.onnx"
+    onnx_path = paths(tmp_path).onnx("unet")
     card = card_from_onnx(onnx_path)
     # NaN is not JSON: undefined metrics travel as null; per-class entries keep only the numbers
     assert card == tiny_card("unet").with_evaluation({
@@ -185,13 +186,13 @@ def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp
 
 def test_export_needs_the_card_and_the_test_metrics(tmp_path):
     params, _ = _fake_project(tmp_path, threshold=1e-3)
-    (tmp_path / "reports" / "unet" / "metrics.json").unlink()
+    paths(tmp_path).metrics("unet").unlink()
     with pytest.raises(ExportError, match=r"metrics\.json: missing; run the evaluate stage"):
         export_model(params, "unet", tmp_path)
-    checkpoint_path = tmp_path / "models" / "unet" / "checkpoint.pt"
+    checkpoint_path = paths(tmp_path).checkpoint("unet")
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     del checkpoint["card"]
     torch.save(checkpoint, checkpoint_path)
     with pytest.raises(ExportError, match=r"checkpoint\.pt: no model card .* re-run the train stage"):
         export_model(params, "unet", tmp_path)
-    assert not (tmp_path / "models" / "unet" / "model.onnx").exists()
+    assert not paths(tmp_path).onnx("unet").exists()

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from flows import pipeline, retrain, tasks
 from flows.tasks import DvcCommandError
 from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError
+from conftest import paths
 
 PARAMS = {
     "dataset": {"name": "phantom"},
@@ -212,7 +213,7 @@ def test_every_dvc_task_retries_only_transient_failures():
 
 
 def write_arch_outputs(root: Path, arch: str, dsc: float = 0.71, version: str = "3") -> None:
-    (root / "reports" / arch).mkdir(parents=True, exist_ok=True)
+    paths(root).reports_dir(arch).mkdir(parents=True, exist_ok=True)
     (root / "registry").mkdir(exist_ok=True)
     metrics = {
         "arch": arch,
@@ -222,10 +223,10 @@ def write_arch_outputs(root: Path, arch: str, dsc: float = 0.71, version: str = 
         "per_class": {"liver": {"dsc": dsc, "hd95": 12.5}},
         "num_cases": 2,
     }
-    (root / "reports" / arch / "metrics.json").write_text(json.dumps(metrics))
-    (root / "reports" / arch / "export.json").write_text(json.dumps({"parity_passed": True, "max_abs_diff": 2e-6}))
+    paths(root).metrics(arch).write_text(json.dumps(metrics))
+    paths(root).export_report(arch).write_text(json.dumps({"parity_passed": True, "max_abs_diff": 2e-6}))
     registry = {"model_name": f"medseg-phantom-{arch}", "version": version, "run_id": "abc"}
-    (root / "registry" / f"{arch}.json").write_text(json.dumps(registry))
+    paths(root).registry_record(arch).write_text(json.dumps(registry))
 
 
 def test_train_arch_runs_the_four_stages_and_summarises(project, monkeypatch):
@@ -254,7 +255,7 @@ def test_train_arch_refuses_an_architecture_missing_from_params(project, monkeyp
 
 
 def test_prepare_data_returns_content_version(project, monkeypatch):
-    cases = project / "data" / "ingested" / "phantom" / "cases.json"
+    cases = paths(project).cases_json
     seen = []
 
     def fake_run_dvc(args, root, **kw):
@@ -469,7 +470,7 @@ def test_retrain_skips_events_for_another_dataset(project, monkeypatch):
 
 
 def test_ingest_emits_only_when_the_dataset_changed(project, monkeypatch):
-    cases = project / "data" / "ingested" / "phantom" / "cases.json"
+    cases = paths(project).cases_json
     emitted = []
     monkeypatch.setattr(retrain, "emit_dataset_updated", lambda d, v, root=None: emitted.append((d, v)) or "event")
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from flows import pipeline, tasks
 from flows.tasks import DvcCommandError
 from medseg.errors import PromotionRefused
+from conftest import paths
 
 pytestmark = pytest.mark.prefect
 
@@ -46,7 +47,7 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
             calls[key] = calls.get(key, 0) + 1
             n = calls[key]
         if key == "ingest":
-            cases = Path(root) / "data" / "ingested" / "phantom" / "cases.json"
+            cases = paths(Path(root)).cases_json
             cases.parent.mkdir(parents=True, exist_ok=True)
             cases.write_text('{"cases": []}')
         elif key == "train@segformer_b0":
@@ -55,13 +56,13 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
             raise DvcCommandError(args, 1, "ERROR: Unable to acquire lock. Most likely another DVC process", root)
         elif key.startswith("train@"):
             arch = key.split("@")[1]
-            (Path(root) / "reports" / arch).mkdir(parents=True, exist_ok=True)
+            (paths(Path(root)).reports_dir(arch)).mkdir(parents=True, exist_ok=True)
             (Path(root) / "registry").mkdir(exist_ok=True)
             dsc = {"unet": 0.8, "vm_unet": 0.6}[arch]
-            (Path(root) / "reports" / arch / "metrics.json").write_text(
+            (paths(Path(root)).metrics(arch)).write_text(
                 json.dumps({"mean_dsc": dsc, "mean_hd95": 5.0, "protocol": "mm", "per_class": {}})
             )
-            (Path(root) / "registry" / f"{arch}.json").write_text(
+            (paths(Path(root)).registry_record(arch)).write_text(
                 json.dumps({"model_name": f"medseg-phantom-{arch}", "version": "1", "run_id": "r"})
             )
         else:
@@ -123,7 +124,7 @@ def test_pipeline_end_to_end_on_the_phantom(prefect_server, dvc_project, monkeyp
     assert summary["failed"] == []
     assert result["status"] == "completed" and 0.0 <= result["mean_dsc"] <= 1.0
     assert result["parity_passed"] is True
-    registered = json.loads((dvc_project / "registry" / f"{arch}.json").read_text())
+    registered = json.loads(paths(dvc_project).registry_record(arch).read_text())
     decision = summary["promotions"][arch]
     assert decision["decision"] == "promoted", decision
 
@@ -138,7 +139,7 @@ def test_pipeline_end_to_end_on_the_phantom(prefect_server, dvc_project, monkeyp
     assert summary["report"] == {"status": "skipped", "reason": "report disabled"}
 
     # DVC, not Prefect, decides what is stale: a second run re-runs no stage and keeps the same champion.
-    checkpoint = dvc_project / "models" / arch / "checkpoint.pt"
+    checkpoint = paths(dvc_project).checkpoint(arch)
     trained_at = checkpoint.stat().st_mtime_ns
     again = pipeline.medseg_pipeline(root=str(dvc_project), report=False, promote=False)
     assert checkpoint.stat().st_mtime_ns == trained_at

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, seed_store
+from conftest import ROOT, seed_store, paths
 from flows import predict as flow_predict
 from flows.tasks import retry_if_transient
 from medseg.errors import ConfigError, PredictError
@@ -53,11 +53,11 @@ def _store(root: Path) -> str:
 
 
 def _registered(root: Path) -> dict:
-    return read_json(root / "registry" / f"{ARCH}.json")  # model_name, version
+    return read_json(paths(root).registry_record(ARCH))  # model_name, version
 
 
 def _raw_cases(root: Path) -> list[Path]:
-    cases = read_json(root / "data" / "ingested" / "phantom" / "cases.json")["cases"]
+    cases = read_json(paths(root).cases_json)["cases"]
     return [root / "data" / "phantom" / c["source_image"] for c in cases]
 
 
@@ -109,7 +109,7 @@ def test_load_model_resolves_the_champion_or_names_a_local_file_by_its_hash(proj
     name, version = _registered(project)["model_name"], str(_registered(project)["version"])
     registered = flow_predict.load_model.fn(f"models:/{name}@champion", _store(project))
     assert registered.version == version and registered.predictor.source == f"models:/{name}/{version}"
-    local = flow_predict.load_model.fn(str(project / "models" / ARCH))
+    local = flow_predict.load_model.fn(str(paths(project).model_dir(ARCH)))
     assert local.version == f"sha256:{sha256_file(project / 'models' / ARCH / 'model.onnx')[:12]}"
     assert local.predictor.card == registered.predictor.card
     with pytest.raises(ConfigError, match="no MLflow store"):
@@ -121,7 +121,7 @@ def test_load_model_resolves_the_champion_or_names_a_local_file_by_its_hash(proj
 
 
 def test_plan_takes_an_empty_folder_as_nothing_to_do_and_refuses_bad_folders(project, tmp_path):
-    predictor = flow_predict.load_model.fn(str(project / "models" / ARCH)).predictor
+    predictor = flow_predict.load_model.fn(str(paths(project).model_dir(ARCH))).predictor
     (tmp_path / "empty").mkdir()
     assert flow_predict.plan(predictor, tmp_path / "empty", tmp_path / "out") == []
     with pytest.raises(PredictError, match="no such file or folder"):
@@ -135,7 +135,7 @@ def test_plan_takes_an_empty_folder_as_nothing_to_do_and_refuses_bad_folders(pro
 
 
 def test_predict_case_segments_one_case_and_names_a_broken_file(project, tmp_path):
-    model = flow_predict.load_model.fn(str(project / "models" / ARCH))
+    model = flow_predict.load_model.fn(str(paths(project).model_dir(ARCH)))
     inputs = _inputs(project, tmp_path / "in")
     out = tmp_path / "out"
     summary = flow_predict.predict_case.fn(model, "a_good", [str(inputs / "a_good.nii.gz")], str(out))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import paths
 from medseg.data.ingest import ingest_dataset, ingest_from_params
 from medseg.data.loader import load_case, read_cases
 from medseg.errors import ConfigError
@@ -399,7 +400,7 @@ def test_ingest_from_params_writes_under_data_ingested(tmp_path):
     make_synapse(tmp_path / "data" / "raw" / "syn", n=1)
     params = {"dataset": {**synapse_params(), "raw_dir": "data/raw/syn"}}
     ingest_from_params(params, tmp_path)
-    assert (tmp_path / "data" / "ingested" / "syn" / "cases" / "case0001_image.npy").is_file()
+    assert (paths(tmp_path, "syn").ingested / "cases" / "case0001_image.npy").is_file()
     shutil.rmtree(tmp_path / "data" / "ingested")
     with pytest.raises(ConfigError, match="dataset.format"):
         ingest_from_params({"dataset": {**params["dataset"], "format": "dicom"}}, tmp_path)

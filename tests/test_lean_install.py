@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, paths
 from medseg.io import read_json
 
 # what a deployment does not install (the train, transformers and pipeline extras)
@@ -78,18 +78,18 @@ def exported(tiny_project, tmp_path_factory) -> Path:
         export_model(params, "unet", root)
     finally:
         torch.set_num_threads(threads)
-    assert (root / "models" / "unet" / "model.onnx").is_file()
+    assert paths(root).onnx("unet").is_file()
     return root
 
 
 def _model(root: Path) -> Path:
-    return root / "models" / "unet" / "model.onnx"
+    return paths(root).onnx("unet")
 
 
 def _raw_nifti(root: Path) -> Path:
     """One raw phantom test volume (the file ingest read)."""
-    cases = {c["id"]: c for c in read_json(root / "data" / "ingested" / "phantom" / "cases.json")["cases"]}
-    case_id = read_json(root / "data" / "splits" / "phantom.json")["test"][0]
+    cases = {c["id"]: c for c in read_json(paths(root).cases_json)["cases"]}
+    case_id = read_json(paths(root).split_file)["test"][0]
     return root / "data" / "phantom" / cases[case_id]["source_image"]
 
 

@@ -13,6 +13,7 @@ from medseg.data.loader import (SliceDataset, augment_slice, dataset_from_params
                                 rotation_grid)
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
+from conftest import paths
 
 K = 4  # classes
 
@@ -188,7 +189,7 @@ def test_bad_arguments(ingested):
 
 
 def test_on_the_tiny_phantom_project(tiny_project, tiny_params):
-    split = json.loads((tiny_project / "data/splits/phantom.json").read_text())
+    split = json.loads(paths(tiny_project).split_file.read_text())
     ds = dataset_from_params(tiny_params, tiny_project, split["train"], train=True)
     assert ds.augment == tiny_params["data"]["augment"]
     assert (ds._cache is not None) == tiny_params["data"].get("cache_resized", True)
@@ -200,4 +201,4 @@ def test_on_the_tiny_phantom_project(tiny_project, tiny_params):
 
 
 def read_cases_depth(root, case_id):
-    return load_case(root / "data/ingested/phantom", case_id)[1].shape[0]
+    return load_case(paths(root).ingested, case_id)[1].shape[0]

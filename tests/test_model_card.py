@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import seed_store
+from conftest import seed_store, paths
 from medseg.card import (
     CardError,
     ModelCard,
@@ -70,9 +70,9 @@ def test_evaluation_keeps_flat_finite_numbers():
 
 
 def _project_inputs(root, params):
-    ingested = root / "data" / "ingested" / params["dataset"]["name"]
+    ingested = paths(root, params["dataset"]["name"]).ingested
     return (read_json(ingested / "cases.json"), read_json(ingested / "fingerprint.json"),
-            read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json"), ingested / "cases.json")
+            read_json(paths(root, params["dataset"]["name"]).split_file), ingested / "cases.json")
 
 
 def test_build_card_from_the_project_files(tiny_project, tiny_params):
@@ -125,7 +125,7 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
     root, params = project_copy, copy.deepcopy(tiny_params)
     seed_store(root, mlflow_db_template)
     train_model(params, "unet", root)
-    checkpoint = torch.load(root / "models" / "unet" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(paths(root).checkpoint("unet"), weights_only=False)
     assert {"arch", "model_options", "in_channels", "num_classes", "image_size", "class_names", "context",
             "state_dict", "epoch", "val_dice", "config_hash", "training_cases_hash", "card"} <= set(checkpoint)
     manifest, fingerprint, split, cases_json = _project_inputs(root, params)
@@ -136,7 +136,7 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
 
     metrics = evaluate_model(params, "unet", root)
     export_model(params, "unet", root)
-    card = card_from_onnx(root / "models" / "unet" / "model.onnx")
+    card = card_from_onnx(paths(root).onnx("unet"))
     assert card == trained.with_evaluation(evaluation_of(metrics))
     assert card.evaluation["protocol"] == "mm" and set(card.evaluation["per_class"]) == set(metrics["per_class"])
 

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import make_dvc_project
+from conftest import make_dvc_project, paths
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,15 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
     _dvc(project, "repro")
 
     for arch in params["models"]:
-        metrics = json.loads((project / "reports" / arch / "metrics.json").read_text())
+        metrics = json.loads(paths(project).metrics(arch).read_text())
         assert 0.0 <= metrics["mean_dsc"] <= 1.0
         assert set(metrics["per_class"]) == set(params["dataset"]["class_names"][1:])
-        export = json.loads((project / "reports" / arch / "export.json").read_text())
+        export = json.loads(paths(project).export_report(arch).read_text())
         assert export["parity_passed"] is True
         assert export["max_abs_diff"] <= params["export"]["max_abs_diff"]
-        assert (project / "models" / arch / "model.onnx").stat().st_size > 0
-        assert (project / "registry" / f"{arch}.json").is_file()
-    assert "unet" in (project / "reports" / "comparison.md").read_text()
+        assert paths(project).onnx(arch).stat().st_size > 0
+        assert paths(project).registry_record(arch).is_file()
+    assert "unet" in (paths(project).comparison_dir / "comparison.md").read_text()
 
     # A fresh MLflow client (new process) loads the challenger: the pyfunc segments a raw phantom scan (the
     # serving payload), the ONNX flavor gives the graph with its model card.
@@ -63,4 +63,4 @@ print(mask.shape, "medseg.model_card" in meta)
     # Nothing changed: the second repro runs no stage.
     second = _dvc(project, "repro")
     assert "Running stage" not in second.stdout, second.stdout
-    assert np.isfinite(json.loads((project / "reports" / "unet" / "metrics.json").read_text())["mean_dsc"])
+    assert np.isfinite(json.loads(paths(project).metrics("unet").read_text())["mean_dsc"])

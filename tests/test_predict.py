@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import seed_store
+from conftest import seed_store, paths
 from medseg.cli import main
 from medseg.errors import ConfigError, PredictError
 from medseg.io import read_json
@@ -51,13 +51,13 @@ def project(tiny_project, tmp_path_factory) -> Path:
 
 
 def _model(root: Path, arch: str = "unet") -> Path:
-    return root / "models" / arch / "model.onnx"
+    return paths(root).onnx(arch)
 
 
 def _test_cases(root: Path) -> dict[str, Path]:
     """Test case id -> its raw phantom NIfTI (the file ingest read)."""
-    cases = {c["id"]: c for c in read_json(root / "data" / "ingested" / "phantom" / "cases.json")["cases"]}
-    test = read_json(root / "data" / "splits" / "phantom.json")["test"]
+    cases = {c["id"]: c for c in read_json(paths(root).cases_json)["cases"]}
+    test = read_json(paths(root).split_file)["test"]
     return {case_id: root / "data" / "phantom" / cases[case_id]["source_image"] for case_id in test}
 
 
@@ -85,12 +85,12 @@ def test_cli_labels_equal_evaluation_voxel_for_voxel_with_the_input_header(proje
     inputs.mkdir()
     for raw in cases.values():
         shutil.copy2(raw, inputs / raw.name)
-    assert _predict("-m", project / "models" / arch, "-i", inputs, "-o", tmp_path / "out") == 0
+    assert _predict("-m", paths(project).model_dir(arch), "-i", inputs, "-o", tmp_path / "out") == 0
 
-    model, meta = load_trained_model(project / "models" / arch / "checkpoint.pt")
+    model, meta = load_trained_model(paths(project).checkpoint(arch))
     label_values = meta["card"]["label_values"]
     for case_id, raw in cases.items():
-        image, _label, _spacing = load_case(project / "data" / "ingested" / "phantom", case_id)
+        image, _label, _spacing = load_case(paths(project).ingested, case_id)
         expected = predict_volume(model, image, meta["image_size"], meta["context"]).transpose(2, 1, 0)
         source, written = nib.load(raw), nib.load(tmp_path / "out" / raw.name)
         got = np.asarray(written.dataobj)
@@ -286,7 +286,7 @@ def test_2d_model_segments_images_as_evaluation_does(project, tmp_path):
     Image.fromarray(np.stack([image] * 3, axis=-1)).save(tmp_path / "in" / "grey_as_rgb.png")
     assert _predict("-m", onnx_2d, "-i", tmp_path / "in", "-o", tmp_path / "out") == 0
 
-    model, meta = load_trained_model(project / "models" / "unet" / "checkpoint.pt")
+    model, meta = load_trained_model(paths(project).checkpoint("unet"))
     expected = {}
     for name in ("slice.jpg", "grey_as_rgb.png"):
         pixels = np.asarray(Image.open(tmp_path / "in" / name).convert("L"), dtype=np.float32)
@@ -324,8 +324,8 @@ def test_registered_model_predicts_from_models_uri(project, tmp_path, mlflow_db_
     monkeypatch.chdir(tmp_path)  # MLflow's default store would be ./mlflow.db
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    shutil.copytree(project / "models" / "unet", root / "models" / "unet")
-    shutil.copytree(project / "reports" / "unet", root / "reports" / "unet")
+    shutil.copytree(paths(project).model_dir("unet"), paths(root).model_dir("unet"))
+    shutil.copytree(paths(project).reports_dir("unet"), paths(root).reports_dir("unet"))
     record = register_model_version(params, "unet", root)
     raw = _raw_file(project)
     assert _predict("-m", f"models:/{record['model_name']}@challenger", "-i", raw, "-o", tmp_path / "out",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from medseg import preprocessing as pp
 from medseg.errors import ConfigError
+from conftest import paths
 
 SIZES = [  # (in h, in w) -> (out h, out w): up, down, odd, non-square, 1 x 1 on either side, one axis unchanged
     ((16, 16), (24, 24)),
@@ -154,9 +155,9 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
     from medseg.io import read_json
 
     context, size = 1, tuple(tiny_params["data"]["image_size"])
-    ingested = tiny_project / "data" / "ingested" / "phantom"
+    ingested = paths(tiny_project).ingested
     manifest = read_cases(ingested)
-    case_id = read_json(tiny_project / "data" / "splits" / "phantom.json")["test"][0]  # the one export reads
+    case_id = read_json(paths(tiny_project).split_file)["test"][0]  # the one export reads
     record = next(c for c in manifest["cases"] if c["id"] == case_id)
     image, _, _ = load_case(ingested, case_id)
     depth = image.shape[0]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import seed_store
+from conftest import seed_store, paths
 from medseg.errors import MedsegError
 
 CLASS_NAMES = ["background", "aorta", "liver"]
@@ -94,9 +94,9 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
 
     torch.manual_seed(seed)
     model = model or TinySegNet(1, len(CLASS_NAMES))
-    onnx_path = root / "models" / arch / "model.onnx"
+    onnx_path = paths(root).onnx(arch)
     export_tiny_onnx(model, onnx_path)
-    reports = root / "reports" / arch
+    reports = paths(root).reports_dir(arch)
     reports.mkdir(parents=True, exist_ok=True)
     per_class = {name: {"dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i} for i, name in enumerate(CLASS_NAMES[1:])}
     metrics = {"arch": arch, "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": split_sha256, "mean_dsc": mean_dsc,
@@ -163,7 +163,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     assert record["created"] is True
     assert record["model_name"] == "medseg-phantom-unet"
     assert record["artifact_sha256"] == sha256_file(onnx_path)
-    assert read_json(tmp_path / "registry" / "unet.json") == record
+    assert read_json(paths(tmp_path).registry_record("unet")) == record
     assert (tmp_path / "mlflow.db").is_file()
     assert "MLFLOW_TRACKING_URI" not in os.environ, "registration must not leak its store into the environment"
     assert any((tmp_path / "mlartifacts").rglob("model.onnx")), "artifacts must go to root/mlartifacts"
@@ -199,7 +199,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     assert len(client.search_model_versions("name = 'medseg-phantom-unet'")) == 1
 
     # Re-evaluated (other protocol) but the same model.onnx: still no new version; its tags follow the evaluation.
-    metrics_path = tmp_path / "reports" / "unet" / "metrics.json"
+    metrics_path = paths(tmp_path).metrics("unet")
     metrics = json.loads(metrics_path.read_text())
     metrics.update(protocol="transunet", mean_dsc=0.69)
     metrics_path.write_text(json.dumps(metrics))
@@ -271,7 +271,7 @@ def test_missing_input_names_the_file(tmp_path, no_env_uri):
 
     params = tiny_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
-    (tmp_path / "reports" / "unet" / "export.json").unlink()
+    paths(tmp_path).export_report("unet").unlink()
     with pytest.raises(MedsegError, match=r"export\.json: missing"):
         register_model_version(params, "unet", tmp_path)
     assert not (tmp_path / "mlflow.db").exists(), "inputs are checked before touching the store"
@@ -282,7 +282,7 @@ def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
 
     params = tiny_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
-    export_path = tmp_path / "reports" / "unet" / "export.json"
+    export_path = paths(tmp_path).export_report("unet")
     export = json.loads(export_path.read_text())
     export_path.write_text(json.dumps({**export, "onnx_sha256": "0" * 64}))
     with pytest.raises(MedsegError, match=r"export\.json: describes an ONNX file"):

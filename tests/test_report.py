@@ -18,7 +18,7 @@ from PIL import Image
 
 from medseg.data.loader import load_case, read_cases
 from medseg.io import read_json
-from conftest import seed_store
+from conftest import seed_store, paths
 
 # arch -> (mean DSC, mean HD95, PyTorch ms, ONNX ms, training seconds); unetpp is better at DSC, unet at the rest.
 FABRICATED = {"unet": (0.61, 12.0, 3.0, 1.0, 40.0), "unetpp": (0.72, 15.0, 9.0, 4.0, 150.0)}
@@ -28,12 +28,12 @@ OPTIONS = {"unet": {"base_channels": 4, "depth": 2}, "unetpp": {"base_channels":
 def write_checkpoint(root: Path, arch: str, params: dict, context: int = 0, seed: int = 0) -> torch.nn.Module:
     from medseg.models import build_model
 
-    cases = read_cases(root / "data" / "ingested" / params["dataset"]["name"])
+    cases = read_cases(paths(root, params["dataset"]["name"]).ingested)
     in_channels = int(cases["in_channels"]) * (2 * context + 1)
     torch.manual_seed(seed)
     size = params["data"]["image_size"]
     model = build_model(arch, in_channels, len(cases["class_names"]), size, **OPTIONS[arch])
-    path = root / "models" / arch / "checkpoint.pt"
+    path = paths(root).checkpoint(arch)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"arch": arch, "model_options": OPTIONS[arch], "in_channels": in_channels,
                 "num_classes": len(cases["class_names"]), "image_size": list(size),
@@ -44,8 +44,8 @@ def write_checkpoint(root: Path, arch: str, params: dict, context: int = 0, seed
 
 def fabricate_arch(root: Path, arch: str, params: dict) -> None:
     dsc, hd95, torch_ms, onnx_ms, seconds = FABRICATED[arch]
-    class_names = read_cases(root / "data" / "ingested" / params["dataset"]["name"])["class_names"][1:]
-    reports = root / "reports" / arch
+    class_names = read_cases(paths(root, params["dataset"]["name"]).ingested)["class_names"][1:]
+    reports = paths(root).reports_dir(arch)
     reports.mkdir(parents=True, exist_ok=True)
     per_class = {name: {"dsc": dsc + 0.01 * i, "hd95": hd95 - i} for i, name in enumerate(class_names)}
     (reports / "metrics.json").write_text(json.dumps({
@@ -90,9 +90,9 @@ def test_build_report_tables_charts_and_missing(report_project):
     assert set(result["missing"]) == {"segformer_b0"}
     assert [row["arch"] for row in result["architectures"]] == ["unet", "unetpp"]
     for name in ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv"):
-        assert (root / "reports" / name).is_file(), name
+        assert paths(root).reports_dir(name).is_file(), name
 
-    md = (root / "reports" / "comparison.md").read_text()
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
     assert "segformer_b0" in md.split("## Missing", 1)[1]
     header = _header(md, "Summary")
     unet, unetpp = _row(md, "Summary", "unet"), _row(md, "Summary", "unetpp")
@@ -106,7 +106,7 @@ def test_build_report_tables_charts_and_missing(report_project):
     assert unet[col["Family"]] == "cnn" and unet[col["ONNX parity"]] == "passed"
 
     # Complexity comes from the checkpoint's network, counted at the training size.
-    cases = read_cases(root / "data" / "ingested" / params["dataset"]["name"])
+    cases = read_cases(paths(root, params["dataset"]["name"]).ingested)
     net = build_model("unetpp", 1, len(cases["class_names"]), params["data"]["image_size"], **OPTIONS["unetpp"])
     by_arch = {row["arch"]: row for row in result["architectures"]}
     assert by_arch["unetpp"]["params_m"] == pytest.approx(count_params(net) / 1e6)
@@ -119,14 +119,14 @@ def test_build_report_tables_charts_and_missing(report_project):
     assert _row(md, "Per-class DSC", "unetpp")[2] == "**72.00**"
     assert _row(md, "Per-class HD95", "unet")[2] == "**12.00**"
 
-    with open(root / "reports" / "per_class.csv", newline="") as fh:
+    with open(paths(root).comparison_dir / "per_class.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * len(organs)
     liver = next(r for r in rows if r["arch"] == "unet" and r["class"] == organs[1])
     assert float(liver["dsc"]) == pytest.approx(0.62) and float(liver["hd95"]) == pytest.approx(11.0)
 
     # Qualitative grid: image + ground truth + 2 models across, 3 test slices down (wider than tall).
-    with Image.open(root / "reports" / "qualitative.png") as img:
+    with Image.open(paths(root).comparison_dir / "qualitative.png") as img:
         width, height = img.size
     assert width > height
     assert re.search(r"3 test slices", md)
@@ -139,12 +139,12 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
     params["models"] = ["unet", "vm_unet"]
     result = build_report(params, project_copy)
     assert set(result["missing"]) == {"unet", "vm_unet"} and result["architectures"] == []
-    md = (project_copy / "reports" / "comparison.md").read_text()
+    md = (paths(project_copy).comparison_dir / "comparison.md").read_text()
     assert "No architecture has evaluation results" in md and "`vm_unet`" in md
     for name in ("comparison_dsc.png", "comparison_summary.png", "qualitative.png"):
-        with Image.open(project_copy / "reports" / name) as img:
+        with Image.open(paths(project_copy).reports_dir(name)) as img:
             assert img.size[0] > 0
-    assert (project_copy / "reports" / "per_class.csv").read_text().splitlines() == ["arch,class,dsc,hd95"]
+    assert (paths(project_copy).comparison_dir / "per_class.csv").read_text().splitlines() == ["arch,class,dsc,hd95"]
 
 
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
@@ -154,9 +154,9 @@ def test_predict_slice_matches_full_volume_prediction_with_context(project_copy,
 
     root, params = project_copy, tiny_params
     write_checkpoint(root, "unet", params, context=1, seed=3)
-    model, meta = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
-    case_id = read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json")["test"][0]
-    image, _, _ = load_case(root / "data" / "ingested" / params["dataset"]["name"], case_id)
+    model, meta = load_trained_model(paths(root).checkpoint("unet"))
+    case_id = read_json(paths(root, params["dataset"]["name"]).split_file)["test"][0]
+    image, _, _ = load_case(paths(root, params["dataset"]["name"]).ingested, case_id)
     full = predict_volume(model, np.asarray(image), meta["image_size"], context=1)
     for index in (0, image.shape[0] // 2, image.shape[0] - 1):
         np.testing.assert_array_equal(predict_slice(model, meta, image, index), full[index])
@@ -165,8 +165,8 @@ def test_predict_slice_matches_full_volume_prediction_with_context(project_copy,
 def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
     from medseg.report import pick_slices
 
-    ingested = project_copy / "data" / "ingested" / tiny_params["dataset"]["name"]
-    test_ids = read_json(project_copy / "data" / "splits" / f"{tiny_params['dataset']['name']}.json")["test"]
+    ingested = paths(project_copy, tiny_params["dataset"]["name"]).ingested
+    test_ids = read_json(paths(project_copy, tiny_params["dataset"]["name"]).split_file)["test"]
     chosen = pick_slices(ingested, test_ids, 2)
     assert chosen == pick_slices(ingested, test_ids, 2), "deterministic"
     counts = {(c, i): len(np.unique(np.asarray(load_case(ingested, c)[1][i]))) - 1
@@ -197,9 +197,9 @@ def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_pa
 
     result = build_report(params, root)
     row = result["architectures"][0]
-    summary = read_json(root / "reports" / "unet" / "train_summary.json")
+    summary = read_json(paths(root).train_summary("unet"))
     assert row["mean_dsc"] == pytest.approx(metrics["mean_dsc"])
     assert row["onnx_latency_ms"] == pytest.approx(export["onnx_latency_ms"])
     assert row["params_m"] == pytest.approx(summary["params"] / 1e6)
     assert row["registry_version"] == record["version"]
-    assert _row((root / "reports" / "comparison.md").read_text(), "Summary", "unet")[-1] == record["version"]
+    assert _row((paths(root).comparison_dir / "comparison.md").read_text(), "Summary", "unet")[-1] == record["version"]

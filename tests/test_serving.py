@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import seed_store
+from conftest import seed_store, paths
 from medseg.cli import main
 from medseg.io import read_json
 
@@ -60,8 +60,8 @@ def project(tiny_project, tmp_path_factory, mlflow_db_template) -> tuple[Path, d
 
 def _raw_file(root: Path) -> Path:
     """A test case's raw phantom NIfTI (the file ingest read)."""
-    cases = {c["id"]: c for c in read_json(root / "data" / "ingested" / "phantom" / "cases.json")["cases"]}
-    case_id = read_json(root / "data" / "splits" / "phantom.json")["test"][0]
+    cases = {c["id"]: c for c in read_json(paths(root).cases_json)["cases"]}
+    case_id = read_json(paths(root).split_file)["test"][0]
     return root / "data" / "phantom" / cases[case_id]["source_image"]
 
 
@@ -118,9 +118,9 @@ def test_pyfunc_gives_the_mask_medseg_predict_writes(project, tmp_path):
         model = mlflow.pyfunc.load_model(f"models:/{record['model_name']}@challenger")
     answer = model.predict({"nifti_base64": _b64(raw.read_bytes())})
 
-    expected = _medseg_predict(root / "models" / "unet", raw, tmp_path / "out")
+    expected = _medseg_predict(paths(root).model_dir("unet"), raw, tmp_path / "out")
     _assert_same_mask(base64.b64decode(answer["mask_nifti_base64"]), expected, tmp_path)
-    card = card_from_onnx(root / "models" / "unet" / "model.onnx")
+    card = card_from_onnx(paths(root).onnx("unet"))
     assert (answer["class_names"], answer["label_values"]) == (card.class_names, card.label_values)
     assert sum(answer["voxels"].values()) == np.prod(nib.load(raw).shape)
     assert len([n for n, count in answer["voxels"].items() if count]) > 2  # several classes: the check has teeth
@@ -142,7 +142,7 @@ def test_onnx_flavor_loads_the_registered_file_with_its_card(project, tmp_path):
         info = mlflow.models.get_model_info(uri)
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
     assert isinstance(proto, onnx.ModelProto)
-    exported = onnx.load(str(root / "models" / "unet" / "model.onnx"))
+    exported = onnx.load(str(paths(root).onnx("unet")))
     loaded, written = ({p.key: p.value for p in m.metadata_props} for m in (proto, exported))
     assert json.loads(loaded[ONNX_METADATA_KEY]) == json.loads(written[ONNX_METADATA_KEY])
     assert {"python_function", "onnx"} <= set(info.flavors)
@@ -162,7 +162,7 @@ def test_png_payload_of_a_2d_model_gives_its_png_mask(project, tmp_path, monkeyp
 
     root, _ = project
     onnx_2d = tmp_path / "model2d.onnx"  # the unet's graph with a card that says image2d (greyscale, /255)
-    shutil.copy2(root / "models" / "unet" / "model.onnx", onnx_2d)
+    shutil.copy2(paths(root).onnx("unet"), onnx_2d)
     card = card_from_onnx(onnx_2d)
     write_card_metadata(onnx_2d, ModelCard.from_dict({**card.to_dict(), "input_kind": "image2d", "modality": "mr",
                                                      "normalisation": {"method": "divide_255"}, "spacing": None}))
@@ -183,7 +183,7 @@ def test_limits_and_bad_payloads_are_refused_before_decoding(project, monkeypatc
     from medseg.serving import PayloadRefused
 
     root, _ = project
-    segmenter = _segmenter(root / "models" / "unet" / "model.onnx", monkeypatch, max_bytes=4096)
+    segmenter = _segmenter(paths(root).onnx("unet"), monkeypatch, max_bytes=4096)
     bomb = _bomb_header()
     assert len(bomb) < 1024
     tracemalloc.start()
@@ -267,7 +267,7 @@ def test_mlflow_models_serve_answers_payloads_and_refuses_limits(project, tmp_pa
         status, body = _post(port, {"inputs": {"nifti_base64": payload}})
         assert status == 200, body[:2000]
         answer = json.loads(body)["predictions"]
-        expected = _medseg_predict(root / "models" / "unet", raw, tmp_path / "out")
+        expected = _medseg_predict(paths(root).model_dir("unet"), raw, tmp_path / "out")
         _assert_same_mask(base64.b64decode(answer["mask_nifti_base64"]), expected, tmp_path)
         status, body = _post(port, {"dataframe_split": {"columns": ["nifti_base64"], "data": [[payload]]}})
         assert status == 200 and json.loads(body)["predictions"]["mask_nifti_base64"] == answer["mask_nifti_base64"]

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import paths
 from medseg.data.split import PRESETS, make_split, split_from_params, split_sha256
 from medseg.errors import ConfigError
 
@@ -97,10 +98,10 @@ def test_bad_fractions(params, message):
 def test_split_from_params_writes_the_split(tmp_path):
     from medseg.io import write_json
 
-    write_json(tmp_path / "data/ingested/ds/cases.json", {"cases": acdc_like([2, 2, 2, 2, 2])})
+    write_json(paths(tmp_path, "ds").cases_json, {"cases": acdc_like([2, 2, 2, 2, 2])})
     params = {"seed": 3, "dataset": {"name": "ds"}, "split": {"test_fraction": 0.2, "val_fraction": 0.25, "folds": 2}}
     split = split_from_params(params, tmp_path)
-    on_disk = json.loads((tmp_path / "data/splits/ds.json").read_text())
+    on_disk = json.loads(paths(tmp_path, "ds").split_file.read_text())
     assert on_disk == split and split["dataset"] == "ds" and split["seed"] == 3
     assert split["num_patients"] == {"train": 3, "val": 1, "test": 1}
     with pytest.raises(ConfigError, match="run the ingest stage first"):

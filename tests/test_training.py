@@ -17,6 +17,7 @@ import yaml
 
 from medseg.errors import TrainingError
 from medseg.io import read_json
+from conftest import paths
 
 # 2 epochs x 3 steps, a mid-epoch checkpoint every 2 steps: step 4 is a mid-epoch save in epoch 2.
 TRAIN = {"epochs": 2, "batch_size": 4, "max_steps_per_epoch": 3, "checkpoint_every_steps": 2}
@@ -83,13 +84,13 @@ def reference(tiny_project, tmp_path_factory):
 
 def test_outputs_follow_the_contract(reference):
     root, params, summary, _ = reference
-    checkpoint = _load(root / "models" / "unet" / "checkpoint.pt")
+    checkpoint = _load(paths(root).checkpoint("unet"))
     for key in ("arch", "model_options", "in_channels", "num_classes", "image_size", "class_names", "state_dict",
                 "epoch", "val_dice", "config_hash", "training_cases_hash"):
         assert key in checkpoint, key
     assert checkpoint["arch"] == "unet" and checkpoint["num_classes"] == len(params["dataset"]["class_names"])
     assert checkpoint["image_size"] == params["data"]["image_size"]
-    with open(root / "reports" / "unet" / "train_log.csv", newline="") as fh:
+    with open(paths(root).train_log("unet"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["epoch", "step", "train_loss", "val_dice", "lr", "seconds"]
     assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [3, 6]
@@ -97,21 +98,21 @@ def test_outputs_follow_the_contract(reference):
     dices = [float(r["val_dice"]) for r in rows]
     best = max(range(2), key=lambda i: dices[i])
     assert checkpoint["epoch"] == best + 1 and checkpoint["val_dice"] == pytest.approx(dices[best])
-    saved = read_json(root / "reports" / "unet" / "train_summary.json")
+    saved = read_json(paths(root).train_summary("unet"))
     assert saved["best_val_dice"] == pytest.approx(dices[best]) and saved["best_epoch"] == best + 1
     from medseg.inference import load_trained_model
 
-    model, _ = load_trained_model(root / "models" / "unet" / "checkpoint.pt")
+    model, _ = load_trained_model(paths(root).checkpoint("unet"))
     assert saved["params"] == sum(p.numel() for p in model.parameters())
     assert saved["device"] == "cpu" and saved["resumed_from_step"] is None
-    assert (root / "reports" / "unet" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    last = _load(root / "models" / "unet" / "last.pt")
+    assert paths(root).curves("unet").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = _load(paths(root).last_checkpoint("unet"))
     assert last["finished"] and last["global_step"] == 6
 
 
 def test_training_never_reads_the_test_split(reference):
     root, params, _, touched = reference
-    split = read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json")
+    split = read_json(paths(root, params["dataset"]["name"]).split_file)
     assert set(split["train"]) | set(split["val"]) <= touched
     assert not touched & set(split["test"])
 
@@ -122,19 +123,19 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference, tiny_project,
     env = {**os.environ, "KILL_AT": "5"}
     killed = subprocess.run([sys.executable, "-c", RUNNER, str(root)], env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    last = _load(root / "models" / "unet" / "last.pt")
+    last = _load(paths(root).last_checkpoint("unet"))
     assert (last["epoch"], last["batch_in_epoch"], last["global_step"]) == (1, 1, 4)  # the step-4 save
-    assert not [p for p in (root / "models" / "unet").iterdir() if ".tmp" in p.name]
+    assert not [p for p in paths(root).model_dir("unet").iterdir() if ".tmp" in p.name]
 
     env.pop("KILL_AT")
     resumed = subprocess.run([sys.executable, "-c", RUNNER, str(root)], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert read_json(root / "reports" / "unet" / "train_summary.json")["resumed_from_step"] == 4
+    assert read_json(paths(root).train_summary("unet"))["resumed_from_step"] == 4
     for name in ("checkpoint.pt", "last.pt"):
-        _assert_same_weights(_load(ref_root / "models" / "unet" / name)["state_dict"],
-                             _load(root / "models" / "unet" / name)["state_dict"])
-    ref_opt = _load(ref_root / "models" / "unet" / "last.pt")["optimizer"]["state"]
-    new_opt = _load(root / "models" / "unet" / "last.pt")["optimizer"]["state"]
+        _assert_same_weights(_load(paths(ref_root).model_dir("unet") / name)["state_dict"],
+                             _load(paths(root).model_dir("unet") / name)["state_dict"])
+    ref_opt = _load(paths(ref_root).last_checkpoint("unet"))["optimizer"]["state"]
+    new_opt = _load(paths(root).last_checkpoint("unet"))["optimizer"]["state"]
     assert ref_opt and ref_opt.keys() == new_opt.keys()
     for key in ref_opt:  # every optimizer state tensor (SGD momentum, or Adam moments and step counts)
         _assert_same_weights(ref_opt[key], new_opt[key])
@@ -143,7 +144,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference, tiny_project,
 def test_resume_only_with_the_same_configuration(reference, tmp_path):
     from medseg.training import _try_resume
 
-    last = _load(reference[0] / "models" / "unet" / "last.pt")
+    last = _load(paths(reference[0]).last_checkpoint("unet"))
     path = tmp_path / "last.pt"
     torch.save({**last, "finished": False}, path)
     assert _try_resume(path, last["config_hash"]) is not None
@@ -186,10 +187,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_project, tmp_pat
     monkeypatch.setattr(loader.SliceDataset, "__getitems__", corrupt_second_batch)
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, step 2"):
         train_model(params, "unet", root)
-    last = _load(root / "models" / "unet" / "last.pt")
+    last = _load(paths(root).last_checkpoint("unet"))
     assert last["global_step"] == 1
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
-    assert not (root / "models" / "unet" / "checkpoint.pt").exists()
+    assert not paths(root).checkpoint("unet").exists()
 
 
 def test_non_finite_weights_are_never_checkpointed():
@@ -210,10 +211,10 @@ def test_torchrun_world_size_one_matches_single_process(reference, tiny_project,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script), str(root)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert read_json(root / "reports" / "unet" / "train_summary.json")["world_size"] == 1
+    assert read_json(paths(root).train_summary("unet"))["world_size"] == 1
     # DDP with one gloo rank averages gradients over one replica: the same weights, bit for bit
-    _assert_same_weights(_load(reference[0] / "models" / "unet" / "last.pt")["state_dict"],
-                         _load(root / "models" / "unet" / "last.pt")["state_dict"])
+    _assert_same_weights(_load(paths(reference[0]).last_checkpoint("unet"))["state_dict"],
+                         _load(paths(root).last_checkpoint("unet"))["state_dict"])
 
 
 def test_epochs_are_logged_to_mlflow_when_a_tracking_uri_is_set(tiny_project, tmp_path, monkeypatch):

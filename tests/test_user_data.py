@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_dvc_project, snapshot
+from conftest import ROOT, make_dvc_project, snapshot, paths
 from test_ingest import (
     make_acdc,
     make_kvasir,
@@ -143,13 +143,13 @@ def test_doctor_ingest_dvc_repro_and_flow_leave_the_users_data_untouched(fmt, tm
     try:
         run(["medseg", "doctor"], project, readonly)
         run(["medseg", "ingest"], project, readonly)
-        cases = json.loads((project / "data" / "ingested" / section["name"] / "cases.json").read_text())
+        cases = json.loads(paths(project, section["name"]).cases_json.read_text())
         assert len(cases["cases"]) >= 4
         run(["dvc", "repro"], project, readonly)
     finally:
         readonly.restore()
-    assert (project / "reports" / "comparison.md").is_file()
-    assert json.loads((project / "registry" / "unet.json").read_text())["model_name"].endswith(f"{section['name']}-unet")
+    assert (paths(project).comparison_dir / "comparison.md").is_file()
+    assert json.loads(paths(project).registry_record("unet").read_text())["model_name"].endswith(f"{section['name']}-unet")
     assert_no_phantom(project)
 
     # The flow reads the raw data again: it re-ingests (DVC sees the ingested folder gone), the rest is up to date.
@@ -157,7 +157,7 @@ def test_doctor_ingest_dvc_repro_and_flow_leave_the_users_data_untouched(fmt, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     summary = pipeline.medseg_pipeline(root=str(project))
     assert summary["failed"] == [] and summary["report"]["status"] == "completed"
-    assert (project / "data" / "ingested" / section["name"] / "cases.json").is_file()
+    assert paths(project, section["name"]).cases_json.is_file()
     assert_no_phantom(project)
 
     assert snapshot(raw) == before_raw
@@ -168,7 +168,7 @@ def test_ingest_refuses_raw_data_that_holds_or_lies_in_its_outputs(tmp_path):
     from medseg.data.ingest import ingest_from_params
     from medseg.errors import ConfigError
 
-    inside = make_msd(tmp_path / "data" / "ingested" / "spleen", shape=(8, 8, 3))
+    inside = make_msd(paths(tmp_path, "spleen").ingested, shape=(8, 8, 3))
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="raw data inside data/ingested/"):
         ingest_from_params({"dataset": msd_params(name="spleen", raw_dir="data/ingested/spleen")}, tmp_path)
@@ -223,7 +223,7 @@ def test_every_preset_reads_its_raw_dir_and_never_writes_it(preset, tmp_path, ti
     params = yaml.safe_load((project / "params.yaml").read_text())
     # The data stages at the preset's own settings (training at paper scale needs a GPU and the real data).
     run(["dvc", "repro", "split"], project, ReadOnly(raw) if raw is not None and READONLY_MOUNT else None)
-    cases = json.loads((project / "data" / "ingested" / params["dataset"]["name"] / "cases.json").read_text())
+    cases = json.loads(paths(project, params["dataset"]["name"]).cases_json.read_text())
     assert cases["cases"]
     if builtin:
         assert (project / "data" / "phantom" / "img").is_dir()
@@ -271,8 +271,8 @@ def test_readme_using_real_data_steps_on_an_msd_dataset_outside_the_project(tmp_
     assert dataset["format"] == "msd" and Path(dataset["raw_dir"]) == first
     run(["medseg", "doctor"], project)
     run(["dvc", "repro"], project)
-    assert "unet" in (project / "reports" / "comparison.md").read_text()
-    registered = json.loads((project / "registry" / "unet.json").read_text())
+    assert "unet" in (paths(project).comparison_dir / "comparison.md").read_text()
+    registered = json.loads(paths(project).registry_record("unet").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version(registered["model_name"], registered["version"])
     assert version.current_stage is not None and "challenger" in client.get_registered_model(registered["model_name"]).aliases
@@ -281,8 +281,8 @@ def test_readme_using_real_data_steps_on_an_msd_dataset_outside_the_project(tmp_
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run(["git", "commit", "-qm", "first dataset"], cwd=project, check=True)
     run(["dvc", "exp", "run", "-S", f"dataset.raw_dir={second}", "-S", "dataset.name=prostate_b"], project)
-    cases = json.loads((project / "data" / "ingested" / "prostate_b" / "cases.json").read_text())
+    cases = json.loads(paths(project, "prostate_b").cases_json.read_text())
     assert sorted(c["id"] for c in cases["cases"]) == [f"prostate_{i:02d}" for i in range(10, 16)]
-    assert json.loads((project / "registry" / "unet.json").read_text())["model_name"].endswith("prostate_b-unet")
+    assert json.loads(paths(project).registry_record("unet").read_text())["model_name"].endswith("prostate_b-unet")
     assert_no_phantom(project)
     assert snapshot(tmp_path / "outside") == before
