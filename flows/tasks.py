@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -28,8 +28,9 @@ from prefect.logging import get_logger
 
 from medseg.card import dataset_version as cases_json_version
 from medseg.config import disable_telemetry, load_params
+from medseg.entry import EXIT_MEDSEG_ERROR, STATUS_DIR_ENV, read_stage_statuses
 from medseg.errors import ConfigError, MedsegError
-from medseg.io import read_json
+from medseg.layout import ProjectLayout
 
 # `dvc repro` of these pulls in the `phantom` stage only when the dataset's raw_dir is phantom's output,
 # so the built-in stand-in data is generated when (and only when) the pipeline uses it.
@@ -42,10 +43,11 @@ LOCK_DIR = Path(".dvc") / "tmp"
 OUTPUT_TAIL_LINES = 40
 
 # A medseg stage exits 2 on a MedsegError (ConfigError, IngestError, TrainingError, ...) or a bad argument:
-# re-running gives the same answer. Exit codes of a killed process (OOM killer, preemption) are worth a retry.
-_DETERMINISTIC_STAGE_EXITS = (2,)
+# re-running gives the same answer. A stage that died without exiting (a signal: OOM killer, preemption) is worth a
+# retry. run_dvc learns each stage's real exit status from the records medseg.entry writes (DVC itself exits 255
+# for any failed stage); DVC's own text is read only when no stage ran (DVC's own errors: lock, dvc.yaml).
+_DETERMINISTIC_STAGE_EXITS = (EXIT_MEDSEG_ERROR,)
 _KILLED_EXITS = (-9, 137, -15, 143)
-_STAGE_EXIT = re.compile(r"exited with (-?\d+)")
 # DVC's own complaints about dvc.yaml / params.yaml / a stage name: fatal.
 _DETERMINISTIC_MARKERS = (
     "does not exist",
@@ -74,11 +76,15 @@ _TRANSIENT_EXCEPTIONS = (ConnectionError, TimeoutError)
 class DvcCommandError(MedsegError):
     """A `dvc` command failed; keeps the exit code and the end of its output to tell transient from fatal."""
 
-    def __init__(self, args: Sequence[str], returncode: int, output_tail: str, root: str | Path):
+    def __init__(self, args: Sequence[str], returncode: int, output_tail: str, root: str | Path,
+                 stage_statuses: dict[str, dict[str, Any]] | None = None):
         self.args_list = list(args)
         self.returncode = returncode
         self.output_tail = output_tail
         self.root = str(root)
+        # stage -> its medseg.entry record: {"status": "running"} (died without exiting) or {"status": "exited",
+        # "exit_code": n, "error": message}
+        self.stage_statuses = dict(stage_statuses or {})
         super().__init__(
             f"{self.root}: `dvc {' '.join(self.args_list)}` exited with {returncode}\n{output_tail}"
         )
@@ -184,11 +190,11 @@ def run_dvc(
     log = log or _logger().info
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-    with checkout_lock(root, slots, exclusive):
+    with checkout_lock(root, slots, exclusive), tempfile.TemporaryDirectory(prefix="medseg-stage-status-") as status:
         log(f"$ dvc {' '.join(args)}  (in {root})")
-        proc = subprocess.Popen(
-            cmd, cwd=root, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
+        env = {**dvc_env(), STATUS_DIR_ENV: status}  # each stage records its real exit status here
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -197,8 +203,10 @@ def run_dvc(
             if line.strip():
                 log(line)
         returncode = proc.wait()
+        statuses = read_stage_statuses(status)
     if returncode != 0:
-        raise DvcCommandError(args, returncode, "\n".join(tail), root)
+        failed = {stage: r for stage, r in statuses.items() if r.get("status") != "exited" or r.get("exit_code")}
+        raise DvcCommandError(args, returncode, "\n".join(tail), root, failed)
     return "\n".join(lines)
 
 
@@ -219,17 +227,22 @@ def is_transient(exc: BaseException | None) -> bool:
     if exc is None:
         return False
     if isinstance(exc, DvcCommandError):
-        text = exc.output_tail.lower()
-        stage_exits = [int(code) for code in _STAGE_EXIT.findall(text)]
-        if exc.returncode in _KILLED_EXITS or any(code in _KILLED_EXITS for code in stage_exits):
+        if exc.returncode in _KILLED_EXITS:  # dvc itself was killed
             return True
+        if exc.stage_statuses:  # the failed stages' own exit statuses decide
+            codes = [r.get("exit_code") if r.get("status") == "exited" else None for r in exc.stage_statuses.values()]
+            if any(code is None or code in _KILLED_EXITS for code in codes):
+                return True  # died without exiting: a signal (OOM killer, preemption, Ctrl-C of a worker)
+            if any(code in _DETERMINISTIC_STAGE_EXITS for code in codes):
+                return False  # a MedsegError: the same inputs give the same error
+            return True  # an unexpected crash (exit 1): one more try is cheaper than a lost night of training
+        # No stage ran or none recorded anything: DVC's own failure (a held lock, a bad dvc.yaml), read from its text.
+        text = exc.output_tail.lower()
         if any(marker in text for marker in _TRANSIENT_MARKERS):
             return True
-        if any(code in _DETERMINISTIC_STAGE_EXITS for code in stage_exits):
-            return False
         if any(marker in text for marker in _DETERMINISTIC_MARKERS):
             return False
-        return True  # an unexplained crash: one more try is cheaper than a lost night of training
+        return True
     if isinstance(exc, MedsegError):
         return False  # ConfigError, IngestError, TrainingError, ExportError, PromotionRefused: same input, same error
     return isinstance(exc, _TRANSIENT_EXCEPTIONS)
@@ -250,22 +263,17 @@ def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 
 def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
     """Content version of the ingested dataset (the one model cards record), None before ingest."""
-    cases = Path(root) / "data" / "ingested" / params["dataset"]["name"] / "cases.json"
+    cases = ProjectLayout.of(params, root).cases_json
     return cases_json_version(cases) if cases.is_file() else None
-
-
-def _read_optional_json(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.is_file() else None
 
 
 def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
     """What one architecture's stages produced: metrics, export parity and the registered version."""
     from medseg.registry import model_name
+    from medseg.report import read_arch_outputs  # the report's reading, so both show the same numbers
 
-    root = Path(root)
-    metrics = _read_optional_json(root / "reports" / arch / "metrics.json") or {}
-    export = _read_optional_json(root / "reports" / arch / "export.json") or {}
-    registry = _read_optional_json(root / "registry" / f"{arch}.json") or {}
+    outputs = read_arch_outputs(params, arch, root)
+    metrics, export, registry = outputs["metrics"], outputs["export"], outputs["registry"]
     return {
         "arch": arch,
         "status": "completed",
@@ -345,7 +353,7 @@ def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
 @task(name="report", tags=[DVC_TAG], retry_delay_seconds=10, **TASK_POLICY)
 def build_report(root: str = ".") -> str:
     run_dvc(repro_args([REPORT_STAGE]), root)
-    return str(Path(root) / "reports" / "comparison.md")
+    return str(ProjectLayout.of(load_params(Path(root) / "params.yaml"), root).comparison_dir / "comparison.md")
 
 
 # ---------------------------------------------------------------------------------------------------------

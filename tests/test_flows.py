@@ -164,23 +164,29 @@ def test_checkout_lock_waits_for_another_process(tmp_path):
 STAGE_FAILED = "ERROR: failed to reproduce 'train@unet': failed to run: python stages/train.py unet, exited with "
 
 
-def dvc_error(tail: str, returncode: int = 1) -> DvcCommandError:
-    return DvcCommandError(["repro", "train@unet"], returncode, tail, "/proj")
+def dvc_error(tail: str, returncode: int = 1, **statuses) -> DvcCommandError:
+    """statuses: stage -> exit code, or None for a stage that died without exiting (medseg.entry's records)."""
+    records = {stage.replace("_at_", "@"): ({"status": "running"} if code is None
+                                           else {"status": "exited", "exit_code": code})
+               for stage, code in statuses.items()}
+    return DvcCommandError(["repro", "train@unet"], returncode, tail, "/proj", records)
 
 
 @pytest.mark.parametrize(
     "exc, transient",
     [
+        # no stage ran: DVC's own failure, read from what DVC printed
         (dvc_error("ERROR: Unable to acquire lock. Most likely another DVC process is running"), True),
         (dvc_error("ERROR: 'data/ingested/phantom' is busy, it is being blocked by:\n  (PID 12): dvc repro"), True),
-        (dvc_error("error: params.yaml: bad\n" + STAGE_FAILED + "2"), False),  # a MedsegError in the stage
-        (dvc_error(STAGE_FAILED + "137"), True),
-        (dvc_error(STAGE_FAILED + "-9"), True),
-        (dvc_error("mlflow: sqlite3.OperationalError: database is locked\n... exited with 1"), True),
         (dvc_error("ERROR: 'train@resnet' does not exist"), False),
         (dvc_error("ERROR: failed to reproduce 'report': [Errno 2] No such file or directory: 'src/x.py'", 255), False),
-        (dvc_error("Traceback ...\nRuntimeError: CUDA error: unspecified launch failure\n... exited with 1"), True),
         (dvc_error("", returncode=-9), True),
+        # a stage ran: its own exit status decides, whatever the text says
+        (dvc_error("error: params.yaml: bad\n" + STAGE_FAILED + "2", 255, train_at_unet=2), False),
+        (dvc_error("a log line that says: exited with 137\n" + STAGE_FAILED + "2", 255, train_at_unet=2), False),
+        (dvc_error(STAGE_FAILED + "-9", 255, train_at_unet=None), True),  # SIGKILL: no exit recorded
+        (dvc_error(STAGE_FAILED + "1", 255, train_at_unet=1), True),  # an unexpected crash (CUDA, a bug): once more
+        (dvc_error("ConfigError ... does not exist", 255, train_at_unet=None), True),  # text cannot overrule a kill
         (ConfigError("params.yaml: bad"), False),
         (TrainingError("loss is NaN"), False),
         (ExportError("parity 0.3 > 1e-3"), False),
@@ -530,3 +536,57 @@ def test_kubernetes_gpu_template_declares_every_variable_it_uses():
     k8s = next(d for d in spec["deployments"] if d["name"] == "medseg-train-arch-k8s")
     assert set(k8s["work_pool"]["job_variables"]) <= declared
     assert "MLFLOW_TRACKING_URI" in k8s["work_pool"]["job_variables"]["env"]
+
+
+STAGE_SCRIPT = """
+import os, signal, sys
+from medseg.entry import run_stage
+from medseg.errors import ConfigError
+
+def boom(params, root='.'):
+    print('a log line that says: exited with 137', flush=True)
+    raise ConfigError('params.yaml: model option x is unknown')
+
+def killed(params, root='.'):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def fine(params, root='.'):
+    open('out.txt', 'w').write('done')
+
+name = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # the record is named after the script, as stages/*.py
+raise SystemExit(run_stage({'boom': boom, 'killed': killed, 'fine': fine}[name], [], with_arch=False))
+"""
+
+
+@pytest.fixture()
+def real_dvc_project(tmp_path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "params.yaml").write_text("seed: 0\n")
+    for name in ("boom", "killed", "fine"):
+        (root / f"{name}.py").write_text(STAGE_SCRIPT)
+    stages = {name: {"cmd": f"{sys.executable} {name}.py", "deps": [f"{name}.py"]} for name in ("boom", "killed")}
+    stages["fine"] = {"cmd": f"{sys.executable} fine.py", "deps": ["fine.py"], "outs": ["out.txt"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    return root
+
+
+def test_retries_follow_the_stages_real_exit_status_with_real_dvc(real_dvc_project):
+    """DVC exits 255 for any failed stage; the stage's own record says 2 (a MedsegError: never retried, even though
+    its log mentions 137) or that it died without exiting (SIGKILL: retried)."""
+    with pytest.raises(DvcCommandError) as failed:
+        tasks.run_dvc(["repro", "boom"], real_dvc_project, log=lambda line: None)
+    assert failed.value.stage_statuses["boom"]["exit_code"] == 2
+    assert "model option x is unknown" in failed.value.stage_statuses["boom"]["error"]
+    assert tasks.is_transient(failed.value) is False
+
+    with pytest.raises(DvcCommandError) as killed:
+        tasks.run_dvc(["repro", "killed"], real_dvc_project, log=lambda line: None)
+    assert killed.value.stage_statuses["killed"]["status"] == "running"
+    assert tasks.is_transient(killed.value) is True
+
+    tasks.run_dvc(["repro", "fine"], real_dvc_project, log=lambda line: None)
+    assert (real_dvc_project / "out.txt").read_text() == "done"
+    left = sorted(p.name for p in real_dvc_project.iterdir() if not p.name.startswith("."))
+    assert left == ["boom.py", "dvc.lock", "dvc.yaml", "fine.py", "killed.py", "out.txt", "params.yaml"]  # no records

@@ -51,7 +51,8 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
             cases.parent.mkdir(parents=True, exist_ok=True)
             cases.write_text('{"cases": []}')
         elif key == "train@segformer_b0":
-            raise DvcCommandError(args, 1, "error: model option 'x' unknown\n" + stage_fail, root)
+            raise DvcCommandError(args, 255, "error: model option 'x' unknown\n" + stage_fail, root,
+                                  {key: {"status": "exited", "exit_code": 2}})
         elif key == "train@vm_unet" and n == 1:
             raise DvcCommandError(args, 1, "ERROR: Unable to acquire lock. Most likely another DVC process", root)
         elif key.startswith("train@"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,6 +18,31 @@ from medseg.config import PARAMS_FILE, disable_telemetry, load_params
 from medseg.errors import MedsegError
 
 EXIT_MEDSEG_ERROR = 2
+# Set by whoever runs `dvc repro` and wants each stage's real exit status (DVC reports its own 255 for any failed
+# stage): every stage then writes <dir>/<stage>.json, "running" when it starts and its exit code when it ends. A
+# record left "running" means the process died without exiting (a signal, the OOM killer). Unset: nothing is written.
+STATUS_DIR_ENV = "MEDSEG_STAGE_STATUS_DIR"
+
+
+def write_stage_status(stage: str, **record: Any) -> None:
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if not folder:
+        return
+    from medseg.io import write_json
+
+    write_json(Path(folder) / f"{stage}.json", {"stage": stage, "pid": os.getpid(), **record})
+
+
+def read_stage_statuses(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The records stages wrote under `folder`, by stage name (`train@unet`)."""
+    records = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a record is written atomically; an unreadable one is not ours
+        records[str(record.get("stage", path.stem))] = record
+    return records
 
 
 def call_stage(func: Callable[..., Any], arch: str | None, root: str | Path = ".", params_file: str = PARAMS_FILE
@@ -37,9 +63,15 @@ def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool) ->
     if len(argv) != (1 if with_arch else 0):
         print(f"usage: {name}.py {'ARCH' if with_arch else ''}".rstrip(), file=sys.stderr)
         return EXIT_MEDSEG_ERROR
+    stage = f"{name}@{argv[0]}" if with_arch else name
+    write_stage_status(stage, status="running")
+    code, error = 1, None
     try:
         call_stage(func, argv[0] if with_arch else None)
+        code = 0
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_MEDSEG_ERROR
-    return 0
+        code, error = EXIT_MEDSEG_ERROR, str(exc)
+    finally:  # an unexpected exception propagates (exit 1) but is recorded too
+        write_stage_status(stage, status="exited", exit_code=code, error=error)
+    return code

@@ -64,6 +64,15 @@ def _complexity(model, meta: dict[str, Any]) -> tuple[float | None, float | None
     return params_m, gflops
 
 
+def read_arch_outputs(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, dict[str, Any]]:
+    """What one architecture's stages wrote: {"metrics", "export", "train_summary", "registry"}, {} where missing.
+    The report and the Prefect flows' summaries both read results through this."""
+    layout = ProjectLayout.of(params, root)
+    return {"metrics": _optional_json(layout.metrics(arch)), "export": _optional_json(layout.export_report(arch)),
+            "train_summary": _optional_json(layout.train_summary(arch)),
+            "registry": _optional_json(layout.registry_record(arch))}
+
+
 def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True) -> tuple[list, dict]:
     """(rows for the architectures with metrics, {arch: why it is missing}).
 
@@ -77,13 +86,12 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
     layout = ProjectLayout.of(params, root)
     rows, missing = [], {}
     for arch in params.get("models") or []:
-        metrics = _optional_json(layout.metrics(arch))
+        outputs = read_arch_outputs(params, arch, root)
+        metrics = outputs["metrics"]
         if not metrics:
             missing[arch] = f"no reports/{arch}/metrics.json (run `dvc repro evaluate@{arch}`)"
             continue
-        export = _optional_json(layout.export_report(arch))
-        summary = _optional_json(layout.train_summary(arch))
-        registry = _optional_json(layout.registry_record(arch))
+        export, summary, registry = outputs["export"], outputs["train_summary"], outputs["registry"]
         protocol = str(metrics.get("protocol", ""))
         row: dict[str, Any] = {
             "arch": arch,
