@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -42,39 +44,66 @@ DVC_TAG = "dvc"
 LOCK_DIR = Path(".dvc") / "tmp"
 OUTPUT_TAIL_LINES = 40
 
-# A medseg stage exits 2 on a MedsegError (ConfigError, IngestError, TrainingError, ...) or a bad argument:
-# re-running gives the same answer. A stage that died without exiting (a signal: OOM killer, preemption) is worth a
-# retry. run_dvc learns each stage's real exit status from the records medseg.entry writes (DVC itself exits 255
-# for any failed stage); DVC's own text is read only when no stage ran (DVC's own errors: lock, dvc.yaml).
+# How a failed `dvc repro` is judged (see `is_transient`). DVC 3 exits 255 for any failed stage and keeps the
+# stage's status only in the text of its error (StageCmdFailedError has no status attribute), so run_dvc gives every
+# stage a folder (medseg.entry.STATUS_DIR_ENV) where medseg.entry records "running" when the stage starts and its
+# exit code when it ends; a record left "running" means the process died without exiting (SIGKILL: the OOM killer,
+# preemption). Those records decide:
+#   exit 2 (a MedsegError: ConfigError, IngestError, TrainingError, ... or a bad argument) -> never retried;
+#   died without exiting, or killed by a signal other than SIGINT -> retried;
+#   any other exit (1: an uncaught exception) -> retried only when the output names a passing condition below.
 _DETERMINISTIC_STAGE_EXITS = (EXIT_MEDSEG_ERROR,)
-_KILLED_EXITS = (-9, 137, -15, 143)
-# DVC's own complaints about dvc.yaml / params.yaml / a stage name: fatal.
-_DETERMINISTIC_MARKERS = (
-    "does not exist",
-    "no such file or directory",
-    "is not a valid",
-    "failed to parse",
-    "unable to find",
-    "not found",
+# Documented fallback, for a failed stage command that recorded nothing (not a medseg stage, or it died before
+# medseg.entry ran): DVC's own last line for it, "ERROR: failed to reproduce 'S': failed to run: CMD, exited with N"
+# (N negative for a signal when DVC's $SHELL execs the command, 128+signal when the shell reports it). Only that
+# anchored line of DVC's is read, never a stage's log lines.
+_DVC_STAGE_FAILED = re.compile(
+    r"^ERROR: failed to reproduce '(?P<stage>[^']+)': failed to run: .*, exited with (?P<code>-?\d+)\s*$", re.M
 )
-# Passing conditions: another DVC process, a busy database, a network hiccup.
+# Passing conditions, read from the output only for DVC's own failures (no stage command failed) and for stage exits
+# other than 2 and signals: another DVC process or stage holding a lock, a busy database, the network, a GPU fault.
 _TRANSIENT_MARKERS = (
     "unable to acquire lock",
     "is busy, it is being blocked by",  # DVC's per-path lock: someone else's stage is using our inputs
-
     "database is locked",
     "connection refused",
     "connection reset",
+    "connection aborted",
+    "network is unreachable",
     "temporarily unavailable",
     "temporary failure",
     "timed out",
+    "failed to upload",  # dvc push / pull against the remote
+    "failed to download",
+    "cuda error: unspecified launch failure",  # a GPU fault (Xid), not the code
+    "cuda-capable device(s) is/are busy or unavailable",
+    "uncorrectable ecc error",
+    "dataloader worker (pid",  # "... is killed by signal: Killed" / "... exited unexpectedly": the OOM killer
 )
 # Python exceptions raised in-process that retrying can fix.
 _TRANSIENT_EXCEPTIONS = (ConnectionError, TimeoutError)
 
 
+def killed_by(code: int | None) -> int | None:
+    """The signal that ended a process with exit status `code` (-N from Popen, 128+N from a shell), else None."""
+    if code is None:
+        return None
+    if code < 0:
+        return -code
+    if 128 < code < 128 + signal.NSIG:
+        return code - 128
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class DvcCommandError(MedsegError):
-    """A `dvc` command failed; keeps the exit code and the end of its output to tell transient from fatal."""
+    """A `dvc` command failed: its exit code, the end of its output and the failed stages' own exit status."""
 
     def __init__(self, args: Sequence[str], returncode: int, output_tail: str, root: str | Path,
                  stage_statuses: dict[str, dict[str, Any]] | None = None):
@@ -85,9 +114,34 @@ class DvcCommandError(MedsegError):
         # stage -> its medseg.entry record: {"status": "running"} (died without exiting) or {"status": "exited",
         # "exit_code": n, "error": message}
         self.stage_statuses = dict(stage_statuses or {})
-        super().__init__(
-            f"{self.root}: `dvc {' '.join(self.args_list)}` exited with {returncode}\n{output_tail}"
-        )
+        headline = f"{self.root}: `dvc {' '.join(self.args_list)}` exited with {returncode}"
+        failures = [self._describe(stage, code) for stage, code in self.stage_exits().items()]
+        # The stage's own error first: `failure_message` and the Prefect UI show the first lines.
+        super().__init__("; ".join([headline, *failures]) + f"\n{output_tail}")
+
+    def __reduce__(self):  # picklable (Prefect stores a failed task's exception)
+        return (type(self), (self.args_list, self.returncode, self.output_tail, self.root, self.stage_statuses))
+
+    def stage_exits(self) -> dict[str, int | None]:
+        """Failed stage -> its exit code, None where it died without exiting.
+
+        From medseg.entry's records; when no stage recorded a failure, from DVC's own "failed to run: ..., exited
+        with N" line (the documented fallback for commands that record nothing). {}: DVC failed by itself.
+        """
+        if self.stage_statuses:
+            return {stage: record.get("exit_code") if record.get("status") == "exited" else None
+                    for stage, record in self.stage_statuses.items()}
+        found = list(_DVC_STAGE_FAILED.finditer(self.output_tail))
+        return {found[-1]["stage"]: int(found[-1]["code"])} if found else {}
+
+    def _describe(self, stage: str, code: int | None) -> str:
+        if code is None:
+            return f"stage {stage} died without exiting (killed: the OOM killer, preemption?)"
+        sig = killed_by(code)
+        if sig is not None:
+            return f"stage {stage} was killed by {_signal_name(sig)}"
+        error = (self.stage_statuses.get(stage) or {}).get("error")
+        return f"stage {stage} exited with {code}" + (f": {error}" if error else "")
 
 
 def _logger():
@@ -180,8 +234,10 @@ def run_dvc(
 ) -> str:
     """Run `dvc --wait-for-lock <args>` in `root` under `checkout_lock`, streaming its output to the run log.
 
-    Returns the output; raises DvcCommandError (with the last lines of output) on a non-zero exit.
-    `dvc_cmd` replaces `python -m dvc` (tests use a fake).
+    Returns the output; raises DvcCommandError on a non-zero exit, with the last lines of output and the records of
+    the stages that failed (each stage writes its exit status to a temporary folder named in its environment,
+    outside the project and its stage outputs; see medseg.entry). `dvc_cmd` replaces `python -m dvc` (tests use a
+    fake).
     """
     root = Path(root)
     if not (root / "dvc.yaml").is_file():
@@ -222,27 +278,34 @@ def arch_stages(arch: str) -> list[str]:
 # Retry policy
 
 
+def _names_passing_condition(text: str) -> bool:
+    text = text.lower()
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def _retryable_signal(code: int | None) -> bool:
+    sig = killed_by(code)
+    return sig is not None and sig != signal.SIGINT  # Ctrl-C: someone stopped it on purpose
+
+
 def is_transient(exc: BaseException | None) -> bool:
-    """True when running the same thing again may succeed (lock held, network, killed process)."""
+    """True when running the same thing again may succeed (lock held, network, killed process).
+
+    A DvcCommandError is judged by the failed stages' exit status (see the notes above _DETERMINISTIC_STAGE_EXITS):
+    exit 2 never, died without exiting / killed by a signal always, other exits only with a passing condition in
+    the output. With no failed stage it is DVC's own failure: retried only for a passing condition (a lock).
+    """
     if exc is None:
         return False
     if isinstance(exc, DvcCommandError):
-        if exc.returncode in _KILLED_EXITS:  # dvc itself was killed
-            return True
-        if exc.stage_statuses:  # the failed stages' own exit statuses decide
-            codes = [r.get("exit_code") if r.get("status") == "exited" else None for r in exc.stage_statuses.values()]
-            if any(code is None or code in _KILLED_EXITS for code in codes):
-                return True  # died without exiting: a signal (OOM killer, preemption, Ctrl-C of a worker)
-            if any(code in _DETERMINISTIC_STAGE_EXITS for code in codes):
-                return False  # a MedsegError: the same inputs give the same error
-            return True  # an unexpected crash (exit 1): one more try is cheaper than a lost night of training
-        # No stage ran or none recorded anything: DVC's own failure (a held lock, a bad dvc.yaml), read from its text.
-        text = exc.output_tail.lower()
-        if any(marker in text for marker in _TRANSIENT_MARKERS):
-            return True
-        if any(marker in text for marker in _DETERMINISTIC_MARKERS):
-            return False
-        return True
+        codes = list(exc.stage_exits().values())
+        if any(code in _DETERMINISTIC_STAGE_EXITS for code in codes):
+            return False  # a MedsegError: the same inputs give the same error, whatever the log says
+        if any(code is None or _retryable_signal(code) for code in codes) or _retryable_signal(exc.returncode):
+            return True  # died without exiting (the OOM killer, preemption, an evicted pod), or dvc itself was killed
+        # Another exit code of a stage (an uncaught exception), or DVC's own error (a held lock, a bad dvc.yaml, a
+        # missing output): the output is the only evidence left.
+        return _names_passing_condition(exc.output_tail)
     if isinstance(exc, MedsegError):
         return False  # ConfigError, IngestError, TrainingError, ExportError, PromotionRefused: same input, same error
     return isinstance(exc, _TRANSIENT_EXCEPTIONS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -181,12 +183,31 @@ def dvc_error(tail: str, returncode: int = 1, **statuses) -> DvcCommandError:
         (dvc_error("ERROR: 'train@resnet' does not exist"), False),
         (dvc_error("ERROR: failed to reproduce 'report': [Errno 2] No such file or directory: 'src/x.py'", 255), False),
         (dvc_error("", returncode=-9), True),
+        (dvc_error("ERROR: unexpected error - 'NoneType' object has no attribute 'x'", 255), False),
+        (dvc_error("ERROR: failed to push data to the cloud - 2 files failed to upload", 255), True),
         # a stage ran: its own exit status decides, whatever the text says
         (dvc_error("error: params.yaml: bad\n" + STAGE_FAILED + "2", 255, train_at_unet=2), False),
         (dvc_error("a log line that says: exited with 137\n" + STAGE_FAILED + "2", 255, train_at_unet=2), False),
+        (dvc_error("WARNING: database is locked, retrying\n" + STAGE_FAILED + "2", 255, train_at_unet=2), False),
         (dvc_error(STAGE_FAILED + "-9", 255, train_at_unet=None), True),  # SIGKILL: no exit recorded
-        (dvc_error(STAGE_FAILED + "1", 255, train_at_unet=1), True),  # an unexpected crash (CUDA, a bug): once more
         (dvc_error("ConfigError ... does not exist", 255, train_at_unet=None), True),  # text cannot overrule a kill
+        (dvc_error("", -9, train_at_unet=2), False),  # exit 2 is never retried, even if dvc was killed afterwards
+        # other exits (1: an uncaught exception) only with a passing condition in the output
+        (dvc_error("TypeError: unsupported operand\n" + STAGE_FAILED + "1", 255, train_at_unet=1), False),
+        (dvc_error("RuntimeError: CUDA error: unspecified launch failure\n" + STAGE_FAILED + "1", 255,
+                   train_at_unet=1), True),
+        (dvc_error("RuntimeError: DataLoader worker (pid 812) is killed by signal: Killed.\n" + STAGE_FAILED + "1",
+                   255, train_at_unet=1), True),
+        (dvc_error("mlflow: sqlite3.OperationalError: database is locked\n" + STAGE_FAILED + "1", 255,
+                   train_at_unet=1), True),
+        # fallback, for a command that records nothing: DVC's own "failed to run ..., exited with N" line only
+        (dvc_error("error: params.yaml: bad\n" + STAGE_FAILED + "2", 255), False),
+        (dvc_error("a log line that says: exited with 2\n" + STAGE_FAILED + "-9", 255), True),
+        (dvc_error("a log line that says: exited with 137\n" + STAGE_FAILED + "2", 255), False),
+        (dvc_error(STAGE_FAILED + "137", 255), True),  # /bin/sh reports its killed child as 128 + 9
+        (dvc_error(STAGE_FAILED + "143", 255), True),  # SIGTERM
+        (dvc_error(STAGE_FAILED + "130", 255), False),  # SIGINT: someone pressed Ctrl-C
+        (dvc_error(STAGE_FAILED + "1", 255), False),
         (ConfigError("params.yaml: bad"), False),
         (TrainingError("loss is NaN"), False),
         (ExportError("parity 0.3 > 1e-3"), False),
@@ -199,6 +220,29 @@ def dvc_error(tail: str, returncode: int = 1, **statuses) -> DvcCommandError:
 )
 def test_is_transient(exc, transient):
     assert tasks.is_transient(exc) is transient
+
+
+def test_killed_by_reads_popen_and_shell_statuses():
+    assert tasks.killed_by(-9) == signal.SIGKILL and tasks.killed_by(137) == signal.SIGKILL
+    assert tasks.killed_by(-15) == tasks.killed_by(143) == signal.SIGTERM
+    assert tasks.killed_by(0) is tasks.killed_by(1) is tasks.killed_by(2) is tasks.killed_by(255) is None
+    assert tasks.killed_by(None) is None
+
+
+def test_dvc_error_leads_with_the_stage_status_and_survives_pickling():
+    import pickle
+
+    err = DvcCommandError(["repro", "train@unet"], 255, "\n".join(f"epoch {i}" for i in range(40)), "/proj",
+                          {"train@unet": {"status": "exited", "exit_code": 2, "error": "params.yaml: bad option"}})
+    first = str(err).splitlines()[0]
+    assert first == ("/proj: `dvc repro train@unet` exited with 255; "
+                     "stage train@unet exited with 2: params.yaml: bad option")
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.returncode, again.stage_statuses, str(again)) == (255, err.stage_statuses, str(err))
+    assert tasks.is_transient(again) is False
+    killed = dvc_error("...", 255, train_at_unet=None)
+    assert "stage train@unet died without exiting" in str(killed).splitlines()[0]
+    assert "stage train@unet was killed by SIGKILL" in str(dvc_error(STAGE_FAILED + "-9", 255)).splitlines()[0]
 
 
 def test_retry_condition_reads_the_failed_state():
@@ -544,6 +588,8 @@ from medseg.entry import run_stage
 from medseg.errors import ConfigError
 
 def boom(params, root='.'):
+    for i in range(60):  # a long log: the error must still reach the user
+        print(f'epoch {i}: loss 0.5', flush=True)
     print('a log line that says: exited with 137', flush=True)
     raise ConfigError('params.yaml: model option x is unknown')
 
@@ -556,6 +602,15 @@ def fine(params, root='.'):
 name = os.path.splitext(os.path.basename(sys.argv[0]))[0]  # the record is named after the script, as stages/*.py
 raise SystemExit(run_stage({'boom': boom, 'killed': killed, 'fine': fine}[name], [], with_arch=False))
 """
+PY_EXE = shlex.quote(sys.executable)
+# Commands that are not medseg stages (they record nothing): judged by DVC's own "failed to run" line.
+RAW_STAGES = {
+    "raw_exit2": f"{PY_EXE} -c \"import sys; print('a log line that says: exited with 137'); sys.exit(2)\"",
+    "raw_killed": f"{PY_EXE} -c \"import os; print('exited with 2', flush=True); os.kill(os.getpid(), 9)\"",
+    # `&& ...`: the shell cannot exec the command, so it reports the kill as 137
+    "raw_killed_in_shell": f"{PY_EXE} -c \"import os; os.kill(os.getpid(), 9)\" && echo never",
+    "raw_exit1": f"{PY_EXE} -c \"raise RuntimeError('a bug')\"",
+}
 
 
 @pytest.fixture()
@@ -565,28 +620,68 @@ def real_dvc_project(tmp_path):
     (root / "params.yaml").write_text("seed: 0\n")
     for name in ("boom", "killed", "fine"):
         (root / f"{name}.py").write_text(STAGE_SCRIPT)
-    stages = {name: {"cmd": f"{sys.executable} {name}.py", "deps": [f"{name}.py"]} for name in ("boom", "killed")}
-    stages["fine"] = {"cmd": f"{sys.executable} fine.py", "deps": ["fine.py"], "outs": ["out.txt"]}
+    stages = {name: {"cmd": f"{PY_EXE} {name}.py", "deps": [f"{name}.py"]} for name in ("boom", "killed")}
+    stages["fine"] = {"cmd": f"{PY_EXE} fine.py", "deps": ["fine.py"], "outs": ["out.txt"]}
+    stages.update({name: {"cmd": cmd} for name, cmd in RAW_STAGES.items()})
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     return root
+
+
+def repro_failure(root: Path, stage: str) -> DvcCommandError:
+    with pytest.raises(DvcCommandError) as failed:
+        tasks.run_dvc(["repro", stage], root, log=lambda line: None)
+    assert failed.value.returncode == 255  # DVC's own code for any failed stage: it says nothing by itself
+    return failed.value
+
+
+def retried(exc: BaseException) -> bool:
+    """What Prefect decides for a task that raised `exc` (the tasks' retry_condition_fn on the Failed state)."""
+    from prefect.states import Failed
+
+    return tasks.retry_if_transient(None, None, Failed(data=exc))
 
 
 def test_retries_follow_the_stages_real_exit_status_with_real_dvc(real_dvc_project):
     """DVC exits 255 for any failed stage; the stage's own record says 2 (a MedsegError: never retried, even though
     its log mentions 137) or that it died without exiting (SIGKILL: retried)."""
-    with pytest.raises(DvcCommandError) as failed:
-        tasks.run_dvc(["repro", "boom"], real_dvc_project, log=lambda line: None)
-    assert failed.value.stage_statuses["boom"]["exit_code"] == 2
-    assert "model option x is unknown" in failed.value.stage_statuses["boom"]["error"]
-    assert tasks.is_transient(failed.value) is False
+    boom = repro_failure(real_dvc_project, "boom")
+    assert boom.stage_statuses["boom"]["exit_code"] == 2
+    assert "model option x is unknown" in boom.stage_statuses["boom"]["error"]
+    assert tasks.is_transient(boom) is False and retried(boom) is False
 
-    with pytest.raises(DvcCommandError) as killed:
-        tasks.run_dvc(["repro", "killed"], real_dvc_project, log=lambda line: None)
-    assert killed.value.stage_statuses["killed"]["status"] == "running"
-    assert tasks.is_transient(killed.value) is True
+    killed = repro_failure(real_dvc_project, "killed")
+    assert killed.stage_statuses["killed"]["status"] == "running"
+    assert tasks.is_transient(killed) is True and retried(killed) is True
 
     tasks.run_dvc(["repro", "fine"], real_dvc_project, log=lambda line: None)
     assert (real_dvc_project / "out.txt").read_text() == "done"
     left = sorted(p.name for p in real_dvc_project.iterdir() if not p.name.startswith("."))
     assert left == ["boom.py", "dvc.lock", "dvc.yaml", "fine.py", "killed.py", "out.txt", "params.yaml"]  # no records
+
+
+def test_a_deterministic_failure_reaches_the_user_with_real_dvc(real_dvc_project):
+    """The stage's error leads the message the flow shows (failure_message: first lines), not 40 lines of log."""
+    from prefect.states import Failed
+
+    boom = repro_failure(real_dvc_project, "boom")
+    shown = pipeline.failure_message(Failed(data=boom))
+    assert "stage boom exited with 2: params.yaml: model option x is unknown" in shown.splitlines()[0]
+    assert "error: params.yaml: model option x is unknown" in boom.output_tail  # and the stage's own stderr line
+
+
+@pytest.mark.parametrize(
+    "stage, codes, transient",
+    [
+        ("raw_exit2", {2}, False),  # its log says "exited with 137": the old text matching retried it
+        ("raw_killed", {-9, 137}, True),  # its log says "exited with 2"; -9 where DVC's $SHELL execs the command
+        ("raw_killed_in_shell", {137}, True),
+        ("raw_exit1", {1}, False),  # an uncaught exception and no passing condition: not retried
+    ],
+)
+def test_commands_that_record_nothing_fall_back_to_dvcs_own_line(real_dvc_project, stage, codes, transient):
+    exc = repro_failure(real_dvc_project, stage)
+    assert exc.stage_statuses == {} and list(exc.stage_exits()) == [stage]
+    assert exc.stage_exits()[stage] in codes
+    assert retried(exc) is transient
