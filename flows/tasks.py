@@ -33,6 +33,7 @@ from medseg.config import disable_telemetry, load_params
 from medseg.entry import EXIT_MEDSEG_ERROR, STATUS_DIR_ENV, read_stage_statuses
 from medseg.errors import ConfigError, MedsegError
 from medseg.layout import ProjectLayout
+from medseg.threads import PARALLEL_JOBS_ENV
 
 # `dvc repro` of these pulls in the `phantom` stage only when the dataset's raw_dir is phantom's output,
 # so the built-in stand-in data is generated when (and only when) the pipeline uses it.
@@ -249,6 +250,9 @@ def run_dvc(
     with checkout_lock(root, slots, exclusive), tempfile.TemporaryDirectory(prefix="medseg-stage-status-") as status:
         log(f"$ dvc {' '.join(args)}  (in {root})")
         env = {**dvc_env(), STATUS_DIR_ENV: status}  # each stage records its real exit status here
+        if slots > 1:  # up to `slots` stages run at once here: each sizes its threads to its share of the cores
+            outer = env.get(PARALLEL_JOBS_ENV, "")
+            env[PARALLEL_JOBS_ENV] = str(max(slots, int(outer) if outer.isdigit() else 1))
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
         assert proc.stdout is not None

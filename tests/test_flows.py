@@ -59,6 +59,18 @@ def test_run_dvc_streams_output_and_passes_args(project):
     assert "args --wait-for-lock repro train@unet" in logged
 
 
+def test_run_dvc_tells_parallel_stages_how_many_share_the_cores(project, monkeypatch):
+    """Stages started with room for N at once (max_parallel) size their threads to 1/N of the cores."""
+    monkeypatch.delenv("MEDSEG_PARALLEL_JOBS", raising=False)
+    script = fake_dvc("import os; print('jobs', os.environ.get('MEDSEG_PARALLEL_JOBS'))")
+    assert "jobs None" in tasks.run_dvc(["repro"], project, dvc_cmd=script, log=lambda line: None)
+    assert "jobs 2" in tasks.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
+                                     log=lambda line: None)
+    monkeypatch.setenv("MEDSEG_PARALLEL_JOBS", "3")  # a caller's own count is never lowered
+    assert "jobs 3" in tasks.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
+                                     log=lambda line: None)
+
+
 def test_run_dvc_failure_keeps_exit_code_and_output_tail(project):
     tmp_path = project
     script = "import sys\nfor i in range(100): print('line', i)\nprint('ERROR: failed to reproduce'); sys.exit(3)"

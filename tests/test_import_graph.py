@@ -15,7 +15,7 @@ import import_graph as graph
 # and predict use; predict and serving are the torch-free inference path.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.display",
-              "medseg.layout", "medseg.tracking")),
+              "medseg.layout", "medseg.tracking", "medseg.threads")),
     ("preprocessing", ("medseg.preprocessing",)),
     ("data", ("medseg.data",)),
     ("models", ("medseg.models", "medseg.losses")),

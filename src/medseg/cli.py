@@ -88,7 +88,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         tracking_uri = resolve_tracking_uri(load_params(params_path), args.root)
     start = time.perf_counter()
-    predictor = load_predictor(args.model, args.device, tracking_uri=tracking_uri, batch_size=args.batch_size)
+    predictor = load_predictor(args.model, args.device, tracking_uri=tracking_uri, batch_size=args.batch_size,
+                               threads=args.threads)
     results = predict_files(predictor, args.input, args.output, labels=args.labels,
                             save_probabilities=args.save_probabilities, tta=args.tta, resume=args.resume)
     skipped = sum(r["skipped"] for r in results)
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: the usable cores divided by MEDSEG_PARALLEL_JOBS; "
+                        "OMP_NUM_THREADS or MEDSEG_THREADS set it too)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
                    "else params.yaml register.tracking_uri)")
     p.set_defaults(func=cmd_predict)

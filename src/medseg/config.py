@@ -114,9 +114,18 @@ class RegisterSettings:
     backoff_s: float = 2.0
 
 
+@dataclass(frozen=True)
+class ComputeSettings:
+    """CPU threads (medseg.threads): not part of any result, so no stage depends on these keys."""
+
+    threads: int | None = None  # intra-op threads; None: the cores this job may use (see medseg.threads)
+    parallel_jobs: int = 1  # medseg jobs sharing this machine's cores (MEDSEG_PARALLEL_JOBS overrides)
+
+
 SECTIONS: dict[str, type] = {
     "phantom": PhantomSettings, "split": SplitSettings, "data": DataSettings, "train": TrainSettings,
     "evaluate": EvaluateSettings, "export": ExportSettings, "report": ReportSettings, "register": RegisterSettings,
+    "compute": ComputeSettings,
 }
 TOP_LEVEL = {"preset", "seed", "dataset", "models", "model_options", *SECTIONS}
 
@@ -133,6 +142,7 @@ class Settings:
     export: ExportSettings
     report: ReportSettings
     register: RegisterSettings
+    compute: ComputeSettings
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -163,6 +173,9 @@ def validate_params(params: dict[str, Any], source: str | Path = PARAMS_FILE) ->
             raise ConfigError(f"{source}: {key} must be a mapping, got {type(params[key]).__name__}")
     for name, cls in SECTIONS.items():
         out[name] = dataclasses.asdict(_build(cls, params.get(name), name, source))
+    for key in ("threads", "parallel_jobs"):
+        if out["compute"][key] is not None and out["compute"][key] < 1:
+            raise ConfigError(f"{source}: compute.{key} must be >= 1, got {out['compute'][key]}")
     return out
 
 

@@ -27,6 +27,7 @@ from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.metrics import aggregate, case_metrics
+from medseg.threads import apply_torch_threads, plan_from_params
 from medseg.inference import load_trained_model, predict_volume
 
 _log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     from medseg.data.loader import load_case, read_cases
 
     disable_telemetry()
+    apply_torch_threads(plan_from_params(params, num_workers=0))
     root = Path(root)
     layout = ProjectLayout.of(params, root)
     ingested, split_path, reports = layout.ingested, layout.split_file, layout.reports_dir(arch)

@@ -22,6 +22,7 @@ from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metad
 from medseg.errors import ExportError
 from medseg.io import atomic_path, read_json, sha256_file, write_json
 from medseg.layout import ProjectLayout
+from medseg.threads import apply_torch_threads, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -148,12 +149,13 @@ def _trained_card(meta: dict[str, Any], checkpoint: Path, metrics_path: Path) ->
 
 
 def ort_session(onnx_path: str | Path):
-    """A CPU onnxruntime session (single-threaded intra-op so latency numbers are comparable to torch's)."""
+    """A CPU onnxruntime session with torch's intra-op thread count, so the latencies compare like with like."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -237,6 +239,8 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     from medseg.inference import load_trained_model
 
     disable_telemetry()
+    # torch and ONNX Runtime (ort_session: the same count) are timed one after the other, never at once
+    apply_torch_threads(plan_from_params(params, num_workers=0))
     root = Path(root)
     export_p = settings(params).export
     opset, runs = export_p.opset, export_p.latency_runs

@@ -36,6 +36,7 @@ from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
 from medseg.errors import ConfigError, IngestError, PredictError
 from medseg.io import atomic_open, atomic_path
+from medseg.threads import onnxruntime_options, plan_threads
 from medseg.preprocessing import (
     logits_to_labels,
     network_input,
@@ -151,18 +152,20 @@ def _check_labels(labels: str) -> None:
 
 
 def load_predictor(model: str | Path, device: str = "cpu", *, tracking_uri: str | None = None,
-                   batch_size: int = 32) -> Predictor:
+                   batch_size: int = 32, threads: int | None = None) -> Predictor:
     """A Predictor for a model.onnx, a models/<arch>/ folder or a models:/ registry URI (`tracking_uri`, else
-    MLFLOW_TRACKING_URI, names the MLflow store)."""
+    MLFLOW_TRACKING_URI, names the MLflow store). ONNX Runtime's intra-op threads: `threads`, else the thread
+    policy's (medseg.threads: the usable cores, MEDSEG_PARALLEL_JOBS, OMP_NUM_THREADS)."""
     text = str(model)
     if text.startswith("models:/"):
         with tempfile.TemporaryDirectory(prefix="medseg-predict-") as tmp:
             # ONNX Runtime reads the whole graph (external data included) into the session: the download can go.
-            return _open_session(_download_registered(text, tracking_uri, Path(tmp)), device, batch_size, text)
+            return _open_session(_download_registered(text, tracking_uri, Path(tmp)), device, batch_size, text,
+                                 threads)
     path = Path(model)
     if path.is_dir():
         path = path / "model.onnx"
-    return _open_session(path, device, batch_size, str(path))
+    return _open_session(path, device, batch_size, str(path), threads)
 
 
 def _download_registered(uri: str, tracking_uri: str | None, dest: Path) -> Path:
@@ -185,7 +188,7 @@ def _download_registered(uri: str, tracking_uri: str | None, dest: Path) -> Path
     return found[0]
 
 
-def _open_session(path: Path, device: str, batch_size: int, source: str) -> Predictor:
+def _open_session(path: Path, device: str, batch_size: int, source: str, threads: int | None = None) -> Predictor:
     import onnxruntime as ort
 
     if device not in ("cpu", "cuda"):
@@ -200,11 +203,9 @@ def _open_session(path: Path, device: str, batch_size: int, source: str) -> Pred
         providers.insert(0, "CUDAExecutionProvider")
     if not path.is_file():
         raise PredictError(path, "ONNX model not found (a model.onnx, a models/<arch>/ folder or models:/<name>@<alias>)")
-    options = ort.SessionOptions()
+    # an explicit count (--threads) wins; else the policy's (ONNX Runtime itself ignores OMP_NUM_THREADS)
+    options = onnxruntime_options(threads or plan_threads().intra_op)
     options.log_severity_level = 3
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit():  # ONNX Runtime ignores OMP_NUM_THREADS; honour it so a shared machine can cap us as torch
-        options.intra_op_num_threads = int(threads)
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own types for truncated or foreign files
