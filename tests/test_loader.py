@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.data.loader import (SliceDataset, augment_slice, dataset_from_params, load_case, make_loader, read_cases,
-                                rotation_grid)
+import math
+
+from medseg.data.loader import (SliceDataset, apply_augmentation, augment_slice, collate_slices, dataset_from_params,
+                                load_case, make_loader, read_cases, rotation_grid)
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
 from conftest import paths
@@ -157,7 +159,7 @@ def test_cached_resize_gives_identical_items(ingested, context, augment, size):
     kwargs = dict(image_size=size, context=context, augment=augment, seed=7)
     plain = SliceDataset(ingested, ["a", "b"], **kwargs)
     cached = SliceDataset(ingested, ["a", "b"], cache_resized=True, **kwargs)
-    assert plain._cache is None and len(cached._cache) == 2
+    assert plain._cache is None and cached._cache[0].shape == (5, 1, *size) and cached._cache[1].shape == (5, *size)
     for epoch in (0, 3):
         plain.set_epoch(epoch)
         cached.set_epoch(epoch)
@@ -202,3 +204,75 @@ def test_on_the_tiny_phantom_project(tiny_project, tiny_params):
 
 def read_cases_depth(root, case_id):
     return load_case(paths(root).ingested, case_id)[1].shape[0]
+
+
+def reference_augment(image, label, options, rng):
+    """The item-by-item augmentation medseg used before it was batched (kept here as the semantics to match)."""
+    p = float(options.get("p", 0.5))
+    if options.get("flip") and rng.random() < p:
+        image, label = image.flip(-1), label.flip(-1)
+    if options.get("flip") and rng.random() < p:
+        image, label = image.flip(-2), label.flip(-2)
+    if options.get("rot90") and rng.random() < p:
+        k = int(rng.integers(1, 4)) if image.shape[-1] == image.shape[-2] else 2
+        image, label = torch.rot90(image, k, (-2, -1)), torch.rot90(label, k, (-2, -1))
+    degrees = float(options.get("rotate_deg") or 0.0)
+    if degrees > 0 and rng.random() < p:
+        angle = math.radians(rng.uniform(-degrees, degrees))
+        cos, sin = math.cos(angle), math.sin(angle)  # the grid of F.affine_grid, as medseg wrote it per item
+        height, width = image.shape[-2:]
+        x = (torch.arange(width, dtype=torch.float32) * 2 + 1) / width - 1
+        y = ((torch.arange(height, dtype=torch.float32) * 2 + 1) / height - 1)[:, None]
+        grid = torch.stack([x * cos - y * sin, x * sin + y * cos], -1)[None]
+        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        label = F.grid_sample(label[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)[0, 0].to(label.dtype)
+    jitter = float(options.get("intensity_jitter") or 0.0)
+    if jitter > 0 and rng.random() < p:
+        scale, shift = 1.0 + rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
+        image = image * scale + shift
+    return image.contiguous(), label.contiguous()
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 24), (2, 16, 20)])
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_batched_augmentation_equals_item_by_item(ingested, shape, p):
+    """One batch call gives, item for item, exactly what augmenting each slice alone gave, with the same draws."""
+    aug = {"p": p, "flip": True, "rot90": True, "rotate_deg": 20, "intensity_jitter": 0.2}
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(16, *shape, generator=gen)
+    labels = torch.randint(0, K, (16, *shape[1:]), dtype=torch.uint8, generator=gen)
+    want = [reference_augment(images[i], labels[i], aug, np.random.default_rng([1, 2, i])) for i in range(16)]
+    ds = SliceDataset(ingested, ["a"], shape[1:], augment=aug, seed=1)
+    ds.set_epoch(2)
+    got_images, got_labels = apply_augmentation(images.clone(), labels.clone(), ds.augmentation_table(range(16)))
+    for i, (want_image, want_label) in enumerate(want):
+        assert torch.equal(got_images[i], want_image), f"item {i}"
+        assert torch.equal(got_labels[i], want_label), f"item {i}"
+    single = augment_slice(images[3], labels[3], aug, np.random.default_rng([1, 2, 3]))
+    assert torch.equal(single[0], want[3][0]) and torch.equal(single[1], want[3][1])
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_deferred_augmentation_gives_the_same_batch_when_applied_by_the_caller(ingested, cache):
+    """Training on a GPU takes the un-augmented batch with its table and augments on the device: same batch."""
+    aug = {"p": 0.7, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), augment=aug, seed=4, cache_resized=cache)
+    ds.set_epoch(1)
+    batch = [4, 0, 3, 1, 2]
+    images, labels = collate_slices(ds.__getitems__(batch))
+    ds.defer_augmentation = True
+    raw_images, raw_labels, table = collate_slices(ds.__getitems__(batch))
+    assert raw_labels.dtype == torch.uint8 and table.shape == (5, 6)
+    later_images, later_labels = apply_augmentation(raw_images, raw_labels, table)
+    assert torch.equal(later_images, images) and torch.equal(later_labels.long(), labels)
+
+
+def test_the_loader_hands_over_the_batch_the_dataset_built(ingested):
+    """collate_slices returns the batch tensors themselves (no second copy); plain item lists still collate."""
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), cache_resized=True)
+    batch = ds.__getitems__([0, 1, 2])
+    images, labels = collate_slices(batch)
+    assert images.data_ptr() == batch.images.data_ptr() and images.shape == (3, 1, 16, 16)
+    plain_images, plain_labels = collate_slices(list(batch))
+    assert torch.equal(plain_images, images) and torch.equal(plain_labels, labels)

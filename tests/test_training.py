@@ -263,3 +263,47 @@ def test_trainer_steps_and_state_round_trip(tiny_project, tmp_path):
     second.end_epoch(second.validate())
     _assert_same_weights(uninterrupted, second.model.state_dict())
     assert first.state.epoch == second.state.epoch == 2
+
+
+def test_augmentation_deferred_to_the_training_step_trains_the_same_weights(tiny_project, tmp_path):
+    """On a GPU the loader hands over un-augmented batches with their augmentation table and train_step augments
+    on the device; on the CPU that path is taken by hand here and must give the very weights of the default."""
+    from medseg.training import Dist, RunSpec, Trainer
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, checkpoint_every_steps=100)
+    assert params["data"]["augment"], "the tiny project must augment for this test to mean anything"
+    spec = RunSpec.of(params, "unet", root)
+    weights = []
+    for deferred in (False, True):
+        trainer = Trainer(spec, "cpu", Dist())
+        trainer.dataset.defer_augmentation = deferred
+        seen = []
+        original = trainer.train_step
+        trainer.train_step = lambda *batch: seen.append(len(batch)) or original(*batch)
+        trainer.train_epoch()
+        assert seen and set(seen) == {3 if deferred else 2}  # the table travelled with the batch
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    _assert_same_weights(*weights)
+
+
+def test_training_sizes_its_threads_and_loader_workers_to_the_cores(tiny_project, tmp_path, monkeypatch):
+    """train_model applies the thread plan: 2 parallel jobs on this machine's cores -> the share each, and a
+    data.num_workers above the share is lowered (the DataLoader is built with the lowered count)."""
+    import medseg.training as training
+    from medseg.threads import available_cpus
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, max_steps_per_epoch=1)
+    params["data"]["num_workers"] = 8
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MEDSEG_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MEDSEG_PARALLEL_JOBS", "2")
+    built = []
+    monkeypatch.setattr(training.Trainer, "fit", lambda self: built.append(self.loader_workers) or {})
+    before = torch.get_num_threads()
+    try:
+        training.train_model(params, "unet", root)
+        share = max(1, available_cpus() // 2)
+        assert built == [max(0, share - 1)]
+        assert torch.get_num_threads() == max(1, share - built[0])
+    finally:
+        torch.set_num_threads(before)

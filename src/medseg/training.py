@@ -36,6 +36,7 @@ from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.io import atomic_path, read_json, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.losses import build_loss
+from medseg.threads import apply_torch_threads, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ class Trainer:
     (train_step, train_epoch, validate, end_epoch, save_last) that `fit` strings together. last.pt is
     `state_dict()`; a resumed run continues bit for bit (every RNG and the position in the epoch are in it)."""
 
-    def __init__(self, spec: RunSpec, device: str, dist_info: Dist):
+    def __init__(self, spec: RunSpec, device: str, dist_info: Dist, loader_workers: int | None = None):
         from medseg.data.loader import SliceDataset
         from medseg.models import build_model
         from torch.utils.data.distributed import DistributedSampler
@@ -429,6 +430,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
                                     augment=data_p["augment"], seed=spec.seed, cache_resized=data_p["cache_resized"])
+        # On a GPU the batch is augmented there (train_step): the loader only gathers slices and draws the table.
+        self.dataset.defer_augmentation = self.on_cuda
+        # DataLoader workers: data.num_workers unless the thread plan (medseg.threads) lowered it to fit the cores
+        self.loader_workers = int(data_p["num_workers"]) if loader_workers is None else int(loader_workers)
         self.batch_size = int(train_p["batch_size"])
         self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
                                           shuffle=True, seed=spec.seed, drop_last=False)
@@ -513,10 +518,17 @@ class Trainer:
                                          st.best_dice, spec.run_hash, spec.split, self.card), spec.paths.checkpoint)
 
     # ---- steps ---------------------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimizer step; returns the batch loss."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, augmentation: torch.Tensor | None = None
+                   ) -> float:
+        """One optimizer step; returns the batch loss. `augmentation`: the batch's table when the loader left the
+        augmentation to the training device (SliceDataset.defer_augmentation)."""
+        from medseg.data.loader import apply_augmentation
+
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        if augmentation is not None:
+            images, labels = apply_augmentation(images, labels, augmentation)
+        labels = labels.long()
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda" if self.on_cuda else "cpu", dtype=self.amp_dtype, enabled=self.amp_enabled):
@@ -541,6 +553,8 @@ class Trainer:
         """The batches of epoch `state.epoch` from `state.batch_in_epoch` on, checkpointing every N steps."""
         from torch.utils.data import DataLoader
 
+        from medseg.data.loader import collate_slices
+
         st, epoch = self.state, self.state.epoch
         batches = _epoch_batches(self.sampler, epoch, self.batch_size, self.steps_per_epoch)
         self.dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
@@ -548,13 +562,13 @@ class Trainer:
         # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
         # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
         loader = DataLoader(self.dataset, batch_sampler=batches[skip:],
-                            num_workers=int(self.spec.data_p["num_workers"]), pin_memory=self.on_cuda,
-                            persistent_workers=False,
+                            num_workers=self.loader_workers, pin_memory=self.on_cuda,
+                            persistent_workers=False, collate_fn=collate_slices,
                             generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
         self.network.train()
         bar = _progress(len(batches), skip, f"{self.spec.arch} epoch {epoch + 1}/{self.epochs}", self.dist.main)
-        for batch_index, (images, labels) in enumerate(loader, start=skip):
-            st.loss_sum += self.train_step(images, labels)
+        for batch_index, batch in enumerate(loader, start=skip):
+            st.loss_sum += self.train_step(*batch)
             st.loss_count += 1
             bar.update(1)
             bar.set_postfix(loss=f"{st.loss_sum / st.loss_count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
@@ -648,13 +662,14 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> di
     """Train `arch` on the split's train cases, select on its val cases; returns the train summary."""
     disable_telemetry()
     spec = RunSpec.of(params, arch, Path(root))
+    threads = apply_torch_threads(plan_from_params(spec.params))
     device = resolve_device(spec.train_p["device"])
     dist_info, device = _setup_distributed(device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if not device.startswith("cuda"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return Trainer(spec, device, dist_info).fit()
+        return Trainer(spec, device, dist_info, loader_workers=threads.loader_workers).fit()
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
 

@@ -2,12 +2,13 @@
 
 `SliceDataset` indexes every (case, slice) pair up front and opens each case's `.npy` files lazily with
 `mmap_mode="r"` in whichever process reads them (DataLoader workers included), so only the slices asked for
-are read. Resizing follows `medseg.preprocessing` (numpy, the rules every path uses); augmentation runs in
-torch on the slice. Augmentation draws from a generator seeded by
-(seed, epoch, index): the same item gets the same augmentation whatever the number of workers or the order.
-`__getitems__` serves a whole batch at once (one resize call for same-sized slices), which DataLoader uses.
-With `cache_resized=True` every slice is resized once, when the dataset is built, and items are copied out of
-that in-memory cache (identical values; only the augmentation runs per item).
+are read. Resizing follows `medseg.preprocessing` (numpy, the rules every path uses). `__getitems__` serves a
+whole batch at once: one resize call per source shape, or with `cache_resized=True` (every slice resized once,
+when the dataset is built) one gather from the cache; then the batch is augmented as a batch
+(`apply_augmentation`: flips and rot90 as index operations, one grid_sample for all rotations), on the CPU or,
+when training defers it, on the training device. Each item's augmentation is drawn from a generator seeded by
+(seed, epoch, index): the same item gets the same augmentation whatever the batch, the number of workers or the
+order.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from medseg.config import settings
 from medseg.errors import ConfigError, IngestError
@@ -72,61 +73,152 @@ def resize_slices(
     return image, label
 
 
+# One row per item of a batch's augmentation, drawn on the CPU from the item's own generator; any device applies it.
+AUG_FLIP_W, AUG_FLIP_H, AUG_ROT90, AUG_ANGLE, AUG_SCALE, AUG_SHIFT = range(6)
+AUG_COLUMNS = 6
+
+
+def draw_augmentation(options: Mapping[str, Any], rng: np.random.Generator, square: bool) -> np.ndarray:
+    """What one item's augmentation is: (flip W, flip H, rot90 k, angle in radians or NaN, scale, shift).
+
+    The draws, and their order, are what the per-item augmentation has always used: each transform fires with
+    probability p; rot90 takes k in {1, 2, 3} on square slices and 2 otherwise (90/270 would change the shape)."""
+    p = float(options.get("p", 0.5))
+    row = np.array([0.0, 0.0, 0.0, np.nan, 1.0, 0.0])
+    if options.get("flip") and rng.random() < p:
+        row[AUG_FLIP_W] = 1
+    if options.get("flip") and rng.random() < p:
+        row[AUG_FLIP_H] = 1
+    if options.get("rot90") and rng.random() < p:
+        row[AUG_ROT90] = int(rng.integers(1, 4)) if square else 2
+    degrees = float(options.get("rotate_deg") or 0.0)
+    if degrees > 0 and rng.random() < p:
+        row[AUG_ANGLE] = math.radians(rng.uniform(-degrees, degrees))
+    jitter = float(options.get("intensity_jitter") or 0.0)
+    if jitter > 0 and rng.random() < p:
+        row[AUG_SCALE], row[AUG_SHIFT] = 1.0 + rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
+    return row
+
+
+def _dihedral(flip_w: bool, flip_h: bool, k: int) -> tuple[tuple[int, ...], bool]:
+    """Flip W, then flip H, then rot90 by k, as one flip of some axes followed (or not) by a transpose:
+    rot90 k=1 is flip(-1) then transpose, k=2 flip(-2, -1), k=3 flip(-2) then transpose (torch.rot90's own rule),
+    and flips compose by parity. One copy of the slice instead of up to three."""
+    axes = {-1} if flip_w else set()
+    axes ^= {-2} if flip_h else set()
+    axes ^= {1: {-1}, 2: {-2, -1}, 3: {-2}}.get(k, set())
+    return tuple(sorted(axes)), k in (1, 3)
+
+
+def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch, images (B, C, H, W) float and labels (B, H, W) integer, as `table` (B, AUG_COLUMNS) from
+    `draw_augmentation` says, in place, on whatever device they are. Item by item, the result equals augmenting
+    each slice alone in the order flip W, flip H, rot90, rotate, jitter (bit for bit: flips and rot90 are exact
+    index operations, composed into one copy per slice), with the batch's costly parts done once: every rotation
+    of the batch is one sampling grid and one grid_sample call (bilinear for the image with border padding,
+    nearest for the label with background outside). Returns (images, labels)."""
+    rows = table.to("cpu", torch.float64).tolist()
+    for i, (flip_w, flip_h, k, *_rest) in enumerate(rows):
+        axes, transpose = _dihedral(flip_w > 0, flip_h > 0, int(k))
+        if not (axes or transpose):
+            continue
+        for batch in (images, labels):
+            moved = batch[i].flip(axes) if axes else batch[i].clone()  # a copy: never read what is being written
+            batch[i].copy_(moved.transpose(-2, -1) if transpose else moved)
+    rotated = [i for i, row in enumerate(rows) if math.isfinite(row[AUG_ANGLE])]
+    if rotated:
+        where = torch.tensor(rotated, device=images.device)
+        new_images, new_labels = _rotate(images.index_select(0, where), labels.index_select(0, where),
+                                         [rows[i][AUG_ANGLE] for i in rotated])
+        images.index_copy_(0, where, new_images)
+        labels.index_copy_(0, where, new_labels)
+    for i, row in enumerate(rows):
+        if row[AUG_SCALE] != 1.0 or row[AUG_SHIFT] != 0.0:
+            images[i].mul_(row[AUG_SCALE]).add_(row[AUG_SHIFT])  # two roundings, as image * scale + shift
+    return images, labels
+
+
 def augment_slice(
     image: torch.Tensor, label: torch.Tensor, options: Mapping[str, Any], rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random augmentation of image (C, H, W) / label (H, W); each transform fires with probability p."""
-    p = float(options.get("p", 0.5))
-    if options.get("flip") and rng.random() < p:
-        image, label = image.flip(-1), label.flip(-1)
-    if options.get("flip") and rng.random() < p:
-        image, label = image.flip(-2), label.flip(-2)
-    if options.get("rot90") and rng.random() < p:
-        k = int(rng.integers(1, 4)) if image.shape[-1] == image.shape[-2] else 2  # 90/270 only keep square shapes
-        image, label = torch.rot90(image, k, (-2, -1)), torch.rot90(label, k, (-2, -1))
-    degrees = float(options.get("rotate_deg") or 0.0)
-    if degrees > 0 and rng.random() < p:
-        image, label = _rotate(image, label, math.radians(rng.uniform(-degrees, degrees)))
-    jitter = float(options.get("intensity_jitter") or 0.0)
-    if jitter > 0 and rng.random() < p:
-        scale, shift = 1.0 + rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)
-        image = image * scale + shift
-    return image.contiguous(), label.contiguous()
+    """One random augmentation of image (C, H, W) / label (H, W) (see draw_augmentation / apply_augmentation)."""
+    row = draw_augmentation(options, rng, image.shape[-1] == image.shape[-2])
+    images, labels = apply_augmentation(image[None].clone(), label[None].clone(), torch.from_numpy(row[None]))
+    return images[0], labels[0]
 
 
-def rotation_grid(height: int, width: int, angle: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The sampling grid (1, H, W, 2) of F.affine_grid for a rotation by `angle` about the centre
-    (align_corners=False), written from two coordinate vectors: F.affine_grid's generic batched matmul cost 2.5x
-    more and was 40% of an augmented item's time."""
-    cos, sin = math.cos(angle), math.sin(angle)
-    x = (torch.arange(width, dtype=dtype) * 2 + 1) / width - 1  # pixel centres in [-1, 1]
-    y = ((torch.arange(height, dtype=dtype) * 2 + 1) / height - 1)[:, None]
-    grid = torch.empty(1, height, width, 2, dtype=dtype)
-    torch.sub(x * cos, y * sin, out=grid[0, :, :, 0])
-    torch.add(x * sin, y * cos, out=grid[0, :, :, 1])
+def rotation_grid(height: int, width: int, angle: float | Sequence[float], dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """The sampling grid (B, H, W, 2) of F.affine_grid for rotations by `angle` (one, or one per item) about the
+    centre (align_corners=False), written from two coordinate vectors: F.affine_grid's generic batched matmul
+    cost 2.5x more and was 40% of an augmented item's time."""
+    angles = [float(angle)] if isinstance(angle, (int, float)) else [float(a) for a in angle]
+    # cos/sin as float32 factors: the values x * cos gives for a Python float cos
+    cos = torch.tensor([math.cos(a) for a in angles], dtype=dtype, device=device)[:, None, None]
+    sin = torch.tensor([math.sin(a) for a in angles], dtype=dtype, device=device)[:, None, None]
+    x = (torch.arange(width, dtype=dtype, device=device) * 2 + 1) / width - 1  # pixel centres in [-1, 1]
+    y = ((torch.arange(height, dtype=dtype, device=device) * 2 + 1) / height - 1)[:, None]
+    grid = torch.empty(len(angles), height, width, 2, dtype=dtype, device=device)
+    torch.sub(x * cos, y * sin, out=grid[..., 0])
+    torch.add(x * sin, y * cos, out=grid[..., 1])
     return grid
 
 
-def _rotate(image: torch.Tensor, label: torch.Tensor, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = rotation_grid(image.shape[-2], image.shape[-1], angle, image.dtype)
+def _rotate(images: torch.Tensor, labels: torch.Tensor, angles: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = rotation_grid(images.shape[-2], images.shape[-1], angles, images.dtype, images.device)
     # Corners rotated in from outside take the border value (air / background), not zeros mid-range.
-    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    rotated = F.grid_sample(label[None, None].float(), grid, mode="nearest", padding_mode="zeros",
-                            align_corners=False)
-    return image, rotated[0, 0].to(label.dtype)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rotated = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images, rotated[:, 0].to(labels.dtype)
+
+
+class SliceBatch(list):
+    """What SliceDataset.__getitems__ returns: a list of (image, label) items like any dataset's, that also holds
+    them stacked (`images` (B, C, H, W), `labels` (B, H, W) int64) so `collate_slices` needs no second copy, and,
+    when augmentation is left to the training device, the batch's augmentation table (B, AUG_COLUMNS)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augmentation: torch.Tensor | None = None):
+        super().__init__(zip(images.unbind(0), labels.unbind(0)))
+        self.images, self.labels, self.augmentation = images, labels, augmentation
+
+
+def collate_slices(batch: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    """DataLoader collate_fn for SliceDataset: (images, labels), plus the augmentation table when deferred;
+    anything else (a plain list of items) goes through PyTorch's default_collate."""
+    if isinstance(batch, SliceBatch):
+        if batch.augmentation is not None:
+            return batch.images, batch.labels, batch.augmentation
+        return batch.images, batch.labels
+    return default_collate(batch)
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A batch buffer; in a DataLoader worker, in shared memory, as default_collate allocates it (the batch
+    then travels to the main process without another copy)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(tuple(shape))
 
 
 class SliceDataset(Dataset):
     """Item: (image float32 (C * (2 * context + 1), H, W), label int64 (H, W)) at `image_size`.
 
+    `__getitems__` (which DataLoader calls with a batch's indices) builds the batch as two tensors and augments it
+    as a batch (apply_augmentation); with `collate_slices` (make_loader and training use it) those tensors are the
+    batch, no second copy. `defer_augmentation = True` (training on a GPU) leaves the augmentation to the caller:
+    the batch then carries its augmentation table and labels stay uint8 until augmented.
+
     `cache_resized=True` resizes every slice of every case once, in the constructor (so in the main process,
     before DataLoader workers fork and inherit it copy-on-write; training re-forks workers every epoch, so a
     cache built inside a worker would be thrown away), with the same functions as the uncached path (image with
-    `image_mode`, label nearest), and keeps them as contiguous tensors. Items are then copied out of the cache
-    (2.5D context stacks the cached neighbours) and augmented as usual: the same values as without the cache
-    (resizing is per channel, so resize-then-stack equals stack-then-resize). Memory: total slices x C x H x W
-    x 4 bytes for the images plus slices x H x W bytes for the labels (uint8), at `image_size`, e.g. 2,211
-    Synapse training slices x 1 x 224 x 224 x 4 B = 444 MB (+ 111 MB labels); the build costs one uncached epoch.
+    `image_mode`, label nearest), into one tensor of all slices; a batch is then one index_select (2.5D context
+    gathers the neighbours' rows). The same values as without the cache (resizing is per channel, so
+    resize-then-stack equals stack-then-resize). Memory: total slices x C x H x W x 4 bytes for the images plus
+    slices x H x W bytes for the labels (uint8), at `image_size`, e.g. 2,211 Synapse training slices x 1 x 224 x
+    224 x 4 B = 444 MB (+ 111 MB labels); the build costs one uncached epoch.
     """
 
     def __init__(
@@ -150,6 +242,7 @@ class SliceDataset(Dataset):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.context = int(context)
         self.augment = dict(augment) if augment else None
+        self.defer_augmentation = False
         self.seed = int(seed)
         self.image_mode = image_mode
         self.epoch = 0
@@ -158,10 +251,18 @@ class SliceDataset(Dataset):
         depths = [int(c["shape"][0]) for c in self.cases]
         # (case index, slice index) for every slice, built once; items are looked up, never searched.
         self.index = np.concatenate([np.stack([np.full(d, i), np.arange(d)], 1) for i, d in enumerate(depths)]).astype(np.int64)
+        # Per item, the rows of the slices it stacks (itself, or its 2.5D neighbours, edges replicated) among all
+        # slices of all cases in order: the cache's rows.
+        offsets = np.concatenate([[0], np.cumsum(depths)[:-1]]).astype(np.int64)
+        self._rows = torch.from_numpy(np.stack([offsets[c] + np.atleast_1d(self._slices(int(z), depths[c]))
+                                                for c, z in self.index]).astype(np.int64))
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pid = os.getpid()
-        # Per case: (image (D, C, H, W) float32, label (D, H, W) uint8) at image_size, or None when not caching.
-        self._cache = [self._resize_case(i) for i in range(len(self.cases))] if cache_resized else None
+        # (images (slices, C, H, W) float32, labels (slices, H, W) uint8) at image_size, or None when not caching.
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cache_resized:
+            parts = [self._resize_case(i) for i in range(len(self.cases))]
+            self._cache = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -197,11 +298,6 @@ class SliceDataset(Dataset):
         """The slice index, or with 2.5D context the (2 * context + 1) neighbours, edges replicated."""
         return context_indices(depth, z, self.context) if self.context else z
 
-    def _cached_item(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        case, z = (int(v) for v in self.index[idx])
-        image, label = self._cache[case]
-        return image[self._slices(z, image.shape[0])].reshape(self.in_channels, *self.image_size), label[z]
-
     def _read_into(self, idx: int, image_out: np.ndarray, label_out: np.ndarray) -> None:
         """Copy item `idx` straight from the memmaps into batch buffers: image (C', H, W) at native size, label
         already at image_size (nearest is a pure row/column lookup, so only the needed rows are read)."""
@@ -215,34 +311,53 @@ class SliceDataset(Dataset):
     def _rng(self, idx: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(idx)])
 
+    def augmentation_table(self, indices: Sequence[int]) -> torch.Tensor:
+        """(B, AUG_COLUMNS) float64: each item's augmentation for this epoch, from its own (seed, epoch, index)
+        generator, so it is the same whatever the batch, the worker or the order."""
+        square = self.image_size[0] == self.image_size[1]
+        return torch.from_numpy(np.stack([draw_augmentation(self.augment, self._rng(i), square) for i in indices]))
+
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([idx])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitems__(self, indices: Sequence[int]) -> SliceBatch:
         indices = [int(i) for i in indices]
-        out = [self._cached_item(i) for i in indices] if self._cache is not None else self._resized_items(indices)
-        if self.augment:
-            out = [augment_slice(img, lbl, self.augment, self._rng(i)) for (img, lbl), i in zip(out, indices)]
+        images, labels = self._cached_batch(indices) if self._cache is not None else self._resized_batch(indices)
+        table = self.augmentation_table(indices) if self.augment else None
+        if table is not None and self.defer_augmentation:
+            return SliceBatch(images, labels, table)  # labels uint8: augmented on the device, then made int64
+        if table is not None:
+            images, labels = apply_augmentation(images, labels, table)
         # Labels stay uint8 until here: flips and rotations move 8x fewer bytes than on int64.
-        return [(img, lbl.long()) for img, lbl in out]
+        return SliceBatch(images, _empty(labels.shape, torch.int64).copy_(labels))
 
-    def _resized_items(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cached_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rows of the cache: one gather for the images (2.5D: every neighbour), one for the labels."""
+        cached_images, cached_labels = self._cache
+        rows = self._rows[indices]  # (B, 2 * context + 1)
+        images = _empty((len(indices), *rows.shape[1:], *cached_images.shape[1:]), cached_images.dtype)
+        torch.index_select(cached_images, 0, rows.flatten(), out=images.view(-1, *cached_images.shape[1:]))
+        labels = torch.index_select(cached_labels, 0, rows[:, self.context])
+        return images.view(len(indices), self.in_channels, *self.image_size), labels
+
+    def _resized_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Uncached: read the batch's slices at native size and resize them (one call per input shape)."""
-        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(indices)
+        images = _empty((len(indices), self.in_channels, *self.image_size), torch.float32)
+        labels = torch.empty((len(indices), *self.image_size), dtype=torch.uint8)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for pos, i in enumerate(indices):
             shape = self.cases[self.index[i][0]]["shape"]
             by_shape.setdefault((int(shape[1]), int(shape[2])), []).append(pos)
         for (h, w), positions in by_shape.items():  # one buffer and one interpolate call per input shape
-            images = np.empty((len(positions), self.in_channels, h, w), dtype=np.float32)
-            labels = np.empty((len(positions), *self.image_size), dtype=np.uint8)
+            native = np.empty((len(positions), self.in_channels, h, w), dtype=np.float32)
+            group_labels = np.empty((len(positions), *self.image_size), dtype=np.uint8)
             for row, pos in enumerate(positions):
-                self._read_into(indices[pos], images[row], labels[row])
-            batch, _ = resize_slices(torch.from_numpy(images), None, self.image_size, self.image_mode)
-            label_batch = torch.from_numpy(labels)
-            for row, pos in enumerate(positions):
-                out[pos] = (batch[row], label_batch[row])
-        return out
+                self._read_into(indices[pos], native[row], group_labels[row])
+            resized, _ = resize_slices(torch.from_numpy(native), None, self.image_size, self.image_mode)
+            where = torch.tensor(positions)
+            images.index_copy_(0, where, resized)
+            labels.index_copy_(0, where, torch.from_numpy(group_labels))
+        return images, labels
 
 
 def make_loader(
@@ -268,6 +383,7 @@ def make_loader(
         shuffle=shuffle,
         num_workers=int(num_workers),
         drop_last=drop_last,
+        collate_fn=collate_slices,
         generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False,  # workers must see set_epoch()
     )
