@@ -276,3 +276,14 @@ def test_the_loader_hands_over_the_batch_the_dataset_built(ingested):
     assert images.data_ptr() == batch.images.data_ptr() and images.shape == (3, 1, 16, 16)
     plain_images, plain_labels = collate_slices(list(batch))
     assert torch.equal(plain_images, images) and torch.equal(plain_labels, labels)
+
+
+def test_uint8_labels_are_the_same_labels(ingested):
+    """Training takes labels as uint8 (8x fewer bytes from a worker) and makes them int64 itself: same values."""
+    aug = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), augment=aug, seed=2, cache_resized=True)
+    images, labels = collate_slices(ds.__getitems__([0, 3, 4]))
+    ds.uint8_labels = True
+    small_images, small_labels = collate_slices(ds.__getitems__([0, 3, 4]))
+    assert labels.dtype == torch.int64 and small_labels.dtype == torch.uint8
+    assert torch.equal(small_labels.long(), labels) and torch.equal(small_images, images)

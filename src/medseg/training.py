@@ -432,6 +432,7 @@ class Trainer:
                                     augment=data_p["augment"], seed=spec.seed, cache_resized=data_p["cache_resized"])
         # On a GPU the batch is augmented there (train_step): the loader only gathers slices and draws the table.
         self.dataset.defer_augmentation = self.on_cuda
+        self.dataset.uint8_labels = True  # made int64 in train_step (after the copy to the device)
         # DataLoader workers: data.num_workers unless the thread plan (medseg.threads) lowered it to fit the cores
         self.loader_workers = int(data_p["num_workers"]) if loader_workers is None else int(loader_workers)
         self.batch_size = int(train_p["batch_size"])

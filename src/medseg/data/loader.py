@@ -243,6 +243,9 @@ class SliceDataset(Dataset):
         self.context = int(context)
         self.augment = dict(augment) if augment else None
         self.defer_augmentation = False
+        # Labels as uint8 (the consumer makes them int64): 8x fewer bytes from a DataLoader worker to the training
+        # process, whose shared-memory pages cost more than the copy (training sets it, see Trainer).
+        self.uint8_labels = False
         self.seed = int(seed)
         self.image_mode = image_mode
         self.epoch = 0
@@ -328,6 +331,8 @@ class SliceDataset(Dataset):
             return SliceBatch(images, labels, table)  # labels uint8: augmented on the device, then made int64
         if table is not None:
             images, labels = apply_augmentation(images, labels, table)
+        if self.uint8_labels:
+            return SliceBatch(images, labels)
         # Labels stay uint8 until here: flips and rotations move 8x fewer bytes than on int64.
         return SliceBatch(images, _empty(labels.shape, torch.int64).copy_(labels))
 
