@@ -71,6 +71,9 @@ def main() -> None:
     print(f"medseg.metrics : {t_ours * 1000:9.1f} ms/case")
     print(f"medpy          : {t_medpy * 1000:9.1f} ms/case")
     print(f"speed-up       : {t_medpy / t_ours:9.1f}x   max |difference| {diff:.2e}")
+    met = t_medpy / t_ours >= 5 and diff < 1e-9
+    print(f"goal: medseg.metrics >= 5x medpy per case with identical values ({t_medpy / t_ours:.1f}x, "
+          f"max |difference| {diff:.1e}) -> {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -210,9 +210,11 @@ def _steps_per_epoch(num_samples: int, world: int, batch_size: int, max_steps: i
 
 
 def _check_finite(model: nn.Module, where: str) -> None:
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TrainingError(f"{where}: parameter {name} is not finite; the last good checkpoint is kept")
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]) if tensors else None
+    if flags is not None and not bool(flags.all()):  # one device sync for the whole model
+        name = next(name for name, ok in zip(tensors, flags.tolist()) if not ok)
+        raise TrainingError(f"{where}: parameter {name} is not finite; the last good checkpoint is kept")
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -507,9 +509,11 @@ class Trainer:
             # DVC deletes checkpoint.pt before re-running the stage; last.pt holds the best weights too.
             self.save_best()
 
-    def save_last(self, finished: bool = False) -> None:
+    def save_last(self, finished: bool = False, checked: bool = False) -> None:
+        """last.pt, after checking the weights are finite (unless the caller just did: `checked`)."""
         if self.dist.main:
-            _check_finite(self.model, f"epoch {self.state.epoch}, step {self.state.global_step}")
+            if not checked:
+                _check_finite(self.model, f"epoch {self.state.epoch}, step {self.state.global_step}")
             save_checkpoint(self.state_dict(finished), self.spec.paths.last)
 
     def save_best(self) -> None:
@@ -610,7 +614,7 @@ class Trainer:
             if st.best_epoch is None or score > st.best_dice or not self.spec.val_ids:
                 st.best_dice, st.best_epoch, st.best_state = score, st.epoch, _cpu_state_dict(self.model)
                 self.save_best()
-            self.save_last(finished=st.epoch == self.epochs)
+            self.save_last(finished=st.epoch == self.epochs, checked=True)
             _write_log(self.spec.paths.reports / "train_log.csv", st.history)
             _log.info("%s epoch %d: loss %.4f, val Dice %s", self.spec.arch, st.epoch, row["train_loss"], val_dice)
         return row
@@ -666,13 +670,20 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> di
     threads = apply_torch_threads(plan_from_params(spec.params))
     device = resolve_device(spec.train_p["device"])
     dist_info, device = _setup_distributed(device)
+    import torch.utils.deterministic as deterministic_mode
+
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    fill_before = deterministic_mode.fill_uninitialized_memory
     if not device.startswith("cuda"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN (a guard against reading uninitialised memory,
+        # which no medseg op does): 8% of a UNet training step on CPU (benchmarks/bench_train_loop.py).
+        deterministic_mode.fill_uninitialized_memory = False
     try:
         return Trainer(spec, device, dist_info, loader_workers=threads.loader_workers).fit()
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        deterministic_mode.fill_uninitialized_memory = fill_before
 
 
 def _model_card(params, arch, paths: Paths, split, image_size, options):
