@@ -1,0 +1,23 @@
+"""What a run leaves in the checkout that is neither a DVC output nor source must not be committed by `git add -A`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", ["models/unet/last.pt", "models/msvm_unet/last.pt", "gpu_check_out/gpu_check.json",
+                                  "mlflow.db", "onnxruntime_profile__2026.json"])
+def test_run_leftovers_are_git_ignored(path):
+    result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+    assert result.returncode == 0, f"{path} is not git-ignored: `git add -A` would commit it"
+
+
+def test_declared_outputs_are_not_ignored_by_hand():
+    """checkpoint.pt / model.onnx are DVC outputs: DVC writes their .gitignore entries itself, not this file."""
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert not any("checkpoint.pt" in line or "model.onnx" in line for line in ignored)
