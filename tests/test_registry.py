@@ -336,3 +336,15 @@ def test_card_tags_leave_out_a_card_longer_than_a_tag():
     assert json.loads(tags["medseg.class_names"]) == names and tags["medseg.arch"] == "unet"
     many = tiny_card(class_names=names * 2, label_values=list(range(2 * len(names))))
     assert "medseg.class_names" not in card_tags(many) and card_tags(many)["medseg.modality"] == "ct"
+
+
+def test_version_description_reads_as_a_sentence():
+    """The model version page says 'test DSC 4.1 %', not 'test DSC 0.04094609121311299'."""
+    from medseg.registry import version_description
+
+    text = version_description("unet", "cnn", "phantom", {"mean_dsc": 0.04094609121311299, "mean_hd95": 12.3456,
+                                                          "hd95_unit": "mm"}, "mm", True, {"max_abs_diff": 3.2e-6})
+    assert text == ("unet (cnn) on phantom: test DSC 4.1 %, HD95 12.35 mm (mm protocol), ONNX parity passed "
+                    "(max |diff| 3.2e-06)")
+    missing = version_description("unet", "cnn", "phantom", {"mean_dsc": float("nan")}, "transunet", False, {})
+    assert "test DSC n/a," in missing and "HD95 n/a (transunet protocol)" in missing and "FAILED" in missing

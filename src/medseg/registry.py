@@ -15,6 +15,7 @@ import csv
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -265,6 +266,21 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     return record
 
 
+def version_description(arch: str, family: str, dataset: str, metrics: dict[str, Any], protocol: str, parity: bool,
+                        export: dict[str, Any]) -> str:
+    """One readable line for the model version page: DSC in %, HD95 with its unit, parity (rounded for reading;
+    the exact values are the version's tags and the run's metrics)."""
+    def num(value: Any, spec: str, scale: float = 1.0) -> str:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return format(value * scale, spec) if ok else "n/a"
+
+    unit = metrics.get("hd95_unit")
+    dsc = num(metrics.get("mean_dsc"), ".1f", 100)
+    return (f"{arch} ({family}) on {dataset}: test DSC {dsc}{' %' if dsc != 'n/a' else ''}, "
+            f"HD95 {num(metrics.get('mean_hd95'), '.2f')}{' ' + unit if unit else ''} ({protocol} protocol), "
+            f"ONNX parity {'passed' if parity else 'FAILED'} (max |diff| {num(export.get('max_abs_diff'), '.1e')})")
+
+
 def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]:
     """The model-version tags promotion compares: test split, protocol, test DSC, ONNX parity."""
     test_dsc = finite_or_none(metrics.get("mean_dsc"))
@@ -391,9 +407,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     client.update_model_version(
         name,
         model_version.version,
-        description=(f"{arch} ({family}) on {dataset}: test DSC {metrics.get('mean_dsc')}, "
-                     f"HD95 {metrics.get('mean_hd95')} ({protocol}), ONNX parity "
-                     f"{'passed' if parity else 'FAILED'} (max |diff| {export.get('max_abs_diff')})"),
+        description=version_description(arch, family, dataset, metrics, protocol, parity, export),
     )
     return str(model_version.version), run_id
 
