@@ -349,6 +349,7 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
         "run_id": registry.get("run_id"),
         "mean_dsc": metrics.get("mean_dsc"),
         "mean_hd95": metrics.get("mean_hd95"),
+        "hd95_unit": metrics.get("hd95_unit"),
         "protocol": metrics.get("protocol"),
         "per_class": metrics.get("per_class", {}),
         "parity_passed": export.get("parity_passed"),
@@ -432,15 +433,18 @@ def _fmt(value: Any, digits: int = 4) -> Any:
 
 
 def metrics_table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per architecture (failed ones included, with their error) for a Prefect table artifact."""
+    """One row per architecture (failed ones included, with their error) for a Prefect table artifact; DSC in %
+    to one decimal and HD95 to two with its unit, as reports/comparison.md shows them."""
     rows = []
     for arch, res in results.items():
+        dsc = res.get("mean_dsc")
         rows.append(
             {
                 "architecture": arch,
                 "status": res.get("status", "unknown"),
-                "mean_dsc": _fmt(res.get("mean_dsc")),
-                "mean_hd95": _fmt(res.get("mean_hd95")),
+                "test_dsc_percent": round(dsc * 100, 1) if isinstance(dsc, float) else None,
+                "test_hd95": _fmt(res.get("mean_hd95"), 2),
+                "hd95_unit": res.get("hd95_unit"),
                 "protocol": res.get("protocol"),
                 "onnx_parity": res.get("parity_passed"),
                 "model_version": res.get("version"),

@@ -386,15 +386,16 @@ def test_promotion_lets_infrastructure_errors_through_for_retry(project):
 
 def test_metrics_table_has_one_row_per_architecture_failed_included():
     results = {
-        "unet": {"status": "completed", "mean_dsc": 0.712345678, "mean_hd95": 10.123456, "protocol": "mm",
-                 "parity_passed": True, "version": "4"},
+        "unet": {"status": "completed", "mean_dsc": 0.712345678, "mean_hd95": 10.123456, "hd95_unit": "mm",
+                 "protocol": "mm", "parity_passed": True, "version": "4"},
         "vm_unet": {"status": "failed", "error": "train@vm_unet exited with 2: " + "x" * 500},
     }
     rows = tasks.metrics_table(results)
     assert [r["architecture"] for r in rows] == ["unet", "vm_unet"]
-    assert rows[0]["mean_dsc"] == 0.7123 and rows[0]["mean_hd95"] == 10.1235
+    # as the report shows them: DSC in %, HD95 with its unit
+    assert rows[0]["test_dsc_percent"] == 71.2 and rows[0]["test_hd95"] == 10.12 and rows[0]["hd95_unit"] == "mm"
     assert rows[0]["model_version"] == "4" and rows[0]["error"] == ""
-    assert rows[1]["status"] == "failed" and rows[1]["mean_dsc"] is None
+    assert rows[1]["status"] == "failed" and rows[1]["test_dsc_percent"] is None
     assert rows[1]["error"].startswith("train@vm_unet exited with 2") and len(rows[1]["error"]) == 200
 
 

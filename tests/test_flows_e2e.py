@@ -103,7 +103,7 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
     assert summary["report"]["status"] == "skipped" and "segformer_b0" in summary["report"]["reason"]
 
     rows = {row["architecture"]: row for row in latest_artifact(tasks.METRICS_ARTIFACT_KEY)}
-    assert rows["unet"]["mean_dsc"] == 0.8 and rows["segformer_b0"]["status"] == "failed"
+    assert rows["unet"]["test_dsc_percent"] == 80.0 and rows["segformer_b0"]["status"] == "failed"
     markdown = latest_artifact(tasks.PROMOTION_ARTIFACT_KEY)
     assert "| vm_unet | medseg-phantom-vm_unet | **refused** |" in markdown
 
@@ -135,7 +135,7 @@ def test_pipeline_end_to_end_on_the_phantom(prefect_server, dvc_project, monkeyp
 
     rows = latest_artifact(tasks.METRICS_ARTIFACT_KEY)
     assert [r["architecture"] for r in rows] == [arch]
-    assert rows[0]["mean_dsc"] == round(result["mean_dsc"], 4)
+    assert rows[0]["test_dsc_percent"] == round(result["mean_dsc"] * 100, 1)
     assert "**promoted**" in latest_artifact(tasks.PROMOTION_ARTIFACT_KEY)
     assert summary["report"] == {"status": "skipped", "reason": "report disabled"}
 
