@@ -287,3 +287,99 @@ def test_uint8_labels_are_the_same_labels(ingested):
     small_images, small_labels = collate_slices(ds.__getitems__([0, 3, 4]))
     assert labels.dtype == torch.int64 and small_labels.dtype == torch.uint8
     assert torch.equal(small_labels.long(), labels) and torch.equal(small_images, images)
+
+
+AUG = {"p": 0.5, "flip": True, "rot90": True, "rotate_deg": 15, "intensity_jitter": 0.1}
+
+
+def _reference_batches(dataset, batches):
+    """What a plain DataLoader with collate_slices hands over, in process."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_slices)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("mode", ["int64", "uint8", "deferred"])
+def test_slice_loader_ring_gives_the_in_process_batches(ingested, workers, mode):
+    """Workers build each batch in a shared ring slot and send a ticket; the batches, dtypes and the deferred
+    augmentation table are those of the in-process path, batch sizes varying as training's lists do."""
+    from medseg.data.loader import SliceLoader
+
+    ds = SliceDataset(ingested, ["a", "b"], (24, 24), context=1, augment=AUG, seed=3, cache_resized=mode != "int64")
+    ds.uint8_labels = mode == "uint8"
+    ds.defer_augmentation = mode == "deferred"
+    ds.set_epoch(4)
+    batches = [[4, 0], [3], [1, 2, 0], [2, 2]]
+    expected = _reference_batches(ds, batches)
+    loader = SliceLoader(ds, batch_sampler=batches, num_workers=workers)
+    assert loader.max_batch == 3
+    for _ in range(2):  # a second epoch reuses the first one's ring (its workers have exited)
+        got = [tuple(t.clone() for t in batch) for batch in loader]
+        assert len(got) == len(expected)
+        for want, have in zip(expected, got):
+            assert len(have) == (3 if mode == "deferred" else 2)
+            for a, b in zip(want, have):
+                assert a.dtype == b.dtype
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # NaN angle: no rotation
+        assert len(loader._spare) == 1
+        ring = loader._spare[0]
+        assert ring.slots == loader.prefetch_factor * workers + 1 and ring.labels.dtype == (
+            torch.int64 if mode == "int64" else torch.uint8)
+    assert ds._ring is None  # only set while workers start
+
+
+def test_slice_loader_shuffles_as_a_dataloader_does(ingested):
+    from medseg.data.loader import SliceLoader
+
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), augment=AUG, seed=1)
+    plain = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, collate_fn=collate_slices,
+                                        generator=torch.Generator().manual_seed(5))
+    ring = SliceLoader(ds, batch_size=2, shuffle=True, num_workers=1, generator=torch.Generator().manual_seed(5))
+    for (x0, y0), (x1, y1) in zip(plain, ring, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    persistent = SliceLoader(ds, batch_size=2, num_workers=1, persistent_workers=True)
+    first = [x.clone() for x, _ in persistent]
+    again = [x.clone() for x, _ in persistent]  # same workers, same ring
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_ring_refuses_a_slot_that_holds_another_batch():
+    from medseg.data.loader import BatchRing
+
+    ring = BatchRing(2, 4, (1, 8, 8), (8, 8), torch.uint8)
+    slot, images = ring.begin(0, 3)
+    images.fill_(1.0)
+    ticket = ring.publish(0, slot, torch.ones(3, 8, 8, dtype=torch.uint8), None)
+    x, y = ring.collect(ticket)
+    assert x.shape == (3, 1, 8, 8) and bool((x == 1).all()) and y.dtype == torch.uint8
+    ring.begin(2, 1)  # batch 2 goes to slot 0 before batch 0 was read: a broken in-flight bound
+    with pytest.raises(RuntimeError, match="slot 0 holds batch -1, not batch 0"):
+        ring.collect(ticket)
+    with pytest.raises(RuntimeError, match="more items than|5 items, more than the ring's 4"):
+        ring.begin(1, 5)
+
+
+def test_persistent_workers_augment_for_the_epoch_set_in_the_main_process(ingested):
+    """A persistent worker's dataset copy never sees set_epoch; each batch carries the epoch instead. Before,
+    persistent workers kept augmenting every epoch as the first one (so training could not use them)."""
+    from medseg.data.loader import SliceLoader
+
+    ds = SliceDataset(ingested, ["a", "b"], (16, 16), augment=AUG, seed=2, cache_resized=True)
+    batches = [[0, 1], [2, 3], [4]]
+    loader = SliceLoader(ds, batch_sampler=batches, num_workers=1, persistent_workers=True, max_batch=2)
+    for epoch in (0, 1, 5):
+        ds.set_epoch(epoch)
+        got = [tuple(t.clone() for t in batch) for batch in loader]
+        for want, have in zip(_reference_batches(ds, batches), got, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(want, have))
+    loader.set_batches([[4, 3], [1]])  # the next epoch's lists, same workers and ring
+    ring = loader._spare[0]
+    ds.set_epoch(6)
+    got = [tuple(t.clone() for t in batch) for batch in loader]
+    assert loader._spare[0] is ring
+    for want, have in zip(_reference_batches(ds, [[4, 3], [1]]), got, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(want, have))
+    with pytest.raises(ValueError, match="max_batch=2"):
+        loader.set_batches([[0, 1, 2]])
+    loader.close()
+    assert loader._iterator is None

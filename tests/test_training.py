@@ -307,3 +307,23 @@ def test_training_sizes_its_threads_and_loader_workers_to_the_cores(tiny_project
         assert torch.get_num_threads() == max(1, share - built[0])
     finally:
         torch.set_num_threads(before)
+
+
+def test_loader_workers_train_the_same_weights_with_one_persistent_loader(tiny_project, tmp_path):
+    """data.num_workers > 0: one SliceLoader for the run, its workers persisting across epochs, gives the very
+    weights of in-process loading (the epoch's augmentation reaches persistent workers with each batch)."""
+    from medseg.training import Dist, RunSpec, Trainer
+
+    root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=100)
+    spec = RunSpec.of(params, "unet", root)
+    weights = []
+    for workers in (0, 1):
+        trainer = Trainer(spec, "cpu", Dist(), loader_workers=workers)
+        trainer.train_epoch()
+        loader = trainer._loader
+        trainer.end_epoch(None)
+        trainer.train_epoch()
+        assert trainer._loader is loader and loader.persistent_workers == (workers > 0)
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        loader.close()
+    _assert_same_weights(*weights)

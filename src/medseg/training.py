@@ -437,6 +437,7 @@ class Trainer:
         self.dataset.uint8_labels = True  # made int64 in train_step (after the copy to the device)
         # DataLoader workers: data.num_workers unless the thread plan (medseg.threads) lowered it to fit the cores
         self.loader_workers = int(data_p["num_workers"]) if loader_workers is None else int(loader_workers)
+        self._loader = None  # the run's SliceLoader, made by the first train_epoch
         self.batch_size = int(train_p["batch_size"])
         self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
                                           shuffle=True, seed=spec.seed, drop_last=False)
@@ -556,20 +557,24 @@ class Trainer:
 
     def train_epoch(self) -> None:
         """The batches of epoch `state.epoch` from `state.batch_in_epoch` on, checkpointing every N steps."""
-        from torch.utils.data import DataLoader
-
-        from medseg.data.loader import collate_slices
+        from medseg.data.loader import SliceLoader
 
         st, epoch = self.state, self.state.epoch
         batches = _epoch_batches(self.sampler, epoch, self.batch_size, self.steps_per_epoch)
         self.dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
         skip = st.batch_in_epoch
-        # Own generator: a DataLoader otherwise draws its worker base seed from the global torch RNG when
-        # iterated, which a resumed run would do at another point of the stream (dropout would diverge).
-        loader = DataLoader(self.dataset, batch_sampler=batches[skip:],
-                            num_workers=self.loader_workers, pin_memory=self.on_cuda,
-                            persistent_workers=False, collate_fn=collate_slices,
-                            generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
+        if self._loader is None:
+            # One SliceLoader for the run: its workers persist across epochs (each batch carries the epoch it
+            # is augmented for) and hand batches back through shared buffers. Own generator: a DataLoader
+            # otherwise draws its worker base seed from the global torch RNG, which a resumed run would do at
+            # another point of the stream (dropout would diverge).
+            self._loader = SliceLoader(self.dataset, batch_sampler=batches[skip:], max_batch=self.batch_size,
+                                       num_workers=self.loader_workers, pin_memory=self.on_cuda,
+                                       persistent_workers=self.loader_workers > 0,
+                                       generator=torch.Generator().manual_seed(self.spec.seed * 1000 + epoch))
+        else:
+            self._loader.set_batches(batches[skip:])
+        loader = self._loader
         self.network.train()
         bar = _progress(len(batches), skip, f"{self.spec.arch} epoch {epoch + 1}/{self.epochs}", self.dist.main)
         for batch_index, batch in enumerate(loader, start=skip):
@@ -637,6 +642,9 @@ class Trainer:
                 mlflow_logger.epoch(self.end_epoch(self.validate()))
         finally:
             mlflow_logger.close()
+            if self._loader is not None:
+                self._loader.close()  # persistent workers stop with the run, not at garbage collection
+                self._loader = None
 
         st = self.state
         summary = {

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate, get_worker_info
 
 from medseg.config import settings
 from medseg.errors import ConfigError, IngestError
@@ -185,12 +185,185 @@ class SliceBatch(list):
 
 def collate_slices(batch: Sequence[Any]) -> tuple[torch.Tensor, ...]:
     """DataLoader collate_fn for SliceDataset: (images, labels), plus the augmentation table when deferred;
+    a RingTicket (a SliceLoader worker's batch, left in shared memory) as it is, for SliceLoader to collect;
     anything else (a plain list of items) goes through PyTorch's default_collate."""
+    if isinstance(batch, RingTicket):
+        return batch
     if isinstance(batch, SliceBatch):
         if batch.augmentation is not None:
             return batch.images, batch.labels, batch.augmentation
         return batch.images, batch.labels
     return default_collate(batch)
+
+
+class SequencedBatch(list):
+    """A batch's indices with its position `seq` in the epoch's batch order and the dataset's augmentation
+    `epoch` when the epoch began (SliceLoader's batch sampler makes them): a worker writes batch `seq` into ring
+    slot `seq % slots`, and draws its augmentation for `epoch`, which a persistent worker's copy of the dataset
+    would not know from set_epoch in the main process."""
+
+    def __init__(self, indices: Sequence[int], seq: int, epoch: int | None = None):
+        super().__init__(indices)
+        self.seq = int(seq)
+        self.epoch = epoch
+
+
+class _SequencedBatches:
+    """Any batch sampler (or list of index lists), each batch tagged with its position and the dataset's epoch;
+    `batches` may be replaced between epochs (SliceLoader.set_batches)."""
+
+    def __init__(self, batches: Any, dataset: Any):
+        self.batches, self.dataset = batches, dataset
+
+    def __iter__(self):
+        epoch = getattr(self.dataset, "epoch", None)  # read in the main process as the epoch's iteration starts
+        for seq, indices in enumerate(self.batches):
+            yield SequencedBatch(indices, seq, epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingTicket:
+    """What a SliceLoader worker sends instead of the batch: where in the ring it wrote it. A few bytes through
+    the result queue, where a tensor would cost a fresh shared-memory segment, mapped and faulted in on both
+    sides, per batch (10-30 ms per 32 slices at 224 x 224 on a 2-core VM)."""
+
+    seq: int
+    slot: int
+    size: int
+    augmentation: np.ndarray | None = None  # the deferred augmentation table, as numpy: pickled as bytes
+
+
+class BatchRing:
+    """Batch buffers in shared memory, allocated in the main process before DataLoader workers start (so every
+    worker maps the same pages) and reused every batch. Slot reuse is safe without locks because of how a
+    DataLoader dispatches in order: at most prefetch_factor x workers (P) batches are sent ahead, and batch
+    `seq + P` is sent only when batch `seq` is handed back, which SliceLoader does after copying batch
+    `seq - 1` out; with P + 1 slots, batch `seq + P` lands in batch `seq - 1`'s slot, already read. A stamp per
+    slot (the seq written, -1 while writing) is checked before and after each read, so a broken assumption is a
+    clear error, never a silently mixed batch."""
+
+    def __init__(self, slots: int, max_batch: int, image_shape: Sequence[int], label_shape: Sequence[int],
+                 label_dtype: torch.dtype):
+        self.slots, self.max_batch = int(slots), int(max_batch)
+        self.images = torch.empty((self.slots, self.max_batch, *image_shape), dtype=torch.float32).share_memory_()
+        self.labels = torch.empty((self.slots, self.max_batch, *label_shape), dtype=label_dtype).share_memory_()
+        self.stamps = torch.full((self.slots,), -1, dtype=torch.int64).share_memory_()
+
+    def fits(self, slots: int, max_batch: int, image_shape: Sequence[int], label_dtype: torch.dtype) -> bool:
+        return (self.slots, self.max_batch, tuple(self.images.shape[2:]), self.labels.dtype) == (
+            int(slots), int(max_batch), tuple(image_shape), label_dtype)
+
+    def begin(self, seq: int, size: int) -> tuple[int, torch.Tensor]:
+        """(slot, image buffer (size, C, H, W)) for batch `seq`, stamped as being written."""
+        if size > self.max_batch:
+            raise RuntimeError(f"batch {seq} has {size} items, more than the ring's {self.max_batch}")
+        slot = int(seq) % self.slots
+        self.stamps[slot] = -1
+        return slot, self.images[slot, :size]
+
+    def publish(self, seq: int, slot: int, labels: torch.Tensor, augmentation: torch.Tensor | None) -> RingTicket:
+        self.labels[slot, :labels.shape[0]].copy_(labels)
+        self.stamps[slot] = int(seq)
+        table = None if augmentation is None else augmentation.numpy()
+        return RingTicket(int(seq), slot, int(labels.shape[0]), table)
+
+    def collect(self, ticket: RingTicket, pin_memory: bool = False) -> tuple[torch.Tensor, ...]:
+        """The ticket's batch, copied out of the ring (the slot is then free for reuse), as collate_slices
+        returns it: (images, labels) or (images, labels, augmentation)."""
+        self._check(ticket, "before")
+        images, labels = self.images[ticket.slot, :ticket.size], self.labels[ticket.slot, :ticket.size]
+        images = torch.empty(images.shape, dtype=images.dtype, pin_memory=pin_memory).copy_(images)
+        labels = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=pin_memory).copy_(labels)
+        self._check(ticket, "while")
+        if ticket.augmentation is not None:
+            return images, labels, torch.from_numpy(ticket.augmentation)
+        return images, labels
+
+    def _check(self, ticket: RingTicket, when: str) -> None:
+        stamp = int(self.stamps[ticket.slot])
+        if stamp != ticket.seq:
+            raise RuntimeError(f"SliceLoader ring slot {ticket.slot} holds batch {stamp}, not batch {ticket.seq}, "
+                               f"{when} it was read (more batches in flight than the ring's {self.slots} slots)")
+
+
+class SliceLoader(DataLoader):
+    """DataLoader over a SliceDataset whose workers hand batches back through a BatchRing: each worker builds
+    and augments its batch straight into a shared slot and sends a RingTicket; the main process copies the slot
+    out. Same batches, order and seeds as a DataLoader with the same arguments (shuffling uses the RandomSampler
+    a DataLoader would build, on the same generator). With num_workers=0 it is a plain DataLoader. Memory:
+    (prefetch_factor x workers + 1) batch buffers, e.g. 5 x 32 slices x 224 x 224 x 4 B = 32 MB for 2 workers.
+
+    Persistent workers see set_epoch: each batch carries the epoch the main process's dataset had when the
+    epoch's iteration began. Training keeps one loader with persistent workers for the whole run and gives it
+    each epoch's batches with set_batches (starting workers every epoch cost ~0.1 s and made them lose to the
+    main process on a 2-core VM, docs/benchmarks.md).
+
+    Arguments are DataLoader's; `batch_sampler` may be any sized iterable of index lists (training passes the
+    epoch's batches); `max_batch`: the largest batch set_batches may bring (default: this sampler's).
+    `collate_fn` is always collate_slices."""
+
+    def __init__(self, dataset: "SliceDataset", batch_size: int | None = 1, shuffle: bool = False, *,
+                 batch_sampler: Any = None, drop_last: bool = False, generator: torch.Generator | None = None,
+                 max_batch: int | None = None, **kwargs: Any):
+        if batch_sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            batch_sampler = BatchSampler(sampler, int(batch_size), drop_last)
+        if max_batch is not None:
+            self.max_batch = int(max_batch)
+        elif isinstance(batch_sampler, BatchSampler):
+            self.max_batch = int(batch_sampler.batch_size)
+        else:
+            self.max_batch = max((len(b) for b in batch_sampler), default=1)
+        kwargs.pop("collate_fn", None)
+        super().__init__(dataset, batch_sampler=_SequencedBatches(batch_sampler, dataset), generator=generator,
+                         collate_fn=collate_slices, **kwargs)
+        self._spare: list[BatchRing] = []  # rings of finished iterators, whose workers have exited
+
+    def set_batches(self, batches: Any) -> None:
+        """The index lists of the next iteration (an epoch's batches); workers, persistent ones included, and
+        the ring stay."""
+        if any(len(b) > self.max_batch for b in batches):
+            raise ValueError(f"a batch of more than max_batch={self.max_batch} items")
+        self.batch_sampler.batches = batches
+
+    def close(self) -> None:
+        """Stop persistent workers now (dropping the iterator shuts them down) rather than at garbage collection."""
+        self._iterator = None
+        self._spare = []
+
+    def _take_ring(self) -> BatchRing:
+        if self.persistent_workers and self._spare:
+            return self._spare[0]  # the ring the persistent workers were started with
+        ds = self.dataset
+        slots = int(self.prefetch_factor) * self.num_workers + 1
+        image_shape = (ds.in_channels, *ds.image_size)
+        label_dtype = torch.uint8 if (ds.uint8_labels or ds.defer_augmentation) else torch.int64
+        for ring in self._spare:
+            if ring.fits(slots, self.max_batch, image_shape, label_dtype):
+                self._spare.remove(ring)
+                return ring
+        return BatchRing(slots, self.max_batch, image_shape, ds.image_size, label_dtype)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not isinstance(self.dataset, SliceDataset):
+            yield from super().__iter__()
+            return
+        ring = self._take_ring()
+        self.dataset._ring = ring  # workers start (fork, or pickle the dataset) inside super().__iter__()
+        try:
+            batches = super().__iter__()
+        finally:
+            self.dataset._ring = None
+        pin = bool(self.pin_memory) and torch.cuda.is_available()
+        if self.persistent_workers:
+            self._spare = [ring]  # kept for the workers' lifetime
+        for batch in batches:
+            yield ring.collect(batch, pin) if isinstance(batch, RingTicket) else batch
+        if not self.persistent_workers:  # exhausted: the iterator has joined its workers, the ring is free
+            self._spare = [ring]
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -261,6 +434,7 @@ class SliceDataset(Dataset):
                                                 for c, z in self.index]).astype(np.int64))
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pid = os.getpid()
+        self._ring: BatchRing | None = None  # set by SliceLoader while its workers start
         # (images (slices, C, H, W) float32, labels (slices, H, W) uint8) at image_size, or None when not caching.
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         if cache_resized:
@@ -311,43 +485,56 @@ class SliceDataset(Dataset):
         label_out[...] = label[z][rows[:, None], cols[None, :]]
         image_out[...] = image[self._slices(int(z), image.shape[0])].reshape(image_out.shape)
 
-    def _rng(self, idx: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, int(idx)])
+    def _rng(self, idx: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else int(epoch), int(idx)])
 
-    def augmentation_table(self, indices: Sequence[int]) -> torch.Tensor:
-        """(B, AUG_COLUMNS) float64: each item's augmentation for this epoch, from its own (seed, epoch, index)
-        generator, so it is the same whatever the batch, the worker or the order."""
+    def augmentation_table(self, indices: Sequence[int], epoch: int | None = None) -> torch.Tensor:
+        """(B, AUG_COLUMNS) float64: each item's augmentation for this epoch (or `epoch`), from its own (seed,
+        epoch, index) generator, so it is the same whatever the batch, the worker or the order."""
         square = self.image_size[0] == self.image_size[1]
-        return torch.from_numpy(np.stack([draw_augmentation(self.augment, self._rng(i), square) for i in indices]))
+        return torch.from_numpy(np.stack([draw_augmentation(self.augment, self._rng(i, epoch), square)
+                                          for i in indices]))
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([idx])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> SliceBatch:
+    def __getitems__(self, indices: Sequence[int]) -> SliceBatch | RingTicket:
+        # In a SliceLoader worker the batch is built in a shared ring slot and only a ticket travels back.
+        seq, epoch = getattr(indices, "seq", None), getattr(indices, "epoch", None)
+        ring = self._ring if (seq is not None and get_worker_info() is not None) else None
         indices = [int(i) for i in indices]
-        images, labels = self._cached_batch(indices) if self._cache is not None else self._resized_batch(indices)
-        table = self.augmentation_table(indices) if self.augment else None
-        if table is not None and self.defer_augmentation:
-            return SliceBatch(images, labels, table)  # labels uint8: augmented on the device, then made int64
-        if table is not None:
+        slot, out = ring.begin(seq, len(indices)) if ring is not None else (None, None)
+        images, labels = (self._cached_batch(indices, out) if self._cache is not None
+                          else self._resized_batch(indices, out))
+        table = self.augmentation_table(indices, epoch) if self.augment else None
+        deferred = table is not None and self.defer_augmentation
+        if table is not None and not deferred:
             images, labels = apply_augmentation(images, labels, table)
+        if ring is not None:
+            if images.data_ptr() != out.data_ptr():
+                out.copy_(images)
+            return ring.publish(seq, slot, labels, table if deferred else None)
+        if deferred:
+            return SliceBatch(images, labels, table)  # labels uint8: augmented on the device, then made int64
         if self.uint8_labels:
             return SliceBatch(images, labels)
         # Labels stay uint8 until here: flips and rotations move 8x fewer bytes than on int64.
         return SliceBatch(images, _empty(labels.shape, torch.int64).copy_(labels))
 
-    def _cached_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's rows of the cache: one gather for the images (2.5D: every neighbour), one for the labels."""
+    def _cached_batch(self, indices: list[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rows of the cache: one gather for the images (2.5D: every neighbour), one for the labels.
+        `out`: where the images go (a ring slot), else a new buffer."""
         cached_images, cached_labels = self._cache
         rows = self._rows[indices]  # (B, 2 * context + 1)
-        images = _empty((len(indices), *rows.shape[1:], *cached_images.shape[1:]), cached_images.dtype)
+        images = out if out is not None else _empty((len(indices), self.in_channels, *self.image_size),
+                                                    cached_images.dtype)
         torch.index_select(cached_images, 0, rows.flatten(), out=images.view(-1, *cached_images.shape[1:]))
         labels = torch.index_select(cached_labels, 0, rows[:, self.context])
-        return images.view(len(indices), self.in_channels, *self.image_size), labels
+        return images, labels
 
-    def _resized_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resized_batch(self, indices: list[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Uncached: read the batch's slices at native size and resize them (one call per input shape)."""
-        images = _empty((len(indices), self.in_channels, *self.image_size), torch.float32)
+        images = out if out is not None else _empty((len(indices), self.in_channels, *self.image_size), torch.float32)
         labels = torch.empty((len(indices), *self.image_size), dtype=torch.uint8)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for pos, i in enumerate(indices):
@@ -379,16 +566,15 @@ def make_loader(
     drop_last: bool = False,
     image_mode: str = "bicubic",
     cache_resized: bool = True,
-) -> DataLoader:
-    """DataLoader over a SliceDataset; the shuffle order is drawn from a generator seeded with `seed`."""
+) -> "SliceLoader":
+    """SliceLoader over a SliceDataset; the shuffle order is drawn from a generator seeded with `seed`."""
     dataset = SliceDataset(ingested_dir, case_ids, image_size, context, augment, seed, image_mode, cache_resized)
-    return DataLoader(
+    return SliceLoader(
         dataset,
         batch_size=int(batch_size),
         shuffle=shuffle,
         num_workers=int(num_workers),
         drop_last=drop_last,
-        collate_fn=collate_slices,
         generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False,  # workers must see set_epoch()
     )
