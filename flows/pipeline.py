@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.tasks import (
     arch_stages,
     build_report,
+    name_flow_run,
     prepare_data,
     promote_arch,
     publish_artifacts,
@@ -87,7 +88,7 @@ def find_train_deployment(work_pool: str) -> str:
     return str(deployments[0].id)
 
 
-@task(name="train-on-work-pool", cache_policy=NO_CACHE)
+@task(name="train-on-work-pool", task_run_name="train-{arch}-on-work-pool", cache_policy=NO_CACHE)
 def train_remote(arch: str, deployment_id: str, root: str, timeout_s: float) -> dict[str, Any]:
     """Run `train-architecture` for one architecture as its own flow run on the deployment's work pool."""
     from prefect.deployments import run_deployment
@@ -107,7 +108,8 @@ def train_remote(arch: str, deployment_id: str, root: str, timeout_s: float) -> 
     return {**summary, "arch": arch, "status": "completed", "flow_run": flow_run.name}
 
 
-@flow(name=TRAIN_FLOW_NAME, persist_result=True, result_serializer="json", log_prints=True)
+@flow(name=TRAIN_FLOW_NAME, flow_run_name="train-{arch}", persist_result=True, result_serializer="json",
+      log_prints=True)
 def train_architecture(arch: str, root: str = ".", push: bool = False) -> dict[str, Any]:
     """One architecture's train/evaluate/export/register in this checkout (a work-pool flow run per arch).
 
@@ -146,6 +148,7 @@ def medseg_pipeline(
     archs = resolve_architectures(params, architectures, params_path)
 
     data = prepare_data(str(root_path))  # nothing can train without it: a failure here fails the run
+    name_flow_run(f"{data.get('dataset')}-{data.get('version') or 'unversioned'}")  # e.g. phantom-3f2a9c1b04de
 
     if work_pool:
         deployment_id = find_train_deployment(work_pool)

@@ -372,7 +372,8 @@ def prepare_data(root: str = ".") -> dict[str, Any]:
     return {"dataset": params["dataset"]["name"], "version": dataset_version(params, root)}
 
 
-@task(name="train-evaluate-export-register", tags=[DVC_TAG], retry_delay_seconds=30, **TASK_POLICY)
+@task(name="train-evaluate-export-register", task_run_name="train-{arch}", tags=[DVC_TAG], retry_delay_seconds=30,
+      **TASK_POLICY)
 def train_arch(arch: str, root: str = ".", max_parallel: int = 1) -> dict[str, Any]:
     """One architecture's `train@A evaluate@A export@A register@A`, then what they produced.
 
@@ -394,6 +395,22 @@ def push_outputs(stages: list[str], root: str = ".") -> None:
     run_dvc(["push", *stages], root)
 
 
+def name_flow_run(name: str) -> None:
+    """Rename the running flow run: Prefect names runs at random ("quick-otter"); the dataset version tells
+    runs apart in the UI. Best effort: a failure is logged, never fatal; outside a flow run nothing happens."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name)
+    except Exception as exc:  # noqa: BLE001 - a name is not worth failing a pipeline for
+        get_logger(__name__).warning("could not rename flow run %s to %r: %s", run_id, name, exc)
+
+
 def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
     """Apply the champion gate (medseg.registry) to one architecture; a refusal is a decision, not a failure.
 
@@ -412,7 +429,7 @@ def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_f
     return {"arch": arch, "model_name": model_name(params, arch), **result}
 
 
-@task(name="promote", retry_delay_seconds=10, **TASK_POLICY)
+@task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=10, **TASK_POLICY)
 def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
     params = load_params(Path(root) / "params.yaml")
     return promote_model(params, arch, root)

@@ -107,6 +107,18 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
     markdown = latest_artifact(tasks.PROMOTION_ARTIFACT_KEY)
     assert "| vm_unet | medseg-phantom-vm_unet | **refused** |" in markdown
 
+    # runs you can tell apart: the flow run named by dataset and version, task runs by architecture
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    assert flow_run.name == f"phantom-{summary['dataset_version']}" and summary["dataset_version"]
+    names = {run.name for run in task_runs}
+    assert {"train-unet", "train-segformer_b0", "train-vm_unet", "promote-unet", "promote-vm_unet"} <= names, names
+
 
 def test_pipeline_end_to_end_on_the_phantom(prefect_server, dvc_project, monkeypatch):
     """`dvc repro` for real (phantom -> ingest -> split -> train/evaluate/export/register), then the gate.
