@@ -120,6 +120,16 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
         assert key in metrics
     assert metrics["test_cases_sha256"] == hashlib.sha256(json.dumps(sorted(split["test"])).encode()).hexdigest()
     assert metrics["num_cases"] == len(split["test"]) and metrics["protocol"] == "mm"
+    # the test data's content too: a re-ingest that changes one test scan under the same id changes it
+    from medseg.card import dataset_version, sha256_of_test_data
+
+    cases_json = paths(project_copy).cases_json
+    entries = {c["id"]: c for c in read_json(cases_json)["cases"]}
+    assert metrics["dataset_version"] == dataset_version(cases_json)
+    assert metrics["test_data_sha256"] == sha256_of_test_data(entries, split["test"])
+    changed = {**entries, split["test"][0]: {**entries[split["test"][0]], "sha256": "0" * 64}}
+    assert sha256_of_test_data(changed, split["test"]) != metrics["test_data_sha256"]
+    assert sha256_of_test_data(entries, list(reversed(split["test"]))) == metrics["test_data_sha256"]
     class_names = tiny_params["dataset"]["class_names"]
     assert list(metrics["per_class"]) == class_names[1:]
 

@@ -7,8 +7,10 @@ import pytest
 from medseg.gate import VersionFacts, decide
 
 
-def facts(version="2", dsc=0.8, test_cases="cases-a", protocol="mm", parity=True) -> VersionFacts:
-    return VersionFacts(version=version, dsc=dsc, test_cases=test_cases, protocol=protocol, parity=parity)
+def facts(version="2", dsc=0.8, test_cases="cases-a", protocol="mm", parity=True, test_data=None,
+          dataset_version=None) -> VersionFacts:
+    return VersionFacts(version=version, dsc=dsc, test_cases=test_cases, protocol=protocol, parity=parity,
+                        test_data=test_data, dataset_version=dataset_version)
 
 
 def test_first_parity_passed_challenger_is_promoted():
@@ -59,3 +61,25 @@ def test_promote_reads_the_test_case_fingerprint_of_versions_registered_before_t
                                            "test_cases_sha256": "cases-a", "protocol": "mm"})
     assert _version_facts(old).test_cases == _version_facts(new).test_cases == "cases-a"
     assert decide(_version_facts(new), _version_facts(old)).outcome == "promoted"
+
+
+def test_same_case_ids_with_new_content_are_other_test_data():
+    """After a re-ingest that changed the scans under the same ids, a champion measured on the old content is not
+    compared with a challenger measured on the new: refused, naming both dataset versions; with the same content
+    the gate compares as usual; a version without the content tag cannot be compared with one that has it."""
+    champion = facts(version="1", dsc=0.9, test_data="old", dataset_version="aaaa11112222")
+    decision = decide(facts(dsc=0.5, test_data="new", dataset_version="bbbb33334444"), champion)
+    assert (decision.outcome, decision.code) == ("refused", "different-test-data")
+    assert "same case ids but different content" in decision.reason and "aaaa11112222" in decision.reason
+    assert "bbbb33334444" in decision.reason
+    assert decide(facts(dsc=0.95, test_data="old"), champion).code == "better"
+    unknown = decide(facts(dsc=0.95, test_data="new"), facts(version="1", dsc=0.9))
+    assert (unknown.outcome, unknown.code) == ("refused", "unknown-test-data") and "champion 1" in unknown.reason
+
+
+def test_every_decision_names_its_rule():
+    assert decide(facts(), None).code == "first-champion"
+    assert decide(facts(dsc=0.7), facts(version="1", dsc=0.8)).code == "worse"
+    assert decide(facts(parity=False), None).code == "parity-failed"
+    assert decide(facts(protocol="transunet"), facts(version="1")).code == "different-protocol"
+    assert decide(facts(test_cases="b"), facts(version="1")).code == "different-test-data"

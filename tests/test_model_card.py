@@ -158,6 +158,9 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
         "medseg.arch": "unet", "medseg.dataset": "phantom", "medseg.dataset_version": card.dataset["version"],
         "medseg.protocol": "mm", "medseg.modality": "ct"}
     assert tags["medseg.test_cases_sha256"] == metrics["test_cases_sha256"] == tags["test_cases_sha256"]
+    # every version carries the test data's content fingerprint and the dataset version
+    assert tags["test_data_sha256"] == metrics["test_data_sha256"] and len(tags["test_data_sha256"]) == 64
+    assert tags["dataset_version"] == metrics["dataset_version"] == card.dataset["version"]
     assert tags["medseg.split_sha256"] == card.split["split_sha256"]
     assert json.loads(tags["medseg.image_size"]) == [32, 32]
     assert json.loads(tags["medseg.class_names"]) == params["dataset"]["class_names"]

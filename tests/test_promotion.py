@@ -37,12 +37,12 @@ def name(client) -> str:
 
 
 def add_challenger(client, name: str, dsc: float, parity: bool = True, split: str = "split-a",
-                   protocol: str = "mm") -> str:
-    version = client.create_model_version(
-        name, source=Path("/nonexistent/model").as_uri(),
-        tags={"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "test_cases_sha256": split,
-              "protocol": protocol, "artifact_sha256": f"sha-{dsc}-{parity}-{split}"},
-    )
+                   protocol: str = "mm", data: str | None = None) -> str:
+    tags = {"test_dsc": repr(dsc), "parity_passed": str(parity).lower(), "test_cases_sha256": split,
+            "protocol": protocol, "artifact_sha256": f"sha-{dsc}-{parity}-{split}-{data}"}
+    if data:
+        tags.update(test_data_sha256=f"content-{data}", dataset_version=data)
+    version = client.create_model_version(name, source=Path("/nonexistent/model").as_uri(), tags=tags)
     client.set_registered_model_alias(name, "challenger", version.version)
     return str(version.version)
 
@@ -63,9 +63,10 @@ def test_first_challenger_with_parity_becomes_champion(client, name):
     assert result["champion_dsc"] is None
     assert alias(client, name, "champion") == v1
     assert alias(client, name, "challenger") is None, "the promoted challenger is no longer a challenger"
-    # Nothing new registered: a second promotion has nothing to promote.
-    with pytest.raises(PromotionRefused, match="no version has alias 'challenger'"):
-        promote(name, client=client)
+    # Nothing new registered: a second promotion has nothing to do, and says so (not a refusal).
+    again = promote(name, client=client)
+    assert (again["decision"], again["code"], again["champion_version"]) == ("unchanged", "already-champion", v1)
+    assert f"version {v1} is already the champion" in again["reason"]
     assert alias(client, name, "champion") == v1
 
 
@@ -170,8 +171,7 @@ def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_templ
 
     # Re-registering the champion's own file does not make it a challenger again.
     assert register_model_version(params, "unet", tmp_path)["created"] is False
-    with pytest.raises(PromotionRefused, match="no version has alias"):
-        promote_from_params(params, "unet", tmp_path)
+    assert promote_from_params(params, "unet", tmp_path)["code"] == "already-champion"
 
     fabricate_outputs(tmp_path, "unet", seed=1, mean_dsc=0.65)  # a retrained but worse model
     second = register_model_version(params, "unet", tmp_path)
@@ -182,3 +182,56 @@ def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_templ
     client = connect(first["tracking_uri"], retries=0)
     assert alias(client, first["model_name"], "champion") == first["version"]
     assert alias(client, first["model_name"], "challenger") == second["version"]
+
+
+def test_promote_tells_each_case_apart_with_its_own_message_and_exit_code(client, name, capsys, monkeypatch):
+    """`medseg promote`: no such model (error, 2), a model with no challenger (refused, 3), the challenger already
+    champion (unchanged, 0), worse / different test data / parity failed (refused, 3, each its own reason)."""
+    from medseg import cli
+    from medseg.registry import promote
+
+    uri = client.tracking_uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def run(model: str) -> tuple[int, str]:
+        code = cli.main(["promote", model, "--tracking-uri", uri])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, text = run("medseg-test-promo-never-registered")
+    assert code == 2 and "no registered model named 'medseg-test-promo-never-registered'" in text and name in text
+    code, text = run(name)  # registered, nothing in it yet
+    assert code == 3 and "none is champion" in text
+    reasons = {}
+    for dsc, parity, split, rule in ((0.7, True, "split-a", "first-champion"), (0.6, True, "split-a", "worse"),
+                                     (0.9, True, "split-b", "different-test-data"),
+                                     (0.9, False, "split-a", "parity-failed")):
+        add_challenger(client, name, dsc, parity=parity, split=split)
+        code, text = run(name)
+        assert code == (0 if rule == "first-champion" else 3), text
+        try:
+            reasons[rule] = promote(name, client=client)["code"]
+        except PromotionRefused as exc:
+            reasons[rule] = exc.result["code"]
+            assert exc.result["reason"] in text
+    assert reasons == {"first-champion": "already-champion", "worse": "worse",
+                       "different-test-data": "different-test-data", "parity-failed": "parity-failed"}
+    client.delete_registered_model_alias(name, "challenger")
+    code, text = run(name)
+    assert code == 0 and '"already-champion"' in text
+
+
+def test_a_champion_measured_on_old_content_is_not_compared_with_new_data(client, name):
+    """Same test case ids, new scans (a re-ingest): the retrain's worse-looking DSC is not judged against a
+    champion measured on the old data; the refusal says why and leaves the aliases alone."""
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.9, data="v1data")
+    promote(name, client=client)
+    add_challenger(client, name, 0.5, data="v2data")
+    with pytest.raises(PromotionRefused, match="same case ids but different content") as info:
+        promote(name, client=client)
+    assert info.value.result["code"] == "different-test-data" and "v1data" in info.value.result["reason"]
+    assert alias(client, name, "champion") == v1
+    v3 = add_challenger(client, name, 0.95, data="v1data")  # measured on the champion's data: compared
+    assert promote(name, client=client)["code"] == "better" and alias(client, name, "champion") == v3

@@ -135,6 +135,15 @@ def dataset_version(cases_json: str | Path) -> str:
     return hashlib.sha256(Path(cases_json).read_bytes()).hexdigest()[:12]
 
 
+def sha256_of_test_data(cases: Mapping[str, Mapping[str, Any]], test_ids: Sequence[str]) -> str:
+    """sha256 of the test cases' ids AND content: (id, image sha256, label sha256) of each, from cases.json,
+    sorted. The gate compares two versions' DSCs only when this matches: a re-ingest that changed the scans
+    under the same case ids is other test data (the version tag and metrics.json's `test_data_sha256`)."""
+    rows = sorted([str(i), str((cases.get(i) or {}).get("sha256", "")), str((cases.get(i) or {}).get("label_sha256", ""))]
+                  for i in test_ids)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 def sha256_of_test_cases(test_ids: Sequence[str]) -> str:
     """sha256 of the sorted test case ids: the fingerprint of the cases test metrics were measured on (the card's
     split.test_cases_sha256, metrics.json and the version tag `test_cases_sha256`, which the promotion gate

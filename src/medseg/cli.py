@@ -173,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("arch", help="architecture name (see `medseg models`)")
         p.set_defaults(func=_stage(func_path, with_arch=True))
 
-    p = sub.add_parser("promote", help="move the champion alias to the challenger if it is better")
+    p = sub.add_parser("promote", help="move the champion alias to the challenger if it is better",
+                       epilog="exit codes: 0 promoted, or unchanged (the challenger is already champion); 3 refused "
+                              "(no challenger, worse, different test data or protocol, parity failed: the reason "
+                              "is printed); 2 error (no such model, tracking store unreachable)")
     p.add_argument("model_name", help="registered model name, e.g. medseg-phantom-unet")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_promote)

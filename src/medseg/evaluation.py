@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.card import sha256_of_test_cases
+from medseg.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
 from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
 from medseg.display import display_slice
@@ -99,6 +99,8 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "protocol": protocol,
         "hd95_unit": unit,
         "test_cases_sha256": sha256_of_test_cases(test_ids),
+        "test_data_sha256": sha256_of_test_data(entries, test_ids),  # ids and content: what the gate compares
+        "dataset_version": dataset_version(ingested / "cases.json"),
         "mean_dsc": summary["mean_dsc"],
         "mean_hd95": summary["mean_hd95"],
         "per_class": summary["per_class"],

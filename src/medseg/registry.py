@@ -198,6 +198,22 @@ def _find_version_by_sha(client, name: str, sha: str):
     return None
 
 
+def _require_registered_model(client, name: str) -> None:
+    """MedsegError (an error, not a refusal: exit 2) when no model of that name is registered at all."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        where = getattr(client, "tracking_uri", None) or getattr(client._tracking_client, "tracking_uri", "?")
+        raise MedsegError(f"no registered model named {name!r} at {where}; registered: "
+                          f"{', '.join(names) or 'none'} (the register stage creates <prefix>-<dataset>-<arch>)"
+                          ) from exc
+
+
 def _alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -286,6 +302,8 @@ def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]
     test_dsc = finite_or_none(metrics.get("mean_dsc"))
     return {
         "test_cases_sha256": str(metrics.get("test_cases_sha256", "")),
+        "test_data_sha256": str(metrics.get("test_data_sha256", "")),  # ids and content (medseg.card)
+        "dataset_version": str(metrics.get("dataset_version", "")),
         "protocol": str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", ""))),
         "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
         "parity_passed": "true" if export.get("parity_passed") else "false",
@@ -420,6 +438,8 @@ def _version_facts(version) -> VersionFacts:
         dsc=finite_or_none(tags.get("test_dsc")),
         # versions registered before the rename carry the same value as `split_sha256`
         test_cases=tags.get("test_cases_sha256") or tags.get("split_sha256") or None,
+        test_data=tags.get("test_data_sha256") or None,
+        dataset_version=tags.get("dataset_version") or tags.get("medseg.dataset_version") or None,
         protocol=tags.get("protocol") or None,
         parity=str(tags.get("parity_passed", "")).lower() == "true",
     )
@@ -453,29 +473,39 @@ def promote(
         "challenger_version": None,
         "challenger_dsc": None,
         "champion_dsc": None,
+        "code": "",  # the rule that decided (medseg.gate.Decision.code)
     }
 
-    def refuse(reason: str):
-        result["reason"] = reason
+    def refuse(reason: str, code: str):
+        result.update(reason=reason, code=code)
         error = PromotionRefused(f"{model_name}: {reason}")
         error.result = result  # type: ignore[attr-defined]  # the caller can still report the numbers
         return error
 
+    _require_registered_model(client, model_name)
     challenger_v = _alias_version(client, model_name, CHALLENGER)
-    if challenger_v is None:
-        raise refuse(f"no version has alias '{CHALLENGER}' (register a model first)")
-    challenger = _version_facts(client.get_model_version(model_name, challenger_v))
     champion_v = _alias_version(client, model_name, CHAMPION)
+    if challenger_v is None and champion_v is not None:
+        # promoting moves the challenger alias to champion: asking again is a no-op, not a refusal
+        result.update(decision="unchanged", code="already-champion", champion_version=champion_v,
+                      reason=f"no challenger: version {champion_v} is already the champion (register a new "
+                             f"version to challenge it)")
+        return result
+    if challenger_v is None:
+        raise refuse(f"no version has alias '{CHALLENGER}' and none is champion (the register stage sets "
+                     f"'{CHALLENGER}' on the version it registers)", "no-challenger")
+    challenger = _version_facts(client.get_model_version(model_name, challenger_v))
     champion = _version_facts(client.get_model_version(model_name, champion_v)) if champion_v else None
     result.update(challenger_version=challenger.version, challenger_dsc=challenger.dsc,
                   champion_version=champion_v, champion_dsc=champion.dsc if champion else None)
 
     decision = decide(challenger, champion, min_improvement)
+    result["code"] = decision.code
     if decision.outcome == "unchanged":
         result.update(decision="unchanged", reason=decision.reason)
         return result
     if decision.outcome == "refused":
-        raise refuse(decision.reason)
+        raise refuse(decision.reason, decision.code)
 
     client.set_registered_model_alias(model_name, CHAMPION, challenger_v)
     # The challenger has become the champion: a later `promote` without a new registration has nothing to do.
