@@ -129,3 +129,27 @@ def test_paper_preset_models_are_all_registered():
     quick = load_params(ROOT / "params.yaml")
     missing = set(paper["models"] + quick["models"]) - set(available_models())
     assert not missing, f"presets name unregistered models: {sorted(missing)}"
+
+
+def test_a_dvc_stage_prints_one_summary_line_and_the_cli_the_whole_json(tmp_path, monkeypatch, capsys):
+    """Stage stdout is one line (DVC's log and each Prefect log record stay readable: a stage used to print its
+    whole result as indented JSON, 80+ lines for evaluate); `medseg <stage>` keeps the JSON for scripts."""
+    import json
+    import sys
+
+    from medseg.entry import STATUS_DIR_ENV, call_stage, run_stage, summary_line
+
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    result = {"arch": "unet", "mean_dsc": 0.876123456, "mean_hd95": 3.5, "num_cases": 3, "parity_passed": True,
+              "per_class": {f"organ{i}": {"dsc": 0.5, "hd95": 1.0} for i in range(8)},
+              "val_dice_definition": "a sentence " * 30}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path / "status"))
+    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py", "unet"])
+    assert run_stage(lambda params, arch, root: result, ["unet"], with_arch=True) == 0
+    out = capsys.readouterr().out
+    assert out == ("evaluate@unet: arch=unet, mean_dsc=0.8761, mean_hd95=3.5, num_cases=3, parity_passed=True, "
+                   "per_class: 8\n")
+    call_stage(lambda params, arch, root: result, "unet", root=tmp_path)
+    assert json.loads(capsys.readouterr().out) == result
+    assert len(summary_line({"k": "x" * 39, "n": list(range(500))} | {f"v{i}": 1.0 for i in range(100)})) == 200

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params
 from medseg.errors import MedsegError
@@ -45,14 +45,39 @@ def read_stage_statuses(folder: str | Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def call_stage(func: Callable[..., Any], arch: str | None, root: str | Path = ".", params_file: str = PARAMS_FILE
-               ) -> Any:
-    """Load params.yaml under `root`, call func(params, [arch,] root=root), print its result as JSON."""
+def call_stage(func: Callable[..., Any], arch: str | None, root: str | Path = ".", params_file: str = PARAMS_FILE,
+               output: str = "json", label: str = "") -> Any:
+    """Load params.yaml under `root`, call func(params, [arch,] root=root), print its result: as JSON (`medseg
+    <stage>`, for scripts) or, for `output="summary"`, as one line (a DVC stage: the files it wrote hold the rest)."""
     params = load_params(Path(root) / params_file)
     result = func(params, arch, root=root) if arch is not None else func(params, root=root)
     if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str) if output == "json"
+              else f"{label}: {summary_line(result)}" if label else summary_line(result))
     return result
+
+
+def summary_line(result: Any, limit: int = 200) -> str:
+    """A stage result as one line: its top-level numbers (4 significant digits), booleans and short strings, a
+    count for lists and mappings, cut at `limit` characters. DVC and Prefect logs get one record, not 180."""
+    if not isinstance(result, Mapping):
+        text = str(result)
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, bool) or value is None:
+            parts.append(f"{key}={value}")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, int):
+            parts.append(f"{key}={value}")
+        elif isinstance(value, str):
+            if len(value) <= 40:
+                parts.append(f"{key}={value}")
+        elif isinstance(value, (list, tuple, Mapping)):
+            parts.append(f"{key}: {len(value)}")
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool) -> int:
@@ -67,7 +92,7 @@ def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool) ->
     write_stage_status(stage, status="running")
     code, error = 1, None
     try:
-        call_stage(func, argv[0] if with_arch else None)
+        call_stage(func, argv[0] if with_arch else None, output="summary", label=stage)
         code = 0
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
