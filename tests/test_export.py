@@ -129,6 +129,13 @@ def test_export_model_writes_onnx_and_report(tmp_path):
     assert saved["dynamic_hw"] is True and len(saved["checked_shapes"]) == 2
     assert saved["checked_shapes"][1][2:] != [32, 32]
     assert saved["torch_latency_ms"] > 0 and saved["onnx_latency_ms"] > 0
+    # how the latencies were measured: 2 timed runs after warm-up, the spread, threads and machine
+    assert saved["torch_latency_iqr_ms"] >= 0 and saved["onnx_latency_iqr_ms"] >= 0
+    from medseg.export import machine_description
+
+    latency = saved["latency"]
+    assert (latency["runs"], latency["warmup"], latency["threads"]) == (2, 3, torch.get_num_threads())
+    assert latency["machine"] == machine_description() and "usable cores" in latency["machine"]
     # the exported graph reproduces the checkpoint's network (not just itself)
     assert onnx_max_abs_diff(model.eval(), onnx_path, torch.rand(1, 1, 32, 32)) < 1e-3
 

@@ -53,7 +53,8 @@ def fabricate_arch(root: Path, arch: str, params: dict) -> None:
         "per_class": per_class, "num_cases": 2}))
     (reports / "export.json").write_text(json.dumps({
         "max_abs_diff": 1e-6, "parity_passed": True, "threshold": 1e-3, "torch_latency_ms": torch_ms,
-        "onnx_latency_ms": onnx_ms, "opset": 17, "dynamic_hw": True}))
+        "onnx_latency_ms": onnx_ms, "opset": 17, "dynamic_hw": True,
+        "latency": {"runs": 10, "warmup": 3, "threads": 2, "machine": "CPU A, 2 usable cores", "load_per_core": 0.1}}))
     (reports / "train_summary.json").write_text(json.dumps({"train_seconds": seconds, "best_val_dice": 0.5}))
     write_checkpoint(root, arch, params)
 
@@ -130,6 +131,38 @@ def test_build_report_tables_charts_and_missing(report_project):
         width, height = img.size
     assert width > height
     assert re.search(r"3 test slices", md)
+
+
+def test_latencies_from_another_machine_or_a_busy_one_are_marked_not_comparable(report_project):
+    """unet exported on another machine: its latencies get †, are never bold, and the report says why; with
+    every export on one idle machine the report states how latency was measured and marks nothing."""
+    from medseg.report import build_report
+
+    root, params = report_project
+    build_report(params, root)
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
+    assert "median of 10 calls after 3 warm-up calls, 2 threads, on CPU A, 2 usable cores" in md and "†" not in md
+
+    export = paths(root).export_report("unet")
+    record = json.loads(export.read_text())
+    record["latency"]["machine"] = "CPU B, 16 usable cores"
+    export.write_text(json.dumps(record))
+    build_report(params, root)
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
+    col = {title.split(" (")[0]: i for i, title in enumerate(_header(md, "Summary"))}
+    unet, unetpp = _row(md, "Summary", "unet"), _row(md, "Summary", "unetpp")
+    # two exports, two machines: no majority, so neither is comparable; DSC columns are untouched
+    assert unet[col["ONNX Runtime CPU"]] == "1.0†" and unetpp[col["PyTorch CPU"]] == "9.0†"
+    assert unetpp[col["Mean DSC"]] == "**72.00**"
+    assert "not comparable" in md and "measured on another machine (CPU B, 16 usable cores)" in md
+
+    record["latency"].update(machine="CPU A, 2 usable cores", load_per_core=3.5)  # same machine, but busy
+    export.write_text(json.dumps(record))
+    build_report(params, root)
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
+    unet, unetpp = _row(md, "Summary", "unet"), _row(md, "Summary", "unetpp")
+    assert unet[col["ONNX Runtime CPU"]] == "1.0†" and "busy (load 3.5 per core)" in md
+    assert unetpp[col["ONNX Runtime CPU"]] == "**4.0**"  # the one comparable latency is the best one
 
 
 def test_report_without_any_results_lists_all_missing(project_copy, tiny_params):

@@ -8,6 +8,7 @@ the batch axis is always dynamic, H and W too when the architecture allows it (M
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 import warnings
@@ -183,7 +184,11 @@ def onnx_max_abs_diff(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, 
     return onnx_parity(model, onnx_path, x, session=session)["max_abs_diff"]
 
 
-def _median_ms(fn, runs: int, warmup: int = 3) -> float:
+LATENCY_WARMUP = 3  # untimed calls first: allocator, thread pool and ONNX Runtime's first-run graph work
+
+
+def _latency_ms(fn, runs: int, warmup: int = LATENCY_WARMUP) -> tuple[float, float]:
+    """(median, interquartile range) in ms of `runs` timed calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -191,7 +196,41 @@ def _median_ms(fn, runs: int, warmup: int = 3) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
+    if len(times) < 2:
+        return float(times[0]), 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return float(statistics.median(times)), float(q3 - q1)
+
+
+def machine_description() -> str:
+    """What a latency depends on besides the model: CPU model, usable cores, torch and onnxruntime versions. The
+    report compares latencies only between exports that give the same description."""
+    import platform
+
+    import onnxruntime
+
+    from medseg.threads import available_cpus
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{model}, {available_cpus()} usable cores, torch {torch.__version__.split('+')[0]}, "
+            f"onnxruntime {onnxruntime.__version__}")
+
+
+def _load_per_core() -> float | None:
+    """1-minute load average per usable core while timing: above 1, other work competed for the cores."""
+    from medseg.threads import available_cpus
+
+    try:
+        return round(os.getloadavg()[0] / available_cpus(), 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _onnx_opset(path: Path) -> int:
@@ -264,8 +303,11 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
         "allowed_diff": None,
         "logit_scale": None,
         "label_agreement": None,
-        "torch_latency_ms": None,
+        "torch_latency_ms": None,  # median of export.latency_runs single-slice calls after warm-up
+        "torch_latency_iqr_ms": None,
         "onnx_latency_ms": None,
+        "onnx_latency_iqr_ms": None,
+        "latency": None,  # how they were measured: runs, warm-up, threads, machine, load
         "opset": opset,
         "dynamic_hw": card.dynamic_hw,
         "input_shape": [None, card.in_channels, None if card.dynamic_hw else h, None if card.dynamic_hw else w],
@@ -296,10 +338,15 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
                     f"> {report['allowed_diff']:.3g} = export.max_abs_diff {threshold:g} + export.max_rel_diff "
                     f"{rel_threshold:g} x logit scale {report['logit_scale']:.3g} (shapes {report['checked_shapes']})")
             one = torch.rand(1, card.in_channels, h, w)
+            load_before = _load_per_core()
             with torch.inference_mode():
-                report["torch_latency_ms"] = _median_ms(lambda: model(one), runs)
+                report["torch_latency_ms"], report["torch_latency_iqr_ms"] = _latency_ms(lambda: model(one), runs)
             feed = {INPUT_NAME: one.numpy()}
-            report["onnx_latency_ms"] = _median_ms(lambda: session.run([OUTPUT_NAME], feed), runs)
+            report["onnx_latency_ms"], report["onnx_latency_iqr_ms"] = _latency_ms(
+                lambda: session.run([OUTPUT_NAME], feed), runs)
+            report["latency"] = {"runs": max(1, int(runs)), "warmup": LATENCY_WARMUP,
+                                 "threads": torch.get_num_threads(), "machine": machine_description(),
+                                 "load_per_core": load_before}
     except BaseException:
         onnx_path.unlink(missing_ok=True)  # never leave a stale or failed graph as the stage output
         write_json(report_path, report)

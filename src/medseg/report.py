@@ -106,6 +106,7 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "gflops": None,
             "torch_latency_ms": finite_or_none(export.get("torch_latency_ms")),
             "onnx_latency_ms": finite_or_none(export.get("onnx_latency_ms")),
+            "latency": export.get("latency") or {},  # runs, warm-up, threads, machine, load (medseg.export)
             "parity_passed": export.get("parity_passed"),
             "train_seconds": finite_or_none(summary.get("train_seconds")),
             "registry_version": registry.get("version"),
@@ -178,17 +179,54 @@ def _class_names(rows: Sequence[dict]) -> list[str]:
     return names
 
 
+LATENCY_KEYS = ("torch_latency_ms", "onnx_latency_ms")
+BUSY_LOAD_PER_CORE = 1.0  # a 1-minute load average above this per core: other work competed while timing
+
+
+def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
+    """(architectures whose latencies are not comparable with the others', notes for the report). Comparable:
+    measured on the machine most of the exports were measured on (same CPU, cores, torch, onnxruntime), with
+    the machine not busy; where others have that record, an export without it (made before medseg kept it)
+    is not comparable."""
+    machines = [row["latency"].get("machine") for row in rows if row["latency"].get("machine")]
+    if not machines:  # none recorded (every export older than the record): nothing to tell them apart by
+        return set(), []
+    counts = sorted(((machines.count(m), m) for m in set(machines)), reverse=True)
+    # the machine most exports ran on; with a tie there is none, and every latency is "another machine"'s
+    common = counts[0][1] if len(counts) == 1 or counts[0][0] > counts[1][0] else None
+    odd, notes = set(), []
+    for row in rows:
+        record = row["latency"]
+        if not any(finite_or_none(row.get(k)) is not None for k in LATENCY_KEYS):
+            continue
+        load = finite_or_none(record.get("load_per_core"))
+        if not record.get("machine"):
+            odd.add(row["arch"])
+            notes.append(f"`{row['arch']}`: measured before medseg recorded the machine (re-run its export)")
+        elif record["machine"] != common:
+            odd.add(row["arch"])
+            notes.append(f"`{row['arch']}`: measured on another machine ({record['machine']})")
+        elif load is not None and load > BUSY_LOAD_PER_CORE:
+            odd.add(row["arch"])
+            notes.append(f"`{row['arch']}`: measured while the machine was busy (load {load:g} per core)")
+    return odd, notes
+
+
 def summary_table(rows: Sequence[dict]) -> str:
     units = sorted({row["hd95_unit"] for row in rows})
     ranked = len(rows) > 1
     header = ["Architecture", "Family"] + [
         f"{title} ({', '.join(units)})" if key == "mean_hd95" else title for key, title, _, _ in SUMMARY_COLUMNS
     ] + ["ONNX parity", "MLflow version"]
-    best = {key: best_values(rows, key, better) if ranked else None for key, _, _, better in SUMMARY_COLUMNS}
+    odd, _ = latency_comparability(rows)
+    best = {key: best_values([r for r in rows if not (key in LATENCY_KEYS and r["arch"] in odd)], key, better)
+            if ranked else None for key, _, _, better in SUMMARY_COLUMNS}
     lines = []
     for row in rows:
         cells = [f"`{row['arch']}`", row["family"]]
-        cells += [_cell(row[key], fmt, best[key]) for key, _, fmt, _ in SUMMARY_COLUMNS]
+        for key, _, fmt, _ in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
+            mark = "†" if key in LATENCY_KEYS and row["arch"] in odd and finite_or_none(row[key]) is not None else ""
+            cells.append(_cell(row[key], fmt, None if mark else best[key]) + mark)
         parity = row["parity_passed"]
         cells.append("n/a" if parity is None else ("passed" if parity else "FAILED"))
         cells.append(str(row["registry_version"]) if row["registry_version"] else "not registered")
@@ -213,6 +251,21 @@ def per_class_table(rows: Sequence[dict], metric: str) -> str:
     return _md_table(["Architecture", "Mean"] + names, lines)
 
 
+def _latency_lines(rows: Sequence[dict]) -> list[str]:
+    """How the latencies were measured, and which are not comparable (marked †)."""
+    odd, notes = latency_comparability(rows)
+    records = [row["latency"] for row in rows if row["latency"].get("machine") and row["arch"] not in odd]
+    lines = []
+    if records:
+        r = records[0]
+        lines += [f"Latency: median of {r.get('runs')} calls after {r.get('warmup')} warm-up calls, "
+                  f"{r.get('threads')} threads, on {r.get('machine')}; the interquartile range is in "
+                  f"`export.json` (`*_latency_iqr_ms`).", ""]
+    if notes:
+        lines += ["> **Latencies marked † are not comparable with the others:** " + "; ".join(notes) + ".", ""]
+    return lines
+
+
 def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[str, str],
                     qualitative_note: str) -> str:
     dataset = params["dataset"]["name"]
@@ -229,6 +282,7 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
             f"{size} slice; latencies are single-slice CPU timings from `reports/<arch>/export.json`.",
             "",
         ]
+        parts += _latency_lines(rows)
         if len(protocols) > 1 or len(units) > 1:
             parts += ["> **Warning:** the architectures were evaluated under different protocols or HD95 units "
                       f"({', '.join(units)}); their HD95 values are not comparable.", ""]
