@@ -121,7 +121,8 @@ def test_dvc_status_restyling_the_report_leaves_trainings_up_to_date(tmp_path, t
     # every dep and out of the two stages, as files with some content (DVC only hashes them)
     for rel in (f"data/ingested/{name}/cases.json", f"data/splits/{name}.json", "registry/a.json",
                 f"models/{arch}/checkpoint.pt", f"models/{arch}/last.pt", f"reports/{arch}/curves.png",
-                f"reports/{arch}/train_summary.json", f"reports/{arch}/train_log.csv", "reports/comparison.md",
+                f"reports/{arch}/train_summary.json", f"reports/{arch}/train_scores.json",
+                f"reports/{arch}/train_log.csv", "reports/comparison.md",
                 "reports/comparison_dsc.png", "reports/comparison_summary.png", "reports/qualitative.png",
                 "reports/per_class.csv"):
         _touch(root / rel, "{}" if rel.endswith(".json") else "epoch,val_dice\n1,0.5\n")

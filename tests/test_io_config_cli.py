@@ -153,3 +153,14 @@ def test_a_dvc_stage_prints_one_summary_line_and_the_cli_the_whole_json(tmp_path
     call_stage(lambda params, arch, root: result, "unet", root=tmp_path)
     assert json.loads(capsys.readouterr().out) == result
     assert len(summary_line({"k": "x" * 39, "n": list(range(500))} | {f"v{i}": 1.0 for i in range(100)})) == 200
+
+
+def test_dvc_metrics_files_hold_rounded_numbers_only(tmp_path):
+    path = tmp_path / "scores.json"
+    written = io.write_dvc_metrics(path, {"dsc": 0.876123456, "hd95": None, "steps": 120, "nsd": float("nan")})
+    assert written == {"dsc": 0.8761, "steps": 120} and io.read_json(path) == written
+    with pytest.raises(TypeError, match="scores.json: DVC metric 'arch' must be a number, not str"):
+        io.write_dvc_metrics(path, {"arch": "unet"})
+    with pytest.raises(TypeError, match="not bool"):
+        io.write_dvc_metrics(path, {"parity_passed": True})
+    assert io.read_json(path) == written  # a refused write leaves the file as it was

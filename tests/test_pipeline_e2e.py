@@ -43,6 +43,16 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
         assert paths(project).registry_record(arch).is_file()
     assert "unet" in (paths(project).comparison_dir / "comparison.md").read_text()
 
+    # DVC's metrics are flat numbers, one short column each: what `dvc metrics show` / `dvc exp show` print
+    shown = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
+    files = {path: entry["data"] for path, entry in next(iter(shown.values()))["data"].items()}
+    assert set(files) == {f"reports/{a}/{f}_scores.json" for a in params["models"] for f in ("train", "test", "export")}
+    for path, values in files.items():
+        assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), path
+    assert set(files["reports/unet/test_scores.json"]) == {"dsc", "hd95"}
+    metrics = json.loads(paths(project).metrics("unet").read_text())
+    assert files["reports/unet/test_scores.json"]["dsc"] == float(f"{metrics['mean_dsc']:.4g}")
+
     # A fresh MLflow client (new process) loads the challenger: the pyfunc segments a raw phantom scan (the
     # serving payload), the ONNX flavor gives the graph with its model card.
     model_name = f"{params['register']['model_prefix']}-{params['dataset']['name']}-vm_unet"

@@ -125,6 +125,8 @@ def test_build_report_tables_charts_and_missing(report_project):
     assert len(rows) == 2 * len(organs)
     liver = next(r for r in rows if r["arch"] == "unet" and r["class"] == organs[1])
     assert float(liver["dsc"]) == pytest.approx(0.62) and float(liver["hd95"]) == pytest.approx(11.0)
+    # dvc.yaml's per-class plot puts one bar per (class, architecture): the label it plots on is unique per row
+    assert liver["arch_class"] == f"{organs[1]} / unet" and len({r["arch_class"] for r in rows}) == len(rows)
 
     # Qualitative grid: image + ground truth + 2 models across, 3 test slices down (wider than tall).
     with Image.open(paths(root).comparison_dir / "qualitative.png") as img:
@@ -177,7 +179,7 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
     for name in ("comparison_dsc.png", "comparison_summary.png", "qualitative.png"):
         with Image.open(paths(project_copy).reports_dir(name)) as img:
             assert img.size[0] > 0
-    assert (paths(project_copy).comparison_dir / "per_class.csv").read_text().splitlines() == ["arch,class,dsc,hd95"]
+    assert (paths(project_copy).comparison_dir / "per_class.csv").read_text().splitlines() == ["arch,class,arch_class,dsc,hd95"]
 
 
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):

@@ -24,7 +24,7 @@ from medseg.card import dataset_version, sha256_of_test_cases, sha256_of_test_da
 from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
 from medseg.display import display_slice
-from medseg.io import atomic_path, read_json, write_json, write_text
+from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.metrics import aggregate, case_metrics
 from medseg.threads import apply_torch_threads, plan_from_params
@@ -110,6 +110,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "val_dice": meta.get("val_dice"),
     }
     write_json(reports / "metrics.json", metrics)
+    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"]})
     _write_per_case(reports / "per_case.csv", rows)
     _plot_overlays(reports / "overlay.png", overlays, class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],

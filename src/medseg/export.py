@@ -21,7 +21,7 @@ from torch import nn
 
 from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
 from medseg.errors import ExportError
-from medseg.io import atomic_path, read_json, sha256_file, write_json
+from medseg.io import atomic_path, read_json, sha256_file, write_dvc_metrics, write_json
 from medseg.layout import ProjectLayout
 from medseg.threads import apply_torch_threads, plan_from_params
 
@@ -353,6 +353,8 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
         raise
     report["onnx_sha256"] = sha256_file(onnx_path)
     write_json(report_path, report)
+    write_dvc_metrics(layout.export_scores(arch), {"parity_diff": report["max_abs_diff"],
+                                                   "onnx_ms": report["onnx_latency_ms"]})
     _log.info("%s: ONNX max |diff| %.3g (allowed %.3g), labels agree on %.4f of pixels, latency torch %.2f ms / "
               "onnxruntime %.2f ms", arch, report["max_abs_diff"], report["allowed_diff"],
               report["label_agreement"], report["torch_latency_ms"], report["onnx_latency_ms"])

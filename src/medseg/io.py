@@ -59,6 +59,24 @@ def write_json(path: str | Path, obj: Any) -> None:
         fh.write("\n")
 
 
+def write_dvc_metrics(path: str | Path, values: dict[str, Any]) -> dict[str, float]:
+    """A DVC metrics file: flat, numbers only, 4 significant digits, so `dvc exp show` and `dvc metrics show`
+    get one short column per number (the detail stays in the stage's JSON report, which is not a DVC metric).
+    None and non-finite values are left out (DVC shows "-"). Returns what was written."""
+    import math
+
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if value is None:
+                continue
+            raise TypeError(f"{path}: DVC metric {key!r} must be a number, not {type(value).__name__}")
+        if math.isfinite(value):
+            flat[key] = value if isinstance(value, int) else float(f"{value:.4g}")
+    write_json(path, flat)
+    return flat
+
+
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

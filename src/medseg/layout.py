@@ -68,6 +68,16 @@ class ProjectLayout:
     def train_summary(self, arch: str) -> Path:
         return self.reports_dir(arch) / "train_summary.json"
 
+    # DVC metrics (flat numbers, medseg.io.write_dvc_metrics), one per stage; the JSON reports hold the detail
+    def train_scores(self, arch: str) -> Path:
+        return self.reports_dir(arch) / "train_scores.json"
+
+    def test_scores(self, arch: str) -> Path:
+        return self.reports_dir(arch) / "test_scores.json"
+
+    def export_scores(self, arch: str) -> Path:
+        return self.reports_dir(arch) / "export_scores.json"
+
     def train_log(self, arch: str) -> Path:
         return self.reports_dir(arch) / "train_log.csv"
 

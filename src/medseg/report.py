@@ -4,7 +4,7 @@ Reads what the train/evaluate/export/register stages wrote and produces:
 - reports/comparison.md: summary table (family, DSC, HD95, params, GFLOPs, CPU latency, training time, registry
   version; best per column in bold), per-class DSC and HD95 tables (organs as columns, like TransUNet's Table 1);
 - reports/comparison_dsc.png (per-class grouped bars), reports/comparison_summary.png (DSC vs latency and HD95);
-- reports/per_class.csv (long format arch,class,dsc,hd95 for `dvc plots`);
+- reports/per_class.csv (long format arch,class,arch_class,dsc,hd95 for `dvc plots`);
 - reports/qualitative.png: the same test slices (rows): image, ground truth, then each model's prediction.
 Architectures without outputs are listed as missing instead of failing the report.
 """
@@ -307,11 +307,14 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
 def write_per_class_csv(path: Path, rows: Sequence[dict]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["arch", "class", "dsc", "hd95"])
+    # arch_class: one bar per architecture and class in dvc.yaml's per-class plot (y on `class` alone would
+    # stack every architecture's DSC into one bar per class)
+    writer.writerow(["arch", "class", "arch_class", "dsc", "hd95"])
     for row in rows:
         for name, scores in row["per_class"].items():
             dsc, hd95 = finite_or_none((scores or {}).get("dsc")), finite_or_none((scores or {}).get("hd95"))
-            writer.writerow([row["arch"], name, "" if dsc is None else repr(dsc), "" if hd95 is None else repr(hd95)])
+            writer.writerow([row["arch"], name, f"{name} / {row['arch']}", "" if dsc is None else repr(dsc),
+                             "" if hd95 is None else repr(hd95)])
     write_text(path, buf.getvalue())
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from medseg.config import config_hash, disable_telemetry, model_options, resolve_device, settings, validate_params
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
-from medseg.io import atomic_path, read_json, write_json, write_text
+from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.losses import build_loss
 from medseg.threads import apply_torch_threads, plan_from_params
@@ -61,12 +61,14 @@ class Paths:
     checkpoint: Path
     last: Path
     reports: Path
+    scores: Path  # the DVC metric (train_scores.json)
 
     @classmethod
     def of(cls, params: dict[str, Any], arch: str, root: Path) -> "Paths":
         layout = ProjectLayout.of(params, root)
         return cls(root=root, ingested=layout.ingested, split=layout.split_file, checkpoint=layout.checkpoint(arch),
-                   last=layout.last_checkpoint(arch), reports=layout.reports_dir(arch))
+                   last=layout.last_checkpoint(arch), reports=layout.reports_dir(arch),
+                   scores=layout.train_scores(arch))
 
 
 @dataclass
@@ -663,6 +665,9 @@ class Trainer:
         }
         if self.dist.main:
             write_json(spec.paths.reports / "train_summary.json", summary)
+            # the DVC metric: numbers only (train_summary.json keeps the detail)
+            write_dvc_metrics(spec.paths.scores,
+                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]})
             _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
