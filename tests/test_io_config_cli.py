@@ -157,8 +157,9 @@ def test_a_dvc_stage_prints_one_summary_line_and_the_cli_the_whole_json(tmp_path
 
 def test_dvc_metrics_files_hold_rounded_numbers_only(tmp_path):
     path = tmp_path / "scores.json"
-    written = io.write_dvc_metrics(path, {"dsc": 0.876123456, "hd95": None, "steps": 120, "nsd": float("nan")})
-    assert written == {"dsc": 0.8761, "steps": 120} and io.read_json(path) == written
+    written = io.write_dvc_metrics(path, {"dsc": 0.876123456, "hd95": None, "steps": 120, "nsd": float("nan")},
+                                   "unet")
+    assert written == {"unet.dsc": 0.8761, "unet.steps": 120} and io.read_json(path) == written
     with pytest.raises(TypeError, match="scores.json: DVC metric 'arch' must be a number, not str"):
         io.write_dvc_metrics(path, {"arch": "unet"})
     with pytest.raises(TypeError, match="not bool"):

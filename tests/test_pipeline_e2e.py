@@ -49,9 +49,12 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
     assert set(files) == {f"reports/{a}/{f}_scores.json" for a in params["models"] for f in ("train", "test", "export")}
     for path, values in files.items():
         assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), path
-    assert set(files["reports/unet/test_scores.json"]) == {"dsc", "hd95"}
+    # keys unique across files (`unet.dsc`), so dvc exp show names a column by its key, not `path:key`
+    assert set(files["reports/unet/test_scores.json"]) == {"unet.dsc", "unet.hd95"}
+    keys = [key for values in files.values() for key in values]
+    assert len(keys) == len(set(keys))
     metrics = json.loads(paths(project).metrics("unet").read_text())
-    assert files["reports/unet/test_scores.json"]["dsc"] == float(f"{metrics['mean_dsc']:.4g}")
+    assert files["reports/unet/test_scores.json"]["unet.dsc"] == float(f"{metrics['mean_dsc']:.4g}")
 
     # A fresh MLflow client (new process) loads the challenger: the pyfunc segments a raw phantom scan (the
     # serving payload), the ONNX flavor gives the graph with its model card.

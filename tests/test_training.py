@@ -107,7 +107,8 @@ def test_outputs_follow_the_contract(reference):
     assert saved["device"] == "cpu" and saved["resumed_from_step"] is None
     # the DVC metric: numbers only, the summary's detail stays in train_summary.json
     scores = read_json(paths(root).train_scores("unet"))
-    assert scores == {"val_dice": float(f"{saved['best_val_dice']:.4g}"), "train_s": float(f"{saved['train_seconds']:.4g}")}
+    assert scores == {"unet.val_dice": float(f"{saved['best_val_dice']:.4g}"),
+                      "unet.train_s": float(f"{saved['train_seconds']:.4g}")}
     assert paths(root).curves("unet").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = _load(paths(root).last_checkpoint("unet"))
     assert last["finished"] and last["global_step"] == 6

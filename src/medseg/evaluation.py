@@ -110,7 +110,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "val_dice": meta.get("val_dice"),
     }
     write_json(reports / "metrics.json", metrics)
-    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"]})
+    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"]}, arch)
     _write_per_case(reports / "per_case.csv", rows)
     _plot_overlays(reports / "overlay.png", overlays, class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],

@@ -354,7 +354,7 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     report["onnx_sha256"] = sha256_file(onnx_path)
     write_json(report_path, report)
     write_dvc_metrics(layout.export_scores(arch), {"parity_diff": report["max_abs_diff"],
-                                                   "onnx_ms": report["onnx_latency_ms"]})
+                                                   "onnx_ms": report["onnx_latency_ms"]}, arch)
     _log.info("%s: ONNX max |diff| %.3g (allowed %.3g), labels agree on %.4f of pixels, latency torch %.2f ms / "
               "onnxruntime %.2f ms", arch, report["max_abs_diff"], report["allowed_diff"],
               report["label_agreement"], report["torch_latency_ms"], report["onnx_latency_ms"])

@@ -59,14 +59,17 @@ def write_json(path: str | Path, obj: Any) -> None:
         fh.write("\n")
 
 
-def write_dvc_metrics(path: str | Path, values: dict[str, Any]) -> dict[str, float]:
+def write_dvc_metrics(path: str | Path, values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """A DVC metrics file: flat, numbers only, 4 significant digits, so `dvc exp show` and `dvc metrics show`
     get one short column per number (the detail stays in the stage's JSON report, which is not a DVC metric).
+    Keys are `<prefix>.<name>` (the architecture): DVC names a column by its key alone when no other metrics
+    file has that key, and by `path:key` otherwise (`reports/unet/test_scores.json:dsc`, 34 characters).
     None and non-finite values are left out (DVC shows "-"). Returns what was written."""
     import math
 
     flat: dict[str, float] = {}
-    for key, value in values.items():
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if value is None:
                 continue

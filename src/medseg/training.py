@@ -667,7 +667,7 @@ class Trainer:
             write_json(spec.paths.reports / "train_summary.json", summary)
             # the DVC metric: numbers only (train_summary.json keeps the detail)
             write_dvc_metrics(spec.paths.scores,
-                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]})
+                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]}, spec.arch)
             _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
