@@ -158,7 +158,10 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
 
     params = tiny_params(tmp_path)
     onnx_path = fabricate_outputs(tmp_path, "unet", mean_dsc=0.7)
-    record = register_model_version(params, "unet", tmp_path)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    with pytest.MonkeyPatch.context() as mp:  # as `dvc exp run -n lr1e-3` runs the stage
+        mp.setenv("DVC_EXP_NAME", "lr1e-3")
+        record = register_model_version(params, "unet", tmp_path)
 
     assert record["created"] is True
     assert record["model_name"] == "medseg-phantom-unet"
@@ -191,6 +194,26 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     logged = {a.path for a in client.list_artifacts(record["run_id"], "reports")}
     assert {"reports/metrics.json", "reports/export.json", "reports/per_case.csv", "reports/curves.png",
             "reports/overlay.png", "reports/per_class.json"} <= logged
+
+    # A run that explains itself in MLflow 3's UI: a model-training experiment, a run name with the dataset
+    # version and where it came from, the dataset as the run's input, a logged model named after the
+    # architecture, and a registered model with a description and tags.
+    version_of_data = version.tags["medseg.dataset_version"]  # the card's (the fabricated cases.json's hash)
+    assert version_of_data
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == f"unet-phantom-{version_of_data}-lr1e-3"
+    assert run.data.tags["dataset_version"] == version_of_data and run.data.tags["dvc_exp_name"] == "lr1e-3"
+    assert run.data.tags["dvc_lock_sha256"] == sha256_file(tmp_path / "dvc.lock")
+    (data_input,) = run.inputs.dataset_inputs
+    assert (data_input.dataset.name, data_input.dataset.digest) == ("phantom", version_of_data)
+    assert json.loads(data_input.dataset.source)["uri"] == str(paths(tmp_path).ingested)
+    assert {m.name for m in client.search_logged_models([run.info.experiment_id])} == {"unet"}
+    registered = client.get_registered_model("medseg-phantom-unet")
+    assert registered.description.startswith("medseg unet (cnn): 2D segmentation of phantom (ct)")
+    assert "medseg predict -m models:/medseg-phantom-unet@champion" in registered.description
+    assert {k: registered.tags[k] for k in ("arch", "family", "dataset", "protocol")} == {
+        "arch": "unet", "family": "cnn", "dataset": "phantom", "protocol": "mm"}
 
     # Same ONNX file again: no new run, no new version.
     again = register_model_version(params, "unet", tmp_path)
@@ -348,3 +371,24 @@ def test_version_description_reads_as_a_sentence():
                     "(max |diff| 3.2e-06)")
     missing = version_description("unet", "cnn", "phantom", {"mean_dsc": float("nan")}, "transunet", False, {})
     assert "test DSC n/a," in missing and "HD95 n/a (transunet protocol)" in missing and "FAILED" in missing
+
+
+def test_provenance_names_the_commit_the_dvc_experiment_and_the_lock(tmp_path, monkeypatch):
+    import subprocess
+
+    from medseg.io import sha256_file
+    from medseg.registry import provenance
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert provenance(tmp_path) == {}  # not a Git checkout, no DVC experiment, no lock: nothing made up
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    subprocess.run([*git, "add", "dvc.lock"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "baseline"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("DVC_EXP_NAME", "wide-lr")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
+    assert provenance(tmp_path) == {"git_commit": head, "dvc_exp_name": "wide-lr", "dvc_exp_baseline": head,
+                                    "dvc_lock_sha256": sha256_file(tmp_path / "dvc.lock")}

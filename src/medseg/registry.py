@@ -346,6 +346,28 @@ def _onnx_card(path: Path) -> ModelCard:
     return card_from_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
+def provenance(root: Path) -> dict[str, str]:
+    """What the run was made from, as run tags: the Git commit of the checkout (a `dvc exp run` runs on its
+    baseline commit with the experiment's params applied: the experiment's own commit is made after the run, so
+    the DVC experiment name and the dvc.lock hash say which workspace it was) and the dvc.lock sha256."""
+    import subprocess
+
+    tags: dict[str, str] = {}
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if done.returncode == 0:
+            tags["git_commit"] = done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        tags["dvc_lock_sha256"] = sha256_file(lock)
+    return tags
+
+
 def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri,
                       card):
     import mlflow
@@ -365,10 +387,14 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     dataset = params["dataset"]["name"]
     eval_tags = evaluation_tags(metrics, export, params)
     protocol, parity = eval_tags["protocol"], eval_tags["parity_passed"] == "true"
+    dataset_version = str(card.dataset.get("version", "")) or "unversioned"
+    origin = provenance(Path(root))
     run_tags = {
+        **origin,
         "arch": arch,
         "family": family,
         "dataset": dataset,
+        "dataset_version": dataset_version,
         "protocol": protocol,
         "test_cases_sha256": eval_tags["test_cases_sha256"],
         "config_hash": config_hash(run_params(params, arch)),
@@ -376,9 +402,13 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     }
     onnx_signature = _onnx_signature(files["onnx"], card)
     with mlflow_store(tracking_uri):
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"{arch}-{dataset}", tags=run_tags) as run:
+        # e.g. unet-phantom-3f2a9c1b04de-lr1e-3 (a DVC experiment) or unet-phantom-3f2a9c1b04de-a1b2c3d (a commit)
+        source = origin.get("dvc_exp_name") or origin.get("git_commit", "")[:7]
+        run_name = "-".join(part for part in (arch, dataset, dataset_version, source) if part)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
             run_id = run.info.run_id
             mlflow.log_params(run_params(params, arch))
+            _log_dataset_input(dataset, dataset_version, ProjectLayout.of(params, root).ingested)
             now = int(time.time() * 1000)
             scalars = summary_metrics(metrics, export, train_summary)
             batch = [Metric(key, value, now, 0) for key, value in scalars.items()]
@@ -407,7 +437,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
             # onnx gives the graph, whose tensor signature is medseg_input's (medseg.serving).
             model_info = Model.log(
                 artifact_path=None,
-                name="model",
+                name=arch,  # the logged model's name in MLflow 3's Models tab
                 flavor=serving,
                 onnx_path=files["onnx"],
                 card=card,
@@ -427,7 +457,40 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
         model_version.version,
         description=version_description(arch, family, dataset, metrics, protocol, parity, export),
     )
+    _describe_registered_model(client, name, arch, family, dataset, protocol, card)
     return str(model_version.version), run_id
+
+
+def _log_dataset_input(dataset: str, version: str, ingested: Path) -> None:
+    """The run's dataset input (MLflow's Datasets column): the ingested dataset, named, with its content
+    version as the digest."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(ingested)), name=dataset, digest=version),
+                     context="train+test")
+
+
+def _describe_registered_model(client, name: str, arch: str, family: str, dataset: str, protocol: str,
+                               card: ModelCard) -> None:
+    """The registered model's page: what it is, what its aliases mean, and searchable tags."""
+    classes = [c for c in card.class_names if c != "background"]
+    client.update_registered_model(name, description=(
+        f"medseg {arch} ({family}): 2D segmentation of {dataset} ({card.modality}), {len(classes)} classes "
+        f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}), tested under protocol {protocol}. "
+        f"Alias challenger: the newest registered version; champion: the one `medseg promote` let through "
+        f"the gate. Apply it with `medseg predict -m models:/{name}@champion -i scans/ -o masks/`."))
+    for key, value in {"arch": arch, "family": family, "dataset": dataset, "protocol": protocol,
+                       "modality": card.modality, "medseg_version": _medseg_version()}.items():
+        client.set_registered_model_tag(name, key, str(value))
+
+
+def _medseg_version() -> str:
+    try:
+        return importlib.metadata.version("medseg")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------- promote

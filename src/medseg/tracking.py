@@ -138,17 +138,25 @@ def ensure_experiment(client, name: str, tracking_uri: str, root: str | Path) ->
     return ensure_experiment_at(client, name, artifact_location(tracking_uri, Path(root)))
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); a model-training
+# experiment shows runs, metrics and models.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment_at(client, name: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another architecture's register stage created it first
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
