@@ -188,7 +188,8 @@ def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
     measured on the machine most of the exports were measured on (same CPU, cores, torch, onnxruntime), with
     the machine not busy; where others have that record, an export without it (made before medseg kept it)
     is not comparable."""
-    machines = [row["latency"].get("machine") for row in rows if row["latency"].get("machine")]
+    machines = [(row.get("latency") or {}).get("machine") for row in rows]
+    machines = [m for m in machines if m]
     if not machines:  # none recorded (every export older than the record): nothing to tell them apart by
         return set(), []
     counts = sorted(((machines.count(m), m) for m in set(machines)), reverse=True)
@@ -196,7 +197,7 @@ def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
     common = counts[0][1] if len(counts) == 1 or counts[0][0] > counts[1][0] else None
     odd, notes = set(), []
     for row in rows:
-        record = row["latency"]
+        record = row.get("latency") or {}
         if not any(finite_or_none(row.get(k)) is not None for k in LATENCY_KEYS):
             continue
         load = finite_or_none(record.get("load_per_core"))
@@ -254,7 +255,8 @@ def per_class_table(rows: Sequence[dict], metric: str) -> str:
 def _latency_lines(rows: Sequence[dict]) -> list[str]:
     """How the latencies were measured, and which are not comparable (marked †)."""
     odd, notes = latency_comparability(rows)
-    records = [row["latency"] for row in rows if row["latency"].get("machine") and row["arch"] not in odd]
+    records = [row["latency"] for row in rows
+               if (row.get("latency") or {}).get("machine") and row["arch"] not in odd]
     lines = []
     if records:
         r = records[0]
