@@ -181,7 +181,9 @@ def medseg_pipeline(
         promotions[arch].wait()
         state = promotions[arch].state
         if state.is_completed():
-            decisions[arch] = promotions[arch].result()
+            # the version the decision is about, linked in the promotion artifact where MLflow has a UI
+            decisions[arch] = {"model_version_url": results[arch].get("model_version_url"),
+                               **promotions[arch].result()}
         else:  # e.g. the tracking server stayed unreachable through the retries
             decisions[arch] = {"arch": arch, "decision": "error", "reason": failure_message(state)}
 

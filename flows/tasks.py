@@ -334,6 +334,19 @@ def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
     return cases_json_version(cases) if cases.is_file() else None
 
 
+def mlflow_links(tracking_uri: str | None, experiment_id: str | None, run_id: str | None, model: str,
+                 version: str | None) -> dict[str, str | None]:
+    """Where to look in MLflow: the model version's URI always, and UI links when the store is a tracking server
+    (an http(s) URI; a sqlite store has no UI address until `mlflow ui` serves it)."""
+    base = tracking_uri.rstrip("/") if tracking_uri and tracking_uri.startswith(("http://", "https://")) else None
+    return {
+        "model_uri": f"models:/{model}/{version}" if version else None,
+        "mlflow_run_url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        if base and experiment_id and run_id else None,
+        "model_version_url": f"{base}/#/models/{model}/versions/{version}" if base and version else None,
+    }
+
+
 def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
     """What one architecture's stages produced: metrics, export parity and the registered version."""
     from medseg.registry import model_name
@@ -347,6 +360,8 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
         "model_name": registry.get("model_name", model_name(params, arch)),
         "version": registry.get("version"),
         "run_id": registry.get("run_id"),
+        **mlflow_links(registry.get("tracking_uri"), registry.get("experiment_id"), registry.get("run_id"),
+                       registry.get("model_name", model_name(params, arch)), registry.get("version")),
         "mean_dsc": metrics.get("mean_dsc"),
         "mean_hd95": metrics.get("mean_hd95"),
         "hd95_unit": metrics.get("hd95_unit"),
@@ -465,6 +480,8 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "protocol": res.get("protocol"),
                 "onnx_parity": res.get("parity_passed"),
                 "model_version": res.get("version"),
+                "model_uri": res.get("model_uri"),
+                "mlflow": res.get("model_version_url") or res.get("mlflow_run_url") or res.get("run_id"),
                 "error": (res.get("error") or "")[:200],
             }
         )
@@ -479,7 +496,10 @@ def promotion_markdown(decisions: dict[str, dict[str, Any]], dataset_version_id:
     lines += ["| architecture | model | decision | reason |", "|---|---|---|---|"]
     for arch, dec in decisions.items():
         reason = str(dec.get("reason", "")).replace("\n", " ").replace("|", "\\|")
-        lines.append(f"| {arch} | {dec.get('model_name', '')} | **{dec.get('decision', '')}** | {reason} |")
+        model = dec.get("model_name", "")
+        if dec.get("model_version_url"):  # a link to the version in MLflow's UI (tracking server stores)
+            model = f"[{model}]({dec['model_version_url']})"
+        lines.append(f"| {arch} | {model} | **{dec.get('decision', '')}** | {reason} |")
     promoted = [a for a, d in decisions.items() if d.get("decision") == "promoted"]
     lines += ["", f"Promoted to `champion`: {', '.join(promoted) if promoted else 'none'}."]
     return "\n".join(lines) + "\n"

@@ -399,6 +399,20 @@ def test_metrics_table_has_one_row_per_architecture_failed_included():
     assert rows[1]["error"].startswith("train@vm_unet exited with 2") and len(rows[1]["error"]) == 200
 
 
+def test_artifacts_link_to_the_mlflow_run_and_model_version():
+    """A tracking server gets UI links; a sqlite store (no UI address) the model URI and the run id."""
+    server = tasks.mlflow_links("http://mlflow.lab:5000/", "3", "abc", "medseg-phantom-unet", "7")
+    assert server == {"model_uri": "models:/medseg-phantom-unet/7",
+                      "mlflow_run_url": "http://mlflow.lab:5000/#/experiments/3/runs/abc",
+                      "model_version_url": "http://mlflow.lab:5000/#/models/medseg-phantom-unet/versions/7"}
+    local = tasks.mlflow_links("sqlite:////p/mlflow.db", "3", "abc", "medseg-phantom-unet", "7")
+    assert local == {"model_uri": "models:/medseg-phantom-unet/7", "mlflow_run_url": None, "model_version_url": None}
+    (row,) = tasks.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **server}})
+    assert row["model_uri"] == "models:/medseg-phantom-unet/7" and row["mlflow"] == server["model_version_url"]
+    (row,) = tasks.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **local}})
+    assert row["mlflow"] == "abc"
+
+
 def test_promotion_markdown_lists_decisions_and_reasons():
     md = tasks.promotion_markdown(
         {
@@ -414,6 +428,9 @@ def test_promotion_markdown_lists_decisions_and_reasons():
     assert "| segformer_b0 | medseg-phantom-segformer_b0 | **refused** | DSC 0.5 \\| worse than 0.6 |" in md
     assert "| vm_unet |  | **skipped** | training failed |" in md
     assert md.rstrip().endswith("Promoted to `champion`: unet.")
+    linked = tasks.promotion_markdown({"unet": {"model_name": "medseg-phantom-unet", "decision": "promoted",
+                                                "reason": "first", "model_version_url": "http://m:5000/#/models/x/versions/2"}})
+    assert "| unet | [medseg-phantom-unet](http://m:5000/#/models/x/versions/2) | **promoted** | first |" in linked
     assert tasks.promotion_markdown({}).rstrip().endswith("Promoted to `champion`: none.")
 
 

@@ -201,6 +201,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     version_of_data = version.tags["medseg.dataset_version"]  # the card's (the fabricated cases.json's hash)
     assert version_of_data
     experiment = client.get_experiment(run.info.experiment_id)
+    assert record["experiment_id"] == run.info.experiment_id  # for the Prefect artifacts' links to the run
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.run_name == f"unet-phantom-{version_of_data}-lr1e-3"
     assert run.data.tags["dataset_version"] == version_of_data and run.data.tags["dvc_exp_name"] == "lr1e-3"

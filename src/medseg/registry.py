@@ -267,10 +267,15 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     except Exception as exc:
         raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed: {short_error(exc)}") from exc
 
+    try:  # for links to the run in MLflow's UI (the Prefect artifacts)
+        experiment_id = str(client.get_run(run_id).info.experiment_id) if run_id else None
+    except Exception:  # noqa: BLE001 - a link is not worth failing a registration for
+        experiment_id = None
     record = {
         "model_name": name,
         "version": version,
         "run_id": run_id,
+        "experiment_id": experiment_id,
         "artifact_sha256": sha,
         "tracking_uri": tracking_uri,
         "created": created,
