@@ -1,0 +1,1 @@
+"""Data: format detection, ingest, fingerprint, split, the phantom, the training loader."""
