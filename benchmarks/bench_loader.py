@@ -54,9 +54,9 @@ def bench_slice_dataset(
     dataset = SliceDataset(ingested, ids, SIZE, augment=augment, image_mode=mode, cache_resized=cache)
     dataset.uint8_labels = True  # as training: labels cross from workers as uint8, made int64 by the consumer
     build = time.perf_counter() - build
-    # SliceLoader, as training and make_loader use it: in process the batch the dataset built is the batch (no
-    # second stacking copy); workers build theirs in shared ring slots and send a ticket
-    # workers persisting across epochs, as training runs them (each batch carries the epoch set here)
+    # SliceLoader, as training uses it: in process the batch the dataset built is the batch (no second stacking
+    # copy); workers persist across epochs (each batch carries the epoch set here), build their batches in
+    # shared ring slots and send a ticket
     loader = SliceLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
                          generator=torch.Generator().manual_seed(0))
     for _ in loader:  # warm-up: page cache, worker start
@@ -157,6 +157,7 @@ def main() -> None:
               f"({in_process:.0f}/s in process; workers {pure}), and workers helping a {args.step_ms:g} ms step "
               f"({', '.join(f'{w} -> {v:.0f}/s' for w, v in sorted(fed.items()))}: "
               f"{'help' if workers_help else 'hurt'}) -> {'met' if met else 'NOT met'}")
+
 
 if __name__ == "__main__":
     main()

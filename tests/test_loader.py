@@ -321,8 +321,8 @@ def test_slice_loader_ring_gives_the_in_process_batches(ingested, workers, mode)
             for a, b in zip(want, have):
                 assert a.dtype == b.dtype
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # NaN angle: no rotation
-        assert len(loader._spare) == 1
-        ring = loader._spare[0]
+        assert loader._free_ring is not None
+        ring = loader._free_ring
         assert ring.slots == loader.prefetch_factor * workers + 1 and ring.labels.dtype == (
             torch.int64 if mode == "int64" else torch.uint8)
     assert ds._ring is None  # only set while workers start
@@ -373,10 +373,10 @@ def test_persistent_workers_augment_for_the_epoch_set_in_the_main_process(ingest
         for want, have in zip(_reference_batches(ds, batches), got, strict=True):
             assert all(torch.equal(a, b) for a, b in zip(want, have))
     loader.set_batches([[4, 3], [1]])  # the next epoch's lists, same workers and ring
-    ring = loader._spare[0]
+    ring = loader._free_ring
     ds.set_epoch(6)
     got = [tuple(t.clone() for t in batch) for batch in loader]
-    assert loader._spare[0] is ring
+    assert loader._free_ring is ring
     for want, have in zip(_reference_batches(ds, [[4, 3], [1]]), got, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(want, have))
     with pytest.raises(ValueError, match="max_batch=2"):

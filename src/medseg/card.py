@@ -139,8 +139,8 @@ def sha256_of_test_data(cases: Mapping[str, Mapping[str, Any]], test_ids: Sequen
     """sha256 of the test cases' ids AND content: (id, image sha256, label sha256) of each, from cases.json,
     sorted. The gate compares two versions' DSCs only when this matches: a re-ingest that changed the scans
     under the same case ids is other test data (the version tag and metrics.json's `test_data_sha256`)."""
-    rows = sorted([str(i), str((cases.get(i) or {}).get("sha256", "")), str((cases.get(i) or {}).get("label_sha256", ""))]
-                  for i in test_ids)
+    entries = [(str(i), cases.get(i) or {}) for i in test_ids]
+    rows = sorted([i, str(c.get("sha256", "")), str(c.get("label_sha256", ""))] for i, c in entries)
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 

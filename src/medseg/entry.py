@@ -61,8 +61,7 @@ def summary_line(result: Any, limit: int = 200) -> str:
     """A stage result as one line: its top-level numbers (4 significant digits), booleans and short strings, a
     count for lists and mappings, cut at `limit` characters. DVC and Prefect logs get one record, not 180."""
     if not isinstance(result, Mapping):
-        text = str(result)
-        return text if len(text) <= limit else text[: limit - 1] + "…"
+        return _cut(str(result), limit)
     parts = []
     for key, value in result.items():
         if isinstance(value, bool) or value is None:
@@ -76,7 +75,10 @@ def summary_line(result: Any, limit: int = 200) -> str:
                 parts.append(f"{key}={value}")
         elif isinstance(value, (list, tuple, Mapping)):
             parts.append(f"{key}: {len(value)}")
-    text = ", ".join(parts)
+    return _cut(", ".join(parts), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -23,7 +23,7 @@ from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metad
 from medseg.errors import ExportError
 from medseg.io import atomic_path, read_json, sha256_file, write_dvc_metrics, write_json
 from medseg.layout import ProjectLayout
-from medseg.threads import apply_torch_threads, plan_from_params
+from medseg.threads import apply_torch_threads, available_cpus, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -209,8 +209,6 @@ def machine_description() -> str:
 
     import onnxruntime
 
-    from medseg.threads import available_cpus
-
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -225,8 +223,6 @@ def machine_description() -> str:
 
 def _load_per_core() -> float | None:
     """1-minute load average per usable core while timing: above 1, other work competed for the cores."""
-    from medseg.threads import available_cpus
-
     try:
         return round(os.getloadavg()[0] / available_cpus(), 2)
     except (AttributeError, OSError):

@@ -29,7 +29,8 @@ class VersionFacts:
 class Decision:
     """The gate's answer. `code` names the rule that decided, one per distinct case, for scripts and flows:
     promoted: first-champion, better; unchanged: already-champion; refused: parity-failed, no-dsc,
-    different-test-data, unknown-test-data, different-protocol, champion-no-dsc, worse (and, from `promote`, no-challenger)."""
+    different-test-data, unknown-test-data, different-protocol, champion-no-dsc, worse (and, from `promote`,
+    no-challenger)."""
 
     outcome: Outcome
     reason: str
@@ -38,7 +39,8 @@ class Decision:
 
 def decide(challenger: VersionFacts, champion: VersionFacts | None, min_improvement: float = 0.0) -> Decision:
     """Promote only a challenger whose ONNX parity passed and, with a champion present, that was tested on the same
-    test cases with the same content (test_data) under the same protocol and whose DSC is strictly greater than the champion's + min_improvement."""
+    test cases with the same content (test_data) under the same protocol and whose DSC is strictly greater than
+    the champion's + min_improvement."""
     c, v = challenger, challenger.version
     if champion is not None and champion.version == v:
         return Decision("unchanged", f"version {v} is already the champion", "already-champion")
@@ -75,8 +77,8 @@ def decide(challenger: VersionFacts, champion: VersionFacts | None, min_improvem
         return Decision("refused", f"champion {w} has no finite test_dsc tag, so the challenger cannot be compared",
                         "champion-no-dsc")
     if not c.dsc > champion.dsc + float(min_improvement):
+        margin = f" by more than {min_improvement}" if min_improvement else ""
         return Decision("refused", f"challenger {v} test DSC {c.dsc:.4f} does not beat champion {w} DSC "
-                                   f"{champion.dsc:.4f}" + (f" by more than {min_improvement}" if min_improvement else ""),
-                        "worse")
+                                   f"{champion.dsc:.4f}{margin}", "worse")
     return Decision("promoted", f"version {v} (DSC {c.dsc:.4f}, parity passed) replaces champion {w} "
                                 f"(DSC {champion.dsc:.4f})", "better")

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate, get_worker_info
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate,
+                              get_worker_info)
 
 from medseg.config import settings
 from medseg.errors import ConfigError, IngestError
@@ -320,7 +321,8 @@ class SliceLoader(DataLoader):
         kwargs.pop("collate_fn", None)
         super().__init__(dataset, batch_sampler=_SequencedBatches(batch_sampler, dataset), generator=generator,
                          collate_fn=collate_slices, **kwargs)
-        self._spare: list[BatchRing] = []  # rings of finished iterators, whose workers have exited
+        # the ring of the last iteration: free once its workers exited, or held by the persistent workers
+        self._free_ring: BatchRing | None = None
 
     def set_batches(self, batches: Any) -> None:
         """The index lists of the next iteration (an epoch's batches); workers, persistent ones included, and
@@ -332,19 +334,19 @@ class SliceLoader(DataLoader):
     def close(self) -> None:
         """Stop persistent workers now (dropping the iterator shuts them down) rather than at garbage collection."""
         self._iterator = None
-        self._spare = []
+        self._free_ring = None
 
     def _take_ring(self) -> BatchRing:
-        if self.persistent_workers and self._spare:
-            return self._spare[0]  # the ring the persistent workers were started with
+        ring = self._free_ring
+        if self.persistent_workers and ring is not None:
+            return ring  # the ring the persistent workers were started with
+        self._free_ring = None  # taken: a second iterator running meanwhile gets a ring of its own
         ds = self.dataset
         slots = int(self.prefetch_factor) * self.num_workers + 1
         image_shape = (ds.in_channels, *ds.image_size)
         label_dtype = torch.uint8 if (ds.uint8_labels or ds.defer_augmentation) else torch.int64
-        for ring in self._spare:
-            if ring.fits(slots, self.max_batch, image_shape, label_dtype):
-                self._spare.remove(ring)
-                return ring
+        if ring is not None and ring.fits(slots, self.max_batch, image_shape, label_dtype):
+            return ring
         return BatchRing(slots, self.max_batch, image_shape, ds.image_size, label_dtype)
 
     def __iter__(self):
@@ -359,11 +361,11 @@ class SliceLoader(DataLoader):
             self.dataset._ring = None
         pin = bool(self.pin_memory) and torch.cuda.is_available()
         if self.persistent_workers:
-            self._spare = [ring]  # kept for the workers' lifetime
+            self._free_ring = ring  # kept for the workers' lifetime
         for batch in batches:
             yield ring.collect(batch, pin) if isinstance(batch, RingTicket) else batch
         if not self.persistent_workers:  # exhausted: the iterator has joined its workers, the ring is free
-            self._spare = [ring]
+            self._free_ring = ring
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -576,7 +578,7 @@ def make_loader(
         num_workers=int(num_workers),
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(int(seed)),
-        persistent_workers=False,  # workers must see set_epoch()
+        persistent_workers=False,  # fresh workers per iteration (training keeps its own persistent loader)
     )
 
 
