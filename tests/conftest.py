@@ -83,7 +83,7 @@ def make_dvc_project(dst: Path, params: dict) -> Path:
     for name in ("dvc.yaml", "builtin", "stages", "src"):
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dvc.lock"))
         else:
             shutil.copy2(src, dst / name)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
