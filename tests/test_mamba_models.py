@@ -181,3 +181,47 @@ def test_count_gflops_includes_the_selective_scan():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(torch.zeros(1, 1, 32, 32))
     assert count_gflops(model, (1, 1, 32, 32)) == pytest.approx(counter.get_total_flops() / 2e9 + scan)
+
+
+# ------------------------------------------------------------------------------------- no-Mamba ablation twins
+@pytest.mark.parametrize("name", MAMBA_NETS)
+def test_the_no_mamba_twin_is_the_same_network_without_its_scans(name, monkeypatch):
+    """Same layout and weights but the scans: the twin's state dict is the full network's minus exactly the scan
+    parameters (and U-Mamba's bottleneck Mamba branch), and with the twin's weights loaded, the full network with
+    its scans made identity (branch skipped) gives the twin's output."""
+    from medseg.models.mamba import networks
+    from medseg.models.mamba.ss2d import SCAN_PARAMETERS
+
+    twin_name = f"{name}_nomamba"
+    info = get_model_info(twin_name)
+    assert info.ablation_of == name and info.family == "cnn" and info.size_multiple == get_model_info(name).size_multiple
+    torch.manual_seed(0)
+    full = build_model(name, 1, 3, (32, 32), **TINY[name]).eval()
+    twin = build_model(twin_name, 1, 3, (32, 32), **TINY[name]).eval()
+    assert not any(isinstance(m, MambaLayer) for m in twin.modules())
+    assert all(not m.scan for m in twin.modules() if isinstance(m, SS2D))
+    removed = set(full.state_dict()) - set(twin.state_dict())
+    assert set(twin.state_dict()) < set(full.state_dict()) and removed
+    assert all(k.rsplit(".", 1)[-1] in SCAN_PARAMETERS or ".mamba." in f".{k}" for k in removed), removed
+    x = torch.randn(2, 1, 32, 32)
+    assert count_scan_gflops(twin, x.shape) == 0.0 and count_scan_gflops(full, x.shape) > 0
+    full.load_state_dict(twin.state_dict(), strict=False)
+    monkeypatch.setattr(SS2D, "_scan_4_directions", lambda self, t: t.flatten(2))
+    if isinstance(full, networks.UMambaBot):
+        full.mamba = None
+    with torch.no_grad():
+        assert torch.equal(full(x), twin(x))
+    assert twin(x).shape == (2, 3, 32, 32)
+
+
+def test_the_no_mamba_twin_trains_and_exports(tmp_path):
+    from medseg.export import export_onnx, onnx_max_abs_diff
+
+    torch.manual_seed(0)
+    twin = build_model("msvm_unet_nomamba", 1, 3, (32, 32), **TINY["msvm_unet"])
+    loss = F.cross_entropy(twin(torch.randn(2, 1, 32, 32)), torch.randint(0, 3, (2, 32, 32)))
+    loss.backward()
+    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
+    twin.eval()
+    path = export_onnx(twin, 1, (32, 32), tmp_path / "twin.onnx")
+    assert onnx_max_abs_diff(twin, path, torch.randn(1, 1, 64, 32)) < 1e-4

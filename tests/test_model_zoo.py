@@ -127,6 +127,8 @@ TINY = {
     "msvm_unet": {"dims": 16, "depths": [1, 1, 1, 1], "d_state": 2},
     "umamba_bot": {"base_channels": 8, "max_channels": 32, "d_state": 4},
 }  # fmt: skip
+TINY.update({f"{name}_nomamba": TINY[name] for name in ("vm_unet", "mamba_unet", "swin_umamba", "msvm_unet",
+                                                        "umamba_bot")})
 
 
 def test_every_registered_model_has_tiny_size_options():

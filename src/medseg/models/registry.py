@@ -61,6 +61,12 @@ _FAMILY_OF: dict[str, str] = {
     "swin_umamba": _MAMBA,
     "msvm_unet": _MAMBA,
     "umamba_bot": _MAMBA,
+    # the no-Mamba ablation twins (the same networks without their selective scans)
+    "vm_unet_nomamba": _MAMBA,
+    "mamba_unet_nomamba": _MAMBA,
+    "swin_umamba_nomamba": _MAMBA,
+    "msvm_unet_nomamba": _MAMBA,
+    "umamba_bot_nomamba": _MAMBA,
 }
 # every module that registers built-in models, in the order available_models() imports them
 MODEL_MODULES: tuple[str, ...] = tuple(dict.fromkeys(_FAMILY_OF.values()))
@@ -87,6 +93,7 @@ class ModelInfo:
     # size_rule(image_size, **options) -> the stride for these options, where options change it (e.g. U-Net depth)
     size_rule: Callable[..., int] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    ablation_of: str | None = None  # a no-Mamba twin: the Mamba network it is paired with in the report
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

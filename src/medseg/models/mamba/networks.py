@@ -5,6 +5,8 @@
 - swin_umamba Swin-UMamba (Liu et al. 2024): conv stem + VMamba-T encoder, UNETR-style residual CNN decoder.
 - msvm_unet   MSVM-UNet (Chen et al. 2024): VMamba v2 encoder, multi-scale VSS decoder, large-kernel expanding.
 - umamba_bot  U-Mamba-Bot (Ma et al. 2024): nnU-Net residual UNet with a Mamba layer at the bottleneck.
+- <name>_nomamba  each one's ablation twin: the same network with its selective scans removed
+  (ss2d.remove_selective_scans), registered so the report can pair them and say what the Mamba layers add.
 
 VSS networks keep features channels-last (B, H, W, C) like VMamba. Every builder has the registry signature
 (in_channels, num_classes, image_size, **options) and returns logits (B, num_classes, H, W). `pretrained` (a
@@ -14,6 +16,7 @@ match; tests never use it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from medseg.errors import ConfigError
-from medseg.models.mamba.ss2d import MambaLayer, VSSStage
+from medseg.models.mamba.ss2d import MambaLayer, VSSStage, remove_selective_scans
 from medseg.models.registry import register_model
 
 _log = logging.getLogger(__name__)
@@ -541,7 +544,7 @@ class UMambaBot(nn.Module):
             self.encoder.append(nn.Sequential(*blocks))
             cin = w
         self.mamba_norm = nn.LayerNorm(widths[-1])
-        self.mamba = MambaLayer(widths[-1], d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mamba: MambaLayer | None = MambaLayer(widths[-1], d_state=d_state, d_conv=d_conv, expand=expand)
         self.ups = nn.ModuleList(
             nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2, bias=False) for i in range(len(widths) - 1)
         )
@@ -558,10 +561,12 @@ class UMambaBot(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
-        b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # (B, L, C)
-        tokens = tokens + self.mamba(self.mamba_norm(tokens))
-        y = tokens.transpose(1, 2).reshape(b, c, h, w)
+        y = x
+        if self.mamba is not None:  # None in the no-Mamba twin: the residual branch is gone
+            b, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)  # (B, L, C)
+            tokens = tokens + self.mamba(self.mamba_norm(tokens))
+            y = tokens.transpose(1, 2).reshape(b, c, h, w)
         for i in range(len(self.ups) - 1, -1, -1):
             y = self.decoder[i](torch.cat([self.ups[i](y), skips[i]], dim=1))
         return self.head(y)
@@ -603,3 +608,34 @@ def build_umamba_bot(
                           f"got {tuple(image_size)}")
     widths = [min(base_channels * 2**i, max_channels) for i in range(num_stages)]
     return UMambaBot(in_channels, num_classes, widths, blocks_per_stage, decoder_convs, d_state, d_conv, expand)
+
+
+# ------------------------------------------------------------------------------------------ no-Mamba twins
+
+
+def _no_mamba(builder, **kwargs) -> nn.Module:
+    kwargs.pop("pretrained", None)  # VMamba weights hold the scans' parameters; the twin trains from scratch
+    return remove_selective_scans(builder(**kwargs))
+
+
+def _register_twin(name: str, builder) -> None:
+    from medseg.models.registry import get_model_info
+
+    info = get_model_info(name)
+    register_model(
+        f"{name}_nomamba",
+        family="cnn",
+        description=f"ablation twin of {name}: its selective scans removed (identity; U-Mamba: no bottleneck "
+        "Mamba branch), the rest identical",
+        paper="ablation as nnU-Net Revisited's No-Mamba Base (Isensee et al., MICCAI 2024)",
+        dynamic_hw=info.dynamic_hw,
+        size_multiple=info.size_multiple,
+        size_rule=info.size_rule,
+        ablation_of=name,
+    )(functools.wraps(builder)(functools.partial(_no_mamba, builder)))
+
+
+for _name, _builder in (("vm_unet", build_vm_unet), ("mamba_unet", build_mamba_unet),
+                        ("swin_umamba", build_swin_umamba), ("msvm_unet", build_msvm_unet),
+                        ("umamba_bot", build_umamba_bot)):
+    _register_twin(_name, _builder)

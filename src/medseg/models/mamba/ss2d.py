@@ -81,6 +81,8 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    scan = True  # False: the ablation twin (remove_selective_scans), the 4-direction scan replaced by identity
+
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         batch, height, width, _ = x.shape
         xz = self.in_proj(x)
@@ -89,7 +91,8 @@ class SS2D(nn.Module):
         else:
             x, z = xz, None
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        y = self._scan_4_directions(x)  # (B, D, H*W), row-major
+        # (B, D, H*W), row-major
+        y = self._scan_4_directions(x) if self.scan else x.flatten(2)
         y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner))
         if z is not None:
             y = y * F.silu(z)
@@ -257,6 +260,32 @@ class MambaLayer(nn.Module):
             delta_softplus=True,
         )
         return self.out_proj(y.transpose(1, 2).to(z.dtype))
+
+
+SCAN_PARAMETERS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
+
+
+def remove_selective_scans(model: nn.Module) -> nn.Module:
+    """The no-Mamba ablation twin of a Mamba network, in place (as nnU-Net Revisited's "No-Mamba Base"):
+    - every SS2D keeps in_proj, its depthwise conv (the local mixing), norm, gate and out_proj; the four-direction
+      selective scan becomes the identity and its parameters (x_proj, dt_proj, A, D) are removed;
+    - every MambaLayer (U-Mamba's bottleneck, a residual branch) is removed, so the branch adds nothing.
+    What is left is a conv/MLP network with the same layout, so the paired comparison isolates the scans."""
+    found = False
+    for module in model.modules():
+        if isinstance(module, SS2D):
+            module.scan = False
+            for name in SCAN_PARAMETERS:
+                delattr(module, name)
+            found = True
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MambaLayer):
+                setattr(parent, name, None)
+                found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no selective scan to remove")
+    return model
 
 
 def count_scan_gflops(model: nn.Module, input_shape: Sequence[int]) -> float:
