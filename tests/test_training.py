@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -105,6 +106,13 @@ def test_outputs_follow_the_contract(reference):
     model, _ = load_trained_model(paths(root).checkpoint("unet"))
     assert saved["params"] == sum(p.numel() for p in model.parameters())
     assert saved["device"] == "cpu" and saved["resumed_from_step"] is None
+    # compute on equal terms: the median epoch from the log's cumulative seconds, this process's peak memory
+    ends = [float(r["seconds"]) for r in rows]
+    assert saved["seconds_per_epoch"] == pytest.approx(float(np.median([ends[0], ends[1] - ends[0]])), abs=1e-3)
+    import resource
+
+    assert 0 < saved["peak_rss_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 0.1
+    assert saved["cuda_max_allocated_mb"] is None  # trained on CPU
     # the DVC metric: numbers only, the summary's detail stays in train_summary.json
     scores = read_json(paths(root).train_scores("unet"))
     assert scores == {"unet.val_dice": float(f"{saved['best_val_dice']:.4g}"),

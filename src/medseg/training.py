@@ -658,6 +658,8 @@ class Trainer:
             "best_epoch": st.best_epoch,
             "val_dice_definition": VAL_DICE_DEFINITION,
             "train_seconds": round(st.history[-1]["seconds"] if st.history else 0.0, 3),
+            "seconds_per_epoch": _median_epoch_seconds(st.history),
+            **peak_memory(self.device),
             "device": self.device,
             "world_size": self.dist.world,
             "resumed_from_step": st.resumed_from,
@@ -674,6 +676,26 @@ class Trainer:
 
             dist.barrier()
         return summary
+
+
+def _median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
+    """Median wall time of one epoch (training + validation) from the log's cumulative seconds: the median, so a
+    first epoch's warm-up or a resume does not stand for the rest."""
+    ends = [float(row["seconds"]) for row in history]
+    durations = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
+    return round(float(np.median(durations)), 3) if durations else None
+
+
+def peak_memory(device: str) -> dict[str, float | None]:
+    """Peak memory of this training process: CPU resident set (the process's high-water mark, what a machine must
+    have), and on CUDA the most memory torch allocated on the device."""
+    import resource
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = None
+    if device.startswith("cuda"):
+        cuda = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"peak_rss_mb": round(rss_kb / 1024, 1), "cuda_max_allocated_mb": cuda}
 
 
 def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
