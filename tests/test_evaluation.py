@@ -135,22 +135,29 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
 
     with open(reports / "per_case.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["case", "class", "dsc", "hd95", "status"]
+    assert list(rows[0]) == ["case", "class", "dsc", "hd95", "nsd", "status"]
     assert len(rows) == len(split["test"]) * (len(class_names) - 1)
     # every row is the metric of the saved prediction against the ingested label, in millimetres
     for case_id in split["test"]:
         _, label, spacing = original_load(paths(project_copy).ingested, case_id)
-        expected = case_metrics(predictions[case_id], np.asarray(label), class_names, spacing, "mm")
+        expected = case_metrics(predictions[case_id], np.asarray(label), class_names, spacing, "mm", 2.0)
         got = [r for r in rows if r["case"] == case_id]
         for want, row in zip(expected, got):
             assert row["class"] == want["class"] and row["status"] == want["status"]
-            for key in ("dsc", "hd95"):
+            for key in ("dsc", "hd95", "nsd"):
                 assert (math.isnan(want[key]) and row[key] == "nan") or float(row[key]) == pytest.approx(want[key])
     for name in class_names[1:]:  # per-class means are over the defined (non-NaN) rows
         values = [float(r["dsc"]) for r in rows if r["class"] == name and r["dsc"] != "nan"]
         summary = metrics["per_class"][name]
         assert summary["n"] == len(values) and summary["excluded"] == len(split["test"]) - len(values)
         assert summary["dsc"] == (pytest.approx(np.mean(values)) if values else None)
+        surface = [float(r["nsd"]) for r in rows if r["class"] == name and r["nsd"] != "nan"]
+        assert summary["nsd"] == (pytest.approx(np.mean(surface)) if surface else None)
+    # NSD at the default tolerance (params.yaml gives none), recorded per class; DVC's flat metrics carry it
+    assert metrics["nsd_tolerance"] == {name: 2.0 for name in class_names[1:]}
+    defined = [v["nsd"] for v in metrics["per_class"].values() if v["nsd"] is not None]
+    assert metrics["mean_nsd"] == pytest.approx(np.mean(defined))
+    assert read_json(paths(project_copy).test_scores("unet"))["unet.nsd"] == float(f"{metrics['mean_nsd']:.4g}")
     assert (reports / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -214,3 +221,15 @@ def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thr
     np.testing.assert_allclose(hd95["mm"], expected["mm"], equal_nan=True)
     np.testing.assert_allclose(hd95["voxels"], expected["voxels"], equal_nan=True)
     assert not np.allclose(hd95["mm"], hd95["voxels"], equal_nan=True)  # the unit changed the numbers
+
+
+def test_nsd_tolerances_per_class_refuse_a_class_the_dataset_lacks():
+    from medseg.evaluation import nsd_tolerances
+
+    names = ["background", "liver", "spleen"]
+    assert nsd_tolerances(2.0, names) == {"liver": 2.0, "spleen": 2.0}
+    assert nsd_tolerances({"liver": 3.0}, names) == {"liver": 3.0, "spleen": 2.0}
+    with pytest.raises(ConfigError, match="names livr, not a foreground class"):
+        nsd_tolerances({"livr": 3.0}, names)
+    with pytest.raises(ConfigError, match="expected numbers >= 0"):
+        nsd_tolerances({"liver": -1.0}, names)

@@ -124,7 +124,7 @@ def test_dvc_status_restyling_the_report_leaves_trainings_up_to_date(tmp_path, t
                 f"reports/{arch}/train_summary.json", f"reports/{arch}/train_scores.json",
                 f"reports/{arch}/train_log.csv", "reports/comparison.md",
                 "reports/comparison_dsc.png", "reports/comparison_summary.png", "reports/qualitative.png",
-                "reports/per_class.csv"):
+                "reports/per_class.csv", "reports/statistics.json"):
         _touch(root / rel, "{}" if rel.endswith(".json") else "epoch,val_dice\n1,0.5\n")
     train = f"train@{arch}"
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from medseg.errors import ConfigError
-from medseg.metrics import aggregate, binary_metrics, case_metrics, dice, hd95, volume_diagonal
+from medseg.metrics import (DEFAULT_NSD_TOLERANCE, aggregate, binary_metrics, binary_scores, case_metrics, dice,
+                            hd95, nsd, volume_diagonal)
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
@@ -150,7 +151,9 @@ def test_case_metrics_and_aggregate_count_exclusions():
     summary = aggregate(rows + rows2, names)
     assert summary["per_class"]["b"]["dsc"] == pytest.approx(0.5)
     assert summary["per_class"]["b"]["hd95"] == pytest.approx(volume_diagonal(gt.shape, (2.0, 1.0, 1.0)) / 2)
-    assert summary["per_class"]["c"] == {"dsc": None, "hd95": None, "n": 0, "excluded": 2, "statuses": {"both_empty": 2}}
+    assert summary["per_class"]["c"] == {"dsc": None, "hd95": None, "nsd": None, "n": 0, "excluded": 2,
+                                         "statuses": {"both_empty": 2}}
+    assert summary["per_class"]["b"]["nsd"] == pytest.approx(0.5)  # missed once (0), perfect once (1)
     assert summary["mean_dsc"] == pytest.approx((1.0 + 0.5) / 2)  # class c has no defined value
 
 
@@ -164,3 +167,66 @@ def test_single_slice_volumes_are_scored_in_2d():
     assert row["hd95"] == pytest.approx(medpy_binary.hd95(pred[0], gt[0], voxelspacing=(0.8, 0.5)))
     assert row["hd95"] == pytest.approx(1.0)
     assert row["dsc"] == pytest.approx(0.8)
+
+
+# ------------------------------------------------------------------------------------------------------------ NSD
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own internal deprecation notice
+@settings(max_examples=60, deadline=None)
+@given(mask=masks_3d, seed=st.integers(0, 2**31 - 1), spacing=spacings, tolerance=st.floats(0.0, 8.0))
+def test_nsd_matches_monai_surface_dice_on_random_anisotropic_masks(mask, seed, spacing, tolerance):
+    """MONAI's SurfaceDiceMetric (edges by erosion, EDT with spacing, no sub-voxels) is the same definition; it
+    computes in float32, hence the tolerance."""
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    mask.flat[0] = True
+    pred, gt = _pair(mask, seed)
+
+    def one_hot(m):
+        return torch.from_numpy(np.stack([~m, m])[None].astype(np.float32))
+
+    expected = compute_surface_dice(one_hot(pred), one_hot(gt), [tolerance], include_background=False,
+                                    spacing=spacing).item()
+    assert nsd(pred, gt, spacing, "mm", tolerance) == pytest.approx(expected, abs=1e-6)
+    # symmetric, and never outside [0, 1]
+    assert nsd(gt, pred, spacing, "mm", tolerance) == pytest.approx(nsd(pred, gt, spacing, "mm", tolerance))
+
+
+def test_nsd_tolerance_is_in_millimetres_under_mm_and_in_voxels_under_transunet():
+    gt = np.zeros((8, 10, 10), dtype=bool)
+    gt[2:5, 2:8, 2:8] = True
+    pred = np.roll(gt, 1, axis=0)  # one slice further: 3 mm along z, every surface voxel within one voxel
+    spacing = (3.0, 1.0, 1.0)
+    assert nsd(pred, gt, spacing, "mm", 3.0) == 1.0
+    assert nsd(pred, gt, spacing, "mm", 2.9) < 1.0
+    assert nsd(pred, gt, spacing, "transunet", 1.0) == 1.0  # spacing ignored: one voxel
+    assert nsd(pred, gt, spacing, "transunet", 0.9) < 1.0
+    assert nsd(gt, gt, spacing, "mm", 0.0) == 1.0
+    far = np.zeros_like(gt)
+    far[6:8, 8:10, 8:10] = True
+    assert nsd(far, gt, spacing, "mm", 1.0) == 0.0
+    assert nsd(far, gt, spacing, "mm", 100.0) == 1.0  # beyond every distance in the volume
+
+
+def test_nsd_empty_masks_follow_each_protocols_dsc_rule():
+    empty, full = np.zeros((3, 4, 4), dtype=bool), np.ones((3, 4, 4), dtype=bool)
+    assert math.isnan(binary_scores(empty, empty, (1.0, 1.0, 1.0), "mm").nsd)
+    assert binary_scores(empty, full, (1.0, 1.0, 1.0), "mm").nsd == 0.0
+    assert binary_scores(full, empty, (1.0, 1.0, 1.0), "mm").nsd == 0.0
+    assert binary_scores(full, empty, None, "transunet").nsd == 1.0
+    assert binary_scores(empty, full, None, "transunet").nsd == 0.0
+    assert binary_scores(empty, empty, None, "transunet").nsd == 0.0
+    with pytest.raises(ValueError, match="NSD tolerance"):
+        binary_scores(full, full, None, "mm", -1.0)
+
+
+def test_case_metrics_take_a_tolerance_per_class():
+    names = ["background", "a", "b"]
+    gt = np.zeros((6, 10, 10), dtype=np.uint8)
+    gt[1:4, 1:4, 1:4] = 1
+    gt[1:4, 6:9, 6:9] = 2
+    pred = np.roll(gt, 1, axis=0)
+    rows = case_metrics(pred, gt, names, (3.0, 1.0, 1.0), "mm", {"a": 3.0})
+    assert rows[0]["nsd"] == 1.0  # a: 3 mm
+    assert rows[1]["nsd"] < 1.0  # b: the default 2 mm
+    assert rows[1]["nsd"] == nsd(pred == 2, gt == 2, (3.0, 1.0, 1.0), "mm", DEFAULT_NSD_TOLERANCE)

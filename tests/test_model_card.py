@@ -63,10 +63,14 @@ def test_inverse_label_map():
 
 def test_evaluation_keeps_flat_finite_numbers():
     metrics = {"protocol": "transunet", "hd95_unit": "voxels", "mean_dsc": 0.7, "mean_hd95": float("nan"),
-               "test_cases_sha256": "s", "num_cases": 2,
-               "per_class": {"liver": {"dsc": 0.9, "hd95": float("inf"), "excluded": 1, "status": "ok"}}}
+               "mean_nsd": 0.8, "nsd_tolerance": {"liver": 2}, "test_cases_sha256": "s", "num_cases": 2,
+               "per_class": {"liver": {"dsc": 0.9, "hd95": float("inf"), "nsd": 0.8, "excluded": 1, "status": "ok"}}}
     assert evaluation_of(metrics) == {"protocol": "transunet", "hd95_unit": "voxels", "mean_dsc": 0.7,
-                                      "mean_hd95": None, "per_class": {"liver": {"dsc": 0.9, "hd95": None}}}
+                                      "mean_hd95": None, "mean_nsd": 0.8, "nsd_tolerance": {"liver": 2.0},
+                                      "per_class": {"liver": {"dsc": 0.9, "hd95": None, "nsd": 0.8}}}
+    # metrics.json written before medseg measured NSD: the card says None, not a made-up number
+    old = evaluation_of({"protocol": "mm", "per_class": {"liver": {"dsc": 0.9, "hd95": 3.0}}})
+    assert old["mean_nsd"] is None and old["per_class"]["liver"]["nsd"] is None
 
 
 def _project_inputs(root, params):

@@ -46,6 +46,8 @@ def test_the_shipped_files_validate_and_keep_their_values(name):
     ({"train": {"optimizer": "adam"}}, r"train\.optimizer='adam'; expected one of 'sgd', 'adamw'"),
     ({"register": ["medseg"]}, r"register must be a mapping"),
     ({"models": "unet"}, r"models must be a list"),
+    ({"evaluate": {"nsd_tolerance": {"liver": "wide"}}}, r"evaluate\.nsd_tolerance\.liver must be a number, got 'wide'"),
+    ({"evaluate": {"nsd_tolerance": "2 mm"}}, r"evaluate\.nsd_tolerance: '2 mm' fits none of"),
 ])
 def test_an_unknown_key_or_a_wrong_type_names_the_file_and_the_key(tmp_path, change, message):
     params = repo_params()

@@ -50,7 +50,7 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
     for path, values in files.items():
         assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), path
     # keys unique across files (`unet.dsc`), so dvc exp show names a column by its key, not `path:key`
-    assert set(files["reports/unet/test_scores.json"]) == {"unet.dsc", "unet.hd95"}
+    assert set(files["reports/unet/test_scores.json"]) == {"unet.dsc", "unet.hd95", "unet.nsd"}
     keys = [key for values in files.values() for key in values]
     assert len(keys) == len(set(keys))
     metrics = json.loads(paths(project).metrics("unet").read_text())

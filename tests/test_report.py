@@ -55,7 +55,9 @@ def fabricate_arch(root: Path, arch: str, params: dict) -> None:
         "max_abs_diff": 1e-6, "parity_passed": True, "threshold": 1e-3, "torch_latency_ms": torch_ms,
         "onnx_latency_ms": onnx_ms, "opset": 17, "dynamic_hw": True,
         "latency": {"runs": 10, "warmup": 3, "threads": 2, "machine": "CPU A, 2 usable cores", "load_per_core": 0.1}}))
-    (reports / "train_summary.json").write_text(json.dumps({"train_seconds": seconds, "best_val_dice": 0.5}))
+    (reports / "train_summary.json").write_text(json.dumps({
+        "train_seconds": seconds, "best_val_dice": 0.5, "seconds_per_epoch": seconds / 10, "peak_rss_mb": 500 + seconds,
+        "cuda_max_allocated_mb": None, "device": "cpu"}))
     write_checkpoint(root, arch, params)
 
 
@@ -105,6 +107,10 @@ def test_build_report_tables_charts_and_missing(report_project):
     assert unet[col["ONNX Runtime CPU"]] == "**1.0**" and unetpp[col["PyTorch CPU"]] == "9.0"
     assert unet[col["Training time"]] == "**40 s**" and unetpp[col["Training time"]] == "2.5 min"
     assert unet[col["Family"]] == "cnn" and unet[col["ONNX parity"]] == "passed"
+    # compute beside accuracy: seconds per epoch and peak training memory (CPU: resident set), lower is better
+    assert unet[col["s / epoch"]] == "**4.0**" and unetpp[col["s / epoch"]] == "15.0"
+    assert unet[col["Peak train memory"]] == "**540**" and unetpp[col["Peak train memory"]] == "650"
+    assert "trained on: cpu" in md
 
     # Complexity comes from the checkpoint's network, counted at the training size.
     cases = read_cases(paths(root, params["dataset"]["name"]).ingested)
@@ -179,7 +185,8 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
     for name in ("comparison_dsc.png", "comparison_summary.png", "qualitative.png"):
         with Image.open(paths(project_copy).reports_dir(name)) as img:
             assert img.size[0] > 0
-    assert (paths(project_copy).comparison_dir / "per_class.csv").read_text().splitlines() == ["arch,class,arch_class,dsc,hd95"]
+    assert (paths(project_copy).comparison_dir / "per_class.csv").read_text().splitlines() == [
+        "arch,class,arch_class,dsc,hd95,nsd"]
 
 
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
@@ -238,3 +245,96 @@ def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_pa
     assert row["params_m"] == pytest.approx(summary["params"] / 1e6)
     assert row["registry_version"] == record["version"]
     assert _row((paths(root).comparison_dir / "comparison.md").read_text(), "Summary", "unet")[-1] == record["version"]
+
+
+def _write_per_case(root: Path, arch: str, dsc_by_case: dict[str, float], organs: list[str]) -> None:
+    lines = ["case,class,dsc,hd95,nsd,status"]
+    for case, dsc in dsc_by_case.items():
+        lines += [f"{case},{organ},{dsc},{10 * (1 - dsc)},{dsc},ok" for organ in organs]
+    paths(root).per_case(arch).write_text("\n".join(lines) + "\n")
+
+
+def test_statistics_mark_a_winner_only_when_the_paired_test_says_so(report_project):
+    """Eight patients, unetpp better on each: significant (exact p = 2/256), bold alone. The same numbers for both:
+    a tie, both bold, though metrics.json's means differ."""
+    from medseg.report import build_report
+
+    root, params = report_project
+    organs = read_cases(paths(root, params["dataset"]["name"]).ingested)["class_names"][1:]
+    base = {f"s{i:02d}": 0.5 + 0.04 * i for i in range(8)}  # not in cases.json: each is its own patient
+    _write_per_case(root, "unet", base, organs)
+    _write_per_case(root, "unetpp", {c: v + 0.05 + 0.001 * i for i, (c, v) in enumerate(base.items())}, organs)
+    result = build_report(params, root)
+    stats = read_json(paths(root).comparison_dir / "statistics.json")
+    assert stats == json.loads(json.dumps(result["statistics"]))
+    assert stats["patients"] == 8 and stats["best"] == "unetpp" and stats["significant"]
+    assert stats["paired"]["unet"]["p"] == pytest.approx(2 / 2**8)
+    assert stats["paired"]["unet"]["median_difference"] == pytest.approx(-np.median([0.05 + 0.001 * i for i in range(8)]))
+    low, high = stats["architectures"]["unet"]["dsc"]["ci"]
+    assert low < np.mean(list(base.values())) < high
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
+    assert "**`unetpp` is the best on DSC**" in md
+    col = {t.split(" (")[0]: i for i, t in enumerate(_header(md, "Summary"))}
+    assert _row(md, "Summary", "unetpp")[col["Mean DSC"]] == "**72.00**"
+    assert _row(md, "Summary", "unet")[col["Mean DSC"]] == "61.00"
+    stats_row = _row(md, "Statistics", "unet")
+    assert stats_row[-3] == f"{2 / 2**8:.3g}" and stats_row[-1] == "0 %"
+
+    _write_per_case(root, "unetpp", base, organs)  # identical per-patient scores
+    build_report(params, root)
+    stats = read_json(paths(root).comparison_dir / "statistics.json")
+    assert not stats["significant"] and stats["tied_with_best"] and stats["paired"][stats["tied_with_best"][0]]["p"] == 1.0
+    assert stats["rank_first"] == {"unet": 1.0, "unetpp": 1.0}
+    md = (paths(root).comparison_dir / "comparison.md").read_text()
+    assert "**No significant winner on DSC:**" in md
+    assert _row(md, "Summary", "unet")[col["Mean DSC"]] == "**61.00**"  # tied: both bold
+    assert _row(md, "Summary", "unetpp")[col["Mean DSC"]] == "**72.00**"
+
+
+def test_statistics_resample_patients_not_their_cases(report_project):
+    """Two cases of one patient count once: three patients with two scans each are three paired observations."""
+    from medseg.report import compute_statistics
+
+    root, params = report_project
+    cases_json = paths(root, params["dataset"]["name"]).cases_json
+    data = read_json(cases_json)
+    organs = data["class_names"][1:]
+    ids = [c["id"] for c in data["cases"]][:6]
+    for i, case in enumerate(data["cases"]):
+        if case["id"] in ids:
+            case["patient"] = f"patient{ids.index(case['id']) // 2}"
+    cases_json.write_text(json.dumps(data))
+    _write_per_case(root, "unet", {c: 0.5 for c in ids}, organs)
+    _write_per_case(root, "unetpp", {c: 0.6 + 0.01 * i for i, c in enumerate(ids)}, organs)
+    from medseg.report import collect_results
+
+    rows, _ = collect_results(params, root, load_models=False)
+    stats = compute_statistics(params, rows, root)
+    assert stats["patients"] == 3 and stats["paired"]["unet"]["n"] == 3
+    # patient0 = mean of cases 0 and 1 = 0.605
+    assert stats["architectures"]["unetpp"]["dsc"]["mean"] == pytest.approx(np.mean([0.605, 0.625, 0.645]))
+
+
+def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_params):
+    from medseg.report import ablation_section, compute_statistics
+
+    def rows_for(values):
+        return [{"case": f"s{i}", "class": "organ", "dsc": str(v), "hd95": "1.0", "nsd": str(v), "status": "ok"}
+                for i, v in enumerate(values)]
+
+    base = [0.50 + 0.03 * i for i in range(8)]
+    rows = [{"arch": "msvm_unet", "per_case": rows_for([v + 0.1 for v in base])},
+            {"arch": "msvm_unet_nomamba", "per_case": rows_for(base)},
+            {"arch": "vm_unet", "per_case": rows_for(base)},
+            {"arch": "vm_unet_nomamba", "per_case": rows_for(base)},
+            {"arch": "unet", "per_case": rows_for(base)}]  # no twin: not in the ablation
+    stats = compute_statistics(tiny_params, rows, project_copy)
+    pairs = {p["mamba"]: p for p in stats["ablation"]}
+    assert set(pairs) == {"msvm_unet", "vm_unet"} and pairs["msvm_unet"]["twin"] == "msvm_unet_nomamba"
+    assert pairs["msvm_unet"]["median_difference"] == pytest.approx(0.1)
+    assert pairs["msvm_unet"]["p"] == pytest.approx(2 / 2**8)
+    assert pairs["msvm_unet"]["p_holm"] == pytest.approx(2 * 2 / 2**8)  # Holm over the two pairs
+    assert pairs["vm_unet"]["p"] == 1.0
+    text = "\n".join(ablation_section(stats))
+    assert "| `msvm_unet` vs `msvm_unet_nomamba` |" in text and "the scans help" in text
+    assert "| `vm_unet` vs `vm_unet_nomamba` |" in text and "no significant difference" in text

@@ -204,7 +204,8 @@ def build_card(
 
 
 def evaluation_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The card's `evaluation` from reports/<arch>/metrics.json: protocol, HD95 unit, mean and per-class DSC/HD95.
+    """The card's `evaluation` from reports/<arch>/metrics.json: protocol, HD95 unit, NSD tolerances, mean and
+    per-class DSC/HD95/NSD.
 
     Non-finite values become None, so the card stays strict JSON and equal to itself after a round trip.
     """
@@ -216,7 +217,9 @@ def evaluation_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "hd95_unit": metrics.get("hd95_unit"),
         "mean_dsc": number(metrics.get("mean_dsc")),
         "mean_hd95": number(metrics.get("mean_hd95")),
-        "per_class": {str(name): {"dsc": number((scores or {}).get("dsc")), "hd95": number((scores or {}).get("hd95"))}
+        "mean_nsd": number(metrics.get("mean_nsd")),
+        "nsd_tolerance": {str(k): number(v) for k, v in (metrics.get("nsd_tolerance") or {}).items()},
+        "per_class": {str(name): {key: number((scores or {}).get(key)) for key in ("dsc", "hd95", "nsd")}
                       for name, scores in (metrics.get("per_class") or {}).items()},
     }
 

@@ -90,6 +90,8 @@ class EvaluateSettings:
     protocol: Literal["mm", "transunet"] = "mm"
     batch_size: int = 32
     overlay_cases: int = 1
+    # NSD tolerance in HD95's unit (mm; voxels under transunet): one number, or {class name: tolerance}
+    nsd_tolerance: float | dict[str, float] = 2.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ class ExportSettings:
 @dataclass(frozen=True)
 class ReportSettings:
     qualitative_slices: int = 3
+    confidence: float = 0.95  # medseg.stats: patient-bootstrap intervals
+    alpha: float = 0.05  # Holm-corrected paired Wilcoxon tests against the best
+    bootstrap_resamples: int = 2000
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,8 @@ def _check_value(value: Any, hint: Any, key: str, source: str | Path) -> Any:
             try:
                 return _check_value(value, option, key, source)
             except ConfigError as exc:
+                if isinstance(value, dict) and typing.get_origin(option) is dict:
+                    raise  # a mapping for a number-or-mapping key: what is wrong inside it is the message
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: {value!r} fits none of {hint}")
     if origin is Literal:
@@ -228,6 +235,11 @@ def _check_value(value: Any, hint: Any, key: str, source: str | Path) -> Any:
         return value
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else _build(hint, value, key, source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {_check_value(k, args[0], f"{key} key", source): _check_value(v, args[1], f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")

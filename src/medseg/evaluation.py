@@ -4,7 +4,7 @@ Checkpoints were selected on the validation split (medseg.training); this module
 `split["test"]`. Inference (`medseg.preprocessing`, the rules training and predict use): each slice (with its
 2.5D neighbours) is resized to the training image_size, the network's logits are resized back to the native
 slice size (bilinear, on logits), then argmax; DSC and HD95 are computed on the reassembled 3D volume
-(medseg.metrics, protocol from evaluate.protocol).
+(medseg.metrics, protocol from evaluate.protocol), NSD at evaluate.nsd_tolerance.
 HD95 is in mm only when every test case has a known voxel spacing (cases.json `spacing_known`); otherwise every
 distance is computed in voxels (spacing 1) and labelled so, never passed off as millimetres.
 """
@@ -26,7 +26,7 @@ from medseg.errors import ConfigError
 from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
 from medseg.layout import ProjectLayout
-from medseg.metrics import aggregate, case_metrics
+from medseg.metrics import aggregate, case_metrics, class_tolerance
 from medseg.threads import apply_torch_threads, plan_from_params
 from medseg.inference import load_trained_model, predict_volume
 
@@ -38,6 +38,23 @@ HD95_UNITS = {"mm": "mm", "transunet": "voxels"}  # with known spacing; unknown 
 def hd95_unit(protocol: str, spacing_known: bool) -> str:
     """The unit HD95 is measured in: the protocol's, except voxels when any test case's spacing is unknown."""
     return HD95_UNITS[protocol] if spacing_known else "voxels"
+
+
+def nsd_tolerances(setting: float | dict[str, float], class_names: list[str]) -> dict[str, float]:
+    """{foreground class: NSD tolerance} from evaluate.nsd_tolerance (a number, or a map naming some classes; the
+    others get medseg.metrics.DEFAULT_NSD_TOLERANCE). A class the dataset does not have, or a negative value, is
+    a ConfigError: a typo must not silently score an organ at the default."""
+    foreground = list(class_names[1:])
+    if isinstance(setting, dict):
+        unknown = sorted(set(setting) - set(foreground))
+        if unknown:
+            raise ConfigError(f"params.yaml: evaluate.nsd_tolerance names {', '.join(unknown)}, not a foreground "
+                              f"class of this dataset ({', '.join(foreground)})")
+    tolerance = {name: class_tolerance(setting, name) for name in foreground}
+    bad = {name: value for name, value in tolerance.items() if not (math.isfinite(value) and value >= 0)}
+    if bad:
+        raise ConfigError(f"params.yaml: evaluate.nsd_tolerance {bad}; expected numbers >= 0")
+    return tolerance
 
 
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
@@ -68,6 +85,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
                           f"checkpoint's in_channels {meta['in_channels']}")
     if not split_path.is_file():
         raise ConfigError(f"{split_path}: split file not found (run the split stage first)")
+    tolerance = nsd_tolerances(config.evaluate.nsd_tolerance, class_names)
     test_ids = list(read_json(split_path).get("test", []))
     if not test_ids:
         raise ConfigError(f"{split_path}: the test list is empty")
@@ -88,7 +106,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         image, label, spacing = load_case(ingested, case_id)
         pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
         label = np.asarray(label)
-        for row in case_metrics(pred, label, class_names, None if unknown else spacing, protocol):
+        for row in case_metrics(pred, label, class_names, None if unknown else spacing, protocol, tolerance):
             rows.append({"case": case_id, **row})
         if len(overlays) < overlay_cases:
             overlays.append((case_id, *_overlay_slice(image, label, pred)))
@@ -103,6 +121,8 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "dataset_version": dataset_version(ingested / "cases.json"),
         "mean_dsc": summary["mean_dsc"],
         "mean_hd95": summary["mean_hd95"],
+        "mean_nsd": summary["mean_nsd"],
+        "nsd_tolerance": tolerance,  # per class, in hd95_unit
         "per_class": summary["per_class"],
         "num_cases": len(test_ids),
         "excluded": sum(v["excluded"] for v in summary["per_class"].values()),
@@ -110,7 +130,8 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         "val_dice": meta.get("val_dice"),
     }
     write_json(reports / "metrics.json", metrics)
-    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"]}, arch)
+    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"],
+                                                 "nsd": metrics["mean_nsd"]}, arch)
     _write_per_case(reports / "per_case.csv", rows)
     _plot_overlays(reports / "overlay.png", overlays, class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],
@@ -121,10 +142,10 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
 def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "class", "dsc", "hd95", "status"])
+    writer.writerow(["case", "class", "dsc", "hd95", "nsd", "status"])
     for r in rows:
         # NaN stays visible ("nan"): its status column says why the value is undefined.
-        writer.writerow([r["case"], r["class"], _fmt(r["dsc"]), _fmt(r["hd95"]), r["status"]])
+        writer.writerow([r["case"], r["class"], _fmt(r["dsc"]), _fmt(r["hd95"]), _fmt(r["nsd"]), r["status"]])
     write_text(path, buf.getvalue())
 
 

@@ -1,4 +1,5 @@
-"""Per-class Dice (DSC) and 95th-percentile Hausdorff distance (HD95) on 3D label volumes.
+"""Per-class Dice (DSC), 95th-percentile Hausdorff distance (HD95) and Normalized Surface Dice (NSD) on 3D label
+volumes.
 
 HD95 is medpy's definition: the 95th percentile of the POOLED surface distances of both directions,
 `np.percentile(np.hstack((d_pred_to_gt, d_gt_to_pred)), 95)`, surfaces being the voxels removed by one
@@ -14,12 +15,18 @@ Two protocols decide units and empty masks (see docs/metrics.md):
   HD95 = the volume's diagonal in mm (the largest distance possible inside the volume: a worst case).
 - "transunet": TransUNet's calculate_metric_percase (medpy dc/hd95 in voxels, spacing ignored):
   both non-empty -> dc, hd95; pred non-empty and gt empty -> (1, 0); pred empty -> (0, 0).
+
+NSD (Nikolov et al. 2021; MONAI's SurfaceDiceMetric without sub-voxels): the share of both surfaces (the same
+surface voxels and distances as HD95) lying within a tolerance of the other surface,
+`(#{d(P->G) <= tau} + #{d(G->P) <= tau}) / (|dP| + |dG|)`. tau is in the unit HD95 is in (mm, or voxels under
+"transunet" and for unknown spacing). Empty masks follow the protocol's DSC rule (mm: both empty NaN, one empty 0;
+transunet: gt empty and pred non-empty 1, pred empty 0).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +34,16 @@ from scipy import ndimage
 PROTOCOLS = ("mm", "transunet")
 
 OK, BOTH_EMPTY, PRED_EMPTY, GT_EMPTY = "ok", "both_empty", "pred_empty", "gt_empty"
+
+# NSD tolerance when params.yaml gives none: 2 mm, within the 1-3 mm inter-rater boundary variation reported for
+# abdominal organs (Nikolov et al. 2021 set it per organ from such data; so can evaluate.nsd_tolerance).
+DEFAULT_NSD_TOLERANCE = 2.0
+
+class Scores(NamedTuple):
+    dsc: float
+    hd95: float
+    nsd: float
+    status: str
 
 
 def _check_protocol(protocol: str) -> None:
@@ -89,9 +106,12 @@ def surface_distances(
     return to_gt, to_pred
 
 
-def _hd95_defined(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None) -> float:
+def _surface_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None,
+                    tolerance: float) -> tuple[float, float]:
+    """(HD95, NSD at `tolerance`) of two non-empty masks, from one pair of distance transforms."""
     to_gt, to_pred = surface_distances(pred, gt, spacing)
-    return float(np.percentile(np.hstack((to_gt, to_pred)), 95))
+    pooled = np.hstack((to_gt, to_pred))
+    return float(np.percentile(pooled, 95)), float(np.count_nonzero(pooled <= tolerance) / pooled.size)
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -100,30 +120,57 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
-def binary_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm"
-) -> tuple[float, float, str]:
-    """(dsc, hd95, status) of two binary masks under `protocol` (module docstring has the rules)."""
+def binary_scores(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm",
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+) -> Scores:
+    """(dsc, hd95, nsd, status) of two binary masks under `protocol` (module docstring has the rules)."""
     _check_protocol(protocol)
+    if not (isinstance(nsd_tolerance, (int, float)) and math.isfinite(nsd_tolerance) and nsd_tolerance >= 0):
+        raise ValueError(f"NSD tolerance {nsd_tolerance!r}; expected a finite number >= 0")
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
     status = status_of(pred, gt)
     if protocol == "transunet":
         if status == OK:
-            return dice(pred, gt), _hd95_defined(pred, gt, None), status
+            return Scores(dice(pred, gt), *_surface_scores(pred, gt, None, nsd_tolerance), status)
         if status == GT_EMPTY:  # pred.sum() > 0 and gt.sum() == 0
-            return 1.0, 0.0, status
-        return 0.0, 0.0, status  # pred empty (whether or not gt is)
+            return Scores(1.0, 0.0, 1.0, status)
+        return Scores(0.0, 0.0, 0.0, status)  # pred empty (whether or not gt is)
     if spacing is None:
         spacing = (1.0,) * pred.ndim
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} values for a {pred.ndim}-D mask")
     if status == OK:
-        return dice(pred, gt), _hd95_defined(pred, gt, spacing), status
+        return Scores(dice(pred, gt), *_surface_scores(pred, gt, spacing, nsd_tolerance), status)
     if status == BOTH_EMPTY:
-        return math.nan, math.nan, status
-    return 0.0, volume_diagonal(pred.shape, spacing), status
+        return Scores(math.nan, math.nan, math.nan, status)
+    return Scores(0.0, volume_diagonal(pred.shape, spacing), 0.0, status)
+
+
+def binary_metrics(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm"
+) -> tuple[float, float, str]:
+    """(dsc, hd95, status) of two binary masks under `protocol` (module docstring has the rules)."""
+    dsc, hd, _, status = binary_scores(pred, gt, spacing, protocol)
+    return dsc, hd, status
+
+
+def nsd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None, protocol: str = "mm",
+        tolerance: float = DEFAULT_NSD_TOLERANCE) -> float:
+    """Normalized Surface Dice at `tolerance` (in the unit of `spacing`) with `protocol`'s empty-mask rules."""
+    return binary_scores(pred, gt, spacing, protocol, tolerance).nsd
+
+
+def class_tolerance(tolerance: "float | Mapping[str, float] | None", name: str) -> float:
+    """A class's NSD tolerance: one number for every class, or a {class: tolerance} map (a class it does not name
+    gets the default)."""
+    if tolerance is None:
+        return DEFAULT_NSD_TOLERANCE
+    if isinstance(tolerance, Mapping):
+        return float(tolerance.get(name, DEFAULT_NSD_TOLERANCE))
+    return float(tolerance)
 
 
 def hd95(
@@ -139,8 +186,9 @@ def case_metrics(
     class_names: Sequence[str],
     spacing: Sequence[float] | None,
     protocol: str = "mm",
+    nsd_tolerance: "float | Mapping[str, float] | None" = None,
 ) -> list[dict]:
-    """One row per foreground class (index >= 1): {"class", "dsc", "hd95", "status"} for label volumes.
+    """One row per foreground class (index >= 1): {"class", "dsc", "hd95", "nsd", "status"} for label volumes.
 
     A single-slice volume (1, H, W) (2D datasets) is scored as a 2D image with the in-plane spacing.
     """
@@ -155,28 +203,32 @@ def case_metrics(
     for index, name in enumerate(class_names):
         if index == 0:
             continue
-        dsc, hd, status = binary_metrics(pred == index, gt == index, spacing, protocol)
-        rows.append({"class": name, "dsc": dsc, "hd95": hd, "status": status})
+        scores = binary_scores(pred == index, gt == index, spacing, protocol, class_tolerance(nsd_tolerance, name))
+        rows.append({"class": name, "dsc": scores.dsc, "hd95": scores.hd95, "nsd": scores.nsd,
+                     "status": scores.status})
     return rows
 
 
 def aggregate(rows: Sequence[dict], class_names: Sequence[str]) -> dict:
     """Per-class means over cases (NaN entries excluded and counted), then the mean over classes.
 
-    Returns {"per_class": {name: {"dsc", "hd95", "n", "excluded", "statuses"}}, "mean_dsc", "mean_hd95"};
-    a value with nothing defined to average is None (JSON null), never a silent NaN.
+    Returns {"per_class": {name: {"dsc", "hd95", "nsd", "n", "excluded", "statuses"}}, "mean_dsc", "mean_hd95",
+    "mean_nsd"}; a value with nothing defined to average is None (JSON null), never a silent NaN. Rows without
+    "nsd" (older per_case.csv files) give NSD None.
     """
     per_class: dict[str, dict] = {}
     for name in class_names[1:]:
         mine = [r for r in rows if r["class"] == name]
         dsc = [r["dsc"] for r in mine if not _isnan(r["dsc"])]
         hd = [r["hd95"] for r in mine if not _isnan(r["hd95"])]
+        surface = [r["nsd"] for r in mine if not _isnan(r.get("nsd"))]
         statuses: dict[str, int] = {}
         for r in mine:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         per_class[name] = {
             "dsc": _mean(dsc),
             "hd95": _mean(hd),
+            "nsd": _mean(surface),
             "n": len(dsc),
             "excluded": len(mine) - len(dsc),
             "statuses": statuses,
@@ -185,6 +237,7 @@ def aggregate(rows: Sequence[dict], class_names: Sequence[str]) -> dict:
         "per_class": per_class,
         "mean_dsc": _mean([v["dsc"] for v in per_class.values() if v["dsc"] is not None]),
         "mean_hd95": _mean([v["hd95"] for v in per_class.values() if v["hd95"] is not None]),
+        "mean_nsd": _mean([v["nsd"] for v in per_class.values() if v["nsd"] is not None]),
     }
 
 

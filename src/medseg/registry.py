@@ -110,6 +110,7 @@ def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[st
     values: dict[str, Any] = {
         "mean_dsc": metrics.get("mean_dsc"),
         "mean_hd95": metrics.get("mean_hd95"),
+        "mean_nsd": metrics.get("mean_nsd"),
         "export_max_abs_diff": export.get("max_abs_diff"),
         "export_label_agreement": export.get("label_agreement"),
         "torch_latency_ms": export.get("torch_latency_ms"),
@@ -118,6 +119,7 @@ def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[st
     for organ, scores in (metrics.get("per_class") or {}).items():
         values[f"dsc_{organ}"] = (scores or {}).get("dsc")
         values[f"hd95_{organ}"] = (scores or {}).get("hd95")
+        values[f"nsd_{organ}"] = (scores or {}).get("nsd")
     for key, value in train_summary.items():  # e.g. best_val_dice, train_seconds, epochs
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key if "val" in key or key.startswith("train") else f"train_{key}"] = value

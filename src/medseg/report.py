@@ -1,10 +1,13 @@
 """Comparison report over every architecture in params.yaml `models`.
 
 Reads what the train/evaluate/export/register stages wrote and produces:
-- reports/comparison.md: summary table (family, DSC, HD95, params, GFLOPs, CPU latency, training time, registry
-  version; best per column in bold), per-class DSC and HD95 tables (organs as columns, like TransUNet's Table 1);
+- reports/comparison.md: summary table (family, DSC, HD95, NSD, params, GFLOPs, CPU latency, training time, registry
+  version), the statistics (medseg.stats: patient-bootstrap 95 % intervals, paired Wilcoxon tests against the best
+  with Holm's correction, rank stability; DSC's best is bold only where it is significant, ties are all bold),
+  per-class DSC, HD95 and NSD tables (organs as columns, like TransUNet's Table 1);
 - reports/comparison_dsc.png (per-class grouped bars), reports/comparison_summary.png (DSC vs latency and HD95);
-- reports/per_class.csv (long format arch,class,arch_class,dsc,hd95 for `dvc plots`);
+- reports/per_class.csv (long format arch,class,arch_class,dsc,hd95,nsd for `dvc plots`);
+- reports/statistics.json: the numbers of comparison.md's Statistics section;
 - reports/qualitative.png: the same test slices (rows): image, ground truth, then each model's prediction.
 Architectures without outputs are listed as missing instead of failing the report.
 """
@@ -22,13 +25,14 @@ import numpy as np
 from medseg.config import settings
 from medseg.display import display_slice
 from medseg.errors import MedsegError
-from medseg.io import atomic_path, read_json, write_text
+from medseg.io import atomic_path, read_json, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv")
+OUTPUTS = ("comparison.md", "comparison_dsc.png", "comparison_summary.png", "qualitative.png", "per_class.csv",
+           "statistics.json")
 
 
 # --------------------------------------------------------------------------------------------------- collect
@@ -62,6 +66,25 @@ def _complexity(model, meta: dict[str, Any]) -> tuple[float | None, float | None
         log.warning("GFLOPs of %s not counted: %s", meta.get("arch"), exc)
         gflops = None
     return params_m, gflops
+
+
+def _per_case_rows(path: Path) -> list[dict[str, str]]:
+    """reports/<arch>/per_case.csv as dicts (case, class, dsc, hd95[, nsd], status); [] when absent."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        raise MedsegError(f"{path}: cannot read per-case metrics: {exc}") from exc
+
+
+def patients_of_cases(params: dict[str, Any], root: str | Path = ".") -> dict[str, str]:
+    """{case id: patient} from the ingested cases.json ({} before ingest: every case is then its own patient)."""
+    cases_json = ProjectLayout.of(params, root).cases_json
+    if not cases_json.is_file():
+        return {}
+    return {str(c["id"]): str(c.get("patient") or c["id"]) for c in read_json(cases_json).get("cases", [])}
 
 
 def read_arch_outputs(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, dict[str, Any]]:
@@ -98,6 +121,8 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "family": _family(arch),
             "mean_dsc": finite_or_none(metrics.get("mean_dsc")),
             "mean_hd95": finite_or_none(metrics.get("mean_hd95")),
+            "mean_nsd": finite_or_none(metrics.get("mean_nsd")),
+            "nsd_tolerance": metrics.get("nsd_tolerance") or {},
             "protocol": protocol,
             "hd95_unit": metrics.get("hd95_unit") or HD95_UNITS.get(protocol, "?"),
             "test_cases_sha256": metrics.get("test_cases_sha256"),
@@ -109,7 +134,14 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "latency": export.get("latency") or {},  # runs, warm-up, threads, machine, load (medseg.export)
             "parity_passed": export.get("parity_passed"),
             "train_seconds": finite_or_none(summary.get("train_seconds")),
+            "seconds_per_epoch": finite_or_none(summary.get("seconds_per_epoch")),
+            # GPU: what torch allocated on the device; CPU: the training process's peak resident memory
+            "train_memory_mb": finite_or_none(summary.get("cuda_max_allocated_mb")
+                                              if summary.get("cuda_max_allocated_mb") is not None
+                                              else summary.get("peak_rss_mb")),
+            "train_device": summary.get("device"),
             "registry_version": registry.get("version"),
+            "per_case": _per_case_rows(layout.per_case(arch)),
             "model": None,
             "meta": None,
         }
@@ -129,11 +161,14 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
 SUMMARY_COLUMNS: list[tuple[str, str, Callable[[float], str], str | None]] = [
     ("mean_dsc", "Mean DSC (%)", lambda v: f"{100 * v:.2f}", "max"),
     ("mean_hd95", "Mean HD95", lambda v: f"{v:.2f}", "min"),
+    ("mean_nsd", "Mean NSD (%)", lambda v: f"{100 * v:.2f}", "max"),
     ("params_m", "Params (M)", lambda v: f"{v:.2f}" if v >= 1 else f"{v:.3g}", "min"),
     ("gflops", "GFLOPs", lambda v: f"{v:.3g}", "min"),
     ("torch_latency_ms", "PyTorch CPU (ms)", lambda v: f"{v:.1f}", "min"),
     ("onnx_latency_ms", "ONNX Runtime CPU (ms)", lambda v: f"{v:.1f}", "min"),
     ("train_seconds", "Training time", lambda v: _duration(v), "min"),
+    ("seconds_per_epoch", "s / epoch", lambda v: f"{v:.1f}", "min"),
+    ("train_memory_mb", "Peak train memory (MiB)", lambda v: f"{v:.0f}", "min"),
 ]
 
 
@@ -213,7 +248,9 @@ def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
     return odd, notes
 
 
-def summary_table(rows: Sequence[dict]) -> str:
+def summary_table(rows: Sequence[dict], statistics: dict[str, Any] | None = None) -> str:
+    """The summary; with `statistics`, DSC's bold marks the best only where it is significant, else the best and
+    every architecture tied with it."""
     units = sorted({row["hd95_unit"] for row in rows})
     ranked = len(rows) > 1
     header = ["Architecture", "Family"] + [
@@ -222,12 +259,20 @@ def summary_table(rows: Sequence[dict]) -> str:
     odd, _ = latency_comparability(rows)
     best = {key: best_values([r for r in rows if not (key in LATENCY_KEYS and r["arch"] in odd)], key, better)
             if ranked else None for key, _, _, better in SUMMARY_COLUMNS}
+    top = None
+    if ranked and statistics and statistics.get("best"):
+        top = {statistics["best"], *statistics.get("tied_with_best", [])}
     lines = []
     for row in rows:
         cells = [f"`{row['arch']}`", row["family"]]
         for key, _, fmt, _ in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
-            mark = "†" if key in LATENCY_KEYS and row["arch"] in odd and finite_or_none(row[key]) is not None else ""
-            cells.append(_cell(row[key], fmt, None if mark else best[key]) + mark)
+            value = row.get(key)  # rows built by callers may lack newer columns: "n/a"
+            mark = "†" if key in LATENCY_KEYS and row["arch"] in odd and finite_or_none(value) is not None else ""
+            if key == "mean_dsc" and top is not None:  # the paired test decides, not the printed digits
+                number = finite_or_none(value)
+                cells.append("n/a" if number is None else (f"**{fmt(number)}**" if row["arch"] in top else fmt(number)))
+                continue
+            cells.append(_cell(value, fmt, None if mark else best[key]) + mark)
         parity = row["parity_passed"]
         cells.append("n/a" if parity is None else ("passed" if parity else "FAILED"))
         cells.append(str(row["registry_version"]) if row["registry_version"] else "not registered")
@@ -238,10 +283,10 @@ def summary_table(rows: Sequence[dict]) -> str:
 def per_class_table(rows: Sequence[dict], metric: str) -> str:
     """Organs as columns (plus the mean), one line per architecture; best per column in bold."""
     names = _class_names(rows)
-    better = "max" if metric == "dsc" else "min"
-    fmt = (lambda v: f"{100 * v:.2f}") if metric == "dsc" else (lambda v: f"{v:.2f}")
+    better = "min" if metric == "hd95" else "max"
+    fmt = (lambda v: f"{v:.2f}") if metric == "hd95" else (lambda v: f"{100 * v:.2f}")
     values = [
-        {"arch": row["arch"], "mean": row[f"mean_{metric}"],
+        {"arch": row["arch"], "mean": row.get(f"mean_{metric}"),
          **{name: (row["per_class"].get(name) or {}).get(metric) for name in names}}
         for row in rows
     ]
@@ -268,8 +313,163 @@ def _latency_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _devices(rows: Sequence[dict]) -> str:
+    devices = sorted({str(row.get("train_device")) for row in rows if row.get("train_device")})
+    return ", ".join(devices) if devices else "not recorded"
+
+
+def _tolerance_text(rows: Sequence[dict], units: Sequence[str]) -> str:
+    """"2 mm", or "aorta 1 mm, liver 3 mm, ..." when classes differ; "a tolerance not recorded" for old metrics."""
+    tolerances: dict[str, float] = {}
+    for row in rows:
+        for name, value in (row.get("nsd_tolerance") or {}).items():
+            tolerances.setdefault(name, value)
+    unit = "/".join(units)
+    if not tolerances:
+        return "a tolerance not recorded (evaluated before medseg measured NSD)"
+    if len(set(tolerances.values())) == 1:
+        return f"{next(iter(tolerances.values())):g} {unit}"
+    return ", ".join(f"{name} {value:g} {unit}" for name, value in tolerances.items())
+
+
+STAT_METRICS = (("dsc", "DSC (%)", 100.0), ("hd95", "HD95", 1.0), ("nsd", "NSD (%)", 100.0))
+
+
+def compute_statistics(params: dict[str, Any], rows: Sequence[dict], root: str | Path = ".") -> dict[str, Any]:
+    """Patient-level statistics of the evaluated architectures (medseg.stats), JSON-able: per architecture the
+    mean and bootstrap interval of each metric over patients, and the paired comparison of DSC with the best."""
+    from medseg import stats
+
+    config = settings(params).report
+    seed = int(params.get("seed", 0) or 0)
+    patient_of = patients_of_cases(params, root)
+    scored = [row for row in rows if row.get("per_case")]
+    per_metric = {metric: {row["arch"]: stats.patient_scores(row["per_case"], patient_of, metric) for row in scored}
+                  for metric, _, _ in STAT_METRICS}
+    common = set.intersection(*(set(v) for v in per_metric["dsc"].values())) if scored else set()
+    archs: dict[str, Any] = {}
+    for row in scored:
+        entry = {}
+        for metric, _, _ in STAT_METRICS:
+            values = [v for p, v in per_metric[metric][row["arch"]].items() if p in common]
+            interval = stats.bootstrap_ci(values, config.confidence, config.bootstrap_resamples, seed)
+            entry[metric] = {"mean": float(np.mean(values)) if values else None,
+                             "ci": list(interval) if interval else None, "patients": len(values)}
+        archs[row["arch"]] = entry
+    dsc = {a: {p: v for p, v in s.items() if p in common} for a, s in per_metric["dsc"].items()}
+    result = stats.compare(dsc, config.alpha, config.bootstrap_resamples, seed)
+    return {
+        "patients": len(common), "confidence": config.confidence, "alpha": config.alpha,
+        "resamples": config.bootstrap_resamples, "architectures": archs, "best": result.best,
+        "significant": result.significant, "tied_with_best": result.tied_with_best,
+        "paired": {a: {"n": c.n, "median_difference": c.median_difference, "p": c.p_value, "p_holm": c.p_holm}
+                   for a, c in result.paired.items()},
+        "rank_first": result.rank_first,
+        "ablation": _ablation(dsc),
+    }
+
+
+def _ablation(dsc: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Each Mamba network against its no-Mamba twin (both evaluated): what the selective scans add to DSC, paired
+    over patients, Holm-corrected over the pairs."""
+    from medseg import stats
+    from medseg.models import get_model_info
+
+    pairs = []
+    for twin in dsc:
+        try:
+            original = get_model_info(twin).ablation_of
+        except MedsegError:
+            continue
+        if original and original in dsc:
+            test = stats.paired_wilcoxon(dsc[original], dsc[twin])
+            pairs.append({"mamba": original, "twin": twin, "n": test.n, "p": test.p_value,
+                          "median_difference": test.median_difference,
+                          "mamba_mean": float(np.mean(list(dsc[original].values()))),
+                          "twin_mean": float(np.mean(list(dsc[twin].values())))})
+    for pair, adjusted in zip(pairs, stats.holm([pair["p"] for pair in pairs])):
+        pair["p_holm"] = adjusted
+    return pairs
+
+
+def ablation_section(statistics: dict[str, Any]) -> list[str]:
+    """"What the Mamba layers add": each Mamba network paired with its twin, where both were evaluated."""
+    pairs = statistics.get("ablation") or []
+    if not pairs:
+        return []
+    alpha = statistics["alpha"]
+    lines = ["## Ablation: what the Mamba layers add", "",
+             "Each Mamba network against its `_nomamba` twin (the same network with the selective scans removed, "
+             "as nnU-Net Revisited's No-Mamba Base): DSC over the same patients, median paired difference "
+             "(Mamba - twin), two-sided Wilcoxon p, Holm-corrected over the pairs.", ""]
+    table = []
+    for pair in pairs:
+        diff = pair["median_difference"]
+        significant = pair["p_holm"] < alpha
+        verdict = (("the scans help" if diff > 0 else "the scans hurt") if significant and diff
+                   else "no significant difference")
+        table.append([f"`{pair['mamba']}` vs `{pair['twin']}`", f"{100 * pair['mamba_mean']:.2f}",
+                      f"{100 * pair['twin_mean']:.2f}", "n/a" if diff is None else f"{100 * diff:+.2f}",
+                      f"{pair['p']:.3g}", f"{pair['p_holm']:.3g}", str(pair["n"]), verdict])
+    lines += [_md_table(["Pair", "Mamba DSC (%)", "Twin DSC (%)", "Median difference (points)", "Wilcoxon p",
+                         "Holm p", "Patients", "Verdict"], table), ""]
+    return lines
+
+
+def statistics_section(statistics: dict[str, Any], units: Sequence[str]) -> list[str]:
+    """The "Statistics" part of comparison.md."""
+    archs = statistics["architectures"]
+    if not archs:
+        return []
+    n, level = statistics["patients"], f"{100 * statistics['confidence']:g} %"
+    best, paired = statistics["best"], statistics["paired"]
+    lines = [f"## Statistics ({n} test patients)", "",
+             f"Means over patients (each patient's cases and classes averaged first) with {level} percentile-bootstrap "
+             f"intervals resampling patients ({statistics['resamples']} resamples). Each architecture's DSC is compared "
+             f"with the best's on the same patients: median paired difference, two-sided Wilcoxon signed-rank p, and "
+             f"p Holm-corrected over the {len(paired)} comparison(s) (alpha {statistics['alpha']:g}). "
+             "P(first): the share of bootstrap resamples in which it ranks first on DSC (ties count for each).", ""]
+
+    def interval(entry: dict[str, Any], scale: float) -> str:
+        if entry["mean"] is None:
+            return "n/a"
+        ci = entry["ci"]
+        text = f"{scale * entry['mean']:.2f}"
+        return text + (f" [{scale * ci[0]:.2f}, {scale * ci[1]:.2f}]" if ci else " [n/a]")
+
+    header = ["Architecture"] + [f"{title} [{level} CI]" if metric != "hd95" else f"HD95 ({', '.join(units)}) "
+                                 f"[{level} CI]" for metric, title, _ in STAT_METRICS]
+    header += ["DSC vs best (median, points)", "Wilcoxon p", "Holm p", "P(first)"]
+    table = []
+    for arch, entry in archs.items():
+        cells = [f"`{arch}`"] + [interval(entry[metric], scale) for metric, _, scale in STAT_METRICS]
+        if arch == best:
+            cells += ["best mean", "", "", ""]
+        else:
+            c = paired.get(arch) or {}
+            diff = c.get("median_difference")
+            cells += ["n/a" if diff is None else f"{100 * diff:+.2f}", f"{c['p']:.3g}", f"{c['p_holm']:.3g}", ""]
+        share = statistics["rank_first"].get(arch)
+        cells[-1] = "n/a" if share is None or share != share else f"{100 * share:.0f} %"
+        table.append(cells)
+    lines += [_md_table(header, table), ""]
+    if len(archs) < 2:
+        return lines
+    if statistics["significant"]:
+        lines += [f"**`{best}` is the best on DSC**: it differs from every other architecture (Holm-corrected "
+                  f"p < {statistics['alpha']:g}).", ""]
+    else:
+        tied = ", ".join(f"`{a}`" for a in statistics["tied_with_best"])
+        why = (f" (with {n} patients no paired test can reach p < {statistics['alpha']:g}; add test patients or "
+               "use cross-validation)") if n < 6 else ""
+        lines += [f"**No significant winner on DSC:** `{best}` has the highest mean, but it is tied with {tied}: "
+                  f"not significantly different at Holm-corrected p < {statistics['alpha']:g}{why}. The Summary "
+                  "shows the tied DSCs all in bold.", ""]
+    return lines
+
+
 def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[str, str],
-                    qualitative_note: str) -> str:
+                    qualitative_note: str, statistics: dict[str, Any] | None = None) -> str:
     dataset = params["dataset"]["name"]
     protocols = sorted({row["protocol"] for row in rows})
     units = sorted({row["hd95_unit"] for row in rows})
@@ -279,9 +479,15 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
         size = "x".join(str(s) for s in (params.get("data") or {}).get("image_size", []))
         parts += [
             f"Test-set metrics from `reports/<arch>/metrics.json`; evaluation protocol `{', '.join(protocols)}` "
-            f"(HD95 in {', '.join(units)}). DSC in %, higher is better; HD95, size, latency and training time: "
-            "lower is better. Best per column in **bold**. GFLOPs count one multiply-add as one FLOP for one "
+            f"(HD95 in {', '.join(units)}). DSC and NSD in %, higher is better; HD95, size, latency and training "
+            "time: lower is better. Best per column in **bold** (DSC: the best only where the paired test says "
+            "so, else every tied architecture; see Statistics). GFLOPs count one multiply-add as one FLOP for one "
             f"{size} slice; latencies are single-slice CPU timings from `reports/<arch>/export.json`.",
+            "",
+            f"NSD: the share of both surfaces within {_tolerance_text(rows, units)} of the other surface "
+            "(`evaluate.nsd_tolerance`). Compute, from each training run: s / epoch is the median epoch "
+            "(training + validation); peak train memory is what torch allocated on the GPU, or on CPU the training "
+            f"process's peak resident memory (trained on: {_devices(rows)}).",
             "",
         ]
         parts += _latency_lines(rows)
@@ -291,9 +497,12 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
         if len(splits) > 1:
             parts += ["> **Warning:** the architectures were evaluated on different test splits "
                       "(test_cases_sha256 differs); re-run `dvc repro evaluate` for all of them.", ""]
-        parts += ["## Summary", "", summary_table(rows), "",
+        parts += ["## Summary", "", summary_table(rows, statistics), "",
+                  *statistics_section(statistics or {"architectures": {}}, units),
+                  *ablation_section(statistics or {}),
                   "## Per-class DSC (%)", "", per_class_table(rows, "dsc"), "",
                   f"## Per-class HD95 ({', '.join(units)})", "", per_class_table(rows, "hd95"), "",
+                  "## Per-class NSD (%)", "", per_class_table(rows, "nsd"), "",
                   "## Figures", "",
                   "- `reports/comparison_dsc.png`: per-class DSC, one bar per architecture",
                   "- `reports/comparison_summary.png`: mean DSC against ONNX Runtime CPU latency and against HD95",
@@ -311,12 +520,12 @@ def write_per_class_csv(path: Path, rows: Sequence[dict]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     # arch_class: one bar per architecture and class in dvc.yaml's per-class plot (y on `class` alone would
     # stack every architecture's DSC into one bar per class)
-    writer.writerow(["arch", "class", "arch_class", "dsc", "hd95"])
+    writer.writerow(["arch", "class", "arch_class", "dsc", "hd95", "nsd"])
     for row in rows:
         for name, scores in row["per_class"].items():
-            dsc, hd95 = finite_or_none((scores or {}).get("dsc")), finite_or_none((scores or {}).get("hd95"))
-            writer.writerow([row["arch"], name, f"{name} / {row['arch']}", "" if dsc is None else repr(dsc),
-                             "" if hd95 is None else repr(hd95)])
+            values = [finite_or_none((scores or {}).get(key)) for key in ("dsc", "hd95", "nsd")]
+            writer.writerow([row["arch"], name, f"{name} / {row['arch']}",
+                             *("" if v is None else repr(v) for v in values)])
     write_text(path, buf.getvalue())
 
 
@@ -486,17 +695,20 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
     root = Path(root)
     out = ProjectLayout.of(params, root).comparison_dir
     rows, missing = collect_results(params, root)
+    statistics = compute_statistics(params, rows, root)
     qualitative_note = plot_qualitative(out / "qualitative.png", params, root, rows)
     plot_dsc_bars(out / "comparison_dsc.png", rows)
     plot_summary(out / "comparison_summary.png", rows)
     write_per_class_csv(out / "per_class.csv", rows)
-    write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note))
+    write_json(out / "statistics.json", statistics)
+    write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note, statistics))
     for arch in missing:
         log.warning("report: %s is missing: %s", arch, missing[arch])
-    public = [{k: v for k, v in row.items() if k not in ("model", "meta")} for row in rows]
+    public = [{k: v for k, v in row.items() if k not in ("model", "meta", "per_case")} for row in rows]
     return {
         "architectures": public,
         "missing": missing,
+        "statistics": statistics,
         "best": {key: best_values(rows, key, better) for key, _, _, better in SUMMARY_COLUMNS},
         "outputs": [str(out / name) for name in OUTPUTS],
     }
