@@ -76,7 +76,8 @@ def paths(root: str | Path, dataset: str = "phantom"):
 
 
 def make_dvc_project(dst: Path, params: dict) -> Path:
-    """A runnable project copy: dvc.yaml, builtin/ (the phantom stage), stages/, src/ (stage deps), tiny params.yaml, `dvc init --no-scm`."""
+    """A runnable project copy: dvc.yaml, builtin/ (the phantom stage), stages/, src/ (stage deps), reports/cv/README.md,
+    tiny params.yaml, `dvc init --no-scm`."""
     import subprocess
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,8 @@ def make_dvc_project(dst: Path, params: dict) -> Path:
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "dvc.lock"))
         else:
             shutil.copy2(src, dst / name)
+    (dst / "reports" / "cv").mkdir(parents=True, exist_ok=True)  # tracked in git: the report stage's dependency
+    shutil.copy2(ROOT / "reports" / "cv" / "README.md", dst / "reports" / "cv" / "README.md")
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, check=True)

@@ -14,14 +14,14 @@ import import_graph as graph
 # numpy only) sits below data because ingest applies it; tracking (which MLflow store) is plumbing both training
 # and predict use; predict and serving are the torch-free inference path.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.display",
-              "medseg.layout", "medseg.tracking", "medseg.threads")),
+    ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.stats",
+              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads")),
     ("preprocessing", ("medseg.preprocessing",)),
     ("data", ("medseg.data",)),
     ("models", ("medseg.models", "medseg.losses")),
     ("card / checkpoint", ("medseg.card", "medseg.checkpoint")),
     ("inference", ("medseg.inference", "medseg.predict", "medseg.serving")),
-    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export")),
+    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv")),
     ("registry", ("medseg.registry", "medseg.gate")),
     ("report / cli", ("medseg.report", "medseg.doctor", "medseg.cli", "medseg.entry")),
 ]

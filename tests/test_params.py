@@ -25,7 +25,7 @@ def repo_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "presets/quick.yaml", "presets/paper.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "presets/quick.yaml", "presets/paper.yaml", "presets/benchmark.yaml"])
 def test_the_shipped_files_validate_and_keep_their_values(name):
     raw = yaml.safe_load((ROOT / name).read_text())
     loaded = load_params(ROOT / name)

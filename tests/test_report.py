@@ -266,7 +266,8 @@ def test_statistics_mark_a_winner_only_when_the_paired_test_says_so(report_proje
     _write_per_case(root, "unetpp", {c: v + 0.05 + 0.001 * i for i, (c, v) in enumerate(base.items())}, organs)
     result = build_report(params, root)
     stats = read_json(paths(root).comparison_dir / "statistics.json")
-    assert stats == json.loads(json.dumps(result["statistics"]))
+    assert stats == {"test": json.loads(json.dumps(result["statistics"])), "cross_validation": None}
+    stats = stats["test"]
     assert stats["patients"] == 8 and stats["best"] == "unetpp" and stats["significant"]
     assert stats["paired"]["unet"]["p"] == pytest.approx(2 / 2**8)
     assert stats["paired"]["unet"]["median_difference"] == pytest.approx(-np.median([0.05 + 0.001 * i for i in range(8)]))
@@ -282,7 +283,7 @@ def test_statistics_mark_a_winner_only_when_the_paired_test_says_so(report_proje
 
     _write_per_case(root, "unetpp", base, organs)  # identical per-patient scores
     build_report(params, root)
-    stats = read_json(paths(root).comparison_dir / "statistics.json")
+    stats = read_json(paths(root).comparison_dir / "statistics.json")["test"]
     assert not stats["significant"] and stats["tied_with_best"] and stats["paired"][stats["tied_with_best"][0]]["p"] == 1.0
     assert stats["rank_first"] == {"unet": 1.0, "unetpp": 1.0}
     md = (paths(root).comparison_dir / "comparison.md").read_text()

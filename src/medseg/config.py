@@ -120,6 +120,15 @@ class RegisterSettings:
 
 
 @dataclass(frozen=True)
+class CVSettings:
+    """Cross-validation (medseg.cv): the architectures to cross-validate and the folds of split.folds to train,
+    both DVC matrix axes; empty lists (the default) switch it off."""
+
+    models: list[str] = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
     """CPU threads (medseg.threads): not part of any result, so no stage depends on these keys."""
 
@@ -130,7 +139,7 @@ class ComputeSettings:
 SECTIONS: dict[str, type] = {
     "phantom": PhantomSettings, "split": SplitSettings, "data": DataSettings, "train": TrainSettings,
     "evaluate": EvaluateSettings, "export": ExportSettings, "report": ReportSettings, "register": RegisterSettings,
-    "compute": ComputeSettings,
+    "compute": ComputeSettings, "cv": CVSettings,
 }
 TOP_LEVEL = {"preset", "seed", "dataset", "models", "model_options", *SECTIONS}
 
@@ -148,6 +157,7 @@ class Settings:
     report: ReportSettings
     register: RegisterSettings
     compute: ComputeSettings
+    cv: CVSettings
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -181,7 +191,35 @@ def validate_params(params: dict[str, Any], source: str | Path = PARAMS_FILE) ->
     for key in ("threads", "parallel_jobs"):
         if out["compute"][key] is not None and out["compute"][key] < 1:
             raise ConfigError(f"{source}: compute.{key} must be >= 1, got {out['compute'][key]}")
+    _check_cv(out["cv"], out["split"], source)
     return out
+
+
+def check_cv_fold(params: dict[str, Any], arch: str, fold: int) -> None:
+    """`arch` x `fold` is a cell of params.yaml's cv matrix (a fold stage run by hand with other values is refused)."""
+    cv = settings(params).cv
+    if arch not in cv.models:
+        raise ConfigError(f"params.yaml: {arch} is not in cv.models {cv.models}")
+    if int(fold) not in cv.folds:
+        raise ConfigError(f"params.yaml: fold {fold} is not in cv.folds {cv.folds}")
+
+
+def _check_cv(cv: dict[str, Any], split: dict[str, Any], source: str | Path) -> None:
+    """cv.folds must be folds the split makes (0 .. split.folds - 1), each once, when any model is cross-validated."""
+    if not cv["models"]:
+        return
+    k = int(split.get("folds") or 0)
+    if not cv["folds"]:
+        raise ConfigError(f"{source}: cv.models is set but cv.folds is empty; e.g. cv.folds: "
+                          f"{list(range(max(k, 3)))} with split.folds: {max(k, 3)}")
+    if k < 2:
+        raise ConfigError(f"{source}: cv needs split.folds >= 2, got {split.get('folds')}")
+    bad = [f for f in cv["folds"] if not 0 <= f < k]
+    if bad or len(set(cv["folds"])) != len(cv["folds"]):
+        raise ConfigError(f"{source}: cv.folds {cv['folds']} must be distinct folds of split.folds={k} "
+                          f"(0..{k - 1})")
+    if len(set(cv["models"])) != len(cv["models"]):
+        raise ConfigError(f"{source}: cv.models lists an architecture twice: {cv['models']}")
 
 
 def settings(params: dict[str, Any], source: str | Path = PARAMS_FILE) -> Settings:

@@ -46,11 +46,15 @@ def read_stage_statuses(folder: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def call_stage(func: Callable[..., Any], arch: str | None, root: str | Path = ".", params_file: str = PARAMS_FILE,
-               output: str = "json", label: str = "") -> Any:
-    """Load params.yaml under `root`, call func(params, [arch,] root=root), print its result: as JSON (`medseg
-    <stage>`, for scripts) or, for `output="summary"`, as one line (a DVC stage: the files it wrote hold the rest)."""
+               output: str = "json", label: str = "", fold: int | None = None) -> Any:
+    """Load params.yaml under `root`, call func(params, [arch, [fold,]] root=root), print its result: as JSON
+    (`medseg <stage>`, for scripts) or, for `output="summary"`, as one line (a DVC stage: the files it wrote hold
+    the rest)."""
     params = load_params(Path(root) / params_file)
-    result = func(params, arch, root=root) if arch is not None else func(params, root=root)
+    if fold is not None:
+        result = func(params, arch, fold=fold, root=root)
+    else:
+        result = func(params, arch, root=root) if arch is not None else func(params, root=root)
     if result is not None:
         print(json.dumps(result, indent=2, default=str) if output == "json"
               else f"{label}: {summary_line(result)}" if label else summary_line(result))
@@ -82,19 +86,22 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool) -> int:
-    """A stage script's main: `python stages/train.py ARCH` -> 0, or 2 with `error: ...` on a MedsegError."""
+def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool, with_fold: bool = False) -> int:
+    """A stage script's main: `python stages/train.py ARCH` (`train_fold.py ARCH FOLD`) -> 0, or 2 with
+    `error: ...` on a MedsegError."""
     disable_telemetry()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     name = Path(sys.argv[0]).stem
-    if len(argv) != (1 if with_arch else 0):
-        print(f"usage: {name}.py {'ARCH' if with_arch else ''}".rstrip(), file=sys.stderr)
+    expected = ["ARCH"] * with_arch + ["FOLD"] * with_fold
+    if len(argv) != len(expected) or (with_fold and not argv[1].isdigit()):
+        print(f"usage: {name}.py {' '.join(expected)}".rstrip(), file=sys.stderr)
         return EXIT_MEDSEG_ERROR
-    stage = f"{name}@{argv[0]}" if with_arch else name
+    stage = f"{name}@{'-'.join(argv)}" if with_arch else name  # DVC's matrix names: train_fold@unet-0
     write_stage_status(stage, status="running")
     code, error = 1, None
     try:
-        call_stage(func, argv[0] if with_arch else None, output="summary", label=stage)
+        call_stage(func, argv[0] if with_arch else None, output="summary", label=stage,
+                   fold=int(argv[1]) if with_fold else None)
         code = 0
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)

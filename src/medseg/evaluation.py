@@ -15,6 +15,7 @@ import csv
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,80 @@ def nsd_tolerances(setting: float | dict[str, float], class_names: list[str]) ->
     return tolerance
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How predictions of one dataset are scored (evaluate_model, and cross-validation's out-of-fold and ensemble
+    scores): classes, protocol, HD95 unit, NSD tolerances, and the spacing policy for the cases scored."""
+
+    ingested: Path
+    class_names: list[str]
+    protocol: str
+    unit: str
+    tolerance: dict[str, float]
+    use_spacing: bool  # False when any scored case's spacing is unknown: every distance in voxels
+    entries: dict[str, dict[str, Any]]
+
+    def rows(self, case_id: str, pred: np.ndarray, label: np.ndarray, spacing) -> list[dict[str, Any]]:
+        return [{"case": case_id, **row} for row in case_metrics(pred, np.asarray(label), self.class_names,
+                                                                 spacing if self.use_spacing else None,
+                                                                 self.protocol, self.tolerance)]
+
+
+def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: dict[str, Any]) -> Scoring:
+    """The Scoring of `case_ids` for a checkpoint with `meta`; a ConfigError when the checkpoint does not fit the
+    ingested dataset (other classes, other input channels)."""
+    from medseg.data.loader import read_cases
+
+    config = settings(params)
+    protocol = config.evaluate.protocol
+    if protocol not in HD95_UNITS:
+        raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
+    cases = read_cases(ingested)
+    class_names = list(meta.get("class_names") or cases["class_names"])
+    if list(cases["class_names"]) != class_names:
+        raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the checkpoint's "
+                          f"{class_names}; retrain on this dataset")
+    context = checkpoint_context(meta, params)
+    if int(cases["in_channels"]) * (2 * context + 1) != int(meta["in_channels"]):
+        raise ConfigError(f"{ingested}: {cases['in_channels']} channel(s) x (2*{context}+1) context slices != the "
+                          f"checkpoint's in_channels {meta['in_channels']}")
+    entries = {c["id"]: c for c in cases["cases"]}
+    unknown = sum(not entries.get(i, {}).get("spacing_known", True) for i in case_ids)
+    if unknown:
+        _log.warning("%s: voxel spacing unknown for %d of %d scored cases; HD95 in voxels", ingested, unknown,
+                     len(case_ids))
+    return Scoring(ingested, class_names, protocol, hd95_unit(protocol, not unknown),
+                   nsd_tolerances(config.evaluate.nsd_tolerance, class_names), not unknown, entries)
+
+
+def checkpoint_context(meta: dict[str, Any], params: dict[str, Any]) -> int:
+    return int(meta.get("context", params.get("data", {}).get("context", 0)))
+
+
+def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list[str]) -> dict[str, Any]:
+    """metrics.json's scores of `rows` (per class and mean DSC / HD95 / NSD, with protocol, unit and hashes)."""
+    summary = aggregate(rows, scoring.class_names)
+    return {
+        "protocol": scoring.protocol,
+        "hd95_unit": scoring.unit,
+        "test_cases_sha256": sha256_of_test_cases(case_ids),
+        "test_data_sha256": sha256_of_test_data(scoring.entries, case_ids),  # ids and content: what the gate compares
+        "dataset_version": dataset_version(scoring.ingested / "cases.json"),
+        "mean_dsc": summary["mean_dsc"],
+        "mean_hd95": summary["mean_hd95"],
+        "mean_nsd": summary["mean_nsd"],
+        "nsd_tolerance": scoring.tolerance,  # per class, in hd95_unit
+        "per_class": summary["per_class"],
+        "num_cases": len(case_ids),
+        "excluded": sum(v["excluded"] for v in summary["per_class"].values()),
+    }
+
+
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
     from tqdm.auto import tqdm
 
-    from medseg.data.loader import load_case, read_cases
+    from medseg.data.loader import load_case
 
     disable_telemetry()
     apply_torch_threads(plan_from_params(params, num_workers=0))
@@ -69,33 +139,10 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     layout = ProjectLayout.of(params, root)
     ingested, split_path, reports = layout.ingested, layout.split_file, layout.reports_dir(arch)
     config = settings(params)
-    protocol = config.evaluate.protocol
-    if protocol not in HD95_UNITS:
-        raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
-
     model, meta = load_trained_model(layout.checkpoint(arch))
-    cases = read_cases(ingested)
-    class_names = list(meta.get("class_names") or cases["class_names"])
-    if list(cases["class_names"]) != class_names:
-        raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the checkpoint's "
-                          f"{class_names}; retrain on this dataset")
-    context = int(meta.get("context", params.get("data", {}).get("context", 0)))
-    if int(cases["in_channels"]) * (2 * context + 1) != int(meta["in_channels"]):
-        raise ConfigError(f"{ingested}: {cases['in_channels']} channel(s) x (2*{context}+1) context slices != the "
-                          f"checkpoint's in_channels {meta['in_channels']}")
-    if not split_path.is_file():
-        raise ConfigError(f"{split_path}: split file not found (run the split stage first)")
-    tolerance = nsd_tolerances(config.evaluate.nsd_tolerance, class_names)
-    test_ids = list(read_json(split_path).get("test", []))
-    if not test_ids:
-        raise ConfigError(f"{split_path}: the test list is empty")
-
-    entries = {c["id"]: c for c in cases["cases"]}
-    unknown = sum(not entries.get(i, {}).get("spacing_known", True) for i in test_ids)
-    if unknown:
-        _log.warning("%s: voxel spacing unknown for %d of %d test cases; HD95 in voxels", ingested, unknown,
-                     len(test_ids))
-    unit = hd95_unit(protocol, not unknown)
+    test_ids = read_case_list(split_path, "test")
+    scoring = scoring_for(params, ingested, test_ids, meta)
+    context = checkpoint_context(meta, params)
 
     device = resolve_device(config.train.device)
     model = model.to(device)
@@ -105,41 +152,34 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     for case_id in tqdm(test_ids, desc=f"evaluate {arch}", dynamic_ncols=True, leave=False):
         image, label, spacing = load_case(ingested, case_id)
         pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
-        label = np.asarray(label)
-        for row in case_metrics(pred, label, class_names, None if unknown else spacing, protocol, tolerance):
-            rows.append({"case": case_id, **row})
+        rows += scoring.rows(case_id, pred, label, spacing)
         if len(overlays) < overlay_cases:
-            overlays.append((case_id, *_overlay_slice(image, label, pred)))
+            overlays.append((case_id, *_overlay_slice(image, np.asarray(label), pred)))
 
-    summary = aggregate(rows, class_names)
-    metrics = {
-        "arch": arch,
-        "protocol": protocol,
-        "hd95_unit": unit,
-        "test_cases_sha256": sha256_of_test_cases(test_ids),
-        "test_data_sha256": sha256_of_test_data(entries, test_ids),  # ids and content: what the gate compares
-        "dataset_version": dataset_version(ingested / "cases.json"),
-        "mean_dsc": summary["mean_dsc"],
-        "mean_hd95": summary["mean_hd95"],
-        "mean_nsd": summary["mean_nsd"],
-        "nsd_tolerance": tolerance,  # per class, in hd95_unit
-        "per_class": summary["per_class"],
-        "num_cases": len(test_ids),
-        "excluded": sum(v["excluded"] for v in summary["per_class"].values()),
-        "checkpoint_epoch": meta.get("epoch"),
-        "val_dice": meta.get("val_dice"),
-    }
+    metrics = {"arch": arch, **summary_metrics(scoring, rows, test_ids),
+               "checkpoint_epoch": meta.get("epoch"), "val_dice": meta.get("val_dice")}
     write_json(reports / "metrics.json", metrics)
     write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"],
                                                  "nsd": metrics["mean_nsd"]}, arch)
-    _write_per_case(reports / "per_case.csv", rows)
-    _plot_overlays(reports / "overlay.png", overlays, class_names, arch)
+    write_per_case(reports / "per_case.csv", rows)
+    _plot_overlays(reports / "overlay.png", overlays, scoring.class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],
               metrics["mean_hd95"], metrics["hd95_unit"], len(test_ids))
     return metrics
 
 
-def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
+def read_case_list(split_path: Path, subset: str) -> list[str]:
+    """The split file's `subset` list ("test", ...); a ConfigError when the file is missing or the list empty."""
+    if not split_path.is_file():
+        raise ConfigError(f"{split_path}: split file not found (run the split stage first)")
+    ids = list(read_json(split_path).get(subset, []))
+    if not ids:
+        raise ConfigError(f"{split_path}: the {subset} list is empty")
+    return ids
+
+
+def write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
+    """per_case.csv: one row per (case, class), NaN written as "nan" beside its status."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["case", "class", "dsc", "hd95", "nsd", "status"])

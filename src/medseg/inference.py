@@ -15,7 +15,7 @@ from torch import nn
 
 from medseg.checkpoint import load_checkpoint
 from medseg.errors import TrainingError
-from medseg.preprocessing import logits_to_labels, network_input
+from medseg.preprocessing import logits_to_labels, network_input, probabilities_at
 
 
 def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -66,4 +66,25 @@ def predict_volume(
         with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
             logits = model(x)
         out[start : start + len(indices)] = logits_to_labels(logits.float().cpu().numpy(), (height, width))
+    return out
+
+
+@torch.no_grad()
+def volume_probabilities(
+    model: nn.Module, image: np.ndarray, image_size: Sequence[int], context: int = 0, batch_size: int = 32,
+    device: str = "cpu",
+) -> np.ndarray:
+    """float32 class probabilities (D, K, H, W) at the native slice size (softmax of the resized logits, so their
+    argmax is predict_volume's labels): what an ensemble averages, as nnU-Net does."""
+    model.eval()
+    depth, _, height, width = image.shape
+    out: np.ndarray | None = None
+    for start in range(0, depth, batch_size):
+        indices = list(range(start, min(start + batch_size, depth)))
+        logits = model(prepare_slices(image, indices, context, image_size).to(device)).float().cpu().numpy()
+        probs = probabilities_at(logits, (height, width))
+        if out is None:
+            out = np.empty((depth, probs.shape[1], height, width), dtype=np.float32)
+        out[start : start + len(indices)] = probs
+    assert out is not None, "an ingested volume has at least one slice"
     return out

@@ -99,6 +99,28 @@ class ProjectLayout:
     def registry_record(self, arch: str) -> Path:
         return self.root / "registry" / f"{arch}.json"
 
+    # cross-validation (params.yaml `cv`): fold k's model and reports, then the architecture's CV summary
+    def fold_model_dir(self, arch: str, fold: int) -> Path:
+        return self.model_dir(arch) / "folds" / str(int(fold))
+
+    def fold_reports_dir(self, arch: str, fold: int) -> Path:
+        return self.reports_dir(arch) / "folds" / str(int(fold))
+
+    def oof_per_case(self, arch: str, fold: int) -> Path:
+        """Fold k's model scored on fold k's held-out (development) patients."""
+        return self.fold_reports_dir(arch, fold) / "oof_per_case.csv"
+
+    def oof_metrics(self, arch: str, fold: int) -> Path:
+        return self.fold_reports_dir(arch, fold) / "oof_metrics.json"
+
+    @property
+    def cv_root(self) -> Path:
+        """Every architecture's CV summary (the report stage depends on this folder; git keeps it present)."""
+        return self.root / "reports" / "cv"
+
+    def cv_dir(self, arch: str) -> Path:
+        return self.cv_root / arch
+
     # the comparison
     @property
     def comparison_dir(self) -> Path:

@@ -392,13 +392,13 @@ def _ablation(dsc: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     return pairs
 
 
-def ablation_section(statistics: dict[str, Any]) -> list[str]:
+def ablation_section(statistics: dict[str, Any], scope: str = "test") -> list[str]:
     """"What the Mamba layers add": each Mamba network paired with its twin, where both were evaluated."""
     pairs = statistics.get("ablation") or []
     if not pairs:
         return []
     alpha = statistics["alpha"]
-    lines = ["## Ablation: what the Mamba layers add", "",
+    lines = [f"## Ablation: what the Mamba layers add ({scope})", "",
              "Each Mamba network against its `_nomamba` twin (the same network with the selective scans removed, "
              "as nnU-Net Revisited's No-Mamba Base): DSC over the same patients, median paired difference "
              "(Mamba - twin), two-sided Wilcoxon p, Holm-corrected over the pairs.", ""]
@@ -416,14 +416,15 @@ def ablation_section(statistics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def statistics_section(statistics: dict[str, Any], units: Sequence[str]) -> list[str]:
-    """The "Statistics" part of comparison.md."""
+def statistics_section(statistics: dict[str, Any], units: Sequence[str], title: str = "Statistics",
+                       population: str = "test patients") -> list[str]:
+    """The "Statistics" part of comparison.md (and, on out-of-fold scores, of its cross-validation part)."""
     archs = statistics["architectures"]
     if not archs:
         return []
     n, level = statistics["patients"], f"{100 * statistics['confidence']:g} %"
     best, paired = statistics["best"], statistics["paired"]
-    lines = [f"## Statistics ({n} test patients)", "",
+    lines = [f"## {title} ({n} {population})", "",
              f"Means over patients (each patient's cases and classes averaged first) with {level} percentile-bootstrap "
              f"intervals resampling patients ({statistics['resamples']} resamples). Each architecture's DSC is compared "
              f"with the best's on the same patients: median paired difference, two-sided Wilcoxon signed-rank p, and "
@@ -468,8 +469,64 @@ def statistics_section(statistics: dict[str, Any], units: Sequence[str]) -> list
     return lines
 
 
+def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[dict[str, Any]]:
+    """Rows for the cross-validated architectures with a CV summary (reports/cv/<arch>/): `per_case` = the
+    out-of-fold rows (every development patient once), `cv` = cv_metrics.json."""
+    layout = ProjectLayout.of(params, root)
+    rows = []
+    for arch in settings(params).cv.models:
+        metrics = _optional_json(layout.cv_dir(arch) / "cv_metrics.json")
+        if metrics:
+            rows.append({"arch": arch, "per_case": _per_case_rows(layout.cv_dir(arch) / "oof_per_case.csv"),
+                         "cv": metrics})
+    return rows
+
+
+def cv_section(cv_rows: Sequence[dict], cv_statistics: dict[str, Any] | None, units: Sequence[str]) -> list[str]:
+    """Cross-validation: out-of-fold DSC per fold and pooled, each fold's model and the fold ensemble on test,
+    then the statistics and the ablation on the out-of-fold patients (more patients than the test split)."""
+    if not cv_rows:
+        return []
+
+    def pct(value: Any) -> str:
+        number = finite_or_none(value)
+        return "n/a" if number is None else f"{100 * number:.2f}"
+
+    def spread(values: list[Any]) -> str:
+        numbers = [v for v in (finite_or_none(x) for x in values) if v is not None]
+        if not numbers:
+            return "n/a"
+        return f"{100 * np.mean(numbers):.2f} ± {100 * np.std(numbers, ddof=1):.2f}" if len(numbers) > 1 \
+            else f"{100 * numbers[0]:.2f}"
+
+    folds = sorted({len(row["cv"].get("folds") or []) for row in cv_rows})
+    lines = [f"## Cross-validation ({', '.join(map(str, folds))} folds)", "",
+             "Each fold's model is trained on the other folds' development patients, selected on its own held-out "
+             "patients and scored on them (out of fold: every development patient once, by the model that never saw "
+             "it). Test: each fold's model, and their ensemble (probabilities averaged). Fold columns: mean ± SD over "
+             "folds.", ""]
+    table = []
+    for row in cv_rows:
+        cv = row["cv"]
+        coverage = cv.get("coverage") or {}
+        table.append([f"`{row['arch']}`", pct((cv.get("out_of_fold") or {}).get("mean_dsc")),
+                      spread([v.get("mean_dsc") for v in (cv.get("out_of_fold_by_fold") or {}).values()]),
+                      pct((cv.get("out_of_fold") or {}).get("mean_nsd")),
+                      spread([v.get("mean_dsc") for v in (cv.get("test_by_fold") or {}).values()]),
+                      pct((cv.get("test_ensemble") or {}).get("mean_dsc")),
+                      f"{coverage.get('scored_cases', '?')} / {coverage.get('development_cases', '?')}"])
+    lines += [_md_table(["Architecture", "Out-of-fold DSC (%)", "Per-fold out-of-fold DSC (%)", "Out-of-fold NSD (%)",
+                         "Per-fold test DSC (%)", "Ensemble test DSC (%)", "Cases scored out of fold"], table), ""]
+    if cv_statistics:
+        lines += statistics_section(cv_statistics, units, "Cross-validation statistics", "development patients, "
+                                    "out of fold")
+        lines += ablation_section(cv_statistics, "out of fold")
+    return lines
+
+
 def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[str, str],
-                    qualitative_note: str, statistics: dict[str, Any] | None = None) -> str:
+                    qualitative_note: str, statistics: dict[str, Any] | None = None,
+                    cv_rows: Sequence[dict] = (), cv_statistics: dict[str, Any] | None = None) -> str:
     dataset = params["dataset"]["name"]
     protocols = sorted({row["protocol"] for row in rows})
     units = sorted({row["hd95_unit"] for row in rows})
@@ -509,6 +566,8 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
                   f"- `reports/qualitative.png`: {qualitative_note}", ""]
     else:
         parts += ["No architecture has evaluation results yet (run `dvc repro`).", ""]
+    cv_units = sorted({str((row["cv"].get("out_of_fold") or {}).get("hd95_unit")) for row in cv_rows})
+    parts += cv_section(cv_rows, cv_statistics, cv_units)
     if missing:
         parts += ["## Missing", ""] + [f"- `{arch}`: {why}" for arch, why in missing.items()] + [""]
     parts += ["Published numbers of the original papers, with their protocol caveats: `docs/results.md`.", ""]
@@ -696,12 +755,15 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
     out = ProjectLayout.of(params, root).comparison_dir
     rows, missing = collect_results(params, root)
     statistics = compute_statistics(params, rows, root)
+    cv_rows = collect_cv_results(params, root)
+    cv_statistics = compute_statistics(params, cv_rows, root) if cv_rows else None
     qualitative_note = plot_qualitative(out / "qualitative.png", params, root, rows)
     plot_dsc_bars(out / "comparison_dsc.png", rows)
     plot_summary(out / "comparison_summary.png", rows)
     write_per_class_csv(out / "per_class.csv", rows)
-    write_json(out / "statistics.json", statistics)
-    write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note, statistics))
+    write_json(out / "statistics.json", {"test": statistics, "cross_validation": cv_statistics})
+    write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note, statistics, cv_rows,
+                                                      cv_statistics))
     for arch in missing:
         log.warning("report: %s is missing: %s", arch, missing[arch])
     public = [{k: v for k, v in row.items() if k not in ("model", "meta", "per_case")} for row in rows]
@@ -709,6 +771,7 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
         "architectures": public,
         "missing": missing,
         "statistics": statistics,
+        "cv_statistics": cv_statistics,
         "best": {key: best_values(rows, key, better) for key, _, _, better in SUMMARY_COLUMNS},
         "outputs": [str(out / name) for name in OUTPUTS],
     }

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.config import config_hash, disable_telemetry, model_options, resolve_device, settings, validate_params
+from medseg.config import (check_cv_fold, config_hash, disable_telemetry, model_options, resolve_device, settings,
+                           validate_params)
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
@@ -64,8 +65,13 @@ class Paths:
     scores: Path  # the DVC metric (train_scores.json)
 
     @classmethod
-    def of(cls, params: dict[str, Any], arch: str, root: Path) -> "Paths":
+    def of(cls, params: dict[str, Any], arch: str, root: Path, fold: int | None = None) -> "Paths":
         layout = ProjectLayout.of(params, root)
+        if fold is not None:  # cross-validation: models/<arch>/folds/<k>/, reports/<arch>/folds/<k>/
+            models, reports = layout.fold_model_dir(arch, fold), layout.fold_reports_dir(arch, fold)
+            return cls(root=root, ingested=layout.ingested, split=layout.split_file,
+                       checkpoint=models / "checkpoint.pt", last=models / "last.pt", reports=reports,
+                       scores=reports / "train_scores.json")
         return cls(root=root, ingested=layout.ingested, split=layout.split_file, checkpoint=layout.checkpoint(arch),
                    last=layout.last_checkpoint(arch), reports=layout.reports_dir(arch),
                    scores=layout.train_scores(arch))
@@ -273,7 +279,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 class _MlflowLogger:
     """Per-epoch metrics to MLflow, only when MLFLOW_TRACKING_URI is set; failures only warn."""
 
-    def __init__(self, params: dict[str, Any], arch: str, enabled: bool, root: Path):
+    def __init__(self, params: dict[str, Any], arch: str, enabled: bool, root: Path, fold: int | None = None):
         self.run = None
         if not (enabled and os.environ.get("MLFLOW_TRACKING_URI")):
             return
@@ -287,10 +293,12 @@ class _MlflowLogger:
             name = settings(params).register.experiment
             mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), name, uri, root))
             # nested when a caller (e.g. a Prefect flow) already has a run open
-            self.run = mlflow.start_run(run_name=f"train-{arch}", nested=mlflow.active_run() is not None)
+            run_name = f"train-{arch}" if fold is None else f"train-{arch}-fold{fold}"
+            self.run = mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None)
             flat = {f"train.{k}": v for k, v in params.get("train", {}).items()}
             flat.update({f"model.{k}": v for k, v in model_options(params, arch).items()})
-            mlflow.log_params({"arch": arch, "seed": params.get("seed"), **flat})
+            mlflow.log_params({"arch": arch, "seed": params.get("seed"), **({} if fold is None else {"fold": fold}),
+                               **flat})
         except Exception as exc:  # noqa: BLE001
             _log.warning("MLflow logging disabled: %s", exc)
             self.run = None
@@ -366,21 +374,30 @@ class RunSpec:
     options: dict[str, Any]
     run_hash: str
     split: dict[str, Any]
+    fold: int | None = None  # cross-validation fold (its train/val lists), None: the split's train/val
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def metric_prefix(self) -> str:
+        """DVC metric keys' prefix (`unet.val_dice`, `unet.fold0.val_dice`): unique across files for dvc exp show."""
+        return self.arch if self.fold is None else f"{self.arch}.fold{self.fold}"
+
     @classmethod
-    def of(cls, params: dict[str, Any], arch: str, root: Path) -> "RunSpec":
+    def of(cls, params: dict[str, Any], arch: str, root: Path, fold: int | None = None) -> "RunSpec":
         from medseg.data.loader import read_cases
+        from medseg.data.split import fold_split
 
         params = validate_params(params)  # every section with its defaults: below, no key is optional
-        paths = Paths.of(params, arch, root)
+        paths = Paths.of(params, arch, root, fold)
         cases = read_cases(paths.ingested)
         if not paths.split.is_file():
             raise ConfigError(f"{paths.split}: split file not found (run the split stage first)")
         split = read_json(paths.split)
+        if fold is not None:  # the fold's development patients: train on the others, select on its held-out ones
+            split = fold_split(split, fold, paths.split)
         train_ids, val_ids = list(split.get("train", [])), list(split.get("val", []))
         if not train_ids:
             raise ConfigError(f"{paths.split}: the train list is empty")
@@ -391,7 +408,8 @@ class RunSpec:
                    class_names=list(cases["class_names"]), context=context,
                    in_channels=int(cases["in_channels"]) * (2 * context + 1),
                    image_size=tuple(int(v) for v in data_p["image_size"]),  # type: ignore[arg-type]
-                   options=model_options(params, arch), run_hash=run_config_hash(params, arch, split), split=split)
+                   options=model_options(params, arch), run_hash=run_config_hash(params, arch, split), split=split,
+                   fold=fold)
 
 
 @dataclass
@@ -637,7 +655,7 @@ class Trainer:
 
             self.network = DistributedDataParallel(self.model,
                                                    device_ids=[self.dist.local_rank] if self.on_cuda else None)
-        mlflow_logger = _MlflowLogger(spec.params, spec.arch, self.dist.main, spec.paths.root)
+        mlflow_logger = _MlflowLogger(spec.params, spec.arch, self.dist.main, spec.paths.root, spec.fold)
         try:
             while self.state.epoch < self.epochs:
                 self.train_epoch()
@@ -651,6 +669,7 @@ class Trainer:
         st = self.state
         summary = {
             "arch": spec.arch,
+            "fold": spec.fold,
             "params": count_params(self.model),
             "epochs": self.epochs,
             "steps": st.global_step,
@@ -669,7 +688,8 @@ class Trainer:
             write_json(spec.paths.reports / "train_summary.json", summary)
             # the DVC metric: numbers only (train_summary.json keeps the detail)
             write_dvc_metrics(spec.paths.scores,
-                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]}, spec.arch)
+                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]},
+                              spec.metric_prefix)
             _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
@@ -698,10 +718,14 @@ def peak_memory(device: str) -> dict[str, float | None]:
     return {"peak_rss_mb": round(rss_kb / 1024, 1), "cuda_max_allocated_mb": cuda}
 
 
-def train_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
-    """Train `arch` on the split's train cases, select on its val cases; returns the train summary."""
+def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold: int | None = None) -> dict[str, Any]:
+    """Train `arch` on the split's train cases, select on its val cases; returns the train summary. With `fold`
+    (cross-validation, params.yaml `cv`): on fold k's training patients, selected on its held-out ones, written
+    under models/<arch>/folds/<k>/ and reports/<arch>/folds/<k>/."""
     disable_telemetry()
-    spec = RunSpec.of(params, arch, Path(root))
+    if fold is not None:
+        check_cv_fold(params, arch, fold)
+    spec = RunSpec.of(params, arch, Path(root), fold)
     threads = apply_torch_threads(plan_from_params(spec.params))
     device = resolve_device(spec.train_p["device"])
     dist_info, device = _setup_distributed(device)

@@ -139,6 +139,18 @@ def make_split(cases: Sequence[Mapping[str, Any]] | Mapping[str, Any], split_par
     }
 
 
+def fold_split(split: Mapping[str, Any], fold: int, source: str | Path = "split") -> dict[str, Any]:
+    """The split as fold `fold` of its cross-validation sees it: train = the fold's training cases, val = its
+    held-out cases (the development patients of the other folds / of this one); test unchanged."""
+    folds = list(split.get("folds") or [])
+    if not folds:
+        raise ConfigError(f"{source}: the split has no folds; set split.folds (e.g. 3) and run the split stage")
+    if not 0 <= int(fold) < len(folds):
+        raise ConfigError(f"{source}: fold {fold} does not exist; the split has folds 0..{len(folds) - 1}")
+    chosen = folds[int(fold)]
+    return {**split, "train": list(chosen["train"]), "val": list(chosen["val"]), "fold": int(fold)}
+
+
 def split_sha256(split: Mapping[str, Any]) -> str:
     """Hash of the subsets' membership (what metrics must be compared on), independent of key order."""
     core = {k: sorted(split.get(k) or []) for k in ("train", "val", "test")}

@@ -1,0 +1,183 @@
+"""Cross-validation: per architecture x fold training (medseg.training with `fold`), out-of-fold scores, and the
+fold ensemble on the test split, as nnU-Net does it.
+
+params.yaml `cv.models` x `cv.folds` is a DVC matrix (dvc.yaml: train_fold, evaluate_fold, then cv_summary per
+architecture). The folds are the split file's (`split.folds`, over the development = train + val patients, by
+patient): fold k trains on the other folds' patients, selects its checkpoint on its own held-out patients
+(validation, as for single runs) and is then scored on them ("out of fold"). Over all folds every development
+patient is scored exactly once, by the one model that never saw it; cv_summary checks that. The test split is
+scored by each fold's model and by their ensemble (probabilities averaged, then argmax).
+
+Outputs: models/<arch>/folds/<k>/checkpoint.pt, reports/<arch>/folds/<k>/{train_summary.json, train_log.csv,
+oof_per_case.csv, oof_metrics.json}; reports/cv/<arch>/{cv_metrics.json, oof_per_case.csv, ensemble_per_case.csv,
+cv_scores.json}.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.config import check_cv_fold, disable_telemetry, resolve_device, settings
+from medseg.errors import ConfigError
+from medseg.io import read_json, write_dvc_metrics, write_json
+from medseg.layout import ProjectLayout
+
+_log = logging.getLogger(__name__)
+
+
+def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list[str]], list[str]]:
+    """({fold: its held-out cases}, every development case) from the split file."""
+    from medseg.data.split import fold_split
+
+    if not split_path.is_file():
+        raise ConfigError(f"{split_path}: split file not found (run the split stage first)")
+    split = read_json(split_path)
+    held = {k: fold_split(split, k, split_path)["val"] for k in folds}
+    development = sorted(set(split.get("train", [])) | set(split.get("val", [])))
+    return held, development
+
+
+def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
+    """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
+    oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.Scoring)."""
+    from tqdm.auto import tqdm
+
+    from medseg.data.loader import load_case
+    from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics, write_per_case
+    from medseg.inference import load_trained_model, predict_volume
+    from medseg.threads import apply_torch_threads, plan_from_params
+
+    disable_telemetry()
+    check_cv_fold(params, arch, fold)
+    apply_torch_threads(plan_from_params(params, num_workers=0))
+    layout = ProjectLayout.of(params, root)
+    held, _ = _fold_case_lists(layout.split_file, [int(fold)])
+    case_ids = held[int(fold)]
+    if not case_ids:
+        raise ConfigError(f"{layout.split_file}: fold {fold} holds out no case")
+    model, meta = load_trained_model(layout.fold_model_dir(arch, fold) / "checkpoint.pt")
+    scoring = scoring_for(params, layout.ingested, case_ids, meta)
+    config = settings(params)
+    device = resolve_device(config.train.device)
+    model = model.to(device)
+    rows: list[dict[str, Any]] = []
+    for case_id in tqdm(case_ids, desc=f"out-of-fold {arch} fold {fold}", dynamic_ncols=True, leave=False):
+        image, label, spacing = load_case(layout.ingested, case_id)
+        pred = predict_volume(model, image, meta["image_size"], checkpoint_context(meta, params),
+                              config.evaluate.batch_size, device)
+        rows += scoring.rows(case_id, pred, label, spacing)
+    metrics = {"arch": arch, "fold": int(fold), **summary_metrics(scoring, rows, case_ids),
+               "checkpoint_epoch": meta.get("epoch")}
+    write_per_case(layout.oof_per_case(arch, fold), rows)
+    write_json(layout.oof_metrics(arch, fold), metrics)
+    return metrics
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run `dvc repro` (the evaluate_fold stage writes it)")
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") -> tuple[list[dict], dict]:
+    """(every fold's out-of-fold rows with a `fold` column, coverage). A case scored by two folds is an error (a
+    patient in two held-out sets would be counted twice); coverage says which development cases no trained fold
+    scored (all folds trained: none)."""
+    layout = ProjectLayout.of(params, root)
+    folds = list(settings(params).cv.folds)
+    held, development = _fold_case_lists(layout.split_file, folds)
+    rows, seen = [], {}
+    for k in folds:
+        fold_rows = _read_rows(layout.oof_per_case(arch, k))
+        cases = {r["case"] for r in fold_rows}
+        if cases != set(held[k]):
+            raise ConfigError(f"{layout.oof_per_case(arch, k)}: scores cases {sorted(cases)}, but fold {k} holds out "
+                              f"{sorted(held[k])}; run `dvc repro evaluate_fold@{arch}-{k}`")
+        for case in cases:
+            if case in seen:
+                raise ConfigError(f"{layout.split_file}: case {case} is held out by folds {seen[case]} and {k}")
+            seen[case] = k
+        rows += [{**r, "fold": str(k)} for r in fold_rows]
+    missing = sorted(set(development) - set(seen))
+    coverage = {"development_cases": len(development), "scored_cases": len(seen), "unscored": missing,
+                "complete": not missing}
+    if missing:
+        _log.warning("%s: cv.folds %s score %d of %d development cases out of fold (train every fold for all)",
+                     arch, folds, len(seen), len(development))
+    return rows, coverage
+
+
+def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
+    and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
+    from tqdm.auto import tqdm
+
+    from medseg.data.loader import load_case
+    from medseg.evaluation import (checkpoint_context, read_case_list, scoring_for, summary_metrics,
+                                   write_per_case)
+    from medseg.inference import load_trained_model, volume_probabilities
+    from medseg.threads import apply_torch_threads, plan_from_params
+
+    disable_telemetry()
+    if arch not in settings(params).cv.models:
+        raise ConfigError(f"params.yaml: {arch} is not in cv.models {settings(params).cv.models}")
+    apply_torch_threads(plan_from_params(params, num_workers=0))
+    root = Path(root)
+    layout = ProjectLayout.of(params, root)
+    folds = list(settings(params).cv.folds)
+    oof_rows, coverage = out_of_fold_rows(params, arch, root)
+
+    models = [load_trained_model(layout.fold_model_dir(arch, k) / "checkpoint.pt") for k in folds]
+    metas = [meta for _, meta in models]
+    test_ids = read_case_list(layout.split_file, "test")
+    scoring = scoring_for(params, layout.ingested, test_ids, metas[0])
+    oof_scoring = scoring_for(params, layout.ingested, sorted({r["case"] for r in oof_rows}), metas[0])
+    config = settings(params)
+    device = resolve_device(config.train.device)
+    per_fold_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in folds}
+    ensemble_rows: list[dict[str, Any]] = []
+    for case_id in tqdm(test_ids, desc=f"fold ensemble {arch}", dynamic_ncols=True, leave=False):
+        image, label, spacing = load_case(layout.ingested, case_id)
+        total = None
+        for k, (model, meta) in zip(folds, models):
+            probs = volume_probabilities(model.to(device), image, meta["image_size"], checkpoint_context(meta, params),
+                                         config.evaluate.batch_size, device)
+            per_fold_rows[k] += scoring.rows(case_id, probs.argmax(axis=1).astype(np.uint8), label, spacing)
+            total = probs if total is None else total + probs
+        ensemble = (total / len(folds)).argmax(axis=1).astype(np.uint8)
+        ensemble_rows += scoring.rows(case_id, ensemble, label, spacing)
+
+    out = layout.cv_dir(arch)
+    oof = summary_metrics(oof_scoring, [_as_numbers(r) for r in oof_rows], sorted({r["case"] for r in oof_rows}))
+    oof_by_fold = {}
+    for k in folds:
+        fold_metrics = read_json(layout.oof_metrics(arch, k))
+        oof_by_fold[str(k)] = {"mean_dsc": fold_metrics.get("mean_dsc"), "num_cases": fold_metrics.get("num_cases")}
+    metrics = {
+        "arch": arch,
+        "folds": folds,
+        "coverage": coverage,
+        "out_of_fold": oof,
+        "out_of_fold_by_fold": oof_by_fold,
+        "test_by_fold": {str(k): summary_metrics(scoring, per_fold_rows[k], test_ids) for k in folds},
+        "test_ensemble": summary_metrics(scoring, ensemble_rows, test_ids),
+    }
+    write_per_case(out / "oof_per_case.csv", [_as_numbers(r) for r in oof_rows])
+    write_per_case(out / "ensemble_per_case.csv", ensemble_rows)
+    write_json(out / "cv_metrics.json", metrics)
+    write_dvc_metrics(out / "cv_scores.json", {"oof_dsc": oof["mean_dsc"],
+                                               "ensemble_dsc": metrics["test_ensemble"]["mean_dsc"]}, f"{arch}.cv")
+    return {"arch": arch, "folds": len(folds), "oof_dsc": oof["mean_dsc"],
+            "ensemble_dsc": metrics["test_ensemble"]["mean_dsc"], "complete": coverage["complete"]}
+
+
+def _as_numbers(row: dict[str, str]) -> dict[str, Any]:
+    """A per_case.csv row read back (strings) as the metrics' numbers ("nan" -> NaN)."""
+    return {**row, **{key: float(row[key]) for key in ("dsc", "hd95", "nsd") if row.get(key) not in (None, "")}}

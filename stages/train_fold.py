@@ -1,0 +1,12 @@
+"""DVC stage `train_fold@<arch>-<fold>`: train one architecture on one cross-validation fold. Usage: train_fold.py ARCH FOLD
+
+A thin entry point (see dvc.yaml): it imports only the library function it runs, so its imports are its code.
+"""
+
+import sys
+
+from medseg.entry import run_stage
+from medseg.training import train_model
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(train_model, sys.argv[1:], with_arch=True, with_fold=True))
