@@ -75,7 +75,7 @@ def paths(root: str | Path, dataset: str = "phantom"):
     return ProjectLayout(Path(root), dataset)
 
 
-def make_dvc_project(dst: Path, params: dict) -> Path:
+def make_dvc_project(dst: Path, params: dict, git: bool = False) -> Path:
     """A runnable project copy: dvc.yaml, builtin/ (the phantom stage), stages/, src/ (stage deps), reports/cv/README.md,
     tiny params.yaml, `dvc init --no-scm`."""
     import subprocess
@@ -90,7 +90,14 @@ def make_dvc_project(dst: Path, params: dict) -> Path:
     (dst / "reports" / "cv").mkdir(parents=True, exist_ok=True)  # tracked in git: the report stage's dependency
     shutil.copy2(ROOT / "reports" / "cv" / "README.md", dst / "reports" / "cv" / "README.md")
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, check=True)
+    if git:  # a Git repository, as a user's clone of medseg is (`git clone` then sees what a teammate gets)
+        shutil.copy2(ROOT / ".gitignore", dst / ".gitignore")
+        subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+        for key, value in (("user.name", "medseg tests"), ("user.email", "tests@medseg.invalid")):
+            subprocess.run(["git", "config", key, value], cwd=dst, check=True)
+        subprocess.run(["dvc", "init", "-q"], cwd=dst, check=True)
+    else:
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dst, check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dst, check=True)
     return dst
 

@@ -154,6 +154,15 @@ def test_a_dvc_stage_prints_one_summary_line_and_the_cli_the_whole_json(tmp_path
     assert json.loads(capsys.readouterr().out) == result
     assert len(summary_line({"k": "x" * 39, "n": list(range(500))} | {f"v{i}": 1.0 for i in range(100)})) == 200
 
+    # a fold stage (`train_fold.py ARCH FOLD`): the fold reaches the function as a keyword, the label is DVC's name
+    calls = []
+    monkeypatch.setattr(sys, "argv", ["stages/train_fold.py", "unet", "2"])
+    assert run_stage(lambda params, arch, root, fold=None: calls.append((arch, fold)) or {"fold": fold},
+                     ["unet", "2"], with_arch=True, with_fold=True) == 0
+    assert calls == [("unet", 2)] and capsys.readouterr().out == "train_fold@unet-2: fold=2\n"
+    assert run_stage(lambda *a, **k: None, ["unet", "two"], with_arch=True, with_fold=True) == 2
+    assert "usage: train_fold.py ARCH FOLD" in capsys.readouterr().err
+
 
 def test_dvc_metrics_files_hold_rounded_numbers_only(tmp_path):
     path = tmp_path / "scores.json"

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the section, write nothing")
     p.set_defaults(func=cmd_dataset_init)
 
-    p = sub.add_parser("preset", help="switch params.yaml to a preset (quick | paper)")
+    p = sub.add_parser("preset", help="switch params.yaml to a preset (quick | paper | benchmark)")
     p.add_argument("name")
     p.set_defaults(func=cmd_preset)
     return parser

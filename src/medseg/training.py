@@ -5,7 +5,8 @@ Checkpoint selection uses the VALIDATION split only (`split["val"]`); the test s
 
 Resume: `models/<A>/last.pt` is written atomically at every epoch end and every `train.checkpoint_every_steps`
 optimizer steps. It holds model, optimizer, scheduler, GradScaler, every RNG state, the data position (epoch,
-batches done in it) and the best weights so far. A run killed at any point (SIGKILL included) and started again
+batches done in it) and the best weights so far; once the run finishes, only the final weights and the record
+(FINISHED_KEYS), since a finished run is never resumed. A run killed at any point (SIGKILL included) and started again
 with the same configuration continues from there and ends with the same weights as an uninterrupted run (bitwise
 on CPU). The data order is a pure function of (seed, epoch) (DistributedSampler), so skipping the batches already
 done needs no data loading. last.pt carries a `config_hash`; a different configuration, or a finished run,
@@ -227,6 +228,11 @@ def _check_finite(model: nn.Module, where: str) -> None:
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# What a finished run's last.pt keeps: the final weights and the record, not the resume state.
+FINISHED_KEYS = ("arch", "config_hash", "training_cases_hash", "epoch", "batch_in_epoch", "global_step", "finished",
+                 "state_dict", "best_val_dice", "best_epoch", "history", "train_seconds")
 
 
 def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
@@ -531,11 +537,17 @@ class Trainer:
             self.save_best()
 
     def save_last(self, finished: bool = False, checked: bool = False) -> None:
-        """last.pt, after checking the weights are finite (unless the caller just did: `checked`)."""
+        """last.pt, after checking the weights are finite (unless the caller just did: `checked`). A finished run
+        is never resumed, so its last.pt keeps only the final weights and the record (FINISHED_KEYS): a DVC output
+        the size of the model, pushed to and pulled from a remote like checkpoint.pt, instead of the optimizer,
+        scheduler and RNG states a teammate's clone has no use for."""
         if self.dist.main:
             if not checked:
                 _check_finite(self.model, f"epoch {self.state.epoch}, step {self.state.global_step}")
-            save_checkpoint(self.state_dict(finished), self.spec.paths.last)
+            state = self.state_dict(finished)
+            if finished:
+                state = {key: state[key] for key in FINISHED_KEYS}
+            save_checkpoint(state, self.spec.paths.last)
 
     def save_best(self) -> None:
         spec, st = self.spec, self.state
