@@ -177,9 +177,10 @@ def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp
     onnx_path = paths(tmp_path).onnx("unet")
     card = card_from_onnx(onnx_path)
     # NaN is not JSON: undefined metrics travel as null; per-class entries keep only the numbers
+    # (this metrics.json predates NSD: its NSD entries are null, not made up)
     assert card == tiny_card("unet").with_evaluation({
-        "protocol": "mm", "hd95_unit": "mm", "mean_dsc": 0.5, "mean_hd95": None,
-        "per_class": {"aorta": {"dsc": 0.4, "hd95": 3.0}, "liver": {"dsc": 0.6, "hd95": None}}})
+        "protocol": "mm", "hd95_unit": "mm", "mean_dsc": 0.5, "mean_hd95": None, "mean_nsd": None, "nsd_tolerance": {},
+        "per_class": {"aorta": {"dsc": 0.4, "hd95": 3.0, "nsd": None}, "liver": {"dsc": 0.6, "hd95": None, "nsd": None}}})
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     assert set(props) == {ONNX_METADATA_KEY, "medseg.version", "medseg.arch"}
     assert (props["medseg.version"], props["medseg.arch"]) == (card.medseg_version, "unet")

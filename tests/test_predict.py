@@ -365,3 +365,21 @@ def test_channel_files_of_a_case_are_grouped_in_channel_order(project, tmp_path)
     (folder / "c_0001.nii.gz").touch()
     with pytest.raises(PredictError, match=r"c: channel files \['c_0001.nii.gz'\] are not c_0000 .. c_0001"):
         plan_cases(predictor, folder, tmp_path / "out")
+
+
+def test_single_channel_outputs_drop_nnunets_channel_suffix(project, tmp_path):
+    """nnU-Net names a prediction after the case: imagesTs/organ_000_0000.nii.gz -> organ_000.nii.gz. Other
+    trailing numbers are part of the name; two inputs that would give one output name are refused."""
+    from medseg.predict import plan_cases
+
+    predictor = load_predictor(_model(project))
+    assert predictor.card.image_channels == 1
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("organ_000_0000.nii.gz", "scan_2023.nii.gz", "organ_001_0001.nii.gz"):
+        (folder / name).touch()
+    cases = plan_cases(predictor, folder, tmp_path / "out")
+    assert sorted(c.labels.name for c in cases) == ["organ_000.nii.gz", "organ_001_0001.nii.gz", "scan_2023.nii.gz"]
+    (folder / "organ_000.nii.gz").touch()
+    with pytest.raises(PredictError, match="would be written for both"):
+        plan_cases(predictor, folder, tmp_path / "out")

@@ -288,9 +288,11 @@ def plan_cases(predictor: Predictor, inputs: str | Path | Iterable[str | Path], 
     for path in files.values():
         stem = _nifti_stem(path)
         predictor._check_kind(path, "image2d" if stem is None else "volume")
-        match = CHANNEL_FILE.match(stem) if stem is not None and card.image_channels > 1 else None
-        if match:
+        match = CHANNEL_FILE.match(stem) if stem is not None else None
+        if match and card.image_channels > 1:
             channel_groups.setdefault((path.parent, match["case"]), []).append((int(match["channel"]), path))
+        elif match and match["channel"] == "0000":  # nnU-Net's single-channel input case_0000 -> output case
+            singles.append((match["case"], [path]))
         else:
             singles.append((path.stem if stem is None else stem, [path]))
     for (folder, name), members in channel_groups.items():
