@@ -143,6 +143,21 @@ def test_dvc_repro_runs_the_cross_validation_then_is_a_no_op(tmp_path, cv_params
     plots = json.loads(_dvc(root, "plots", "show", "--json"))
     assert any("folds/1/train_log.csv" in key for key in json.dumps(plots).split('"')), "per-fold learning curves"
     assert "Cross-validation" in (paths(root).comparison_dir / "comparison.md").read_text()
+    # every file the run left is a declared output (dvc.lock lists them), the MLflow store, or DVC's own
+    outs = set()
+    for lock_file in ("dvc.lock", "builtin/dvc.lock"):  # builtin's paths are relative to the project root too
+        for stage in yaml.safe_load((root / lock_file).read_text())["stages"].values():
+            outs |= {out["path"].removeprefix("../") for out in stage.get("outs", [])}
+    project = {"dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", "reports/cv/README.md", "mlflow.db"}
+    stray = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if (path.is_dir() or rel in project or path.name == ".gitignore"
+                or rel.split("/")[0] in {".dvc", "src", "stages", "builtin", "mlartifacts"}):
+            continue
+        if not any(rel == out or rel.startswith(out.rstrip("/") + "/") for out in outs):
+            stray.append(rel)
+    assert not stray, f"files no stage declares: {stray}"
     # a report setting re-runs the report only: the fold models stay
     checkpoint = paths(root).fold_model_dir("unet", 0) / "checkpoint.pt"
     before = checkpoint.stat().st_mtime_ns
