@@ -165,3 +165,27 @@ def test_dvc_repro_runs_the_cross_validation_then_is_a_no_op(tmp_path, cv_params
                                                                               "qualitative_slices": 2}}))
     _dvc(root, "repro", "-q")
     assert checkpoint.stat().st_mtime_ns == before and "up to date" in _dvc(root, "status")
+
+
+@pytest.mark.slow
+def test_a_queued_sweep_over_architectures_runs_their_cross_validation(tmp_path, cv_params):
+    """`dvc exp run --queue` per architecture, then `--run-all`: each experiment ran its own fold matrix and
+    reports its CV metrics (what `dvc exp show` compares)."""
+    params = json.loads(json.dumps(cv_params))
+    params["model_options"]["unetpp"] = {"base_channels": 4, "depth": 2}
+    root = make_dvc_project(tmp_path / "project", params, git=True)
+    for args in (["add", "-A"], ["commit", "-q", "-m", "baseline"]):  # experiments need a Git baseline
+        subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+    _dvc(root, "exp", "run", "--queue", "-n", "cv-unet")
+    _dvc(root, "exp", "run", "--queue", "-n", "cv-unetpp", "-S", "models=[unetpp]", "-S", "cv.models=[unetpp]")
+    _dvc(root, "exp", "run", "--run-all")
+    shown = json.loads(_dvc(root, "exp", "show", "--json"))
+    scores = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment["revs"]:
+                metrics = rev["data"]["metrics"]
+                scores[rev["name"]] = {key for path, entry in metrics.items() if "/cv/" in path
+                                       for key in (entry.get("data") or {})}
+    assert scores == {"cv-unet": {"unet.cv.oof_dsc", "unet.cv.ensemble_dsc"},
+                      "cv-unetpp": {"unetpp.cv.oof_dsc", "unetpp.cv.ensemble_dsc"}}, scores
