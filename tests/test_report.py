@@ -339,3 +339,32 @@ def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_
     text = "\n".join(ablation_section(stats))
     assert "| `msvm_unet` vs `msvm_unet_nomamba` |" in text and "the scans help" in text
     assert "| `vm_unet` vs `vm_unet_nomamba` |" in text and "no significant difference" in text
+
+
+
+def test_the_comparison_is_logged_as_its_own_mlflow_run_only_into_an_existing_store(report_project, mlflow_db_template,
+                                                                                     monkeypatch):
+    import mlflow
+
+    from medseg.report import build_report
+
+    root, params = report_project
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    organs = read_cases(paths(root, params["dataset"]["name"]).ingested)["class_names"][1:]
+    base = {f"s{i:02d}": 0.5 + 0.04 * i for i in range(8)}
+    _write_per_case(root, "unet", base, organs)
+    _write_per_case(root, "unetpp", {c: v + 0.05 for c, v in base.items()}, organs)
+    assert build_report(params, root)["mlflow_run_id"] is None
+    assert not (root / "mlflow.db").exists()  # the report never creates a store
+
+    seed_store(root, mlflow_db_template)  # as the register stage leaves it
+    run_id = build_report(params, root)["mlflow_run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.run_name == "comparison-phantom" and run.data.tags["medseg.kind"] == "comparison"
+    assert run.data.tags["best"] == "unetpp" and run.data.tags["significant"] == "True"
+    stats = read_json(paths(root).comparison_dir / "statistics.json")["test"]
+    assert run.data.metrics["test.dsc_mean.unet"] == pytest.approx(stats["architectures"]["unet"]["dsc"]["mean"])
+    assert run.data.metrics["test.p_holm.unet"] == pytest.approx(2 / 2**8)
+    assert run.data.metrics["test.p_first.unetpp"] == 1.0
+    assert {a.path for a in client.list_artifacts(run_id)} == {"comparison.md", "statistics.json"}

@@ -7,7 +7,8 @@ Reads what the train/evaluate/export/register stages wrote and produces:
   per-class DSC, HD95 and NSD tables (organs as columns, like TransUNet's Table 1);
 - reports/comparison_dsc.png (per-class grouped bars), reports/comparison_summary.png (DSC vs latency and HD95);
 - reports/per_class.csv (long format arch,class,arch_class,dsc,hd95,nsd for `dvc plots`);
-- reports/statistics.json: the numbers of comparison.md's Statistics section;
+- reports/statistics.json: the numbers of comparison.md's Statistics section, also logged (with comparison.md) as
+  an MLflow run `comparison-<dataset>` in the register stage's experiment when that store exists;
 - reports/qualitative.png: the same test slices (rows): image, ground truth, then each model's prediction.
 Architectures without outputs are listed as missing instead of failing the report.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -748,6 +750,60 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
             f"then {len(with_models)} model(s)")
 
 
+# --------------------------------------------------------------------------------------------------- MLflow
+def statistics_metrics(statistics: dict[str, Any] | None, prefix: str) -> dict[str, float]:
+    """Flat MLflow metrics of one statistics block: `<prefix>dsc_mean.<arch>`, `..._ci_low/_ci_high` (DSC, HD95,
+    NSD), `<prefix>p_holm.<arch>` and `<prefix>median_diff.<arch>` against the best, `<prefix>p_first.<arch>`."""
+    if not statistics:
+        return {}
+    out: dict[str, float] = {}
+    for arch, entry in statistics["architectures"].items():
+        for metric, _, _ in STAT_METRICS:
+            values = entry[metric]
+            out[f"{prefix}{metric}_mean.{arch}"] = values["mean"]
+            if values["ci"]:
+                out[f"{prefix}{metric}_ci_low.{arch}"], out[f"{prefix}{metric}_ci_high.{arch}"] = values["ci"]
+        out[f"{prefix}p_first.{arch}"] = statistics["rank_first"].get(arch)
+    for arch, paired in statistics["paired"].items():
+        out[f"{prefix}p_holm.{arch}"] = paired["p_holm"]
+        out[f"{prefix}median_diff.{arch}"] = paired["median_difference"]
+    return {k: float(v) for k, v in out.items() if finite_or_none(v) is not None}
+
+
+def log_comparison_run(params: dict[str, Any], root: str | Path, statistics: dict[str, Any],
+                       cv_statistics: dict[str, Any] | None, files: Sequence[Path]) -> str | None:
+    """The comparison as its own MLflow run in the register stage's experiment (run name `comparison-<dataset>`,
+    tag `medseg.kind=comparison`): the statistics as metrics, comparison.md and statistics.json as artifacts.
+    Only into a store that exists (a local store the register stage made, or a server): the report never creates
+    one. A store that does not answer is a warning, not a failed report. Returns the run id."""
+    from medseg.tracking import connect, ensure_experiment, resolve_tracking_uri, short_error
+
+    uri = resolve_tracking_uri(params, root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        log.info("report: no MLflow store at %s yet (the register stage makes it); comparison not logged", uri)
+        return None
+    try:
+        from mlflow.entities import Metric
+
+        client = connect(uri, retries=0)
+        experiment_id = ensure_experiment(client, settings(params).register.experiment, uri, root)
+        dataset = params["dataset"]["name"]
+        run = client.create_run(experiment_id, run_name=f"comparison-{dataset}",
+                                tags={"medseg.kind": "comparison", "dataset": dataset,
+                                      "best": str((statistics or {}).get("best")),
+                                      "significant": str((statistics or {}).get("significant"))})
+        values = {**statistics_metrics(statistics, "test."), **statistics_metrics(cv_statistics, "cv.")}
+        stamp = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in values.items()])
+        for path in files:
+            client.log_artifact(run.info.run_id, str(path))
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+    except Exception as exc:  # noqa: BLE001 - the report's files are written; MLflow is a copy of them
+        log.warning("report: comparison not logged to MLflow at %s: %s", uri, short_error(exc))
+        return None
+
+
 # --------------------------------------------------------------------------------------------------- entry point
 def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """Write the comparison report files under reports/; returns the summary numbers, the missing archs and paths."""
@@ -762,6 +818,8 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
     plot_summary(out / "comparison_summary.png", rows)
     write_per_class_csv(out / "per_class.csv", rows)
     write_json(out / "statistics.json", {"test": statistics, "cross_validation": cv_statistics})
+    mlflow_run = log_comparison_run(params, root, statistics, cv_statistics,
+                                    [out / "comparison.md", out / "statistics.json"])
     write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note, statistics, cv_rows,
                                                       cv_statistics))
     for arch in missing:
@@ -772,6 +830,7 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
         "missing": missing,
         "statistics": statistics,
         "cv_statistics": cv_statistics,
+        "mlflow_run_id": mlflow_run,
         "best": {key: best_values(rows, key, better) for key, _, _, better in SUMMARY_COLUMNS},
         "outputs": [str(out / name) for name in OUTPUTS],
     }
