@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -189,3 +190,46 @@ def test_a_queued_sweep_over_architectures_runs_their_cross_validation(tmp_path,
                                        for key in (entry.get("data") or {})}
     assert scores == {"cv-unet": {"unet.cv.oof_dsc", "unet.cv.ensemble_dsc"},
                       "cv-unetpp": {"unetpp.cv.oof_dsc", "unetpp.cv.ensemble_dsc"}}, scores
+
+
+def test_a_fold_training_killed_mid_epoch_resumes_to_the_same_weights(tiny_project, tmp_path):
+    """Fold runs resume like single runs: SIGKILL after step 4 (a mid-epoch last.pt), run again, same weights as
+    an uninterrupted fold run (bit for bit on CPU)."""
+    import shutil
+    import sys
+    import textwrap
+
+    import torch
+
+    runner = textwrap.dedent("""
+        import os, signal, sys, yaml
+        from pathlib import Path
+        import medseg.training as training
+        kill_at = int(os.environ.get("KILL_AT", "0"))
+        if kill_at:
+            training.STEP_HOOKS.append(lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+        root = Path(sys.argv[1])
+        training.train_model(yaml.safe_load((root / "params.yaml").read_text()), "unet", root, fold=1)
+    """)
+    script = tmp_path / "run.py"
+    script.write_text(runner)
+    roots = []
+    for name in ("reference", "killed"):
+        root = tmp_path / name
+        shutil.copytree(tiny_project, root)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["train"].update(epochs=2, batch_size=2, max_steps_per_epoch=3, checkpoint_every_steps=2)
+        params["cv"] = {"models": ["unet"], "folds": [0, 1]}
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        roots.append(root)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, str(script), str(roots[0])], env=env, check=True, capture_output=True)
+    killed = subprocess.run([sys.executable, str(script), str(roots[1])], env={**env, "KILL_AT": "4"},
+                            capture_output=True)
+    assert killed.returncode == -9
+    subprocess.run([sys.executable, str(script), str(roots[1])], env=env, check=True, capture_output=True)
+    summary = read_json(paths(roots[1]).fold_reports_dir("unet", 1) / "train_summary.json")
+    assert summary["resumed_from_step"] == 4 and summary["fold"] == 1
+    for name in ("checkpoint.pt", "last.pt"):
+        a, b = (torch.load(paths(r).fold_model_dir("unet", 1) / name, weights_only=True)["state_dict"] for r in roots)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
