@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medseg.metrics import finite_or_none
+
 
 def patient_scores(rows: Iterable[Mapping[str, Any]], patient_of: Mapping[str, str], metric: str) -> dict[str, float]:
     """{patient: score}: per class, the mean of `metric` over the patient's cases (undefined values, e.g. a class
@@ -25,21 +27,13 @@ def patient_scores(rows: Iterable[Mapping[str, Any]], patient_of: Mapping[str, s
     out; a case missing from `patient_of` is its own patient."""
     values: dict[str, dict[str, list[float]]] = {}
     for row in rows:
-        value = _number(row.get(metric))
+        value = finite_or_none(row.get(metric))
         if value is None:
             continue
         patient = patient_of.get(str(row["case"]), str(row["case"]))
         values.setdefault(patient, {}).setdefault(str(row["class"]), []).append(value)
     return {patient: float(np.mean([np.mean(v) for v in classes.values()]))
             for patient, classes in sorted(values.items())}
-
-
-def _number(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
