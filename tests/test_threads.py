@@ -65,10 +65,12 @@ def test_params_compute_section(monkeypatch):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MEDSEG_THREADS", "MEDSEG_PARALLEL_JOBS"):
         monkeypatch.delenv(name, raising=False)
     params = validate_params({"compute": {"threads": 1}, "data": {"num_workers": 0}})
-    assert params["compute"] == {"threads": 1, "parallel_jobs": 1}
+    assert params["compute"] == {"threads": 1, "parallel_jobs": 1, "dist_timeout_s": 1800}
     assert plan_from_params(params).intra_op == 1
     with pytest.raises(ConfigError, match="compute.parallel_jobs must be >= 1"):
         validate_params({"compute": {"parallel_jobs": 0}})
+    with pytest.raises(ConfigError, match="compute.dist_timeout_s must be >= 1"):
+        validate_params({"compute": {"dist_timeout_s": 0}})
     with pytest.raises(ConfigError, match="unknown key compute.thread"):
         validate_params({"compute": {"thread": 2}})
 

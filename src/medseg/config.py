@@ -134,6 +134,9 @@ class ComputeSettings:
 
     threads: int | None = None  # intra-op threads; None: the cores this job may use (see medseg.threads)
     parallel_jobs: int = 1  # medseg jobs sharing this machine's cores (MEDSEG_PARALLEL_JOBS overrides)
+    # torchrun jobs: how long a rank waits in a collective for the others before the job fails (a rank that hangs
+    # instead of dying); torch's own default, stated so that a stuck job ends
+    dist_timeout_s: int = 1800
 
 
 SECTIONS: dict[str, type] = {
@@ -188,7 +191,7 @@ def validate_params(params: dict[str, Any], source: str | Path = PARAMS_FILE) ->
             raise ConfigError(f"{source}: {key} must be a mapping, got {type(params[key]).__name__}")
     for name, cls in SECTIONS.items():
         out[name] = dataclasses.asdict(_build(cls, params.get(name), name, source))
-    for key in ("threads", "parallel_jobs"):
+    for key in ("threads", "parallel_jobs", "dist_timeout_s"):
         if out["compute"][key] is not None and out["compute"][key] < 1:
             raise ConfigError(f"{source}: compute.{key} must be >= 1, got {out['compute'][key]}")
     _check_cv(out["cv"], out["split"], source)

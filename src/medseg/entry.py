@@ -26,7 +26,7 @@ STATUS_DIR_ENV = "MEDSEG_STAGE_STATUS_DIR"
 
 def write_stage_status(stage: str, **record: Any) -> None:
     folder = os.environ.get(STATUS_DIR_ENV)
-    if not folder:
+    if not folder or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
         return
     from medseg.io import write_json
 

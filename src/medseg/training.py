@@ -90,20 +90,27 @@ class Dist:
         return self.rank == 0
 
 
-def _setup_distributed(device: str) -> tuple[Dist, str]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: start a process group (nccl on CUDA, gloo on CPU)."""
+def _setup_distributed(device: str, timeout_s: float) -> tuple[Dist, str, bool]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: start a process group (nccl on CUDA, gloo on CPU) whose
+    collectives give up after `timeout_s` (compute.dist_timeout_s), so a rank that hangs ends the job instead of
+    holding it forever. Returns the rank, the device and whether this call started the group (and must end it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and "LOCAL_RANK" not in os.environ:
-        return Dist(), device
+        return Dist(), device, False
+    import datetime
+
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, enabled=True), device
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=float(timeout_s)))
+    info = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, enabled=True)
+    return info, device, started
 
 
 def training_cases_hash(split: dict[str, Any]) -> str:
@@ -213,7 +220,9 @@ def _epoch_batches(sampler, epoch: int, batch_size: int, steps_per_epoch: int) -
 
 
 def _steps_per_epoch(num_samples: int, world: int, batch_size: int, max_steps: int | None) -> int:
-    per_rank = math.ceil(num_samples / world)
+    if num_samples < world:
+        raise ConfigError(f"{num_samples} training slices for {world} ranks: every rank needs at least one")
+    per_rank = num_samples // world  # the DistributedSampler drops the tail that does not divide (disjoint shards)
     steps = max(1, per_rank // batch_size) if per_rank >= batch_size else 1
     return min(steps, int(max_steps)) if max_steps else steps
 
@@ -453,6 +462,8 @@ class Trainer:
         seed_everything(spec.seed)
         self.model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size,
                                  **spec.options).to(device)
+        if dist_info.rank:  # the same initial weights everywhere; then each rank its own dropout masks
+            seed_everything(spec.seed + dist_info.rank)
         self.channels_last = self.on_cuda and bool(train_p["channels_last"])
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -465,8 +476,10 @@ class Trainer:
         self.loader_workers = int(data_p["num_workers"]) if loader_workers is None else int(loader_workers)
         self._loader = None  # the run's SliceLoader, made by the first train_epoch
         self.batch_size = int(train_p["batch_size"])
+        # drop_last: the ranks' shards are disjoint (padding would repeat slices on several ranks); at world size
+        # 1 it drops nothing
         self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
-                                          shuffle=True, seed=spec.seed, drop_last=False)
+                                          shuffle=True, seed=spec.seed, drop_last=True)
         self.steps_per_epoch = _steps_per_epoch(len(self.dataset), dist_info.world, self.batch_size,
                                                 train_p["max_steps_per_epoch"])
         self.epochs = int(train_p["epochs"])
@@ -485,11 +498,13 @@ class Trainer:
     def seconds(self) -> float:
         return self.state.seconds_before + time.perf_counter() - self._t0
 
-    def state_dict(self, finished: bool = False) -> dict[str, Any]:
-        """last.pt: the run's state, readable with torch.load(weights_only=True)."""
+    def state_dict(self, finished: bool = False, rank_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """last.pt: the run's state, readable with torch.load(weights_only=True). `rank_rng`: every rank's RNG
+        states (rank_rng_states), which a distributed resume needs; "rng" is this process's."""
         st = self.state
         return {
             "arch": self.spec.arch,
+            "world_size": self.dist.world,
             "config_hash": self.spec.run_hash,
             "training_cases_hash": training_cases_hash(self.spec.split),
             "epoch": st.epoch,
@@ -502,6 +517,7 @@ class Trainer:
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": _rng_state(),
+            "rank_rng": rank_rng if rank_rng is not None else [_rng_state()],
             "best_val_dice": None if st.best_epoch is None else st.best_dice,
             "best_epoch": st.best_epoch,
             "best_state_dict": st.best_state,
@@ -517,7 +533,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(self._own_rng(state))
         self.state = TrainState(
             epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"], global_step=state["global_step"],
             best_dice=state["best_val_dice"] if state["best_val_dice"] is not None else -1.0,
@@ -526,9 +542,29 @@ class Trainer:
             seconds_before=state["train_seconds"], resumed_from=state["global_step"])
         self._t0 = time.perf_counter()
 
+    def _own_rng(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG states from last.pt; at another world size than the run's, rank 0's (the run goes on,
+        but the shards and dropout streams are not the ones an uninterrupted run would have had)."""
+        saved = int(state.get("world_size", 1))
+        ranks = state.get("rank_rng") or [state["rng"]]
+        if saved != self.dist.world or len(ranks) != self.dist.world:
+            if self.dist.main:
+                _log.warning("%s: written at world size %d, resumed at %d: training continues, not bit for bit as "
+                             "an uninterrupted run (each rank's data shard and RNG stream change)",
+                             self.spec.paths.last, saved, self.dist.world)
+            return state["rng"]
+        return ranks[self.dist.rank]
+
     def resume(self) -> None:
-        """Continue from last.pt when it was written by this configuration and did not finish."""
-        state = _try_resume(self.spec.paths.last, self.spec.run_hash)
+        """Continue from last.pt when it was written by this configuration and did not finish. Distributed, rank 0
+        reads it and sends it to the others (their nodes need not see the file)."""
+        state = _try_resume(self.spec.paths.last, self.spec.run_hash) if self.dist.main else None
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
         if state is None:
             return
         self.load_state_dict(state)
@@ -541,13 +577,25 @@ class Trainer:
         is never resumed, so its last.pt keeps only the final weights and the record (FINISHED_KEYS): a DVC output
         the size of the model, pushed to and pulled from a remote like checkpoint.pt, instead of the optimizer,
         scheduler and RNG states a teammate's clone has no use for."""
+        rank_rng = None if finished else self.rank_rng_states()  # a collective: every rank calls save_last
         if self.dist.main:
             if not checked:
                 _check_finite(self.model, f"epoch {self.state.epoch}, step {self.state.global_step}")
-            state = self.state_dict(finished)
+            state = self.state_dict(finished, rank_rng)
             if finished:
                 state = {key: state[key] for key in FINISHED_KEYS}
             save_checkpoint(state, self.spec.paths.last)
+
+    def rank_rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, in rank order (gathered when distributed): dropout draws differ per rank, and
+        a resume restores each rank's own stream."""
+        if not self.dist.enabled:
+            return [_rng_state()]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.dist.world
+        dist.all_gather_object(states, _rng_state())
+        return states
 
     def save_best(self) -> None:
         spec, st = self.spec, self.state
@@ -633,10 +681,17 @@ class Trainer:
     def end_epoch(self, val_dice: float | None) -> dict[str, Any]:
         """Log the epoch, keep the best weights (checkpoint.pt) and write last.pt at the epoch boundary."""
         st = self.state
+        loss_sum, loss_count = st.loss_sum, st.loss_count
+        if self.dist.enabled:  # the epoch's loss over every rank's batches, as one process would log it
+            import torch.distributed as dist
+
+            totals = torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals)
+            loss_sum, loss_count = float(totals[0]), int(totals[1])
         row = {
             "epoch": st.epoch + 1,
             "step": st.global_step,
-            "train_loss": st.loss_sum / max(st.loss_count, 1),
+            "train_loss": loss_sum / max(loss_count, 1),
             "val_dice": val_dice,
             "lr": self.scheduler.get_last_lr()[0],
             "seconds": round(self.seconds(), 3),
@@ -651,7 +706,8 @@ class Trainer:
             if st.best_epoch is None or score > st.best_dice or not self.spec.val_ids:
                 st.best_dice, st.best_epoch, st.best_state = score, st.epoch, _cpu_state_dict(self.model)
                 self.save_best()
-            self.save_last(finished=st.epoch == self.epochs, checked=True)
+        self.save_last(finished=st.epoch == self.epochs, checked=True)
+        if self.dist.main:
             _write_log(self.spec.paths.reports / "train_log.csv", st.history)
             _log.info("%s epoch %d: loss %.4f, val Dice %s", self.spec.arch, st.epoch, row["train_loss"], val_dice)
         return row
@@ -740,7 +796,7 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
     spec = RunSpec.of(params, arch, Path(root), fold)
     threads = apply_torch_threads(plan_from_params(spec.params))
     device = resolve_device(spec.train_p["device"])
-    dist_info, device = _setup_distributed(device)
+    dist_info, device, started_group = _setup_distributed(device, spec.params["compute"]["dist_timeout_s"])
     import torch.utils.deterministic as deterministic_mode
 
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -752,9 +808,38 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
         deterministic_mode.fill_uninitialized_memory = False
     try:
         return Trainer(spec, device, dist_info, loader_workers=threads.loader_workers).fit()
+    except Exception as exc:
+        if dist_info.enabled and _lost_a_rank(exc):
+            raise TrainingError(
+                f"{arch}: rank {dist_info.rank} of {dist_info.world} lost the other ranks of this job (one died or "
+                f"did not answer within compute.dist_timeout_s={spec.params['compute']['dist_timeout_s']} s): "
+                f"{_first_line(exc)}. torchrun's report names the rank that failed; {spec.paths.last} keeps the last "
+                f"checkpoint, the same command resumes from it") from exc
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         deterministic_mode.fill_uninitialized_memory = fill_before
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _lost_a_rank(exc: BaseException) -> bool:
+    """A collective that failed because a peer died or timed out (gloo/nccl raise DistError or RuntimeError)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe",
+                                  "gloo", "nccl"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def _model_card(params, arch, paths: Paths, split, image_size, options):
