@@ -250,24 +250,35 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
 
     tracking_uri = resolve_tracking_uri(params, root)
     client = connect(tracking_uri, reg.retries, reg.backoff_s)
-    try:
-        with temporary_env(WORK_HTTP_ENV, force=False):
-            existing = _find_version_by_sha(client, name, sha)
-            if existing is not None:
-                version, run_id, created = str(existing.version), existing.run_id, False
-                _refresh_tags(client, name, existing, evaluation_tags(metrics, export, params))
-                log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
-            else:
-                version, run_id = _log_and_register(
-                    client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri, card
-                )
-                created = True
-            if _alias_version(client, name, CHAMPION) != version:
-                client.set_registered_model_alias(name, CHALLENGER, version)
-    except MedsegError:
-        raise
-    except Exception as exc:
-        raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed: {short_error(exc)}") from exc
+    attempts, started_runs = max(int(reg.retries), 0) + 1, []
+    for attempt in range(attempts):
+        # The whole registration is retried: a server that went away mid-way (restarted, failed over) may have
+        # made the version before its answer was lost; the next attempt then finds it by sha256 and reuses it.
+        try:
+            with temporary_env(WORK_HTTP_ENV, force=False):
+                existing = _find_version_by_sha(client, name, sha)
+                if existing is not None:
+                    version, run_id, created = str(existing.version), existing.run_id, False
+                    _refresh_tags(client, name, existing, evaluation_tags(metrics, export, params))
+                    log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
+                else:
+                    version, run_id = _log_and_register(client, params, arch, root, files, metrics, export,
+                                                        train_summary, sha, name, tracking_uri, card, started_runs)
+                    created = True
+                if _alias_version(client, name, CHAMPION) != version:
+                    client.set_registered_model_alias(name, CHALLENGER, version)
+            break
+        except MedsegError:
+            raise
+        except Exception as exc:
+            if attempt + 1 == attempts:
+                raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed after {attempts} "
+                                  f"attempt(s): {short_error(exc)}") from exc
+            delay = float(reg.backoff_s) * 2**attempt
+            log.warning("MLflow registration of %s at %s failed (%s); retry %d/%d in %.1fs", name, tracking_uri,
+                        short_error(exc), attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
+    _close_abandoned_runs(client, started_runs, run_id)
 
     try:  # for links to the run in MLflow's UI (the Prefect artifacts)
         experiment_id = str(client.get_run(run_id).info.experiment_id) if run_id else None
@@ -375,8 +386,20 @@ def provenance(root: Path) -> dict[str, str]:
     return tags
 
 
+def _close_abandoned_runs(client, run_ids: list[str], kept: str | None) -> None:
+    """Runs that attempts cut off by a lost server left RUNNING: FAILED, with a tag naming the run that made it."""
+    for run_id in run_ids:
+        if run_id == kept:
+            continue
+        try:
+            client.set_tag(run_id, "medseg.superseded_by", str(kept))
+            client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - tidying up is not worth failing a registration for
+            log.warning("could not mark the abandoned MLflow run %s as FAILED: %s", run_id, short_error(exc))
+
+
 def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri,
-                      card):
+                      card, started_runs: list[str] | None = None):
     import mlflow
     from mlflow.entities import Metric
     from mlflow.models import Model
@@ -414,6 +437,8 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
         run_name = "-".join(part for part in (arch, dataset, dataset_version, source) if part)
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
             run_id = run.info.run_id
+            if started_runs is not None:
+                started_runs.append(run_id)
             mlflow.log_params(run_params(params, arch))
             _log_dataset_input(dataset, dataset_version, ProjectLayout.of(params, root).ingested)
             now = int(time.time() * 1000)
