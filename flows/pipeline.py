@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,20 @@ def resolve_architectures(params: dict[str, Any], architectures: list[str] | Non
     return list(dict.fromkeys(architectures))
 
 
+# How Prefect words a failed run's message: "Flow run encountered an exception: DvcCommandError: <its text>".
+_PREFECT_PREFIX = re.compile(r"^(?:Flow|Task) run encountered an exception:\s*(?:[A-Za-z_][\w.]*: )?")
+
+
 def failure_message(state: Any) -> str:
-    """The exception (or message) of a failed/crashed state, first lines only."""
+    """The exception (or message) of a failed/crashed state, first lines only. The state's message when its
+    exception cannot be rebuilt here: a flow run on a worker stores it as JSON (type + text), and a class whose
+    constructor takes more than the text (DvcCommandError) does not come back from that, while the message that
+    Prefect wrote on the worker ("Flow run encountered an exception: ...") has the same text."""
     try:
         exc = state.result(raise_on_failure=False)
-    except Exception as err:  # the result itself could not be read
-        exc = err
-    text = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+    except Exception:  # noqa: BLE001 - the result itself could not be read back
+        exc = None
+    text = str(exc) if isinstance(exc, BaseException) else _PREFECT_PREFIX.sub("", state.message or state.name)
     return "\n".join(text.strip().splitlines()[:8]) or state.name
 
 

@@ -32,7 +32,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import failure_message, flow_exit_code
-from flows.tasks import retry_if_transient
+from flows.tasks import retry_delay, retry_if_transient
 from medseg.config import disable_telemetry
 from medseg.errors import ConfigError, MedsegError, PredictError
 from medseg.io import sha256_file
@@ -73,7 +73,7 @@ def registered_version(uri: str, tracking_uri: str) -> tuple[str, str]:
 
 
 # No result persistence: the value holds a live ONNX Runtime session, used by this run's tasks in this process.
-@task(name="load-model", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient,
+@task(name="load-model", retries=2, retry_delay_seconds=retry_delay(10), retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE, persist_result=False)
 def load_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Resolve `model` (models:/ URI, models/<arch>/ folder or model.onnx) to one version and open its session."""
@@ -107,7 +107,7 @@ def is_done(case: Case) -> bool:
     return all(path.exists() for path in case.outputs)
 
 
-@task(name="predict-case", task_run_name="predict-{case}", retries=2, retry_delay_seconds=5,
+@task(name="predict-case", task_run_name="predict-{case}", retries=2, retry_delay_seconds=retry_delay(5),
       retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
 def predict_case(model: ResolvedModel, case: str, inputs: list[str], output_dir: str, labels: str = "raw",
                  tta: bool = False) -> dict[str, Any]:

@@ -115,10 +115,11 @@ class DvcCommandError(MedsegError):
         # stage -> its medseg.entry record: {"status": "running"} (died without exiting) or {"status": "exited",
         # "exit_code": n, "error": message}
         self.stage_statuses = dict(stage_statuses or {})
-        headline = f"{self.root}: `dvc {' '.join(self.args_list)}` exited with {returncode}"
+        command = f"`dvc {' '.join(self.args_list)}` exited with {returncode} in {self.root}"
         failures = [self._describe(stage, code) for stage, code in self.stage_exits().items()]
-        # The stage's own error first: `failure_message` and the Prefect UI show the first lines.
-        super().__init__("; ".join([headline, *failures]) + f"\n{output_tail}")
+        # The stage's own error first: `failure_message`, the artifacts' table (its first 200 characters) and the
+        # Prefect UI show the beginning.
+        super().__init__("; ".join([*failures, command]) + f"\n{output_tail}")
 
     def __reduce__(self):  # picklable (Prefect stores a failed task's exception)
         return (type(self), (self.args_list, self.returncode, self.output_tail, self.root, self.stage_statuses))
@@ -378,9 +379,25 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
 
 # Two retries for transient failures only; no Prefect result cache (DVC alone decides what is stale).
 TASK_POLICY: dict[str, Any] = {"retries": 2, "retry_condition_fn": retry_if_transient, "cache_policy": NO_CACHE}
+RETRY_DELAY_ENV = "MEDSEG_RETRY_DELAY_S"
 
 
-@task(name="prepare-data", tags=[DVC_TAG], retry_delay_seconds=10, **TASK_POLICY)
+def retry_delay(default_s: float) -> float:
+    """A task's wait before a retry: `default_s`, or MEDSEG_RETRY_DELAY_S for every task of the process (read when
+    flows/ is imported: set it in the worker's or the deployment's environment; e.g. longer on a preemptible pool)."""
+    value = os.environ.get(RETRY_DELAY_ENV)
+    if value is None or not value.strip():
+        return default_s
+    try:
+        delay = float(value)
+    except ValueError:
+        raise ConfigError(f"{RETRY_DELAY_ENV}={value!r}: expected seconds (a number >= 0)") from None
+    if delay < 0:
+        raise ConfigError(f"{RETRY_DELAY_ENV}={value!r}: expected seconds (a number >= 0)")
+    return delay
+
+
+@task(name="prepare-data", tags=[DVC_TAG], retry_delay_seconds=retry_delay(10), **TASK_POLICY)
 def prepare_data(root: str = ".") -> dict[str, Any]:
     """`dvc repro ingest split` (and `phantom` when the dataset is the built-in one)."""
     run_dvc(repro_args(DATA_STAGES), root)
@@ -388,8 +405,8 @@ def prepare_data(root: str = ".") -> dict[str, Any]:
     return {"dataset": params["dataset"]["name"], "version": dataset_version(params, root)}
 
 
-@task(name="train-evaluate-export-register", task_run_name="train-{arch}", tags=[DVC_TAG], retry_delay_seconds=30,
-      **TASK_POLICY)
+@task(name="train-evaluate-export-register", task_run_name="train-{arch}", tags=[DVC_TAG],
+      retry_delay_seconds=retry_delay(30), **TASK_POLICY)
 def train_arch(arch: str, root: str = ".", max_parallel: int = 1) -> dict[str, Any]:
     """One architecture's `train@A evaluate@A export@A register@A`, then what they produced.
 
@@ -405,7 +422,7 @@ def train_arch(arch: str, root: str = ".", max_parallel: int = 1) -> dict[str, A
     return arch_summary(params, arch, root)
 
 
-@task(name="dvc-push", tags=[DVC_TAG], retry_delay_seconds=30, **TASK_POLICY)
+@task(name="dvc-push", tags=[DVC_TAG], retry_delay_seconds=retry_delay(30), **TASK_POLICY)
 def push_outputs(stages: list[str], root: str = ".") -> None:
     """`dvc push` these stages' outputs to the DVC remote (a worker's results for the orchestrating checkout)."""
     run_dvc(["push", *stages], root)
@@ -445,13 +462,13 @@ def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_f
     return {"arch": arch, "model_name": model_name(params, arch), **result}
 
 
-@task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=10, **TASK_POLICY)
+@task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=retry_delay(10), **TASK_POLICY)
 def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
     params = load_params(Path(root) / "params.yaml")
     return promote_model(params, arch, root)
 
 
-@task(name="report", tags=[DVC_TAG], retry_delay_seconds=10, **TASK_POLICY)
+@task(name="report", tags=[DVC_TAG], retry_delay_seconds=retry_delay(10), **TASK_POLICY)
 def build_report(root: str = ".") -> str:
     run_dvc(repro_args([REPORT_STAGE]), root)
     return str(ProjectLayout.of(load_params(Path(root) / "params.yaml"), root).comparison_dir / "comparison.md")

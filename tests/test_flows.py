@@ -247,8 +247,8 @@ def test_dvc_error_leads_with_the_stage_status_and_survives_pickling():
     err = DvcCommandError(["repro", "train@unet"], 255, "\n".join(f"epoch {i}" for i in range(40)), "/proj",
                           {"train@unet": {"status": "exited", "exit_code": 2, "error": "params.yaml: bad option"}})
     first = str(err).splitlines()[0]
-    assert first == ("/proj: `dvc repro train@unet` exited with 255; "
-                     "stage train@unet exited with 2: params.yaml: bad option")
+    assert first == ("stage train@unet exited with 2: params.yaml: bad option; "
+                     "`dvc repro train@unet` exited with 255 in /proj")
     again = pickle.loads(pickle.dumps(err))
     assert (again.returncode, again.stage_statuses, str(again)) == (255, err.stage_statuses, str(err))
     assert tasks.is_transient(again) is False
@@ -468,6 +468,29 @@ def test_failure_message_takes_the_exception_text():
     state = Failed(data=dvc_error("line1\nline2"))
     msg = pipeline.failure_message(state)
     assert "exited with 1" in msg and "line1" in msg
+
+
+def test_failure_message_of_a_worker_run_whose_exception_cannot_be_rebuilt():
+    """A worker's flow run keeps its exception as JSON (type + text); DvcCommandError(text) cannot be rebuilt from
+    that, so the message Prefect wrote on the worker is what the user gets, not the rebuilding's TypeError."""
+    from prefect.serializers import JSONSerializer
+    from prefect.states import Failed
+
+    error = dvc_error("the stage's last lines")
+    stored = JSONSerializer().dumps(error)
+    with pytest.raises(TypeError):
+        JSONSerializer().loads(stored)  # what reading the remote result does
+
+    class RemoteState:
+        message = f"Flow run encountered an exception: DvcCommandError: {error}"
+        name = "Failed"
+
+        def result(self, raise_on_failure=False):
+            return JSONSerializer().loads(stored)
+
+    msg = pipeline.failure_message(RemoteState())
+    assert "exited with 1" in msg and "missing" not in msg
+    assert pipeline.failure_message(Failed(message="no data")) == "no data"
 
 
 def test_find_train_deployment_needs_exactly_one(monkeypatch):
