@@ -6,10 +6,12 @@
     python flows/retrain.py run                        # one retraining now, no server process needed
 
 `serve` registers two deployments and runs them in this process until Ctrl-C:
-- `medseg-retrain/medseg-retrain`: the full pipeline (every architecture in params.yaml), on the cron schedule and
-  whenever a `medseg.dataset.updated` event arrives (a DeploymentEventTrigger).
-- `medseg-ingest/medseg-ingest`: `dvc repro ingest split`; emits `medseg.dataset.updated` when the ingested
+- `medseg-retrain/medseg-retrain-served`: the full pipeline (every architecture in params.yaml), on the cron
+  schedule and whenever a `medseg.dataset.updated` event arrives (a DeploymentEventTrigger).
+- `medseg-ingest/medseg-ingest-served`: `dvc repro ingest split`; emits `medseg.dataset.updated` when the ingested
   dataset's content changed, which starts the retraining.
+Their names are not prefect.yaml's (`medseg-retrain`, `medseg-ingest`): serving never takes over a deployment that
+`prefect deploy` made for a worker.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from medseg.config import disable_telemetry, load_params
 DATASET_UPDATED_EVENT = "medseg.dataset.updated"
 DEFAULT_CRON = "0 2 * * 0"  # Sundays 02:00, when the GPUs are idle
 CRON_ENV = "MEDSEG_RETRAIN_CRON"
-RETRAIN_DEPLOYMENT = "medseg-retrain"
-INGEST_DEPLOYMENT = "medseg-ingest"
+# `serve` owns deployments of its own names: prefect.yaml's `medseg-retrain` / `medseg-ingest` (from `prefect
+# deploy`, run by a worker with the pull step) must not be taken over by a served copy without code storage.
+RETRAIN_DEPLOYMENT = "medseg-retrain-served"
+INGEST_DEPLOYMENT = "medseg-ingest-served"
 
 
 def dataset_resource_id(dataset: str) -> str:

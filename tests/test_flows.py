@@ -554,12 +554,12 @@ def test_serve_deployments_have_schedule_and_trigger(tmp_path, monkeypatch):
     assert retrain.retrain_cron("0 1 * * *") == "0 1 * * *"
     deployments = retrain.build_deployments(str(tmp_path), cron)
     by_name = {d.name: d for d in deployments}
-    rd = by_name["medseg-retrain"]
+    rd = by_name["medseg-retrain-served"]
     assert rd.entrypoint.endswith("flows/retrain.py:retrain")
     assert [s.schedule.cron for s in rd.schedules] == ["15 4 * * 1"]
     assert rd.triggers[0].expect == {"medseg.dataset.updated"}
     assert rd.parameters == {"root": str(tmp_path.resolve())}
-    assert by_name["medseg-ingest"].entrypoint.endswith("flows/retrain.py:ingest_new_data")
+    assert by_name["medseg-ingest-served"].entrypoint.endswith("flows/retrain.py:ingest_new_data")
     bare = retrain.build_deployments(str(tmp_path), cron, with_trigger=False, with_schedule=False)[0]
     assert not bare.schedules and not bare.triggers
     monkeypatch.delenv(retrain.CRON_ENV)

@@ -158,6 +158,47 @@ def test_a_worker_runs_two_architectures_and_survives_one_crashing(prefect_serve
             worker.wait()
 
 
+def test_deploy_then_serve_as_documented_keeps_the_deployed_flows_code(prefect_server, tmp_path, tiny_params):
+    """docs/orchestration.md's order: `prefect deploy` the retrain deployment for a worker, then `python
+    flows/retrain.py serve`. Serving once took the deployed deployment over (no code storage, the process pool:
+    a worker then crashed on "flow code from storage at None"); it must leave it as deployed."""
+    from prefect import get_client
+
+    root = make_dvc_project(tmp_path / "project", tiny_params)
+    shutil.copytree(ROOT / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "prefect.yaml", root / "prefect.yaml")
+    env = _prefect_env(PWD=str(root))
+    _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", cwd=root, env=env)
+    _prefect("--no-prompt", "deploy", "-n", "medseg-retrain", "-n", "medseg-ingest", cwd=root, env=env)
+
+    def deployments() -> dict:
+        with get_client(sync_client=True) as client:
+            return {d.name: d for d in client.read_deployments()}
+
+    before = deployments()
+    assert before["medseg-retrain"].work_pool_name == POOL and before["medseg-retrain"].pull_steps
+    with open(tmp_path / "serve.log", "w") as log:
+        serving = subprocess.Popen([sys.executable, "flows/retrain.py", "serve", "--root", "."], cwd=root, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not {"medseg-retrain-served", "medseg-ingest-served"} <= set(deployments()):
+            assert serving.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve registered nothing in 120 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(serving.pid, signal.SIGINT)
+        serving.wait(timeout=60)
+    now = deployments()
+    for name in ("medseg-retrain", "medseg-ingest"):  # as `prefect deploy` left them: pool, code, pull step
+        assert now[name].work_pool_name == POOL, name
+        assert now[name].pull_steps and now[name].pull_steps == before[name].pull_steps, name
+        assert now[name].path == before[name].path and now[name].entrypoint == before[name].entrypoint, name
+    served = now["medseg-retrain-served"]
+    assert served.work_pool_name is None and served.parameters == {"root": str(root.resolve())}
+    assert served.entrypoint.endswith("flows/retrain.py:retrain")
+
+
 def _pool(name: str) -> dict:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     return next(d for d in spec["deployments"] if d["name"] == name)["work_pool"]
