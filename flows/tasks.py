@@ -254,21 +254,88 @@ def run_dvc(
         if slots > 1:  # up to `slots` stages run at once here: each sizes its threads to its share of the cores
             outer = env.get(PARALLEL_JOBS_ENV, "")
             env[PARALLEL_JOBS_ENV] = str(max(slots, int(outer) if outer.isdigit() else 1))
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
+        blocks = LogBlocks(log)
+        for line in blocks.follow(terminal_lines(proc.stdout)):
             lines.append(line)
             tail.append(line)
-            if line.strip():
-                log(line)
         returncode = proc.wait()
         statuses = read_stage_statuses(status)
     if returncode != 0:
         failed = {stage: r for stage, r in statuses.items() if r.get("status") != "exited" or r.get("exit_code")}
         raise DvcCommandError(args, returncode, "\n".join(tail), root, failed)
     return "\n".join(lines)
+
+
+def terminal_lines(stream: Any) -> Iterator[str]:
+    """The lines of a byte stream as a terminal leaves them: a line rewritten in place with carriage returns (a
+    tqdm progress bar) counts once, in its final state, instead of once per update."""
+    import io
+
+    shown = ""
+    for piece in io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=""):
+        if piece.endswith("\r"):  # the cursor goes back: what follows overwrites this
+            shown = piece[:-1]
+            continue
+        text = piece.rstrip("\r\n")
+        yield text or shown  # "bar\r" then "\n": the bar stays on that line
+        shown = ""
+    if shown.strip():
+        yield shown
+
+
+class LogBlocks:
+    """Output lines to a log as whole blocks: one record per DVC stage's burst of output (a record ends at the next
+    "Running stage", after BLOCK_IDLE_S without output or BLOCK_MAX_S after it began), not one per line."""
+
+    BLOCK_IDLE_S, BLOCK_MAX_S = 1.0, 10.0
+    STAGE_START = re.compile(r"^Running stage '")
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log, self.block, self.started = log, [], 0.0
+
+    def flush(self) -> None:
+        text = "\n".join(self.block).strip("\n")
+        if text.strip():
+            self.log(text)
+        self.block = []
+
+    def add(self, line: str) -> None:
+        if self.STAGE_START.match(line):
+            self.flush()
+        if not self.block:
+            self.started = time.monotonic()
+        self.block.append(line)
+        if time.monotonic() - self.started >= self.BLOCK_MAX_S:
+            self.flush()
+
+    def follow(self, lines: Iterator[str]) -> Iterator[str]:
+        """Pass `lines` through, logging them in blocks; a reader thread lets a quiet pause end a block."""
+        import queue
+
+        pending: queue.Queue = queue.Queue()
+        done = object()
+
+        def read() -> None:
+            try:
+                for line in lines:
+                    pending.put(line)
+            finally:
+                pending.put(done)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            try:
+                line = pending.get(timeout=self.BLOCK_IDLE_S if self.block else None)
+            except queue.Empty:
+                self.flush()
+                continue
+            if line is done:
+                break
+            self.add(line)
+            yield line
+        self.flush()
 
 
 def repro_args(stages: Sequence[str]) -> list[str]:

@@ -56,7 +56,33 @@ def test_run_dvc_streams_output_and_passes_args(project):
     assert f"cwd {tmp_path}" in out
     assert "args --wait-for-lock repro train@unet" in out  # queue on DVC's lock instead of failing after 3 s
     assert logged[0].startswith("$ dvc repro train@unet")
-    assert "args --wait-for-lock repro train@unet" in logged
+    assert logged[1] == f"cwd {tmp_path}\nargs --wait-for-lock repro train@unet"  # one burst, one record
+
+
+STAGES_WITH_A_PROGRESS_BAR = """
+import sys, time
+out = sys.stdout
+out.write("Running stage 'train@unet':\\n> python stages/train.py unet\\n"); out.flush()
+for i in range(200):  # tqdm's way on a pipe: the bar rewritten in place, then cleared (leave=False)
+    out.write(f"\\runet epoch 1/1: {i // 2}%|###| {i}/200"); out.flush()
+out.write("\\r" + " " * 40 + "\\r"); out.write("INFO medseg.training: unet epoch 1: loss 0.5\\n"); out.flush()
+time.sleep(2.5)  # a quiet spell (validation): the block so far goes to the log
+out.write("train@unet: arch=unet, epochs=1\\n")
+out.write("Running stage 'evaluate@unet':\\n> python stages/evaluate.py unet\\nevaluate@unet: mean_dsc=0.8\\n")
+"""
+
+
+def test_run_dvc_logs_whole_blocks_and_progress_bars_once(project):
+    """A training's output as a handful of records (per stage, per burst), not a record per line or per update of
+    its progress bar; the output and the failure tail hold the lines a terminal would have shown."""
+    logged = []
+    out = tasks.run_dvc(["repro"], project, dvc_cmd=fake_dvc(STAGES_WITH_A_PROGRESS_BAR), log=logged.append)
+    assert logged[1:] == [
+        "Running stage 'train@unet':\n> python stages/train.py unet\nINFO medseg.training: unet epoch 1: loss 0.5",
+        "train@unet: arch=unet, epochs=1",
+        "Running stage 'evaluate@unet':\n> python stages/evaluate.py unet\nevaluate@unet: mean_dsc=0.8",
+    ]
+    assert "%|" not in out and out.count("\n") == 6
 
 
 def test_run_dvc_tells_parallel_stages_how_many_share_the_cores(project, monkeypatch):
