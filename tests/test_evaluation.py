@@ -157,7 +157,12 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
     assert metrics["nsd_tolerance"] == {name: 2.0 for name in class_names[1:]}
     defined = [v["nsd"] for v in metrics["per_class"].values() if v["nsd"] is not None]
     assert metrics["mean_nsd"] == pytest.approx(np.mean(defined))
-    assert read_json(paths(project_copy).test_scores("unet"))["unet.nsd"] == float(f"{metrics['mean_nsd']:.4g}")
+    dvc_metric = read_json(paths(project_copy).test_scores("unet"))
+    assert dvc_metric["unet.nsd"] == float(f"{metrics['mean_nsd']:.4g}")
+    # and DSC / HD95 per class, as flat numbers (a class no case scored has no key, as DVC shows "-")
+    expected = {f"unet.{score}_{name}": float(f"{per[score]:.4g}") for name, per in metrics["per_class"].items()
+                for score in ("dsc", "hd95") if per[score] is not None}
+    assert {k: v for k, v in dvc_metric.items() if "_" in k.split(".", 1)[1]} == expected and expected
     assert (reports / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

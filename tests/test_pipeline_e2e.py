@@ -50,7 +50,14 @@ def test_dvc_repro_end_to_end(tmp_path, tiny_params):
     for path, values in files.items():
         assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()), path
     # keys unique across files (`unet.dsc`), so dvc exp show names a column by its key, not `path:key`
-    assert set(files["reports/unet/test_scores.json"]) == {"unet.dsc", "unet.hd95", "unet.nsd"}
+    classes = params["dataset"]["class_names"][1:]
+    assert set(files["reports/unet/test_scores.json"]) <= {"unet.dsc", "unet.hd95", "unet.nsd",
+                                                           *(f"unet.{s}_{c}" for s in ("dsc", "hd95") for c in classes)}
+    assert {"unet.dsc", "unet.hd95", "unet.nsd", f"unet.dsc_{classes[0]}"} <= set(files["reports/unet/test_scores.json"])
+    per_class = json.loads(paths(project).metrics("unet").read_text())["per_class"]
+    for name, scores in per_class.items():  # per class: the number metrics.json has, where it has one
+        if scores["dsc"] is not None:
+            assert files["reports/unet/test_scores.json"][f"unet.dsc_{name}"] == float(f"{scores['dsc']:.4g}")
     keys = [key for values in files.values() for key in values]
     assert len(keys) == len(set(keys))
     metrics = json.loads(paths(project).metrics("unet").read_text())

@@ -127,6 +127,20 @@ def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list
     }
 
 
+def test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The evaluate stage's DVC metric: the means, then DSC and HD95 per class (`dsc_<class>`, `hd95_<class>`;
+    the class name with anything but letters, digits and _ turned into _). Classes absent from every test case
+    (no score) are left out, as None is."""
+    import re
+
+    scores: dict[str, Any] = {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"], "nsd": metrics["mean_nsd"]}
+    for name, per in (metrics.get("per_class") or {}).items():
+        key = re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+        for score in ("dsc", "hd95"):
+            scores[f"{score}_{key}"] = (per or {}).get(score)
+    return scores
+
+
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
     from tqdm.auto import tqdm
@@ -159,8 +173,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     metrics = {"arch": arch, **summary_metrics(scoring, rows, test_ids),
                "checkpoint_epoch": meta.get("epoch"), "val_dice": meta.get("val_dice")}
     write_json(reports / "metrics.json", metrics)
-    write_dvc_metrics(layout.test_scores(arch), {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"],
-                                                 "nsd": metrics["mean_nsd"]}, arch)
+    write_dvc_metrics(layout.test_scores(arch), test_scores(metrics), arch)
     write_per_case(reports / "per_case.csv", rows)
     _plot_overlays(reports / "overlay.png", overlays, scoring.class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],
