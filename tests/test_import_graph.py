@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("medseg.models", "medseg.losses")),
     ("card / checkpoint", ("medseg.card", "medseg.checkpoint")),
     ("inference", ("medseg.inference", "medseg.predict", "medseg.serving")),
-    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv")),
+    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv",
+                                        "medseg.onnx_eval")),
     ("registry", ("medseg.registry", "medseg.gate")),
     ("report / cli", ("medseg.report", "medseg.doctor", "medseg.cli", "medseg.entry")),
 ]

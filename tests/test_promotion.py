@@ -7,6 +7,7 @@ Most tests create model versions straight in a local sqlite registry with the ta
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,122 @@ def test_a_champion_measured_on_old_content_is_not_compared_with_new_data(client
     assert alias(client, name, "champion") == v1
     v3 = add_challenger(client, name, 0.95, data="v1data")  # measured on the champion's data: compared
     assert promote(name, client=client)["code"] == "better" and alias(client, name, "champion") == v3
+
+
+@pytest.mark.parametrize("remeasured_dsc, outcome", [(0.4, "better"), (0.6, "worse")])
+def test_a_champion_on_old_data_is_compared_after_its_reevaluation(client, name, remeasured_dsc, outcome):
+    """The champion (0.9 on the old scans) is measured again on the challenger's new scans: the challenger's 0.5
+    beats a champion that scores 0.4 there, and loses to one that scores 0.6."""
+    from medseg.gate import VersionFacts
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.9, data="v1data")
+    promote(name, client=client)
+    v2 = add_challenger(client, name, 0.5, data="v2data")
+    asked = []
+
+    def reevaluate(champion: VersionFacts, challenger: VersionFacts) -> VersionFacts:
+        asked.append((champion.version, challenger.version, challenger.test_data))
+        return VersionFacts(version=champion.version, dsc=remeasured_dsc, test_cases=challenger.test_cases,
+                            protocol="mm", parity=True, test_data=challenger.test_data, dataset_version="v2data")
+
+    if outcome == "better":
+        result = promote(name, client=client, reevaluate=reevaluate)
+        assert result["code"] == "better" and alias(client, name, "champion") == v2
+    else:
+        with pytest.raises(PromotionRefused, match="does not beat") as info:
+            promote(name, client=client, reevaluate=reevaluate)
+        result = info.value.result
+        assert result["code"] == "worse" and alias(client, name, "champion") == v1
+    assert asked == [(v1, v2, "content-v2data")]
+    assert result["champion_dsc"] == remeasured_dsc and result["champion_reevaluated"] is True
+    assert f"champion {v1} re-evaluated on the challenger's test data (dataset version v2data): " \
+           f"DSC {remeasured_dsc:.4f}, DSC 0.9000 on the data it was registered with" in result["reason"]
+
+
+def test_a_champion_that_cannot_be_reevaluated_keeps_the_refusal_with_the_reason(client, name):
+    from medseg.errors import ConfigError
+    from medseg.registry import promote
+
+    v1 = add_challenger(client, name, 0.9, data="v1data")
+    promote(name, client=client)
+    add_challenger(client, name, 0.95, data="v2data")
+
+    def reevaluate(champion, challenger):
+        raise ConfigError("data/ingested/x: this checkout's test data is not the data expected")
+
+    with pytest.raises(PromotionRefused, match="Re-evaluating champion .* failed: data/ingested/x") as info:
+        promote(name, client=client, reevaluate=reevaluate)
+    assert info.value.result["code"] == "different-test-data" and alias(client, name, "champion") == v1
+
+
+def test_promote_reevaluates_the_registered_champion_on_new_scans_with_the_same_ids(tiny_project, tmp_path,
+                                                                                     mlflow_db_template, monkeypatch):
+    """End to end: a champion registered from the phantom, then new scans under the same case ids (a re-ingest),
+    a retrained challenger: `promote` downloads the champion's model.onnx, scores it on the new test scans as the
+    evaluate stage scores a checkpoint (the DSC evaluate_model gives for the champion's checkpoint on them), keeps
+    the score on the champion's version, and decides on it."""
+    import shutil
+
+    import yaml
+
+    import medseg.onnx_eval as onnx_eval
+    from medseg.data.ingest import ingest_from_params
+    from medseg.data.phantom import generate_from_params
+    from medseg.evaluation import evaluate_model
+    from medseg.export import export_model
+    from medseg.registry import promote_from_params, register_model_version
+    from medseg.training import train_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "project"
+    shutil.copytree(tiny_project, root)
+    seed_store(root, mlflow_db_template)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(max_steps_per_epoch=2)
+    params["register"].update(retries=0)
+
+    def train_evaluate_export_register(seed: int) -> dict:
+        params["seed"] = seed
+        train_model(params, "unet", root)
+        evaluate_model(params, "unet", root)
+        export_model(params, "unet", root)
+        return register_model_version(params, "unet", root)
+
+    first = train_evaluate_export_register(0)
+    assert promote_from_params(params, "unet", root)["code"] == "first-champion"
+    champion_checkpoint = tmp_path / "champion.pt"
+    shutil.copy2(root / "models" / "unet" / "checkpoint.pt", champion_checkpoint)
+
+    params["phantom"]["seed"] = 7  # new scans, same ids: what the gate once compared with the old DSC
+    generate_from_params(params, root)
+    ingest_from_params(params, root)
+    second = train_evaluate_export_register(1)
+    new_metrics = json.loads((root / "reports" / "unet" / "metrics.json").read_text())
+
+    # what the evaluate stage says of the champion's checkpoint on the new scans
+    shutil.copy2(champion_checkpoint, root / "models" / "unet" / "checkpoint.pt")
+    expected = evaluate_model(params, "unet", root)["mean_dsc"]
+    assert expected != pytest.approx(first["test_dsc"], abs=1e-6)  # the data did change the champion's score
+
+    try:
+        decision = promote_from_params(params, "unet", root)
+    except PromotionRefused as exc:
+        decision = exc.result
+    assert decision["champion_reevaluated"] is True
+    assert decision["champion_dsc"] == pytest.approx(expected, abs=2e-3)  # ONNX Runtime vs PyTorch, same rules
+    assert decision["code"] == ("better" if new_metrics["mean_dsc"] > decision["champion_dsc"] else "worse")
+    assert "re-evaluated on the challenger's test data" in decision["reason"]
+
+    # the champion's new score is kept: deciding again does not evaluate again
+    from medseg.tracking import connect
+
+    client = connect(f"sqlite:///{root / 'mlflow.db'}", retries=0)
+    champion = client.get_model_version(first["model_name"], first["version"])
+    keys = [k for k in champion.tags if k.startswith("reevaluated.") and k.endswith(".test_dsc")]
+    assert len(keys) == 1 and float(champion.tags[keys[0]]) == pytest.approx(decision["champion_dsc"])
+    if decision["code"] == "worse":
+        monkeypatch.setattr(onnx_eval, "evaluate_onnx", lambda *a, **k: pytest.fail("evaluated twice"))
+        with pytest.raises(PromotionRefused):
+            promote_from_params(params, "unet", root)
+    assert second["version"] != first["version"]

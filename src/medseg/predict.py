@@ -91,8 +91,12 @@ class Predictor:
     def _segment(self, image_dchw: np.ndarray, tta: bool, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (D, C, H, W) -> class indices (D, H, W) uint8 and, if asked, probabilities (D, K, H, W) float16
         (what is saved: half the memory of float32 for a K-class CT, sums to 1 within 1e-2)."""
+        return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), tta, probabilities)
+
+    def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+        """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array)."""
         card = self.card
-        image = normalise_image(image_dchw, card.normalisation)
         depth, _, height, width = image.shape
         classes = np.empty((depth, height, width), dtype=np.uint8)
         probs = np.empty((depth, card.num_classes, height, width), dtype=np.float16) if probabilities else None

@@ -20,12 +20,12 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from medseg.card import ModelCard, card_from_metadata
 from medseg.config import PARAMS_FILE, config_hash, disable_telemetry, load_params, model_options, settings
 from medseg.errors import MedsegError, PromotionRefused
-from medseg.gate import VersionFacts, decide
+from medseg.gate import Decision, VersionFacts, decide
 from medseg.io import read_json, sha256_file, write_json
 from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
@@ -540,8 +540,44 @@ def _version_facts(version) -> VersionFacts:
     )
 
 
+# A champion measured on other test data than the challenger's is measured again on the challenger's (promote's
+# `reevaluate`); the result is kept on the champion's version under these tags, keyed by that data's sha256.
+REEVALUATED_TAG = "reevaluated.{data}.{key}"
+REEVALUABLE = ("different-test-data", "unknown-test-data")
+
+
+def champion_reevaluator(client, params: dict[str, Any], root: str | Path, name: str, tracking_uri: str):
+    """promote()'s `reevaluate` for a checkout: the champion version's registered model.onnx, scored on this
+    checkout's test split (medseg.onnx_eval.evaluate_onnx) when that is the challenger's test data; the scores
+    are tagged on the champion version so the next challenger on the same data does not pay for them again."""
+
+    def reevaluate(champion: VersionFacts, challenger: VersionFacts) -> VersionFacts:
+        try:
+            from medseg.onnx_eval import evaluate_onnx
+        except ModuleNotFoundError as exc:  # a lean install: the scoring code needs the train extra
+            raise MedsegError(f"scoring a model needs {exc.name} (pip install 'medseg[train]')") from exc
+
+        data = str(challenger.test_data)
+        tags = client.get_model_version(name, champion.version).tags or {}
+        tag = lambda key: REEVALUATED_TAG.format(data=data[:16], key=key)  # noqa: E731
+        if tag("test_dsc") not in tags:
+            scores = evaluate_onnx(params, f"models:/{name}/{champion.version}", root, tracking_uri=tracking_uri,
+                                   expect_test_data=data)
+            for key in ("test_dsc", "test_cases_sha256", "protocol", "dataset_version"):
+                value = scores["mean_dsc" if key == "test_dsc" else key]
+                client.set_model_version_tag(name, champion.version, tag(key), "" if value is None else str(value))
+            tags = client.get_model_version(name, champion.version).tags or {}
+        return VersionFacts(version=champion.version, dsc=finite_or_none(tags.get(tag("test_dsc"))),
+                            test_cases=tags.get(tag("test_cases_sha256")) or None, test_data=data,
+                            protocol=tags.get(tag("protocol")) or None, parity=champion.parity,
+                            dataset_version=tags.get(tag("dataset_version")) or None)
+
+    return reevaluate
+
+
 def promote(
-    model_name: str, tracking_uri: str | None = None, min_improvement: float = 0.0, client=None
+    model_name: str, tracking_uri: str | None = None, min_improvement: float = 0.0, client=None,
+    reevaluate: Callable[[VersionFacts, VersionFacts], VersionFacts] | None = None,
 ) -> dict[str, Any]:
     """Move alias `champion` to the `challenger` version if it earned it; raise PromotionRefused otherwise.
 
@@ -550,6 +586,9 @@ def promote(
     champion's + min_improvement.
     On refusal the aliases are left untouched. `tracking_uri` defaults to MLFLOW_TRACKING_URI, else the store
     ./params.yaml names (register.tracking_uri), else MLflow's default. PromotionRefused carries `.result`.
+    `reevaluate(champion, challenger)`: when the two were tested on different data, the champion's facts measured
+    on the challenger's test data (champion_reevaluator), so the decision compares like with like; a MedsegError
+    from it keeps the refusal, with its reason.
     """
     from mlflow import MlflowClient
 
@@ -595,6 +634,20 @@ def promote(
                   champion_version=champion_v, champion_dsc=champion.dsc if champion else None)
 
     decision = decide(challenger, champion, min_improvement)
+    if decision.code in REEVALUABLE and champion is not None and challenger.test_data and reevaluate is not None:
+        try:
+            remeasured = reevaluate(champion, challenger)
+        except MedsegError as exc:
+            decision = Decision(decision.outcome, f"{decision.reason}. Re-evaluating champion {champion.version} "
+                                                  f"on the challenger's test data failed: {exc}", decision.code)
+        else:
+            was = "no DSC" if champion.dsc is None else f"DSC {champion.dsc:.4f}"
+            dsc = "no DSC" if remeasured.dsc is None else f"DSC {remeasured.dsc:.4f}"
+            then = decide(challenger, remeasured, min_improvement)
+            decision = Decision(then.outcome, f"champion {champion.version} re-evaluated on the challenger's test "
+                                              f"data (dataset version {remeasured.dataset_version or '?'}): {dsc}, "
+                                              f"{was} on the data it was registered with; {then.reason}", then.code)
+            result.update(champion_dsc=remeasured.dsc, champion_reevaluated=True)
     result["code"] = decision.code
     if decision.outcome == "unchanged":
         result.update(decision="unchanged", reason=decision.reason)
@@ -615,5 +668,8 @@ def promote_from_params(params: dict[str, Any], arch: str, root: str | Path = ".
                         min_improvement: float = 0.0) -> dict[str, Any]:
     """promote() for `<prefix>-<dataset>-<arch>` on the store params.yaml points at."""
     reg = settings(params).register
-    client = connect(resolve_tracking_uri(params, root), reg.retries, reg.backoff_s)
-    return promote(model_name(params, arch), min_improvement=min_improvement, client=client)
+    uri = resolve_tracking_uri(params, root)
+    client = connect(uri, reg.retries, reg.backoff_s)
+    name = model_name(params, arch)
+    return promote(name, min_improvement=min_improvement, client=client,
+                   reevaluate=champion_reevaluator(client, params, root, name, uri))
