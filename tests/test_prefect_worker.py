@@ -29,6 +29,26 @@ POOL = "medseg-process"
 pytestmark = pytest.mark.prefect
 
 
+@pytest.fixture(scope="module", autouse=True)
+def leave_the_server_as_found(prefect_server):
+    """The deployments (some with cron schedules) and pools these tests make would stay on the session's server,
+    which keeps scheduling runs for them while the rest of the suite runs: removed after the module."""
+    from prefect import get_client
+
+    def names():
+        with get_client(sync_client=True) as client:
+            return ({d.id for d in client.read_deployments()}, {p.name for p in client.read_work_pools()})
+
+    deployments, pools = names()
+    yield
+    now_deployments, now_pools = names()
+    with get_client(sync_client=True) as client:
+        for deployment_id in now_deployments - deployments:
+            client.delete_deployment(deployment_id)
+        for pool in now_pools - pools:
+            client.delete_work_pool(pool)
+
+
 def _prefect_env(**extra) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
