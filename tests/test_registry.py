@@ -290,6 +290,31 @@ def test_unreachable_server_retries_with_backoff_then_names_uri(tmp_path, monkey
     assert after == before, "a failed registration must not touch local artefacts"
 
 
+def test_with_retries_backs_off_then_gives_up_and_never_retries_a_medseg_check(monkeypatch):
+    import medseg.tracking as tracking
+
+    delays, calls = [], []
+    monkeypatch.setattr(tracking.time, "sleep", delays.append)
+
+    def flaky():  # the store answers at the third call
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("lost")
+        return "answer"
+
+    give_up = lambda attempts, exc: MedsegError(f"gave up after {attempts}: {exc}")  # noqa: E731
+    assert tracking.with_retries(flaky, 3, 0.5, "probe", give_up) == "answer"
+    assert delays == [0.5, 1.0] and len(calls) == 3
+    delays.clear()
+    with pytest.raises(MedsegError, match="gave up after 2: lost"):
+        tracking.with_retries(lambda: (_ for _ in ()).throw(ConnectionError("lost")), 1, 0.5, "probe", give_up)
+    assert delays == [0.5]
+    delays.clear()
+    with pytest.raises(MedsegError, match="a check"):  # a medseg check that failed is not the store going away
+        tracking.with_retries(lambda: (_ for _ in ()).throw(MedsegError("a check")), 3, 0.5, "probe", give_up)
+    assert delays == []
+
+
 def test_missing_input_names_the_file(tmp_path, no_env_uri):
     from medseg.registry import register_model_version
 

@@ -66,21 +66,14 @@ def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], in
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from medseg.errors import PromotionRefused
-    from medseg.registry import promote
+    from medseg.registry import promote, promote_in_project
 
-    kwargs: dict = {"tracking_uri": args.tracking_uri}
     params_path = Path(args.root) / args.params
-    if params_path.is_file():  # in a project: a champion tested on other data is re-evaluated on this checkout's
-        from medseg.config import load_params
-        from medseg.registry import champion_reevaluator
-        from medseg.tracking import connect, resolve_tracking_uri
-
-        params = load_params(params_path)
-        uri = args.tracking_uri or resolve_tracking_uri(params, args.root)
-        client = connect(uri, retries=0)
-        kwargs = {"client": client, "reevaluate": champion_reevaluator(client, params, args.root, args.model_name, uri)}
     try:
-        result = promote(args.model_name, **kwargs)
+        if params_path.is_file():  # in a project: a champion tested on other data is re-evaluated on its test split
+            result = promote_in_project(load_params(params_path), args.model_name, args.root, args.tracking_uri)
+        else:
+            result = promote(args.model_name, tracking_uri=args.tracking_uri)
     except PromotionRefused as exc:
         print(f"promotion refused: {exc}", file=sys.stderr)
         return 3

@@ -30,7 +30,7 @@ from medseg.io import read_json, sha256_file, write_json
 from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
 from medseg.tracking import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
-                             resolve_tracking_uri, short_error, temporary_env)
+                             resolve_tracking_uri, short_error, temporary_env, with_retries)
 
 log = logging.getLogger(__name__)
 
@@ -250,34 +250,29 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
 
     tracking_uri = resolve_tracking_uri(params, root)
     client = connect(tracking_uri, reg.retries, reg.backoff_s)
-    attempts, started_runs = max(int(reg.retries), 0) + 1, []
-    for attempt in range(attempts):
+    started_runs: list[str] = []
+
+    def attempt() -> tuple[str, str | None, bool]:
         # The whole registration is retried: a server that went away mid-way (restarted, failed over) may have
         # made the version before its answer was lost; the next attempt then finds it by sha256 and reuses it.
-        try:
-            with temporary_env(WORK_HTTP_ENV, force=False):
-                existing = _find_version_by_sha(client, name, sha)
-                if existing is not None:
-                    version, run_id, created = str(existing.version), existing.run_id, False
-                    _refresh_tags(client, name, existing, evaluation_tags(metrics, export, params))
-                    log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
-                else:
-                    version, run_id = _log_and_register(client, params, arch, root, files, metrics, export,
-                                                        train_summary, sha, name, tracking_uri, card, started_runs)
-                    created = True
-                if _alias_version(client, name, CHAMPION) != version:
-                    client.set_registered_model_alias(name, CHALLENGER, version)
-            break
-        except MedsegError:
-            raise
-        except Exception as exc:
-            if attempt + 1 == attempts:
-                raise MedsegError(f"MLflow registration of {name} at {tracking_uri} failed after {attempts} "
-                                  f"attempt(s): {short_error(exc)}") from exc
-            delay = float(reg.backoff_s) * 2**attempt
-            log.warning("MLflow registration of %s at %s failed (%s); retry %d/%d in %.1fs", name, tracking_uri,
-                        short_error(exc), attempt + 1, attempts - 1, delay)
-            time.sleep(delay)
+        with temporary_env(WORK_HTTP_ENV, force=False):
+            existing = _find_version_by_sha(client, name, sha)
+            if existing is not None:
+                version, run_id, created = str(existing.version), existing.run_id, False
+                _refresh_tags(client, name, existing, evaluation_tags(metrics, export, params))
+                log.info("%s: model.onnx unchanged (sha256 %s…), reusing version %s", name, sha[:12], version)
+            else:
+                version, run_id = _log_and_register(client, params, arch, root, files, metrics, export,
+                                                    train_summary, sha, name, tracking_uri, card, started_runs)
+                created = True
+            if _alias_version(client, name, CHAMPION) != version:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+        return version, run_id, created
+
+    version, run_id, created = with_retries(
+        attempt, reg.retries, reg.backoff_s, f"MLflow registration of {name} at {tracking_uri}",
+        lambda attempts, exc: MedsegError(f"MLflow registration of {name} at {tracking_uri} failed after "
+                                          f"{attempts} attempt(s): {short_error(exc)}"))
     _close_abandoned_runs(client, started_runs, run_id)
 
     try:  # for links to the run in MLflow's UI (the Prefect artifacts)
@@ -664,12 +659,18 @@ def promote(
     return result
 
 
+def promote_in_project(params: dict[str, Any], name: str, root: str | Path = ".", tracking_uri: str | None = None,
+                       min_improvement: float = 0.0) -> dict[str, Any]:
+    """promote() of `name` on `tracking_uri` (else the store params.yaml points at) from the project at `root`: a
+    champion tested on other data is re-evaluated on this checkout's test split (champion_reevaluator)."""
+    reg = settings(params).register
+    uri = tracking_uri or resolve_tracking_uri(params, root)
+    client = connect(uri, reg.retries, reg.backoff_s)
+    return promote(name, min_improvement=min_improvement, client=client,
+                   reevaluate=champion_reevaluator(client, params, root, name, uri))
+
+
 def promote_from_params(params: dict[str, Any], arch: str, root: str | Path = ".",
                         min_improvement: float = 0.0) -> dict[str, Any]:
     """promote() for `<prefix>-<dataset>-<arch>` on the store params.yaml points at."""
-    reg = settings(params).register
-    uri = resolve_tracking_uri(params, root)
-    client = connect(uri, reg.retries, reg.backoff_s)
-    name = model_name(params, arch)
-    return promote(name, min_improvement=min_improvement, client=client,
-                   reevaluate=champion_reevaluator(client, params, root, name, uri))
+    return promote_in_project(params, model_name(params, arch), root, min_improvement=min_improvement)

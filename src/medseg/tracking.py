@@ -11,12 +11,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from medseg.config import disable_telemetry
 from medseg.errors import MedsegError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP client retries 7 times with exponential backoff (minutes) before failing; our retry loop
@@ -68,31 +69,43 @@ def temporary_env(values: dict[str, str], force: bool) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def with_retries(attempt: Callable[[], T], retries: int, backoff_s: float, what: str,
+                 give_up: Callable[[int, Exception], Exception]) -> T:
+    """attempt() until it returns: a failure is retried `retries` times after backoff_s * 2**n seconds, with a
+    warning naming `what`; after the last, give_up(attempts, error) is raised. A MedsegError (a medseg check that
+    failed, not a store that did not answer) is raised at once."""
+    attempts = max(int(retries), 0) + 1
+    for n in range(attempts):
+        try:
+            return attempt()
+        except MedsegError:
+            raise
+        except Exception as exc:  # any failure to reach the store counts: connection, auth, bad database
+            if n + 1 == attempts:
+                raise give_up(attempts, exc) from exc
+            delay = float(backoff_s) * 2**n
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, short_error(exc), n + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 def connect(tracking_uri: str, retries: int = 3, backoff_s: float = 2.0):
     """An MlflowClient whose store answered; retries with exponential backoff, then raises MedsegError."""
     from mlflow import MlflowClient
 
     disable_telemetry()
     registry_uri = registry_uri_for(tracking_uri)
-    attempts = max(int(retries), 0) + 1
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            with temporary_env(PROBE_HTTP_ENV, force=True):
-                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
-                client.search_experiments(max_results=1)
-            return client
-        except Exception as exc:  # any failure to reach the store counts: connection, auth, bad database
-            last = exc
-            if attempt + 1 < attempts:
-                delay = float(backoff_s) * 2**attempt
-                log.warning("MLflow at %s not reachable (%s); retry %d/%d in %.1fs", tracking_uri,
-                            short_error(exc), attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-    raise MedsegError(
-        f"MLflow tracking store {tracking_uri} unreachable after {attempts} attempt(s): {short_error(last)}. "
-        "Start the server (see docs/mlflow.md) or set MLFLOW_TRACKING_URI / register.tracking_uri."
-    ) from last
+
+    def probe():
+        with temporary_env(PROBE_HTTP_ENV, force=True):
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+            client.search_experiments(max_results=1)
+        return client
+
+    return with_retries(probe, retries, backoff_s, f"reaching MLflow at {tracking_uri}", lambda attempts, exc: (
+        MedsegError(f"MLflow tracking store {tracking_uri} unreachable after {attempts} attempt(s): "
+                    f"{short_error(exc)}. Start the server (see docs/mlflow.md) or set MLFLOW_TRACKING_URI / "
+                    "register.tracking_uri.")))
 
 
 def registry_uri_for(tracking_uri: str) -> str:

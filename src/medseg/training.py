@@ -500,7 +500,7 @@ class Trainer:
 
     def state_dict(self, finished: bool = False, rank_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """last.pt: the run's state, readable with torch.load(weights_only=True). `rank_rng`: every rank's RNG
-        states (rank_rng_states), which a distributed resume needs; "rng" is this process's."""
+        states in rank order (rank_rng_states); None: this process's alone (one process)."""
         st = self.state
         return {
             "arch": self.spec.arch,
@@ -516,7 +516,6 @@ class Trainer:
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": _rng_state(),
             "rank_rng": rank_rng if rank_rng is not None else [_rng_state()],
             "best_val_dice": None if st.best_epoch is None else st.best_dice,
             "best_epoch": st.best_epoch,
@@ -546,13 +545,13 @@ class Trainer:
         """This rank's RNG states from last.pt; at another world size than the run's, rank 0's (the run goes on,
         but the shards and dropout streams are not the ones an uninterrupted run would have had)."""
         saved = int(state.get("world_size", 1))
-        ranks = state.get("rank_rng") or [state["rng"]]
+        ranks = state.get("rank_rng") or [state["rng"]]  # "rng": one process's, in last.pt before world sizes
         if saved != self.dist.world or len(ranks) != self.dist.world:
             if self.dist.main:
                 _log.warning("%s: written at world size %d, resumed at %d: training continues, not bit for bit as "
                              "an uninterrupted run (each rank's data shard and RNG stream change)",
                              self.spec.paths.last, saved, self.dist.world)
-            return state["rng"]
+            return ranks[0]
         return ranks[self.dist.rank]
 
     def resume(self) -> None:
