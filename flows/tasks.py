@@ -512,12 +512,13 @@ def name_flow_run(name: str) -> None:
 
 
 def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
-    """Apply the champion gate (medseg.registry) to one architecture; a refusal is a decision, not a failure.
+    """Apply the champion gate (medseg.promotion) to one architecture; a refusal is a decision, not a failure.
 
     The decision is "promoted", "unchanged" (already the champion) or "refused", with the gate's reason.
     """
     from medseg.errors import PromotionRefused
-    from medseg.registry import model_name, promote_from_params
+    from medseg.promotion import promote_from_params
+    from medseg.registry import model_name
 
     promote_fn = promote_fn or promote_from_params
     try:
@@ -609,5 +610,5 @@ def publish_artifacts(
     create_markdown_artifact(
         markdown=promotion_markdown(decisions, dataset_version_id),
         key=PROMOTION_ARTIFACT_KEY,
-        description="Champion gate decisions (medseg.registry.promote)",
+        description="Champion gate decisions (medseg.promotion.promote)",
     )

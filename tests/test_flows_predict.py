@@ -29,7 +29,8 @@ ARCH = "unet"
 def project(tiny_project, tmp_path_factory, mlflow_db_template) -> Path:
     from medseg.evaluation import evaluate_model
     from medseg.export import export_model
-    from medseg.registry import promote_from_params, register_model_version
+    from medseg.promotion import promote_from_params
+    from medseg.registry import register_model_version
     from medseg.training import train_model
 
     root = tmp_path_factory.mktemp("batch_predict") / "project"

@@ -53,7 +53,7 @@ def test_the_champion_itself_is_unchanged_even_if_it_would_fail_a_rule():
 def test_promote_reads_the_test_case_fingerprint_of_versions_registered_before_the_rename():
     from types import SimpleNamespace
 
-    from medseg.registry import _version_facts
+    from medseg.promotion import _version_facts
 
     old = SimpleNamespace(version=4, tags={"test_dsc": "0.5", "parity_passed": "true", "split_sha256": "cases-a",
                                            "protocol": "mm"})

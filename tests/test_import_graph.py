@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inference", ("medseg.inference", "medseg.predict", "medseg.serving")),
     ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv",
                                         "medseg.onnx_eval")),
-    ("registry", ("medseg.registry", "medseg.gate")),
+    ("registry", ("medseg.registry", "medseg.gate", "medseg.promotion")),
     ("report / cli", ("medseg.report", "medseg.doctor", "medseg.cli", "medseg.entry")),
 ]
 

@@ -59,7 +59,8 @@ def _predict(*args) -> subprocess.CompletedProcess:
 
 
 def test_register_promote_and_predict_from_a_fresh_client(mlflow_server, tmp_path, monkeypatch):
-    from medseg.registry import promote_from_params, register_model_version
+    from medseg.promotion import promote_from_params
+    from medseg.registry import register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, params = _project(tmp_path, mlflow_server)

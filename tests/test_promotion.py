@@ -55,7 +55,7 @@ def alias(client, name: str, which: str) -> str | None:
 
 
 def test_first_challenger_with_parity_becomes_champion(client, name):
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.6)
     result = promote(name, client=client)
@@ -72,7 +72,7 @@ def test_first_challenger_with_parity_becomes_champion(client, name):
 
 
 def test_better_challenger_replaces_champion(client, name):
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.6)
     promote(name, client=client)
@@ -97,7 +97,7 @@ def test_better_challenger_replaces_champion(client, name):
     ids=["lower-dsc", "equal-dsc", "failed-parity", "different-split", "different-protocol"],
 )
 def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.60)
     promote(name, client=client)
@@ -111,7 +111,7 @@ def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
 
 
 def test_parity_failure_blocks_even_the_first_champion(client, name):
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.8, parity=False)
     with pytest.raises(PromotionRefused, match="parity"):
@@ -120,7 +120,7 @@ def test_parity_failure_blocks_even_the_first_champion(client, name):
 
 
 def test_min_improvement_is_a_margin(client, name):
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.60)
     promote(name, client=client)
@@ -136,7 +136,7 @@ def test_min_improvement_is_a_margin(client, name):
                 min_size=1, max_size=5))
 def test_champion_never_gets_worse(client, challengers):
     """Whatever sequence of challengers arrives, the champion's DSC only goes up, on one split, parity passed."""
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     name = f"medseg-test-prop-{next(_names)}"
     client.create_registered_model(name)
@@ -161,7 +161,8 @@ def test_champion_never_gets_worse(client, challengers):
 def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_template):
     from test_registry import fabricate_outputs, tiny_params
 
-    from medseg.registry import promote_from_params, register_model_version
+    from medseg.promotion import promote_from_params
+    from medseg.registry import register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     seed_store(tmp_path, mlflow_db_template)
@@ -189,7 +190,7 @@ def test_promote_tells_each_case_apart_with_its_own_message_and_exit_code(client
     """`medseg promote`: no such model (error, 2), a model with no challenger (refused, 3), the challenger already
     champion (unchanged, 0), worse / different test data / parity failed (refused, 3, each its own reason)."""
     from medseg import cli
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     uri = client.tracking_uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -225,7 +226,7 @@ def test_promote_tells_each_case_apart_with_its_own_message_and_exit_code(client
 def test_a_champion_measured_on_old_content_is_not_compared_with_new_data(client, name):
     """Same test case ids, new scans (a re-ingest): the retrain's worse-looking DSC is not judged against a
     champion measured on the old data; the refusal says why and leaves the aliases alone."""
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -243,7 +244,7 @@ def test_a_champion_on_old_data_is_compared_after_its_reevaluation(client, name,
     """The champion (0.9 on the old scans) is measured again on the challenger's new scans: the challenger's 0.5
     beats a champion that scores 0.4 there, and loses to one that scores 0.6."""
     from medseg.gate import VersionFacts
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -271,7 +272,7 @@ def test_a_champion_on_old_data_is_compared_after_its_reevaluation(client, name,
 
 def test_a_champion_that_cannot_be_reevaluated_keeps_the_refusal_with_the_reason(client, name):
     from medseg.errors import ConfigError
-    from medseg.registry import promote
+    from medseg.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -300,7 +301,8 @@ def test_promote_reevaluates_the_registered_champion_on_new_scans_with_the_same_
     from medseg.data.phantom import generate_from_params
     from medseg.evaluation import evaluate_model
     from medseg.export import export_model
-    from medseg.registry import promote_from_params, register_model_version
+    from medseg.promotion import promote_from_params
+    from medseg.registry import register_model_version
     from medseg.training import train_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -222,7 +222,8 @@ def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_pa
     """The files the real train/evaluate/export stages write fit register, promote and the report."""
     from medseg.evaluation import evaluate_model
     from medseg.export import export_model
-    from medseg.registry import promote_from_params, register_model_version
+    from medseg.promotion import promote_from_params
+    from medseg.registry import register_model_version
     from medseg.report import build_report
     from medseg.training import train_model
 

@@ -66,7 +66,7 @@ def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], in
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from medseg.errors import PromotionRefused
-    from medseg.registry import promote, promote_in_project
+    from medseg.promotion import promote, promote_in_project
 
     params_path = Path(args.root) / args.params
     try:

@@ -1,6 +1,6 @@
 """An exported model (model.onnx with its card, or a registered models:/ version) scored on this checkout's test
 split exactly as the evaluate stage scores a checkpoint, through ONNX Runtime. The champion gate
-(medseg.registry.champion_reevaluator) measures a champion with it on a challenger's test data.
+(medseg.promotion.champion_reevaluator) measures a champion with it on a challenger's test data.
 
 Its own module so that the evaluate stage does not depend on medseg.predict (nor the register stage on more of
 evaluation than this needs).
