@@ -136,6 +136,18 @@ def test_logits_to_labels_and_probabilities():
     np.testing.assert_allclose(pp.softmax(huge)[0, :, 0, 0], [1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))], rtol=1e-6)
 
 
+def test_argmax_classes_is_numpys_argmax_with_its_tie_and_nan_rules():
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 3, size=(2, 5, 7, 9)).astype(np.float32)  # few values: many ties between classes
+    got = pp.argmax_classes(x)
+    assert got.dtype == np.uint8 and got.shape == (2, 7, 9)
+    np.testing.assert_array_equal(got, x.argmax(axis=1))  # a tie keeps the first class
+    x[0, 3, 2, 4], x[1, 1, 0, 0], x[1, 4, 0, 0] = np.nan, np.nan, np.nan
+    np.testing.assert_array_equal(pp.argmax_classes(x), x.argmax(axis=1))  # a NaN pixel: its first NaN
+    big = rng.normal(size=(3, 9, 64, 48)).astype(np.float32)
+    np.testing.assert_array_equal(pp.argmax_classes(big), big.argmax(axis=1))
+
+
 def test_import_does_not_load_torch():
     code = ("import sys, medseg.preprocessing; "
             "heavy = [m for m in ('torch', 'scipy', 'medseg.data') if m in sys.modules]; "

@@ -38,6 +38,7 @@ from medseg.errors import ConfigError, IngestError, PredictError
 from medseg.io import atomic_open, atomic_path
 from medseg.threads import onnxruntime_options, plan_threads
 from medseg.preprocessing import (
+    argmax_classes,
     logits_to_labels,
     network_input,
     normalise_image,
@@ -107,7 +108,7 @@ class Predictor:
                 # nnU-Net (v1) averages the softmax of every mirrored prediction, flipped back, then takes argmax.
                 p = sum(np.flip(probabilities_at(self._run(np.flip(x, axes)), (height, width)), axes)
                         for axes in MIRROR_AXES) / len(MIRROR_AXES)
-                classes[batch] = p.argmax(axis=1)
+                classes[batch] = argmax_classes(p)
             else:
                 logits = self._run(x)
                 classes[batch] = logits_to_labels(logits, (height, width))

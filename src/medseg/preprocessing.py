@@ -263,8 +263,32 @@ def _logits_at(logits_nkhw: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def logits_to_labels(logits_nkhw: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """uint8 (N, H, W) class indices at the native slice `size`: logits resized back (bilinear), then argmax."""
-    return _logits_at(logits_nkhw, size).argmax(axis=1).astype(np.uint8)
+    """uint8 (N, H, W) class indices at the native slice `size`: logits resized back (bilinear), then argmax.
+
+    One slice at a time: a batch's logits at 512 x 512 are 9 MiB a slice for 9 classes, 300 MiB for 32, and
+    every pass over them then runs at memory speed instead of in cache (9 classes, 64 -> 512: 34 -> 6 ms a slice)."""
+    logits = np.asarray(logits_nkhw, dtype=np.float32)
+    out = np.empty((logits.shape[0], int(size[0]), int(size[1])), dtype=np.uint8)
+    for i in range(logits.shape[0]):
+        out[i] = argmax_classes(_logits_at(logits[i : i + 1], size))[0]
+    return out
+
+
+def argmax_classes(x_nkhw: np.ndarray) -> np.ndarray:
+    """np.argmax(x, axis=1) as uint8 (N, H, W): the first maximum on ties, and where a pixel has a NaN, the first
+    NaN (numpy's rule). For finite values it is one pass per class over contiguous planes, where numpy's argmax
+    across a non-last axis strides through memory."""
+    classes = x_nkhw.shape[1]
+    if classes > 256 or not np.isfinite(x_nkhw).all():  # rare: numpy's own argmax keeps its NaN rule
+        return x_nkhw.argmax(axis=1).astype(np.uint8)
+    best = x_nkhw[:, 0].copy()
+    index = np.zeros(best.shape, dtype=np.uint8)
+    better = np.empty(best.shape, dtype=bool)
+    for k in range(1, classes):
+        np.greater(x_nkhw[:, k], best, out=better)  # strictly: a tie keeps the earlier class, as argmax does
+        index[better] = k
+        np.maximum(best, x_nkhw[:, k], out=best)
+    return index
 
 
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
