@@ -49,9 +49,9 @@ def add_challenger(client, name: str, dsc: float, parity: bool = True, split: st
 
 
 def alias(client, name: str, which: str) -> str | None:
-    from medseg.registry import _alias_version
+    from medseg.registry import alias_version
 
-    return _alias_version(client, name, which)
+    return alias_version(client, name, which)
 
 
 def test_first_challenger_with_parity_becomes_champion(client, name):

@@ -17,8 +17,25 @@ from medseg.config import PARAMS_FILE, disable_telemetry, load_params, settings
 from medseg.errors import MedsegError, PromotionRefused
 from medseg.gate import Decision, VersionFacts, decide
 from medseg.metrics import finite_or_none
-from medseg.registry import CHALLENGER, CHAMPION, _alias_version, _require_registered_model, model_name
+from medseg.registry import CHALLENGER, CHAMPION, alias_version, model_name
 from medseg.tracking import connect, resolve_tracking_uri
+
+
+def _require_registered_model(client, name: str) -> None:
+    """MedsegError (an error, not a refusal: exit 2) when no model of that name is registered at all."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        where = getattr(client, "tracking_uri", None) or getattr(client._tracking_client, "tracking_uri", "?")
+        raise MedsegError(f"no registered model named {name!r} at {where}; registered: "
+                          f"{', '.join(names) or 'none'} (the register stage creates <prefix>-<dataset>-<arch>)"
+                          ) from exc
+
 
 def _version_facts(version) -> VersionFacts:
     tags = version.tags or {}
@@ -111,8 +128,8 @@ def promote(
         return error
 
     _require_registered_model(client, model_name)
-    challenger_v = _alias_version(client, model_name, CHALLENGER)
-    champion_v = _alias_version(client, model_name, CHAMPION)
+    challenger_v = alias_version(client, model_name, CHALLENGER)
+    champion_v = alias_version(client, model_name, CHAMPION)
     if challenger_v is None and champion_v is not None:
         # promoting moves the challenger alias to champion: asking again is a no-op, not a refusal
         result.update(decision="unchanged", code="already-champion", champion_version=champion_v,

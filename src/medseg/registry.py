@@ -199,23 +199,7 @@ def _find_version_by_sha(client, name: str, sha: str):
     return None
 
 
-def _require_registered_model(client, name: str) -> None:
-    """MedsegError (an error, not a refusal: exit 2) when no model of that name is registered at all."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        names = sorted(m.name for m in client.search_registered_models(max_results=50))
-        where = getattr(client, "tracking_uri", None) or getattr(client._tracking_client, "tracking_uri", "?")
-        raise MedsegError(f"no registered model named {name!r} at {where}; registered: "
-                          f"{', '.join(names) or 'none'} (the register stage creates <prefix>-<dataset>-<arch>)"
-                          ) from exc
-
-
-def _alias_version(client, name: str, alias: str) -> str | None:
+def alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -264,7 +248,7 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
                 version, run_id = _log_and_register(client, params, arch, root, files, metrics, export,
                                                     train_summary, sha, name, tracking_uri, card, started_runs)
                 created = True
-            if _alias_version(client, name, CHAMPION) != version:
+            if alias_version(client, name, CHAMPION) != version:
                 client.set_registered_model_alias(name, CHALLENGER, version)
         return version, run_id, created
 
