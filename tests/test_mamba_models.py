@@ -85,14 +85,16 @@ def test_ss2d_directions_transpose_consistently():
     torch.testing.assert_close(out_t.transpose(1, 2), out, atol=1e-5, rtol=1e-4)
 
 
-def test_ss2d_traced_cross_scan_equals_the_eager_one(monkeypatch):
-    """While exporting, SS2D reorders the four directions by Gathers (ONNX Runtime's Transpose of small maps is
-    slow) and the scan takes its traced formulation: same output as eager, on a non-square map."""
+@pytest.mark.parametrize("d_state", [1, 4])
+def test_ss2d_traced_cross_scan_equals_the_eager_one(monkeypatch, d_state):
+    """While exporting, SS2D works channels-last: the four directions by Gathers of whole rows of channels and the
+    scan in its traced formulation (one state per channel, MSVM-UNet's, has a path of its own). Same output as
+    eager, on a non-square map."""
     from medseg.models.mamba import selective_scan as scan_module
     from medseg.models.mamba import ss2d as ss2d_module
 
     torch.manual_seed(0)
-    ss = SS2D(8, d_state=4).eval()
+    ss = SS2D(8, d_state=d_state).eval()
     with torch.no_grad():
         ss.A_logs.add_(0.5 * torch.rand_like(ss.A_logs))
         x = torch.randn(2, 5, 7, 8)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.models.mamba import selective_scan as scan_module
-from medseg.models.mamba.selective_scan import selective_scan, selective_scan_torch
+from medseg.models.mamba.selective_scan import selective_scan, selective_scan_channels_last, selective_scan_torch
 
 
 def sequential_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -145,6 +145,31 @@ def test_traced_formulation_matches_reference_values_and_gradients(monkeypatch, 
     torch.testing.assert_close(last, ref_last, atol=1e-4, rtol=1e-4)
     grads = torch.autograd.grad(out.sum() + last.sum(), [inputs[k] for k in names])
     ref_grads = torch.autograd.grad(ref_out.sum() + ref_last.sum(), [inputs[k] for k in names])
+    for name, got, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("n,length", [(1, 45), (3, 45), (1, 600), (2, 600), (3, 7)])
+def test_channels_last_formulation_matches_reference_values_and_gradients(n, length):
+    """SS2D's traced scan on channels-last groups, (batch, G, L, dim // G): the same values and gradients as the
+    sequential reference on the (batch, dim, L) layout, with one state per channel (MSVM-UNet, a path of its own)
+    and several; 600 positions reach the segment sum after three chunk levels."""
+    groups, dg = 2, 3
+    inputs = make_inputs(2, groups * dg, length, n, groups, gating=False)
+    inputs.pop("z")
+
+    def last(x):  # (batch, dim, L) -> (batch, G, L, dg); grouped B/C (batch, G, N, L) -> (batch, G, L, N)
+        return x.reshape(2, groups, dg, length).transpose(2, 3) if x.shape[1] == groups * dg else x.transpose(2, 3)
+
+    out = selective_scan_channels_last(last(inputs["u"]), last(inputs["delta"]), inputs["A"], last(inputs["B"]),
+                                       last(inputs["C"]), inputs["D"], inputs["delta_bias"], delta_softplus=True)
+    out = out.transpose(2, 3).reshape(2, groups * dg, length)
+    ref, _ = sequential_reference(**inputs, delta_softplus=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    names = list(inputs)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((out * weights).sum(), [inputs[k] for k in names])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [inputs[k] for k in names])
     for name, got, want in zip(names, grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 

@@ -25,7 +25,8 @@ autograd (training) the eager scan is a torch.autograd.Function whose backward r
 with the same chunking, recomputing the forward states from the saved chunk-entering states: between forward and
 backward it keeps O(L*D + L*N*D/T) values instead of autograd's several tensors of L*N*D per step.
 Traced graphs (ONNX, torch.compile) must serve any L in few nodes: see `_traced_scan` (chunks of 8 solved by 8
-multiply-adds, the chunk carry by the same recurrence one level up, the rest by a segment sum).
+multiply-adds, the chunk carry by the same recurrence one level up, the rest by a segment sum), and
+`selective_scan_channels_last`, the same recurrence on channels-last groups, which SS2D's traced graph uses.
 """
 
 from __future__ import annotations
@@ -388,6 +389,35 @@ def _traced_scan(delta: Tensor, x: Tensor, A: Tensor, B: Tensor, C: Tensor, grou
     return y.reshape(batch, dim, -1), h[..., -1]
 
 
+def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                                 delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                                 chunk: int = TRACED_CHUNK_SIZE) -> Tensor:
+    """The traced formulation on channels-last groups: u, delta (batch, G, L, dim // G); A (dim, N); B, C
+    (batch, G, L, N); D, delta_bias (dim,). Returns y (batch, G, L, dim // G) in float32, as `selective_scan`
+    would give for the same values laid out (batch, dim, L).
+
+    SS2D's exported graph uses it: with time not the last axis, reordering the four scan directions gathers whole
+    rows of channels (ONNX Runtime's Gather of single elements along the last axis was 17 % of MSVM-UNet's time)
+    and no transposes are needed between the projections, the scan and the merge."""
+    batch, groups, _, dg = u.shape
+    n = A.shape[1]
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float().reshape(groups, 1, dg)
+    if delta_softplus:
+        delta = _softplus_traced(delta)
+    x = delta * u.float()
+    if n == 1:  # one state per channel (MSVM-UNet): no state axis at all (reducing a size-1 axis is a slow copy)
+        log_decay = (delta * A.float().reshape(groups, 1, dg)).clamp_min(_MIN_LOG_DECAY)  # (batch, G, L, dg)
+        y = _linear_recurrence(log_decay, x * B.float(), chunk, TRACED_LEVELS, axis=-2) * C.float()
+    else:
+        A4 = A.float().reshape(groups, dg, n).transpose(-1, -2)[:, None]  # (G, 1, N, dg)
+        log_decay = (delta.unsqueeze(-2) * A4).clamp_min(_MIN_LOG_DECAY)  # (batch, G, L, N, dg)
+        h = _linear_recurrence(log_decay, x.unsqueeze(-2) * B.float().unsqueeze(-1), chunk, TRACED_LEVELS, axis=-3)
+        y = (h * C.float().unsqueeze(-1)).sum(-2)  # <C_t, h_t> (a MatMul of 1 x N rows took 3 % of the graph)
+    return y if D is None else y + u.float() * D.float().reshape(groups, 1, dg)
+
+
 def _grouped_bc(x: Tensor, groups: int, what: str, dim: int, n: int) -> Tensor:
     """B or C as (b, groups, N, 1, L), or (groups, N, dim // groups, 1) when fixed per channel."""
     if x.dim() == 2:  # fixed per channel (dim, N)
@@ -407,38 +437,58 @@ def _grouped_bc(x: Tensor, groups: int, what: str, dim: int, n: int) -> Tensor:
     return x.unsqueeze(-2)
 
 
-def _linear_recurrence(log_decay: Tensor, inputs: Tensor, chunk: int, levels: int) -> Tensor:
-    """Every h_t of h_t = exp(log_decay_t) * h_{t-1} + inputs_t, h_{-1} = 0, along the last axis (log_decay <= 0)."""
+def _linear_recurrence(log_decay: Tensor, inputs: Tensor, chunk: int, levels: int, axis: int = -1) -> Tensor:
+    """Every h_t of h_t = exp(log_decay_t) * h_{t-1} + inputs_t, h_{-1} = 0, along `axis` (negative: counted from
+    the end; log_decay <= 0)."""
     if levels == 0:
-        return _segment_sum_recurrence(log_decay, inputs)
-    length = log_decay.shape[-1]
+        return _segment_sum_recurrence(log_decay, inputs, axis)
+    rest = -1 - axis  # axes after time
+    length = log_decay.shape[axis]
     pad = (chunk - length % chunk) % chunk  # decay 1 and no input: the padding changes no real position
-    log_c, in_c = (F.pad(v, (0, pad)).reshape(*v.shape[:-1], -1, chunk) for v in (log_decay, inputs))
-    # 1) Inside each chunk from a zero state: T multiply-adds on (..., L/T, 1) tensors (split and cat, not unbind
+    shape = log_decay.shape
+
+    def chunked(v: Tensor) -> Tensor:  # (..., L, rest) -> (..., L/T, T, rest)
+        v = F.pad(v, (0, 0) * rest + (0, pad))
+        return v.reshape(*v.shape[:axis], -1, chunk, *v.shape[len(v.shape) + axis + 1:])
+
+    log_c, in_c = chunked(log_decay), chunked(inputs)
+    step = axis  # the position-in-chunk axis of the chunked tensors
+    # 1) Inside each chunk from a zero state: T multiply-adds on (..., L/T, 1, ...) tensors (split and cat, not unbind
     # and stack, which would add a Squeeze or Unsqueeze node per step).
-    decays, ins = torch.exp(log_c).split(1, -1), in_c.split(1, -1)
+    decays, ins = torch.exp(log_c).split(1, step), in_c.split(1, step)
     local = [ins[0]]
     for t in range(1, chunk):
         local.append(torch.addcmul(ins[t], decays[t], local[-1]))
-    local_h = torch.cat(local, -1)  # (..., L/T, T)
+    local_h = torch.cat(local, step)  # (..., L/T, T, ...)
     # 2) The true state at each chunk's end: the same recurrence over chunks, with a chunk's total log-decay.
-    ends = _linear_recurrence(log_c.sum(-1), local[-1].squeeze(-1), chunk, levels - 1)
-    starts = F.pad(ends, (1, 0))[..., :-1, None]  # the state entering chunk c is the end of chunk c - 1
+    # (select, not squeeze: the exporter cannot tell the split's size-1 axis and wraps Squeeze in an If node)
+    ends = _linear_recurrence(log_c.sum(step), local_h.select(step, -1), chunk, levels - 1, axis)
+    # the state entering chunk c is the end of chunk c - 1
+    starts = F.pad(ends, (0, 0) * rest + (1, 0))[_along(rest, slice(None, -1))].unsqueeze(step)
     # 3) h_t = local h_t + (decay from the chunk's start through t) * entering state.
-    from_start = torch.exp(torch.cumsum(log_c, -1).clamp_min(_MIN_LOG_DECAY))
+    from_start = torch.exp(torch.cumsum(log_c, step).clamp_min(_MIN_LOG_DECAY))
     h = torch.addcmul(local_h, from_start, starts)
-    return h.reshape(*log_decay.shape[:-1], -1)[..., :length]
+    h = h.reshape(*shape[:axis], -1, *shape[len(shape) + axis + 1:])
+    return h[_along(rest, slice(None, length))]
 
 
-def _segment_sum_recurrence(log_decay: Tensor, inputs: Tensor) -> Tensor:
+def _along(rest: int, index: slice) -> tuple:
+    """An index applying `index` to the axis that has `rest` axes after it."""
+    return (Ellipsis, index) + (slice(None),) * rest
+
+
+def _segment_sum_recurrence(log_decay: Tensor, inputs: Tensor, axis: int = -1) -> Tensor:
     """The recurrence in closed form, h_t = sum_{s <= t} exp(sum_{s < k <= t} log_decay_k) inputs_s: O(L^2), for
     the few positions left after the chunk levels. The sums are accumulated per (t, s) pair, not as differences of
     cumulative sums, which lose precision when those grow large."""
-    length = log_decay.shape[-1]
+    rest = -1 - axis
+    length = log_decay.shape[axis]
     idx = torch.arange(length, device=log_decay.device)
-    after_s = idx[:, None] > idx[None, :]  # [k, s]: k > s
-    at_or_after_s = idx[:, None] >= idx[None, :]  # [t, s]: t >= s
-    rep = log_decay[..., :, None].expand(*log_decay.shape, length)  # rep[..., k, s] = log_decay_k
-    sums = torch.cumsum(torch.where(after_s, rep, torch.zeros_like(rep)), dim=-2)  # [t, s]: sum over s < k <= t
+    trailing = (slice(None), slice(None)) + (None,) * rest  # the (L, L) masks broadcast over the axes after time
+    after_s = (idx[:, None] > idx[None, :])[trailing]  # [k, s]: k > s
+    at_or_after_s = (idx[:, None] >= idx[None, :])[trailing]  # [t, s]: t >= s
+    rep = log_decay.unsqueeze(axis)  # rep[..., k, s, ...] = log_decay_k
+    rep = rep.expand(*rep.shape[:axis - 1], length, length, *rep.shape[len(rep.shape) + axis + 1:])
+    sums = torch.cumsum(torch.where(after_s, rep, torch.zeros_like(rep)), dim=axis - 1)  # [t, s]: s < k <= t
     weights = torch.where(at_or_after_s, torch.exp(sums.clamp_min(_MIN_LOG_DECAY)), torch.zeros_like(sums))
-    return (weights * inputs[..., None, :]).sum(-1)
+    return (weights * inputs.unsqueeze(axis - 1)).sum(axis)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from medseg.models.mamba.selective_scan import _exporting, selective_scan
+from medseg.models.mamba.selective_scan import _exporting, selective_scan, selective_scan_channels_last
 
 # Every SS2D / MambaLayer adds its analytic scan cost here while `count_scan_flops` is active (FlopCounterMode
 # does not see the scan's elementwise recurrence, so GFLOPs from it alone would leave the scan out).
@@ -91,9 +91,13 @@ class SS2D(nn.Module):
         else:
             x, z = xz, None
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
-        # (B, D, H*W), row-major
-        y = self._scan_4_directions(x) if self.scan else x.flatten(2)
-        y = self.out_norm(y.transpose(1, 2).reshape(batch, height, width, self.d_inner))
+        if self.scan and _exporting():
+            y = self._scan_4_directions_channels_last(x.permute(0, 2, 3, 1).reshape(batch, height * width, -1),
+                                                      height, width)
+        else:  # (B, D, H*W), row-major
+            y = self._scan_4_directions(x) if self.scan else x.flatten(2)
+            y = y.transpose(1, 2)
+        y = self.out_norm(y.reshape(batch, height, width, self.d_inner))
         if z is not None:
             y = y * F.silu(z)
         return self.dropout(self.out_proj(y))
@@ -121,18 +125,30 @@ class SS2D(nn.Module):
         ).reshape(batch, k, d, -1)
         return _cross_merge(y, height, width)
 
+    def _scan_4_directions_channels_last(self, x: Tensor, height: int, width: int) -> Tensor:
+        """The traced graph's scan: (B, L, D) row-major -> (B, L, D), every step channels-last (see
+        selective_scan_channels_last). Each reordering is one Gather of whole rows of D channels."""
+        batch, length, d = x.shape
+        k = self.directions
+        _log_scan_flops(batch, k * d, length, self.d_state)
+        order = torch.cat(_direction_orders(height, width, x.device))  # (K * L,)
+        xs = x.index_select(1, order).reshape(batch, k, length, d)  # (B, K, L, D)
+        x_dbl = torch.matmul(xs, self.x_proj_weight.transpose(1, 2))  # (B, K, L, R + 2N)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.matmul(dts, self.dt_projs_weight.transpose(1, 2))  # (B, K, L, D)
+        y = selective_scan_channels_last(xs, dts, -torch.exp(self.A_logs.float()), bs, cs, self.Ds,
+                                         delta_bias=self.dt_projs_bias.reshape(-1), delta_softplus=True)
+        # back to row-major: direction i's sequence has row-major position p at back_i[p], i.e. at i * L + back_i[p]
+        back = torch.cat([idx + i * length for i, idx in
+                          enumerate(_direction_orders(height, width, x.device, inverse=True))])
+        return y.reshape(batch, k * length, d).index_select(1, back).reshape(batch, k, length, d).sum(1)
+
 
 def _cross_scan(x: Tensor) -> Tensor:
-    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major and both reversed.
-
-    In a traced graph every direction is one Gather of the row-major sequence: ONNX Runtime's Transpose of many
-    small blocks (a 2x2 or 4x4 map per channel) is pathological with more than one thread (measured: 4 ms for
-    16x192x2x2 with 2 threads, 48 us with one), and its reversed Slice is no better. Eagerly, PyTorch's transpose
-    and flip are several times faster than index_select (forward and backward)."""
+    """(B, D, H, W) -> (B, 4, D, H*W): row-major, column-major and both reversed. Eager only: PyTorch's transpose and
+    flip are several times faster than index_select (forward and backward); traced graphs take
+    SS2D._scan_4_directions_channels_last instead."""
     rows = x.flatten(2)
-    if _exporting():
-        order = _direction_orders(x.shape[2], x.shape[3], x.device)
-        return torch.stack([rows.index_select(2, idx) for idx in order], dim=1)
     cols = x.transpose(2, 3).flatten(2)
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
 
@@ -140,9 +156,6 @@ def _cross_scan(x: Tensor) -> Tensor:
 def _cross_merge(y: Tensor, height: int, width: int) -> Tensor:
     """(B, 4, D, L) in the four scan orders -> (B, D, L) row-major, the sum of the four directions."""
     batch, _, d, _ = y.shape
-    if _exporting():  # each direction back to row-major by one Gather, as in _cross_scan
-        back = _direction_orders(height, width, y.device, inverse=True)
-        return sum(y[:, i].index_select(2, idx) for i, idx in enumerate(back))
     along_rows = y[:, 0] + y[:, 2].flip(-1)
     along_cols = y[:, 1] + y[:, 3].flip(-1)  # column-major order -> back to row-major
     along_cols = along_cols.reshape(batch, d, width, height).transpose(2, 3).reshape(batch, d, -1)
