@@ -204,3 +204,49 @@ def test_export_needs_the_card_and_the_test_metrics(tmp_path):
     with pytest.raises(ExportError, match=r"checkpoint\.pt: no model card .* re-run the train stage"):
         export_model(params, "unet", tmp_path)
     assert not paths(tmp_path).onnx("unet").exists()
+
+
+def _segformer_with_trained_norm():
+    """segformer_b0 with BatchNorm statistics and affine values far from their defaults, so a wrong fold shows."""
+    from medseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("segformer_b0", 1, 4, (64, 64))
+    norm = model.decoder.fuse_stage[1]
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return model.eval()
+
+
+def test_segformer_decoder_fold_computes_the_same_function_and_leaves_the_model_alone():
+    from medseg.models.deploy import inference_form
+    from medseg.models.smp_models import FoldedSegformerDecoder
+
+    model = _segformer_with_trained_norm()
+    before = copy.deepcopy(model.state_dict())
+    folded = inference_form(model)
+    assert isinstance(folded.decoder, FoldedSegformerDecoder)
+    assert type(model.decoder).__name__ == "SegformerDecoder"  # the trained module keeps its layout and weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for size in ((64, 64), (96, 160)):  # the fold is size-independent: a second, non-square size
+        x = torch.randn(2, 1, *size)
+        with torch.no_grad():
+            want, got = model(x), folded(x)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_export_traces_the_folded_segformer_decoder(tmp_path):
+    """The exported graph has no 1x1 conv over the concatenated 4 x 256 decoder channels, and ONNX Runtime gives
+    PyTorch's output for the trained (unfolded) module."""
+    model = _segformer_with_trained_norm()
+    path = export_onnx(model, 1, (64, 64), tmp_path / "segformer.onnx")
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: t.dims for t in graph.initializer}
+    conv_inputs = [list(weights[n.input[1]])[1] for n in graph.node if n.op_type == "Conv" and n.input[1] in weights]
+    assert conv_inputs and 1024 not in conv_inputs
+    x = torch.randn(3, 1, 64, 96)
+    assert onnx_max_abs_diff(model, path, x) < 1e-4

@@ -23,6 +23,7 @@ from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metad
 from medseg.errors import ExportError
 from medseg.io import atomic_path, read_json, sha256_file, write_dvc_metrics, write_json
 from medseg.layout import ProjectLayout
+from medseg.models.deploy import inference_form
 from medseg.threads import apply_torch_threads, available_cpus, plan_from_params
 
 _log = logging.getLogger(__name__)
@@ -42,10 +43,11 @@ def export_onnx(
     """Export `model` (put in eval mode) to `path` atomically; returns the path.
 
     The legacy TorchScript exporter is tried first (fast, mature, supports `dynamic_axes`); the dynamo
-    exporter (torch.export + dynamic_shapes) is the fallback for models the tracer cannot handle.
+    exporter (torch.export + dynamic_shapes) is the fallback for models the tracer cannot handle. What is traced is
+    the model's inference form (medseg.models.deploy: exact folds, e.g. SegFormer's decoder), not `model` itself.
     """
     path = Path(path)
-    model = model.eval().cpu()
+    model = inference_form(model.eval().cpu())
     h, w = int(image_size[0]), int(image_size[1])
     # Batch of 2 so the tracer does not specialise the batch axis to 1.
     example = torch.randn(2, in_channels, h, w, dtype=torch.float32)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDecoder
 from torch import nn
 
 from medseg.errors import ConfigError
@@ -83,3 +86,69 @@ def _register(name: str, arch: str, encoder: str, description: str, info: dict, 
 
 for _name, (_arch, _encoder, _description, _info, _defaults) in _ENTRIES.items():
     _register(_name, _arch, _encoder, _description, _info, _defaults)
+
+
+# ------------------------------------------------------------------------------------ exact inference-time fold
+class FoldedSegformerDecoder(nn.Module):
+    """SegFormer's all-MLP decoder with its linear layers folded, for inference (export): the same function.
+
+    smp's decoder maps each stage by a Linear (C_i -> S), resizes it bilinearly to 1/4 of the input, concatenates
+    the four and fuses them by a 1x1 conv (4S -> S) + BatchNorm + ReLU. Linear maps over channels commute with the
+    bilinear resize (it mixes pixels with weights that sum to 1), so Linear, the fuse conv's block for that stage and
+    the BatchNorm (eval statistics) compose into one 1x1 conv C_i -> S applied before the resize, and the fuse conv
+    becomes a sum. Computed in float64 at construction; outputs agree to float32 rounding. The 1x1 conv of 1,024
+    channels at 1/4 resolution was 20 % of SegFormer-B0's ONNX Runtime time at batch 16.
+    """
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        fuse, norm = decoder.fuse_stage[0], decoder.fuse_stage[1]
+        width = fuse.out_channels
+        weight = fuse.weight[:, :, 0, 0].detach().double()  # (S, 4S)
+        scale = torch.ones(width, dtype=torch.float64)
+        shift = fuse.bias.detach().double() if fuse.bias is not None else torch.zeros(width, dtype=torch.float64)
+        if isinstance(norm, nn.BatchNorm2d):
+            scale = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
+            shift = scale * (shift - norm.running_mean.double()) + norm.bias.detach().double()
+        self.branches = nn.ModuleList()
+        for i, mlp in enumerate(decoder.mlp_stage):
+            block = weight[:, i * width:(i + 1) * width]
+            conv = nn.Conv2d(mlp.linear.in_features, width, 1)
+            with torch.no_grad():
+                conv.weight.copy_((scale[:, None] * (block @ mlp.linear.weight.double()))[:, :, None, None])
+                conv.bias.zero_()
+            shift = shift + scale * (block @ mlp.linear.bias.detach().double())
+            self.branches.append(conv)
+        with torch.no_grad():  # every constant on the 1/4-resolution branch, which is not resized
+            self.branches[-1].bias.copy_(shift)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:  # smp SegformerDecoder.forward's contract
+        target_size = [dim // 4 for dim in features[0].shape[2:]]
+        features = features[2:] if features[1].size(1) == 0 else features[1:]
+        features = features[::-1]
+        out = self.branches[-1](features[len(self.branches) - 1])
+        for conv, feature in zip(self.branches[:-1], features):
+            out = out + F.interpolate(conv(feature), size=target_size, mode="bilinear", align_corners=False)
+        return F.relu(out)
+
+
+def _foldable(decoder: nn.Module) -> bool:
+    """smp's SegformerDecoder as this module knows it: Linear MLPs, fuse = 1x1 Conv, BatchNorm or none, ReLU."""
+    fuse = getattr(decoder, "fuse_stage", None)
+    return (isinstance(decoder, SegformerDecoder) and isinstance(fuse, nn.Sequential) and len(fuse) == 3
+            and isinstance(fuse[0], nn.Conv2d) and fuse[0].kernel_size == (1, 1) and fuse[0].groups == 1
+            and isinstance(fuse[1], (nn.BatchNorm2d, nn.Identity)) and isinstance(fuse[2], nn.ReLU)
+            and fuse[0].in_channels == len(decoder.mlp_stage) * fuse[0].out_channels
+            and all(isinstance(getattr(m, "linear", None), nn.Linear) for m in decoder.mlp_stage))
+
+
+def fold_segformer_decoders(model: nn.Module) -> int:
+    """Replace, in place, every smp SegFormer decoder of `model` (in eval mode) by its FoldedSegformerDecoder;
+    returns how many. A decoder laid out differently (another smp version, InPlaceABN) is left as it is."""
+    folded = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _foldable(child):
+                setattr(parent, name, FoldedSegformerDecoder(child))
+                folded += 1
+    return folded
