@@ -9,8 +9,10 @@ the ONNX side is the very session `medseg.predict.load_predictor` opens. Same th
 and ONNX Runtime intra_op_num_threads N (which `medseg predict` takes from OMP_NUM_THREADS).
 Each engine is timed in a subprocess of its own, as it is deployed (`medseg predict` never imports torch):
 in one process, torch's OpenMP threads and ONNX Runtime's pool spin-wait against each other, and on 2 CPUs torch
-calls then stalled for seconds. --rounds pairs of subprocesses alternate (torch, ONNX, torch, ONNX); each times
-one warm-up call, then --repeats calls; every line is the median and (min..max) of all rounds' calls.
+calls then stalled for seconds. Each round runs a torch then an ONNX subprocess for the volume, then the same pair
+for each architecture in turn (the two engines measured seconds apart, so the VM's drifting speed hits both);
+each times one warm-up call, then --repeats (--latency-repeats) calls; every line is the median and (min..max)
+of all rounds' calls. Ratios are of medians; "fastest" is the ratio of the quickest calls, for a noisy machine.
 
 (a) one synthetic CT-like int16 .nii.gz (benchmarks/bench_ingest.py's volume) with the quick preset's unet at
     the preset's image size: `medseg predict` file to file (read, reorient, normalise, resize, network, resize
@@ -93,11 +95,14 @@ def export_model(params: dict[str, Any], arch: str, image_size: list[int], folde
     write_card_metadata(path, card)
 
 
-def run_child(engine: str, work: Path, threads: int) -> dict[str, Any]:
+VOLUME = "volume"  # the part (a) child; any other part is an architecture of part (b)
+
+
+def run_child(engine: str, work: Path, threads: int, part: str) -> dict[str, Any]:
     # OMP_NUM_THREADS: load_predictor's intra-op threads; no progress bars between the timings
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child", engine, str(work), "--threads", str(threads)],
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run([sys.executable, __file__, "--child", engine, str(work), "--part", part,
+                           "--threads", str(threads)], capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{engine} child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,10 +132,19 @@ def network_batches(meta: dict[str, Any], raw: np.ndarray) -> list[np.ndarray]:
             for s in range(0, depth, BATCH)]
 
 
-def child_onnx(work: Path, meta: dict[str, Any], repeats: int, latency_repeats: int) -> dict[str, Any]:
+def child_onnx(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
     """ONNX Runtime through medseg.predict only: this process never imports torch."""
     from medseg.predict import load_predictor, predict_files
 
+    if part != VOLUME:
+        predictor = load_predictor(work / "archs" / part / "model.onnx")
+        out = {}
+        for batch in LATENCY_BATCHES:
+            x = np.random.default_rng(0).random((batch, 1, *LATENCY_SIZE), dtype=np.float32)
+            out[batch] = timed(lambda: predictor._run(x), meta["latency_repeats"])
+        assert "torch" not in sys.modules, "the ONNX side must run as deployed, without torch"
+        return out
+    repeats = meta["repeats"]
     predictor = load_predictor(work / meta["volume_arch"] / "model.onnx")
     scan = meta["scan"]
     out: dict[str, Any] = {"file": timed(lambda: predict_files(predictor, scan, work / "out"), repeats)}
@@ -144,18 +158,11 @@ def child_onnx(work: Path, meta: dict[str, Any], repeats: int, latency_repeats: 
     np.save(work / "labels_onnx.npy", labels["v"])
     batches = network_batches(meta, raw)
     out["network"] = timed(lambda: [predictor._run(b) for b in batches], repeats)  # the call _segment makes
-    out["archs"] = {}
-    for arch in meta["archs"]:
-        arch_predictor = load_predictor(work / "archs" / arch / "model.onnx")
-        out["archs"][arch] = {}
-        for batch in LATENCY_BATCHES:
-            x = np.random.default_rng(0).random((batch, 1, *LATENCY_SIZE), dtype=np.float32)
-            out["archs"][arch][batch] = timed(lambda: arch_predictor._run(x), latency_repeats)
     assert "torch" not in sys.modules, "the ONNX side must run as deployed, without torch"
     return out
 
 
-def child_torch(work: Path, meta: dict[str, Any], repeats: int, latency_repeats: int) -> dict[str, Any]:
+def child_torch(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
     """PyTorch eager through medseg.inference.predict_volume: this process never imports onnxruntime."""
     import torch
 
@@ -169,6 +176,19 @@ def child_torch(work: Path, meta: dict[str, Any], repeats: int, latency_repeats:
         model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
         return model.eval()
 
+    if part != VOLUME:
+        model = load(work / "archs" / part, part, LATENCY_SIZE)
+        out = {}
+        for batch in LATENCY_BATCHES:
+            t = torch.from_numpy(np.random.default_rng(0).random((batch, 1, *LATENCY_SIZE), dtype=np.float32))
+
+            def call(t=t):
+                with torch.inference_mode():
+                    model(t)
+
+            out[batch] = timed(call, meta["latency_repeats"])
+        return out
+    repeats = meta["repeats"]
     model = load(work / meta["volume_arch"], meta["volume_arch"], meta["image_size"])
     raw = read_canonical(meta["scan"])
     labels = {}
@@ -186,42 +206,27 @@ def child_torch(work: Path, meta: dict[str, Any], repeats: int, latency_repeats:
                 model(t)
 
     out["network"] = timed(network, repeats)
-    out["archs"] = {}
-    for arch in meta["archs"]:
-        model = load(work / "archs" / arch, arch, LATENCY_SIZE)
-        out["archs"][arch] = {}
-        for batch in LATENCY_BATCHES:
-            t = torch.from_numpy(np.random.default_rng(0).random((batch, 1, *LATENCY_SIZE), dtype=np.float32))
-
-            def call(t=t, model=model):
-                with torch.inference_mode():
-                    model(t)
-
-            out["archs"][arch][batch] = timed(call, latency_repeats)
     return out
 
 
-def child(engine: str, work: Path, threads: int) -> None:
+def child(engine: str, work: Path, threads: int, part: str) -> None:
     meta = json.loads((work / "meta.json").read_text())
     if engine == "torch":
         import torch
 
         torch.set_num_threads(threads)
-        result = child_torch(work, meta, meta["repeats"], meta["latency_repeats"])
+        result = child_torch(work, meta, part)
     else:
-        result = child_onnx(work, meta, meta["repeats"], meta["latency_repeats"])
+        result = child_onnx(work, meta, part)
     print(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The samples of several children of one engine, pooled."""
-    merged = {key: [x for run in runs for x in run[key]] for key in runs[0] if key != "archs"}
-    merged["archs"] = {arch: {batch: [x for run in runs for x in run["archs"][arch][batch]] for batch in batches}
-                       for arch, batches in runs[0]["archs"].items()}
-    return merged
+def merge(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The samples of several children of one engine and part, pooled per key."""
+    return {key: [x for run in runs for x in run[key]] for key in runs[0]}
 
 
 def main() -> None:
@@ -235,9 +240,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="torch and ONNX subprocesses, alternating")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--part", default=VOLUME, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child[0], Path(args.child[1]), args.threads)
+        return child(args.child[0], Path(args.child[1]), args.threads, args.part)
 
     import onnxruntime as ort
     import torch
@@ -271,11 +277,13 @@ def main() -> None:
         (work / "meta.json").write_text(json.dumps(meta))
         print(f"volume written, {len({args.arch, *archs})} architectures built and exported in "
               f"{time.perf_counter() - start:.1f} s")
-        runs: dict[str, list[dict[str, Any]]] = {"torch": [], "onnx": []}
-        for _ in range(args.rounds):  # alternating, so a passing disturbance hits one round of one engine
-            for engine, results in runs.items():
-                results.append(run_child(engine, work, args.threads))
-        eager, onnx = merge(runs["torch"]), merge(runs["onnx"])
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for _ in range(args.rounds):  # the two engines in turn for each part, so a passing disturbance hits both
+            for part in (VOLUME, *archs):
+                for engine in ("torch", "onnx"):
+                    runs.setdefault((engine, part), []).append(run_child(engine, work, args.threads, part))
+        merged = {key: merge(results) for key, results in runs.items()}
+        eager, onnx = merged["torch", VOLUME], merged["onnx", VOLUME]
         agree = float(np.mean(np.load(work / "labels_onnx.npy") == np.load(work / "labels_torch.npy")))
         size_mib = scan.stat().st_size / 2**20
 
@@ -302,10 +310,10 @@ def main() -> None:
     for arch in archs:
         cells, ratios = [], []
         for batch in LATENCY_BATCHES:
-            t, o = eager["archs"][arch][str(batch)], onnx["archs"][arch][str(batch)]
+            t, o = merged["torch", arch][str(batch)], merged["onnx", arch][str(batch)]
             ratios.append(statistics.median(o) / statistics.median(t))
             cells.append(f"b{batch:<2d} torch {spread(t, 1e3 / batch)} onnx {spread(o, 1e3 / batch)} "
-                         f"-> {ratios[-1]:.2f}x")
+                         f"-> {ratios[-1]:.2f}x (fastest {min(o) / min(t):.2f}x)")
         worst[arch] = max(ratios)
         print(f"  {arch:14s} " + " | ".join(cells))
     arch, ratio = max(worst.items(), key=lambda item: item[1])
