@@ -461,8 +461,10 @@ def _linear_recurrence(log_decay: Tensor, inputs: Tensor, chunk: int, levels: in
         local.append(torch.addcmul(ins[t], decays[t], local[-1]))
     local_h = torch.cat(local, step)  # (..., L/T, T, ...)
     # 2) The true state at each chunk's end: the same recurrence over chunks, with a chunk's total log-decay.
-    # (select, not squeeze: the exporter cannot tell the split's size-1 axis and wraps Squeeze in an If node)
-    ends = _linear_recurrence(log_c.sum(step), local_h.select(step, -1), chunk, levels - 1, axis)
+    # With axes after time, select (a Gather of whole rows): the exporter cannot tell the split's axis has size 1 and
+    # wraps Squeeze in an If node. With time last, squeeze: a Gather there would copy single floats.
+    last = local[-1].squeeze(step) if rest == 0 else local_h.select(step, -1)
+    ends = _linear_recurrence(log_c.sum(step), last, chunk, levels - 1, axis)
     # the state entering chunk c is the end of chunk c - 1
     starts = F.pad(ends, (0, 0) * rest + (1, 0))[_along(rest, slice(None, -1))].unsqueeze(step)
     # 3) h_t = local h_t + (decay from the chunk's start through t) * entering state.
