@@ -202,9 +202,12 @@ def resize(x_nchw: np.ndarray, size: Sequence[int], mode: str = RESIZE["image"])
     n, c, height, width = x.shape
     out_h, out_w = int(size[0]), int(size[1])
     if width != out_w:
-        flat, cols_out = x.reshape(-1, width), np.empty((n * c * height, out_w), dtype=np.float32)
+        # Plane by plane (a stacked matmul), not one product over all N*C*H rows: BLAS picks its kernel and
+        # summation order by the matrix's row count, so one flat product gave a slice different last bits in a
+        # batch than alone (seen with OpenBLAS 0.3.31); each plane's product has the same shape whatever the batch.
+        planes, cols_out = x.reshape(n * c, height, width), np.empty((n * c, height, out_w), dtype=np.float32)
         for rows, cols, block in _bands(width, out_w, mode):
-            np.matmul(flat[:, cols], block, out=cols_out[:, rows])
+            np.matmul(planes[:, :, cols], block, out=cols_out[:, :, rows])
         x = cols_out.reshape(n, c, height, out_w)
     if height != out_h:
         planes, rows_out = x.reshape(n * c, height, -1), np.empty((n * c, out_h, x.shape[-1]), dtype=np.float32)
