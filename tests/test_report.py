@@ -369,3 +369,26 @@ def test_the_comparison_is_logged_as_its_own_mlflow_run_only_into_an_existing_st
     assert run.data.metrics["test.p_holm.unet"] == pytest.approx(2 / 2**8)
     assert run.data.metrics["test.p_first.unetpp"] == 1.0
     assert {a.path for a in client.list_artifacts(run_id)} == {"comparison.md", "statistics.json"}
+
+
+def test_the_first_report_logs_the_comparison_it_has_just_written(report_project, mlflow_db_template, monkeypatch,
+                                                                   tmp_path):
+    """As in a fresh `dvc repro`: the register stage made the store, no comparison.md exists yet. The run gets the
+    comparison.md this report wrote (it was logged before being written: a warning, no run, on every first run)."""
+    import mlflow
+
+    from medseg.report import build_report
+
+    root, params = report_project
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    organs = read_cases(paths(root, params["dataset"]["name"]).ingested)["class_names"][1:]
+    _write_per_case(root, "unet", {f"s{i:02d}": 0.5 + 0.04 * i for i in range(8)}, organs)
+    _write_per_case(root, "unetpp", {f"s{i:02d}": 0.55 + 0.04 * i for i in range(8)}, organs)
+    seed_store(root, mlflow_db_template)
+    assert not (paths(root).comparison_dir / "comparison.md").exists()
+    run_id = build_report(params, root)["mlflow_run_id"]
+    assert run_id is not None
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    logged = Path(client.download_artifacts(run_id, "comparison.md", str(tmp_path)))
+    assert logged.read_text() == (paths(root).comparison_dir / "comparison.md").read_text()

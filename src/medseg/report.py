@@ -782,6 +782,7 @@ def log_comparison_run(params: dict[str, Any], root: str | Path, statistics: dic
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         log.info("report: no MLflow store at %s yet (the register stage makes it); comparison not logged", uri)
         return None
+    run = None
     try:
         from mlflow.entities import Metric
 
@@ -801,6 +802,11 @@ def log_comparison_run(params: dict[str, Any], root: str | Path, statistics: dic
         return run.info.run_id
     except Exception as exc:  # noqa: BLE001 - the report's files are written; MLflow is a copy of them
         log.warning("report: comparison not logged to MLflow at %s: %s", uri, short_error(exc))
+        if run is not None:  # not left RUNNING in the UI
+            try:
+                client.set_terminated(run.info.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the store is what failed; the warning above says so
+                pass
         return None
 
 
@@ -818,10 +824,11 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
     plot_summary(out / "comparison_summary.png", rows)
     write_per_class_csv(out / "per_class.csv", rows)
     write_json(out / "statistics.json", {"test": statistics, "cross_validation": cv_statistics})
-    mlflow_run = log_comparison_run(params, root, statistics, cv_statistics,
-                                    [out / "comparison.md", out / "statistics.json"])
     write_text(out / "comparison.md", render_markdown(params, rows, missing, qualitative_note, statistics, cv_rows,
                                                       cv_statistics))
+    # after every file it logs is written: this run's comparison.md, not the previous one (or none, on a first run)
+    mlflow_run = log_comparison_run(params, root, statistics, cv_statistics,
+                                    [out / "comparison.md", out / "statistics.json"])
     for arch in missing:
         log.warning("report: %s is missing: %s", arch, missing[arch])
     public = [{k: v for k, v in row.items() if k not in ("model", "meta", "per_case")} for row in rows]
