@@ -7,17 +7,17 @@ runs). The trained module itself is never changed: training, evaluation and chec
 
 from __future__ import annotations
 
-import copy
 import sys
 
 from torch import nn
 
 
 def inference_form(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode with every known exact fold applied (today: smp's SegFormer decoder)."""
-    model = copy.deepcopy(model).eval()
+    """`model` in eval mode with every known exact fold applied (today: smp's SegFormer decoder): a copy when
+    something is folded, `model` itself when nothing is (no second copy of a large network's weights)."""
+    model = model.eval()
     if "segmentation_models_pytorch" in sys.modules:  # no smp module can be in the model otherwise
         from medseg.models.smp_models import fold_segformer_decoders
 
-        fold_segformer_decoders(model)
+        model = fold_segformer_decoders(model)
     return model

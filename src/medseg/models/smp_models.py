@@ -7,6 +7,7 @@ smp builds the whole network; these entries only fix the encoder/decoder pairing
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -142,13 +143,15 @@ def _foldable(decoder: nn.Module) -> bool:
             and all(isinstance(getattr(m, "linear", None), nn.Linear) for m in decoder.mlp_stage))
 
 
-def fold_segformer_decoders(model: nn.Module) -> int:
-    """Replace, in place, every smp SegFormer decoder of `model` (in eval mode) by its FoldedSegformerDecoder;
-    returns how many. A decoder laid out differently (another smp version, InPlaceABN) is left as it is."""
-    folded = 0
+def fold_segformer_decoders(model: nn.Module) -> nn.Module:
+    """A copy of `model` (in eval mode) with every smp SegFormer decoder replaced by its FoldedSegformerDecoder, or
+    `model` itself when it has none. A decoder laid out differently (another smp version, InPlaceABN) is left as
+    it is."""
+    if not any(_foldable(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _foldable(child):
                 setattr(parent, name, FoldedSegformerDecoder(child))
-                folded += 1
-    return folded
+    return model
