@@ -401,12 +401,12 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     and no transposes are needed between the projections, the scan and the merge."""
     batch, groups, _, dg = u.shape
     n = A.shape[1]
-    delta = delta.float()
+    u, delta = u.float(), delta.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float().reshape(groups, 1, dg)
     if delta_softplus:
         delta = _softplus_traced(delta)
-    x = delta * u.float()
+    x = delta * u
     if n == 1:  # one state per channel (MSVM-UNet): no state axis at all (reducing a size-1 axis is a slow copy)
         log_decay = (delta * A.float().reshape(groups, 1, dg)).clamp_min(_MIN_LOG_DECAY)  # (batch, G, L, dg)
         y = _linear_recurrence(log_decay, x * B.float(), chunk, TRACED_LEVELS, axis=-2) * C.float()
@@ -415,7 +415,7 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
         log_decay = (delta.unsqueeze(-2) * A4).clamp_min(_MIN_LOG_DECAY)  # (batch, G, L, N, dg)
         h = _linear_recurrence(log_decay, x.unsqueeze(-2) * B.float().unsqueeze(-1), chunk, TRACED_LEVELS, axis=-3)
         y = (h * C.float().unsqueeze(-1)).sum(-2)  # <C_t, h_t> (a MatMul of 1 x N rows took 3 % of the graph)
-    return y if D is None else y + u.float() * D.float().reshape(groups, 1, dg)
+    return y if D is None else y + u * D.float().reshape(groups, 1, dg)
 
 
 def _grouped_bc(x: Tensor, groups: int, what: str, dim: int, n: int) -> Tensor:
