@@ -120,13 +120,24 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
     of the batch is one sampling grid and one grid_sample call (bilinear for the image with border padding,
     nearest for the label with background outside). Returns (images, labels)."""
     rows = table.to("cpu", torch.float64).tolist()
+    # Items grouped by what their flips and rot90 compose to (at most 8 kinds): one gather, one copy and one
+    # scatter per kind rather than two copies per item (a batch of 32 was ~100 small copies).
+    kinds: dict[tuple[tuple[int, ...], bool], list[int]] = {}
     for i, (flip_w, flip_h, k, *_rest) in enumerate(rows):
         axes, transpose = _dihedral(flip_w > 0, flip_h > 0, int(k))
-        if not (axes or transpose):
-            continue
+        if axes or transpose:
+            kinds.setdefault((axes, transpose), []).append(i)
+    for (axes, transpose), items in kinds.items():
         for batch in (images, labels):
-            moved = batch[i].flip(axes) if axes else batch[i].clone()  # a copy: never read what is being written
-            batch[i].copy_(moved.transpose(-2, -1) if transpose else moved)
+            if len(items) == 1:
+                i = items[0]
+                moved = batch[i].flip(axes) if axes else batch[i].clone()  # a copy: never read what is being written
+                batch[i].copy_(moved.transpose(-2, -1) if transpose else moved)
+                continue
+            where = torch.tensor(items, device=batch.device)
+            moved = batch.index_select(0, where)
+            moved = moved.flip(axes) if axes else moved
+            batch.index_copy_(0, where, moved.transpose(-2, -1) if transpose else moved)
     rotated = [i for i, row in enumerate(rows) if math.isfinite(row[AUG_ANGLE])]
     if rotated:
         where = torch.tensor(rotated, device=images.device)
@@ -134,9 +145,15 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
                                          [rows[i][AUG_ANGLE] for i in rotated])
         images.index_copy_(0, where, new_images)
         labels.index_copy_(0, where, new_labels)
-    for i, row in enumerate(rows):
-        if row[AUG_SCALE] != 1.0 or row[AUG_SHIFT] != 0.0:
-            images[i].mul_(row[AUG_SCALE]).add_(row[AUG_SHIFT])  # two roundings, as image * scale + shift
+    jittered = [i for i, row in enumerate(rows) if row[AUG_SCALE] != 1.0 or row[AUG_SHIFT] != 0.0]
+    if len(jittered) == 1:
+        images[jittered[0]].mul_(rows[jittered[0]][AUG_SCALE]).add_(rows[jittered[0]][AUG_SHIFT])
+    elif jittered:
+        # the whole batch in two passes, x * 1 + 0 (exact) for the others: image * scale + shift, two roundings,
+        # with float32 factors as a Python float scalar gives them
+        factors = torch.tensor([[row[AUG_SCALE], row[AUG_SHIFT]] for row in rows], dtype=images.dtype,
+                               device=images.device)[:, :, None, None, None]
+        images.mul_(factors[:, 0]).add_(factors[:, 1])
     return images, labels
 
 
