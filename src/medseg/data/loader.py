@@ -128,14 +128,9 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
         if axes or transpose:
             kinds.setdefault((axes, transpose), []).append(i)
     for (axes, transpose), items in kinds.items():
+        where = torch.tensor(items, device=images.device)
         for batch in (images, labels):
-            if len(items) == 1:
-                i = items[0]
-                moved = batch[i].flip(axes) if axes else batch[i].clone()  # a copy: never read what is being written
-                batch[i].copy_(moved.transpose(-2, -1) if transpose else moved)
-                continue
-            where = torch.tensor(items, device=batch.device)
-            moved = batch.index_select(0, where)
+            moved = batch.index_select(0, where)  # a copy: never read what is being written
             moved = moved.flip(axes) if axes else moved
             batch.index_copy_(0, where, moved.transpose(-2, -1) if transpose else moved)
     rotated = [i for i, row in enumerate(rows) if math.isfinite(row[AUG_ANGLE])]
@@ -145,10 +140,7 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
                                          [rows[i][AUG_ANGLE] for i in rotated])
         images.index_copy_(0, where, new_images)
         labels.index_copy_(0, where, new_labels)
-    jittered = [i for i, row in enumerate(rows) if row[AUG_SCALE] != 1.0 or row[AUG_SHIFT] != 0.0]
-    if len(jittered) == 1:
-        images[jittered[0]].mul_(rows[jittered[0]][AUG_SCALE]).add_(rows[jittered[0]][AUG_SHIFT])
-    elif jittered:
+    if any(row[AUG_SCALE] != 1.0 or row[AUG_SHIFT] != 0.0 for row in rows):
         # the whole batch in two passes, x * 1 + 0 (exact) for the others: image * scale + shift, two roundings,
         # with float32 factors as a Python float scalar gives them
         factors = torch.tensor([[row[AUG_SCALE], row[AUG_SHIFT]] for row in rows], dtype=images.dtype,
