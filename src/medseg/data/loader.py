@@ -6,9 +6,9 @@ are read. Resizing follows `medseg.preprocessing` (numpy, the rules every path u
 whole batch at once: one resize call per source shape, or with `cache_resized=True` (every slice resized once,
 when the dataset is built) one gather from the cache; then the batch is augmented as a batch
 (`apply_augmentation`: items grouped by kind, flips and rot90 as index operations, rotations by grid_sample),
-on the CPU or, when training defers it, on the training device. Each item's augmentation is drawn from a generator seeded by
-(seed, epoch, index): the same item gets the same augmentation whatever the batch, the number of workers or the
-order.
+on the CPU or, when training defers it, on the training device. Each item's augmentation is drawn from a
+generator seeded by (seed, epoch, index): the same item gets the same augmentation whatever the batch, the number
+of workers or the order.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
 
 
 def _scatter_rows(batch: torch.Tensor, where: torch.Tensor, rows: torch.Tensor) -> None:
-    """batch[where] = rows along the first axis. On the CPU one copy_ per row: index_copy_ is an element-by-element
-    kernel (for 16 uint8 label slices of 224 x 224, 1.26 ms against 0.10 ms as row copies, one thread); on a GPU one
-    index_copy_ (one kernel launch rather than one per row)."""
+    """batch[where] = rows along the first axis. On the CPU one copy_ per row: index_copy_ is an
+    element-by-element kernel (for 16 uint8 label slices of 224 x 224, 1.26 ms against 0.10 ms as row copies, one
+    thread); on a GPU one index_copy_ (one kernel launch rather than one per row)."""
     if batch.device.type != "cpu":
         batch.index_copy_(0, where, rows)
         return
@@ -570,8 +570,8 @@ class SliceDataset(Dataset):
                 self._read_into(indices[pos], native[row], group_labels[row])
             resized, _ = resize_slices(torch.from_numpy(native), None, self.image_size, self.image_mode)
             where = torch.tensor(positions)
-            images.index_copy_(0, where, resized)
-            labels.index_copy_(0, where, torch.from_numpy(group_labels))
+            _scatter_rows(images, where, resized)
+            _scatter_rows(labels, where, torch.from_numpy(group_labels))
         return images, labels
 
 
