@@ -120,7 +120,7 @@ def apply_augmentation(images: torch.Tensor, labels: torch.Tensor, table: torch.
     are a few grid_sample calls (bilinear for the image with border padding, nearest for the label with
     background outside). Returns (images, labels)."""
     rows = table.to("cpu", torch.float64).tolist()
-    # Items grouped by whether they rotate and what their flips and rot90 compose to (at most 16 groups): one
+    # Items grouped by whether they rotate and what their flips and rot90 compose to (at most 15 groups): one
     # gather, one flip or transpose and one scatter per group, rather than two copies per item (a batch of 32 was
     # ~100 small copies). A rotated item is gathered once: its flips are taken on the gathered rows and
     # grid_sample writes its result, so it is scattered once too.
