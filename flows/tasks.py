@@ -530,7 +530,10 @@ def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_f
     return {"arch": arch, "model_name": model_name(params, arch), **result}
 
 
-@task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=retry_delay(10), **TASK_POLICY)
+# The tag lets a Prefect tag concurrency limit (`prefect concurrency-limit create medseg-promote 1`) serialise
+# promotions started on several machines; on one machine medseg.promotion's lock already does.
+@task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=retry_delay(10), tags=["medseg-promote"],
+      **TASK_POLICY)
 def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
     params = load_params(Path(root) / "params.yaml")
     return promote_model(params, arch, root)

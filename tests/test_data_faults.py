@@ -145,7 +145,7 @@ def broken_symlink(tmp):
     raw = _synapse(tmp)
     path = raw / "label" / "label0002.nii.gz"
     path.unlink()
-    path.symlink_to(tmp / "gone.nii.gz")
+    path.symlink_to(raw / "label" / "gone.nii.gz")  # inside the dataset: a link out of it is refused as such first
     return raw, synapse_params(), "label/label0002.nii.gz", "cannot read NIfTI"
 
 

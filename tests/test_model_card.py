@@ -43,8 +43,10 @@ def test_from_dict_errors_name_the_source_and_the_problem():
         ModelCard.from_dict({k: v for k, v in data.items() if k != "normalisation"}, "models/x/model.onnx")
     with pytest.raises(CardError, match=r"^ckpt\.pt: model card lacks class_names, image_size$"):
         ModelCard.from_dict({k: v for k, v in data.items() if k not in ("class_names", "image_size")}, "ckpt.pt")
-    with pytest.raises(CardError, match=r"^m\.onnx: model card is malformed"):
+    with pytest.raises(CardError, match=r"^m\.onnx: model card image_size must be \[h, w\] of whole numbers"):
         ModelCard.from_dict({**data, "image_size": None}, "m.onnx")
+    with pytest.raises(CardError, match=r"^m\.onnx: model card is malformed"):
+        ModelCard.from_dict({**data, "model_options": None, "spacing": 3}, "m.onnx")
     with pytest.raises(CardError, match=r"^m\.onnx: model card in_channels 3 != 1"):
         ModelCard.from_dict({**data, "in_channels": 3}, "m.onnx")
     with pytest.raises(CardError, match=r"^m\.onnx: model card normalisation method 'zscore'"):

@@ -188,8 +188,8 @@ def test_limits_and_bad_payloads_are_refused_before_decoding(project, monkeypatc
     assert len(bomb) < 1024
     tracemalloc.start()
     try:
-        with pytest.raises(PayloadRefused, match=r"shape \[2048, 2048, 2048\] = 8589934592 voxels, over "
-                                                 r"MEDSEG_SERVE_MAX_VOXELS=268435456") as info:
+        with pytest.raises(PayloadRefused, match=r"shape \[2048, 2048, 2048\] of float32: 32.0 GiB of voxels, over "
+                                                 r"MEDSEG_SERVE_MAX_VOLUME_BYTES=536870912") as info:
             segmenter.predict(None, {"nifti_base64": _b64(bomb)})
         assert tracemalloc.get_traced_memory()[1] < 2 * 1024**2
     finally:
@@ -198,7 +198,7 @@ def test_limits_and_bad_payloads_are_refused_before_decoding(project, monkeypatc
     refusals = [
         ({"nifti_base64": "A" * 4097}, r"4097 base64 characters, over MEDSEG_SERVE_MAX_BYTES=4096"),
         ({"nifti_base64": _b64(b"\x1f\x8b" + b"\0" * 20)}, "gzip data is corrupt"),
-        ({"nifti_base64": _b64(b"not a nifti" * 40)}, "not a NIfTI-1 or NIfTI-2 file"),
+        ({"nifti_base64": _b64(b"not a nifti" * 40)}, "no NIfTI-1 or NIfTI-2 header"),
         ({"png_base64": _b64(_bomb_header())}, "png_base64: cannot read image"),
         ({"png_base64": "QUJD", "nifti_base64": "QUJD"}, "exactly one of"),
         ({"image": "QUJD"}, "exactly one of"),
@@ -277,7 +277,8 @@ def test_mlflow_models_serve_answers_payloads_and_refuses_limits(project, tmp_pa
         assert status == 400, body[:2000]
         error = json.loads(body)
         assert error["error_code"] == "INVALID_PARAMETER_VALUE"
-        assert "shape [2048, 2048, 2048] = 8589934592 voxels, over MEDSEG_SERVE_MAX_VOXELS" in error["message"]
+        assert "shape [2048, 2048, 2048] of float32: 32.0 GiB of voxels, over MEDSEG_SERVE_MAX_VOLUME_BYTES" \
+            in error["message"]
         assert _tree_rss(server.pid) < before + 200 * 1024**2  # 32 GiB declared, nothing of it allocated
 
         status, body = _post(port, {"inputs": {"nifti_base64": "A" * (max_bytes + 1)}})

@@ -24,6 +24,12 @@ from medseg.preprocessing import NORMALISATIONS, RESIZE  # the card records prep
 
 CARD_SCHEMA = 1
 ONNX_METADATA_KEY = "medseg.model_card"
+# Bounds of what a card may describe: a hostile or corrupt card is refused before it sizes any allocation.
+MAX_IMAGE_SIDE = 8192  # pixels of the training size's side (predict allocates batches of it)
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_CLASSES = 255  # class indices are uint8
+MAX_INPUT_CHANNELS = 256
+MAX_LABEL_VALUE = 2**32 - 1  # raw label values are written as unsigned integers
 CANONICAL_ORIENTATION = "RAS"  # NIfTI volumes are reoriented to the closest canonical at ingest and predict
 SLICE_AXIS = "z"  # 2D networks see axial (canonical z) slices, stored (D=z, H=y, W=x)
 
@@ -80,7 +86,10 @@ class ModelCard:
         """Validate and build; CardError names `source` and the first problem."""
         if not isinstance(data, Mapping):
             raise CardError(f"{source}: model card is not a mapping")
-        if int(data.get("schema", 0)) > CARD_SCHEMA:
+        schema = data.get("schema", 0)
+        if isinstance(schema, bool) or not isinstance(schema, int):
+            raise CardError(f"{source}: model card schema {schema!r} is not a whole number")
+        if schema > CARD_SCHEMA:
             raise CardError(f"{source}: model card schema {data.get('schema')} is newer than this medseg ({CARD_SCHEMA}); upgrade medseg")
         names = {f.name for f in fields(cls)}
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING)
@@ -100,12 +109,36 @@ class ModelCard:
         def bad(problem: str) -> CardError:
             return CardError(f"{source}: model card {problem}")
 
-        if len(self.class_names) < 2 or len(self.label_values) != len(self.class_names):
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
+            raise bad(f"class_names must be a list of names, got {self.class_names!r}")
+        if not isinstance(self.label_values, list) or len(self.class_names) < 2 \
+                or len(self.label_values) != len(self.class_names):
             raise bad(f"needs >= 2 class names and one label value each, got {self.class_names} / {self.label_values}")
-        if len(self.image_size) != 2 or min(int(s) for s in self.image_size) < 1:
-            raise bad(f"image_size must be [h, w], got {self.image_size}")
-        if int(self.image_channels) < 1 or int(self.context) < 0 or int(self.size_multiple) < 1:
-            raise bad("image_channels >= 1, context >= 0 and size_multiple >= 1 are required")
+        if len(self.class_names) > MAX_CLASSES:
+            raise bad(f"has {len(self.class_names)} classes; at most {MAX_CLASSES} fit the uint8 class indices")
+        if not all(whole(v) and 0 <= v <= MAX_LABEL_VALUE for v in self.label_values):
+            raise bad(f"label_values must be whole numbers 0..{MAX_LABEL_VALUE} (written as unsigned labels), "
+                      f"got {self.label_values}")
+        if self.label_values[0] != 0:
+            raise bad(f"label_values[0] (background) must be 0, got {self.label_values[0]}")
+        if not isinstance(self.image_size, list) or len(self.image_size) != 2 \
+                or not all(whole(s) and s >= 1 for s in self.image_size):
+            raise bad(f"image_size must be [h, w] of whole numbers >= 1, got {self.image_size}")
+        h, w = self.image_size
+        if max(h, w) > MAX_IMAGE_SIDE or h * w > MAX_IMAGE_PIXELS:
+            raise bad(f"image_size {self.image_size} is over {MAX_IMAGE_SIDE} pixels a side or "
+                      f"{MAX_IMAGE_PIXELS} pixels in all")
+        if not all(whole(v) for v in (self.image_channels, self.context, self.size_multiple)) \
+                or self.image_channels < 1 or self.context < 0 or self.size_multiple < 1:
+            raise bad("image_channels >= 1, context >= 0 and size_multiple >= 1 (whole numbers) are required")
+        if self.in_channels > MAX_INPUT_CHANNELS:
+            raise bad(f"network input of {self.in_channels} channels (image_channels x (2 context + 1)) is over "
+                      f"{MAX_INPUT_CHANNELS}")
+        if not isinstance(self.normalisation, Mapping):
+            raise bad(f"normalisation must be a mapping, got {self.normalisation!r}")
         if self.normalisation.get("method") not in NORMALISATIONS:
             raise bad(f"normalisation method {self.normalisation.get('method')!r} is not one of {', '.join(NORMALISATIONS)}")
         if self.input_kind not in ("volume", "image2d"):

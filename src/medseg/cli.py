@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, error_message
 
 log = logging.getLogger("medseg")
 
@@ -95,7 +95,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.model, args.device, tracking_uri=tracking_uri, batch_size=args.batch_size,
                                threads=args.threads)
     results = predict_files(predictor, args.input, args.output, labels=args.labels,
-                            save_probabilities=args.save_probabilities, tta=args.tta, resume=args.resume)
+                            save_probabilities=args.save_probabilities, tta=args.tta, resume=args.resume,
+                            overwrite=args.overwrite)
     skipped = sum(r["skipped"] for r in results)
     log.info("%s: %d case(s) predicted, %d already there, in %.1f s", args.output, len(results) - skipped, skipped,
              time.perf_counter() - start)
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (in-plane flips, 4x slower)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs that are not medseg's prediction of the same input (by default "
+                        "they are refused: no file medseg did not write is replaced)")
     p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: the usable cores divided by MEDSEG_PARALLEL_JOBS; "
@@ -234,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except MedsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a user's error is one line; anything else keeps its traceback
+        message = error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -47,7 +47,7 @@ def _check(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem]
 
 def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
     from medseg.data import checks
-    from medseg.data.formats import dataset_spec, discover
+    from medseg.data.formats import dataset_spec, discover, external_links
     from medseg.data.ingest import load_and_check
 
     try:
@@ -59,6 +59,8 @@ def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[P
         return [_problem(exc)], 0
     cases, layout = discover(spec, raw_dir)
     problems = [_problem(e) for e in layout]
+    if spec.allow_external_links:  # followed on purpose: still worth a look
+        problems += [_problem(e, "warning") for e in external_links(cases, raw_dir)]
     channels: dict[int, list[str]] = {}
     orientations: dict[str, list[str]] = {}
     present = np.zeros(spec.num_classes, dtype=bool)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, error_message
 
 EXIT_MEDSEG_ERROR = 2
+EXIT_ENVIRONMENT_ERROR = 1  # a filesystem or MLflow store error: one line, no traceback; flows judge it retryable
 # Set by whoever runs `dvc repro` and wants each stage's real exit status (DVC reports its own 255 for any failed
 # stage): every stage then writes <dir>/<stage>.json, "running" when it starts and its exit code when it ends. A
 # record left "running" means the process died without exiting (a signal, the OOM killer). Unset: nothing is written.
@@ -87,8 +88,8 @@ def _cut(text: str, limit: int) -> str:
 
 
 def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool, with_fold: bool = False) -> int:
-    """A stage script's main: `python stages/train.py ARCH` (`train_fold.py ARCH FOLD`) -> 0, or 2 with
-    `error: ...` on a MedsegError."""
+    """A stage script's main: `python stages/train.py ARCH` (`train_fold.py ARCH FOLD`) -> 0, or `error: ...` and
+    2 on a MedsegError, 1 on a filesystem or MLflow store error."""
     disable_telemetry()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     name = Path(sys.argv[0]).stem
@@ -103,9 +104,13 @@ def run_stage(func: Callable[..., Any], argv: Sequence[str], with_arch: bool, wi
         call_stage(func, argv[0] if with_arch else None, output="summary", label=stage,
                    fold=int(argv[1]) if with_fold else None)
         code = 0
-    except MedsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code, error = EXIT_MEDSEG_ERROR, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a user's error (medseg's, filesystem, MLflow store) is one line
+        message = error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        # a disk that fills or a store that drops may pass on a retry: only a MedsegError is final (exit 2)
+        code, error = EXIT_MEDSEG_ERROR if isinstance(exc, MedsegError) else EXIT_ENVIRONMENT_ERROR, message
     finally:  # an unexpected exception propagates (exit 1) but is recorded too
         write_stage_status(stage, status="exited", exit_code=code, error=error)
     return code

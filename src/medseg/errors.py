@@ -45,3 +45,25 @@ class PredictError(MedsegError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class PredictTimeout(PredictError):
+    """A case took longer than its time budget (serving's request timeout); the work was stopped, nothing written."""
+
+    def __init__(self, problem: str):
+        super().__init__("predict", problem)
+
+
+def error_message(exc: BaseException) -> str | None:
+    """The `<file or model>: <problem>` line for an error the user can act on (medseg's own, a filesystem error,
+    an MLflow store error), printed as `error: ...` with exit 2 by the CLI and the stages; None for a bug, which
+    keeps its traceback."""
+    if isinstance(exc, MedsegError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror or exc}" if where else f"{type(exc).__name__}: {exc.strerror or exc}"
+    if type(exc).__module__.split(".")[0] in ("mlflow", "sqlalchemy"):  # not imported here: the lean install lacks it
+        text = str(getattr(exc, "message", None) or exc).strip().splitlines()
+        return f"MLflow store: {type(exc).__name__}: {text[0] if text else ''}"
+    return None

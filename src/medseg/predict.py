@@ -13,13 +13,20 @@ a 0/255 binary mask dataset was ingested as 0/1, so its masks come out 0/1) or, 
 indices.
 
 Every input is read and checked before the first output is written (channels, 2D vs 3D, unreadable or truncated
-files, NaN/Inf voxels, outputs that would land on or inside an input), so a bad case 40 stops the run before case 1.
-Outputs are written atomically; `resume` skips cases whose outputs all exist.
+files, headers declaring more than the file holds, NaN/Inf voxels, outputs that would land on or inside an input),
+so a bad case 40 stops the run before case 1. Outputs are written atomically; `resume` skips cases whose outputs
+all exist.
+
+No file medseg did not write is ever replaced: every output carries a mark of the case it segments (`case_key`,
+the sha256 of its input files: the NIfTI header's `descrip`, a PNG text chunk, an npz array), and an existing
+output that lacks the mark of the same case (a user's scan, a prediction of another scan with the same name) is
+refused before anything is read, unless `overwrite` (`--overwrite`) or `resume` (which keeps it).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -34,7 +41,7 @@ import numpy as np
 from medseg.card import ModelCard, card_from_metadata
 from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
-from medseg.errors import ConfigError, IngestError, PredictError
+from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
 from medseg.io import atomic_open, atomic_path
 from medseg.threads import onnxruntime_options, plan_threads
 from medseg.preprocessing import (
@@ -54,7 +61,29 @@ LABEL_KINDS = ("raw", "index")
 MIRROR_AXES = ((), (3,), (2,), (2, 3))
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's <case>_0000.nii.gz
 INPUT_KINDS = {"volume": ("a 3D volume", "3D NIfTI volumes"), "image2d": ("a 2D image", "2D images (PNG/JPG/TIF/BMP)")}
+BATCH_INPUT_BYTES = 256 * 1024**2  # float32 network input of one call at most (fewer slices per call if need be)
 SPACING_RATIO = 2.0  # warn when a case's voxel size differs from the training median by more than this factor
+OUTPUT_MARK = "medseg prediction"  # + case_key: the NIfTI descrip (80 bytes), the PNG text chunk, the npz array
+MARK_KEY = "medseg"  # the PNG text chunk's keyword and the npz array's name
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A time budget for one call (serving: inside the scoring server's request timeout), checked between batches
+    of slices, so that the work stops when the answer could no longer arrive in time."""
+
+    at: float  # time.monotonic()
+    seconds: float
+    setting: str  # what to raise for longer cases
+
+    @classmethod
+    def after(cls, seconds: float, setting: str) -> "Deadline":
+        return cls(time.monotonic() + seconds, seconds, setting)
+
+    def check(self, progress: str) -> None:
+        if time.monotonic() > self.at:
+            raise PredictTimeout(f"stopped after {self.seconds:g} s ({progress}), the time this case may take "
+                                 f"({self.setting}); send a smaller volume or raise {self.setting}")
 
 
 @dataclass
@@ -89,19 +118,24 @@ class Predictor:
         values = np.asarray(self.card.label_values)
         return values.astype(np.min_scalar_type(int(values.max())))[classes]
 
-    def _segment(self, image_dchw: np.ndarray, tta: bool, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _segment(self, image_dchw: np.ndarray, tta: bool, probabilities: bool, deadline: Deadline | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (D, C, H, W) -> class indices (D, H, W) uint8 and, if asked, probabilities (D, K, H, W) float16
         (what is saved: half the memory of float32 for a K-class CT, sums to 1 within 1e-2)."""
-        return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), tta, probabilities)
+        return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), tta, probabilities,
+                                       deadline)
 
-    def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False
-                           ) -> tuple[np.ndarray, np.ndarray | None]:
-        """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array)."""
+    def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False,
+                           deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array);
+        `deadline` is checked before each batch of slices."""
         card = self.card
         depth, _, height, width = image.shape
         classes = np.empty((depth, height, width), dtype=np.uint8)
         probs = np.empty((depth, card.num_classes, height, width), dtype=np.float16) if probabilities else None
         for start in range(0, depth, self.batch_size):
+            if deadline is not None:
+                deadline.check(f"{start} of {depth} slices segmented")
             batch = slice(start, min(start + self.batch_size, depth))
             x = network_input(image, list(range(batch.start, batch.stop)), card.context, card.image_size)
             if tta:
@@ -222,7 +256,14 @@ def _open_session(path: Path, device: str, batch_size: int, source: str, threads
     if isinstance(graph_channels, int) and graph_channels != card.in_channels:
         raise PredictError(path, f"the graph takes {graph_channels} input channels, its model card says "
                                  f"{card.in_channels}; re-export the model")
-    return Predictor(session, card, source, int(batch_size))
+    outputs = session.get_outputs()[0].shape
+    graph_classes = outputs[1] if len(outputs) == 4 else None
+    if len(outputs) != 4 or (isinstance(graph_classes, int) and graph_classes != card.num_classes):
+        raise PredictError(path, f"the graph's output {outputs} is not (batch, {card.num_classes} classes, H, W) as "
+                                 f"its model card's {card.num_classes} class names say; re-export the model")
+    # A batch's network input stays under BATCH_INPUT_BYTES whatever the card's image size.
+    per_slice = card.in_channels * card.image_size[0] * card.image_size[1] * 4
+    return Predictor(session, card, source, max(1, min(int(batch_size), BATCH_INPUT_BYTES // per_slice)))
 
 
 # ------------------------------------------------------------------------------------------------ cases and files
@@ -240,6 +281,16 @@ class Case:
     @property
     def outputs(self) -> list[Path]:
         return [self.labels] + ([self.probabilities] if self.probabilities else [])
+
+    def key(self) -> str:
+        """What marks this case's outputs as medseg's: sha256 of its input files' bytes, in channel order (the same
+        scan under another name or folder is the same case; another scan under the same name is not)."""
+        h = hashlib.sha256()
+        for path in self.inputs:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()[:32]
 
 
 @dataclass
@@ -388,19 +439,29 @@ def predict_files(
     save_probabilities: bool = False,
     tta: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
+    deadline: Deadline | None = None,
 ) -> list[dict[str, Any]]:
     """Segment every case in `inputs` into `output_dir`; one summary per case (input files, output, seconds,
-    voxels per class; `skipped` for cases `resume` found done)."""
+    voxels per class; `skipped` for cases `resume` found done). An existing output that is not this case's
+    prediction by medseg is refused (PredictError, nothing written) unless `overwrite`; `deadline` stops the work
+    (PredictTimeout) when it passes."""
     from tqdm.auto import tqdm
 
     _check_labels(labels)
     cases = plan_cases(predictor, inputs, output_dir, save_probabilities)
-    skipped = [resume and all(p.exists() for p in case.outputs) for case in cases]
+    skipped = [resume and all(os.path.lexists(p) for p in case.outputs) for case in cases]
     todo = [case for case, skip in zip(cases, skipped) if not skip]
+    keys = {case.name: case.key() for case in todo}
+    if not overwrite:
+        for case in todo:
+            _check_replaceable_outputs(case, keys[case.name])
     # Cases 2.. are read (and checked) twice, so that a truncated file or a NaN in the last case stops the run before
     # the first output is written; the first case is checked by its own read, before its output.
     for case in todo[1:]:
         _read_case(predictor, case)
+        if deadline is not None:
+            deadline.check(f"reading {case.name}")
     results = []
     with tqdm(total=len(todo), desc="predict", unit="case", dynamic_ncols=True, leave=False) as bar:
         for case, skip in zip(cases, skipped):
@@ -408,16 +469,51 @@ def predict_files(
                 results.append(_summary(case, 0.0, None, predictor.card))
                 continue
             bar.set_postfix_str(case.name)
-            results.append(_predict_case(predictor, case, labels, tta))
+            results.append(_predict_case(predictor, case, labels, tta, keys[case.name], deadline))
             bar.update()
     return results
 
 
-def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool) -> dict[str, Any]:
+def _check_replaceable_outputs(case: Case, key: str) -> None:
+    """PredictError for an existing output of `case` that is not medseg's prediction of this very case."""
+    for path in case.outputs:
+        if os.path.lexists(path) and output_mark(path) != key:
+            raise PredictError(path, f"exists and is not medseg's prediction of {case.inputs[0].name}; refusing to "
+                                     "replace it (pass --overwrite to replace it, --continue to keep it and skip the "
+                                     "case, or write the predictions to another folder)")
+
+
+def output_mark(path: Path) -> str | None:
+    """The case key an output medseg wrote carries, or None (another file, unreadable, a folder or a link)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    name = path.name.lower()
+    try:
+        if name.endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            text = nib.load(str(path)).header["descrip"].item().decode("ascii", "replace")
+        elif name.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as stored:
+                text = str(stored[MARK_KEY]) if MARK_KEY in stored.files else ""
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                text = str(im.info.get(MARK_KEY, ""))
+    except Exception:  # anything unreadable is not ours
+        return None
+    prefix = f"{OUTPUT_MARK} "
+    return text[len(prefix):].strip() if text.startswith(prefix) else None
+
+
+def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool, key: str,
+                  deadline: Deadline | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     card = predictor.card
     data = _read_case(predictor, case)
-    classes, probs = predictor._segment(data.image, tta, probabilities=case.probabilities is not None)
+    classes, probs = predictor._segment(data.image, tta, probabilities=case.probabilities is not None,
+                                        deadline=deadline)
     problems = _distribution_warnings(card, data, classes)
     if problems:
         _log.warning("%s: %s", case.name, "; ".join(problems))
@@ -427,12 +523,12 @@ def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool) -> d
         source_classes = _volume_to_source(classes, data.affine)
         probs = None if probs is None else _probabilities_to_source(probs, data.affine)
     if probs is not None:  # before the labels: a case whose labels exist is complete
-        _write_probabilities(case.probabilities, probs, card.class_names)
+        _write_probabilities(case.probabilities, probs, card.class_names, key)
     written = predictor.label_array(source_classes, labels)
     if data.affine is None:
-        _write_png(case.labels, written)
+        _write_png(case.labels, written, key)
     else:
-        _write_nifti(case.labels, written, case.inputs[0])
+        _write_nifti(case.labels, written, case.inputs[0], key)
     counts = np.bincount(classes.ravel(), minlength=card.num_classes)
     return _summary(case, time.perf_counter() - start, counts, card)
 
@@ -471,8 +567,9 @@ def _distribution_warnings(card: ModelCard, data: _CaseImage, classes: np.ndarra
     return problems
 
 
-def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path) -> None:
-    """Labels as a NIfTI with the template's header, affine and qform/sform (codes included), written atomically."""
+def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path, key: str) -> None:
+    """Labels as a NIfTI with the template's header, affine and qform/sform (codes included), written atomically;
+    `descrip` holds the mark of the case (the image's own description does not describe its labels)."""
     import nibabel as nib
 
     template = nib.load(str(template_path))  # the header only: the data were read before
@@ -480,6 +577,7 @@ def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path) -> Non
     header.set_data_dtype(labels_xyz.dtype)
     header.set_slope_inter(None, None)  # labels are stored as they are
     header["cal_min"] = header["cal_max"] = 0  # the image's display window means nothing for labels
+    header["descrip"] = f"{OUTPUT_MARK} {key}".encode("ascii")
     data = type(template)(labels_xyz, template.affine, header).to_bytes()
     if path.name.lower().endswith(".gz"):
         data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's default level; same labels, same bytes
@@ -487,14 +585,18 @@ def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path) -> Non
         fh.write(data)
 
 
-def _write_png(path: Path, labels_hw: np.ndarray) -> None:
+def _write_png(path: Path, labels_hw: np.ndarray, key: str) -> None:
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    mark = PngInfo()
+    mark.add_text(MARK_KEY, f"{OUTPUT_MARK} {key}")  # a tEXt chunk before the pixels: read without decoding them
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(labels_hw)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(labels_hw)).save(tmp, format="PNG", pnginfo=mark)
 
 
-def _write_probabilities(path: Path, probs: np.ndarray, class_names: Sequence[str]) -> None:
-    """(K, ...) float16 softmax probabilities in the source's voxel order, and the class names."""
+def _write_probabilities(path: Path, probs: np.ndarray, class_names: Sequence[str], key: str) -> None:
+    """(K, ...) float16 softmax probabilities in the source's voxel order, the class names and the case's mark."""
     with atomic_open(path, "wb") as fh:
-        np.savez_compressed(fh, probabilities=probs, class_names=np.asarray(class_names))
+        np.savez_compressed(fh, probabilities=probs, class_names=np.asarray(class_names),
+                            **{MARK_KEY: np.asarray(f"{OUTPUT_MARK} {key}")})

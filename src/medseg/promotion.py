@@ -9,12 +9,14 @@ Apart from medseg.registry so that the register stage, which only registers, doe
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params, settings
-from medseg.errors import MedsegError, PromotionRefused
+from medseg.errors import MedsegError, PromotionRefused, error_message
 from medseg.gate import Decision, VersionFacts, decide
 from medseg.metrics import finite_or_none
 from medseg.registry import CHALLENGER, CHAMPION, alias_version, model_name
@@ -35,6 +37,37 @@ def _require_registered_model(client, name: str) -> None:
         raise MedsegError(f"no registered model named {name!r} at {where}; registered: "
                           f"{', '.join(names) or 'none'} (the register stage creates <prefix>-<dataset>-<arch>)"
                           ) from exc
+
+
+LOCK_DIR_ENV = "MEDSEG_LOCK_DIR"  # default: $XDG_CACHE_HOME/medseg/locks (~/.cache/medseg/locks)
+
+
+def _store_uri(client) -> str:
+    """The registry URI a client talks to, sqlite paths resolved (two spellings of one file are one store)."""
+    uri = str(getattr(client, "_registry_uri", None) or getattr(client, "tracking_uri", None) or "default")
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + os.path.realpath(uri[len("sqlite:///"):])
+    return uri
+
+
+@contextlib.contextmanager
+def promotion_lock(client, name: str) -> Iterator[None]:
+    """One promotion of `name` in a store at a time on this machine: an advisory lock (flock) on a file named
+    after the store and the model. The decision reads the aliases and moves them; two at once could both read
+    "no champion" and both promote (MLflow has no compare-and-set on aliases). Promotions from several machines
+    go through one Prefect deployment with a concurrency limit (docs/mlflow.md)."""
+    import fcntl
+
+    folder = Path(os.environ.get(LOCK_DIR_ENV)
+                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medseg" / "locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{_store_uri(client)}\n{name}".encode()).hexdigest()[:24]
+    with open(folder / f"promote-{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the other promotion is done; released on close or exit
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _version_facts(version) -> VersionFacts:
@@ -109,7 +142,20 @@ def promote(
         if not uri and Path(PARAMS_FILE).is_file():  # run from a project root: the store params.yaml names
             uri = resolve_tracking_uri(load_params(PARAMS_FILE), ".")
         client = connect(uri, retries=0) if uri else MlflowClient()
+    try:
+        with promotion_lock(client, model_name):
+            return _promote(client, model_name, min_improvement, reevaluate)
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store error names the model, once, without a traceback
+        message = error_message(exc)
+        if message is None:
+            raise
+        raise MedsegError(f"{model_name}: {message}") from exc
 
+
+def _promote(client, model_name: str, min_improvement: float,
+             reevaluate: Callable[[VersionFacts, VersionFacts], VersionFacts] | None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model_name": model_name,
         "decision": "refused",

@@ -9,10 +9,18 @@ Response: `{"predictions": {"mask_nifti_base64" | "mask_png_base64": ..., "class
 "voxels": {class name: count}}}`; the mask is the file `medseg predict` writes for that input (the card's
 preprocessing, raw label values, the input's header, affine and qform/sform; gzipped when the input was).
 
-Limits, checked before any voxel is decoded: the payload's base64 length (MEDSEG_SERVE_MAX_BYTES, default 512 MiB)
-and the voxels a NIfTI header (or pixels an image header) declares (MEDSEG_SERVE_MAX_VOXELS, default 512*512*1024),
-so a few hundred bytes declaring 2048^3 float32 never allocate 32 GB. Refusals raise `PayloadRefused`, an
-MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with the message.
+Limits, checked before any voxel is decoded: the payload's base64 length (MEDSEG_SERVE_MAX_BYTES, default 512 MiB);
+the bytes of voxels a NIfTI header declares, from its shape and voxel type, or of pixels an image header declares
+(MEDSEG_SERVE_MAX_VOLUME_BYTES, default 512 MiB), so a few hundred bytes declaring 2048^3 float32 never allocate
+32 GB; the compression ratio and truncation rules of every NIfTI medseg reads (medseg.data.nifti_header: a 0.7 MB
+gzip declaring 512 MiB is a bomb); only real-valued voxel types (no complex, no RGB). Refusals raise
+`PayloadRefused`, an MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with the message.
+
+Each server worker segments MEDSEG_SERVE_MAX_CONCURRENT cases at once (default 1: ONNX Runtime already uses every
+core it is given); a request beyond that is answered 503 at once (`ServerBusy`), not queued behind the others.
+A case stops when its time is up (MEDSEG_SERVE_MAX_SECONDS, default the scoring server's request timeout
+MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT less 10 %, at least 2 s less): the answer is a 504 from the model with the
+reason, before the server's own 504, and the work does not go on behind it.
 
 A registered version is one MLflow model with two flavors over one model.onnx: `python_function` (MedsegSegmenter,
 what the server runs) and `onnx` (`mlflow.onnx.load_model` gives the ModelProto). `save_model` is the flavor hook
@@ -27,27 +35,29 @@ import gzip
 import io
 import math
 import os
-import struct
 import tempfile
-import zlib
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow.pyfunc
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from medseg.card import ModelCard
-from medseg.errors import PredictError
-from medseg.predict import load_predictor, predict_files
+from medseg.data.nifti_header import ReadLimits, check_nifti_bytes
+from medseg.errors import IngestError, PredictError, PredictTimeout
+from medseg.predict import Deadline, load_predictor, predict_files
 
 NIFTI_KEY, PNG_KEY = "nifti_base64", "png_base64"
-MAX_BYTES_ENV, MAX_VOXELS_ENV = "MEDSEG_SERVE_MAX_BYTES", "MEDSEG_SERVE_MAX_VOXELS"
+MAX_BYTES_ENV, MAX_VOLUME_BYTES_ENV = "MEDSEG_SERVE_MAX_BYTES", "MEDSEG_SERVE_MAX_VOLUME_BYTES"
+MAX_CONCURRENT_ENV, MAX_SECONDS_ENV = "MEDSEG_SERVE_MAX_CONCURRENT", "MEDSEG_SERVE_MAX_SECONDS"
+SERVER_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # the scoring server answers 504 after it
 DEFAULT_MAX_BYTES = 512 * 1024**2  # base64 characters
-DEFAULT_MAX_VOXELS = 512 * 512 * 1024
+DEFAULT_MAX_VOLUME_BYTES = 512 * 1024**2  # a 512x512x1024 int16 CT
+DEFAULT_SERVER_TIMEOUT_S = 60  # MLflow's default of SERVER_TIMEOUT_ENV
 ONNX_ARTIFACT = "model_onnx"  # the pyfunc artifact key of model.onnx
-_NIFTI_HEADER_BYTES = 540  # a NIfTI-2 header; a NIfTI-1 header is the first 348 bytes
 
 
 class PayloadRefused(MlflowException):
@@ -75,6 +85,20 @@ class PayloadRefused(MlflowException):
         self._message = value
 
 
+class ServerBusy(MlflowException):
+    """Every segmentation slot of this worker is taken: HTTP 503 at once (retry later, or add workers)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=TEMPORARILY_UNAVAILABLE)
+
+
+class CaseTooSlow(MlflowException):
+    """The case outran its time (MEDSEG_SERVE_MAX_SECONDS): HTTP 504 from the model, the work stopped."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=DEADLINE_EXCEEDED)
+
+
 class MedsegSegmenter(mlflow.pyfunc.PythonModel):
     """The pyfunc of a registered model: `medseg predict` for one base64 NIfTI or image (module docstring)."""
 
@@ -82,9 +106,24 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
         self.predictor = load_predictor(context.artifacts[ONNX_ARTIFACT])
         # Read once at start: a bad value stops the server before it serves anything.
         self.max_bytes = _env_limit(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
-        self.max_voxels = _env_limit(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS)
+        self.limits = ReadLimits(max_bytes=_env_limit(MAX_VOLUME_BYTES_ENV, DEFAULT_MAX_VOLUME_BYTES),
+                                 max_ratio=ReadLimits.from_env().max_ratio, bytes_setting=MAX_VOLUME_BYTES_ENV)
+        self.max_concurrent = _env_limit(MAX_CONCURRENT_ENV, 1)
+        self.slots = threading.BoundedSemaphore(self.max_concurrent)  # the server calls predict from threads
+        server_timeout = _env_limit(SERVER_TIMEOUT_ENV, DEFAULT_SERVER_TIMEOUT_S)
+        margin = max(2.0, 0.1 * server_timeout)  # decoding, writing and sending the answer still take time
+        self.max_seconds = min(_env_limit(MAX_SECONDS_ENV, server_timeout), max(1.0, server_timeout - margin))
 
     def predict(self, context, model_input, params=None) -> dict[str, Any]:
+        if not self.slots.acquire(blocking=False):
+            raise ServerBusy(f"busy: this worker is segmenting {self.max_concurrent} case(s) "
+                             f"({MAX_CONCURRENT_ENV}={self.max_concurrent}); retry later")
+        try:
+            return self._segment(model_input, Deadline.after(self.max_seconds, MAX_SECONDS_ENV))
+        finally:
+            self.slots.release()
+
+    def _segment(self, model_input: Any, deadline: Deadline) -> dict[str, Any]:
         key, text = _payload(model_input)
         if len(text) > self.max_bytes:
             raise PayloadRefused(f"{key}: {len(text)} base64 characters, over {MAX_BYTES_ENV}={self.max_bytes}")
@@ -93,18 +132,25 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
         except (binascii.Error, ValueError) as exc:
             raise PayloadRefused(f"{key}: not base64 ({exc})") from exc
         if key == NIFTI_KEY:
-            shape, suffix = _nifti_shape(data), ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
+            try:
+                check_nifti_bytes(data, key, self.limits)
+            except IngestError as exc:
+                raise PayloadRefused(f"{key}: {exc.problem}") from exc
+            suffix = ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii"
         else:
-            shape, suffix = _image_shape(data), ".png"
-        if math.prod(shape) > self.max_voxels:
-            raise PayloadRefused(f"{key}: the header declares shape {list(shape)} = {math.prod(shape)} voxels, "
-                                 f"over {MAX_VOXELS_ENV}={self.max_voxels}")
+            shape, pixel_bytes = _image_shape(data)
+            if math.prod(shape) * pixel_bytes > self.limits.max_bytes:
+                raise PayloadRefused(f"{key}: the header declares {shape[0]}x{shape[1]} pixels of {pixel_bytes} "
+                                     f"byte(s), over {MAX_VOLUME_BYTES_ENV}={self.limits.max_bytes}")
+            suffix = ".png"
         with tempfile.TemporaryDirectory(prefix="medseg-serve-") as tmp:
             # predict_files is `medseg predict`: the same checks, preprocessing and written file, byte for byte.
             source = Path(tmp) / f"payload{suffix}"
             source.write_bytes(data)
             try:
-                (summary,) = predict_files(self.predictor, source, Path(tmp) / "out")
+                (summary,) = predict_files(self.predictor, source, Path(tmp) / "out", deadline=deadline)
+            except PredictTimeout as exc:
+                raise CaseTooSlow(f"{key}: {exc.problem}") from exc
             except PredictError as exc:
                 raise PayloadRefused(f"{key}: {exc.problem}") from exc
             mask = base64.b64encode(Path(summary["output"]).read_bytes()).decode("ascii")
@@ -140,39 +186,14 @@ def _payload(model_input: Any) -> tuple[str, str]:
     return next(iter(given.items()))
 
 
-def _nifti_shape(data: bytes) -> tuple[int, ...]:
-    """The dims a NIfTI-1/-2 header declares; of a .nii.gz only the header's bytes are gunzipped."""
-    head = data[:_NIFTI_HEADER_BYTES]
-    if data[:2] == b"\x1f\x8b":
-        inflate, view, head = zlib.decompressobj(16 + zlib.MAX_WBITS), memoryview(data), b""
-        try:
-            for start in range(0, len(view), 4096):  # small chunks: zlib keeps unconsumed input as a copy
-                head += inflate.decompress(view[start : start + 4096], _NIFTI_HEADER_BYTES - len(head))
-                if len(head) >= _NIFTI_HEADER_BYTES or inflate.eof:
-                    break
-        except zlib.error as exc:
-            raise PayloadRefused(f"{NIFTI_KEY}: gzip data is corrupt ({exc})") from exc
-    for endian in "<>":
-        if len(head) >= 348 and struct.unpack(f"{endian}i", head[:4])[0] == 348:
-            dims = struct.unpack(f"{endian}8h", head[40:56])
-            break
-        if len(head) >= 540 and struct.unpack(f"{endian}i", head[:4])[0] == 540:
-            dims = struct.unpack(f"{endian}8q", head[16:80])
-            break
-    else:
-        raise PayloadRefused(f"{NIFTI_KEY}: not a NIfTI-1 or NIfTI-2 file (no header)")
-    if not 1 <= dims[0] <= 7 or min(dims[1 : dims[0] + 1]) < 1:
-        raise PayloadRefused(f"{NIFTI_KEY}: the header declares invalid dims {list(dims)}")
-    return dims[1 : dims[0] + 1]
-
-
-def _image_shape(data: bytes) -> tuple[int, ...]:
-    """(H, W) an image header declares; Pillow opens lazily and decodes no pixel here."""
+def _image_shape(data: bytes) -> tuple[tuple[int, int], int]:
+    """((H, W), bytes a pixel) an image header declares; Pillow opens lazily and decodes no pixel here."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size[::-1]
+            # as decoded: a byte a band (1-bit and palette images decode to bytes), wider for 16/32-bit greyscale
+            return image.size[::-1], {"I;16": 2, "I": 4, "F": 4}.get(image.mode, len(image.getbands()))
     except Exception as exc:  # PIL raises many types for truncated or foreign files (and decompression bombs)
         raise PayloadRefused(f"{PNG_KEY}: cannot read image ({type(exc).__name__}: {exc})") from exc
 

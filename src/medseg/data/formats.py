@@ -32,6 +32,7 @@ import numpy as np
 
 from medseg.data import orientation
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS
+from medseg.data.nifti_header import ReadLimits, check_nifti_file
 from medseg.errors import ConfigError, IngestError
 from medseg.preprocessing import volume_from_canonical_xyz
 
@@ -54,6 +55,7 @@ class DatasetSpec:
     unmapped_labels: str = "background"
     hu_window: tuple[float, float] = (-125.0, 275.0)
     options: dict[str, Any] = field(default_factory=dict)  # adapter options (folder2d dirs, ...)
+    allow_external_links: bool = False  # follow case files that are links to files outside raw_dir
 
     @property
     def num_classes(self) -> int:
@@ -111,7 +113,11 @@ def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = No
     window = ds.get("hu_window") or (-125.0, 275.0)
     if len(window) != 2 or float(window[0]) >= float(window[1]):
         raise ConfigError(f"dataset.hu_window must be [low, high] with low < high, got {window}")
-    known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels", *ARCHIVE_LIMIT_KEYS}
+    known = {"name", "format", "raw_dir", "modality", "hu_window", "class_names", "label_map", "unmapped_labels",
+             "allow_external_links", *ARCHIVE_LIMIT_KEYS}
+    allow_links = ds.get("allow_external_links", False)
+    if not isinstance(allow_links, bool):
+        raise ConfigError(f"dataset.allow_external_links={allow_links!r}; expected true or false")
     unknown = sorted(set(ds) - known - ADAPTER_OPTIONS)
     if unknown:  # a typo (images_folder) must not be silently ignored
         raise ConfigError(f"dataset: unknown key(s) {unknown}; adapter options are {sorted(ADAPTER_OPTIONS)}")
@@ -124,6 +130,7 @@ def dataset_spec(dataset_params: dict[str, Any], raw_dir: str | Path | None = No
         unmapped_labels=unmapped,
         hu_window=(float(window[0]), float(window[1])),
         options={k: v for k, v in ds.items() if k not in known},
+        allow_external_links=allow_links,
     )
 
 
@@ -146,9 +153,29 @@ def discover(spec: DatasetSpec, raw_dir: str | Path) -> tuple[list[CaseSource], 
     counts = Counter(c.id for c in cases)
     for dup in sorted(i for i, n in counts.items() if n > 1):
         problems.append(IngestError(raw_dir, f"case id {dup!r} found more than once"))
+    if not spec.allow_external_links:  # such a case is listed as a problem and never read
+        links = external_links(cases, raw_dir)
+        linked = {e.path for e in links}
+        cases = [c for c in cases if not any(str(p) in linked for p in [*c.images, c.label] if p is not None)]
+        problems += links
     if not cases and not problems:
         problems.append(IngestError(raw_dir, f"empty dataset: no {spec.format} cases found"))
     return sorted(cases, key=lambda c: c.id), problems
+
+
+def external_links(cases: list[CaseSource], raw_dir: Path) -> list[IngestError]:
+    """A problem for each case file that is (or lies under) a link leading outside `raw_dir`: a dataset is what its
+    folder holds, and a link out of it (to another patient's scan, to a file of the system) is read only when
+    dataset.allow_external_links says so."""
+    root = raw_dir.resolve()
+    problems = []
+    for case in cases:
+        for path in [*case.images, *([case.label] if case.label else [])]:
+            target = path.resolve()
+            if root != target and root not in target.parents:
+                problems.append(IngestError(path, f"is a link to {target}, outside the dataset folder {raw_dir}; "
+                                                  "set dataset.allow_external_links: true to read it"))
+    return problems
 
 
 def _visible_files(folder: Path, pattern: str) -> list[Path]:
@@ -358,10 +385,13 @@ class NiftiVolume:
     spacing_known: bool
 
 
-def read_nifti(path: Path) -> NiftiVolume:
-    """Read a NIfTI file; any failure becomes an IngestError naming the file."""
+def read_nifti(path: Path, limits: ReadLimits | None = None) -> NiftiVolume:
+    """Read a NIfTI file; any failure becomes an IngestError naming the file. The header is checked against the
+    file's size and `limits` first (medseg.data.nifti_header): nothing is allocated for data the file does not
+    hold, nor for complex or RGB voxels."""
     import nibabel as nib
 
+    check_nifti_file(path, limits)
     try:
         img = nib.load(str(path))
         proxy = img.dataobj
