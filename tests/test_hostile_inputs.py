@@ -512,17 +512,17 @@ def test_a_busy_worker_answers_503_at_once_and_a_slow_case_504_with_the_work_sto
 
     from medseg.serving import CaseTooSlow, ServerBusy
 
-    segmenter = _segmenter(model, monkeypatch, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=30)
+    segmenter = _segmenter(model, monkeypatch, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=30, MEDSEG_SERVE_MAX_QUEUED=0)
     assert segmenter.max_seconds == 27  # the server's timeout less 10 %: the model answers first
     payload = {"nifti_base64": _b64(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)).to_bytes())}
-    assert segmenter.slots.acquire(blocking=False)  # another request is being segmented
+    assert segmenter.admitted.acquire(blocking=False)  # another request is being segmented, none may wait
     try:
         start = time.monotonic()
         with pytest.raises(ServerBusy, match=r"busy: this worker is segmenting 1 case\(s\)") as info:
             segmenter.predict(None, payload)
         assert time.monotonic() - start < 1.0 and info.value.get_http_status_code() == 503
     finally:
-        segmenter.slots.release()
+        segmenter.admitted.release()
     assert segmenter.predict(None, payload)["voxels"]  # the slot is free again
     segmenter.max_seconds = 0.0
     with pytest.raises(CaseTooSlow, match=r"stopped after 0 s .*MEDSEG_SERVE_MAX_SECONDS") as info:
@@ -530,3 +530,43 @@ def test_a_busy_worker_answers_503_at_once_and_a_slow_case_504_with_the_work_sto
     assert info.value.get_http_status_code() == 504
     assert segmenter.slots.acquire(blocking=False), "a failed case gives its slot back"
     segmenter.slots.release()
+
+
+def test_concurrent_requests_wait_their_turn_within_their_time(model, monkeypatch):
+    """20 valid requests at once are all answered (they queue for the one slot); one that cannot get a slot within
+    its time is answered 503, not left to the server's 504."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medseg.serving import ServerBusy
+
+    segmenter = _segmenter(model, monkeypatch)
+    payload = {"nifti_base64": _b64(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)).to_bytes())}
+    running, most = [0], [0]
+    segment, guard = segmenter._segment, threading.Lock()
+
+    def counted(*args):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return segment(*args)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(segmenter, "_segment", counted)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: segmenter.predict(None, payload), range(20)))
+    assert len(answers) == 20 and all(sum(a["voxels"].values()) == 32 * 32 * 4 for a in answers)
+    assert most[0] == 1, "one case at a time per worker"
+    segmenter.max_seconds = 0.5
+    assert segmenter.slots.acquire(blocking=False)  # a long case holds the slot
+    try:
+        start = time.monotonic()
+        with pytest.raises(ServerBusy, match=r"no slot within 0.5 s \(MEDSEG_SERVE_MAX_SECONDS\)"):
+            segmenter.predict(None, payload)
+        assert 0.4 < time.monotonic() - start < 2.0
+    finally:
+        segmenter.slots.release()

@@ -17,10 +17,11 @@ gzip declaring 512 MiB is a bomb); only real-valued voxel types (no complex, no 
 `PayloadRefused`, an MlflowException with INVALID_PARAMETER_VALUE: the server answers 400 with the message.
 
 Each server worker segments MEDSEG_SERVE_MAX_CONCURRENT cases at once (default 1: ONNX Runtime already uses every
-core it is given); a request beyond that is answered 503 at once (`ServerBusy`), not queued behind the others.
-A case stops when its time is up (MEDSEG_SERVE_MAX_SECONDS, default the scoring server's request timeout
-MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT less 10 %, at least 2 s less): the answer is a 504 from the model with the
-reason, before the server's own 504, and the work does not go on behind it.
+core it is given) and lets MEDSEG_SERVE_MAX_QUEUED more wait for a slot (default 32), each no longer than its own
+time; a request beyond those is answered 503 at once (`ServerBusy`), and so is one whose wait used up its time.
+A case's time (MEDSEG_SERVE_MAX_SECONDS, default the scoring server's request timeout
+MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT less 10 %, at least 2 s less) counts from its arrival: when it is up the
+answer is a 504 from the model with the reason, before the server's own 504, and the work does not go on behind it.
 
 A registered version is one MLflow model with two flavors over one model.onnx: `python_function` (MedsegSegmenter,
 what the server runs) and `onnx` (`mlflow.onnx.load_model` gives the ModelProto). `save_model` is the flavor hook
@@ -37,6 +38,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,7 +54,9 @@ from medseg.predict import Deadline, load_predictor, predict_files
 
 NIFTI_KEY, PNG_KEY = "nifti_base64", "png_base64"
 MAX_BYTES_ENV, MAX_VOLUME_BYTES_ENV = "MEDSEG_SERVE_MAX_BYTES", "MEDSEG_SERVE_MAX_VOLUME_BYTES"
-MAX_CONCURRENT_ENV, MAX_SECONDS_ENV = "MEDSEG_SERVE_MAX_CONCURRENT", "MEDSEG_SERVE_MAX_SECONDS"
+MAX_CONCURRENT_ENV, MAX_QUEUED_ENV = "MEDSEG_SERVE_MAX_CONCURRENT", "MEDSEG_SERVE_MAX_QUEUED"
+MAX_SECONDS_ENV = "MEDSEG_SERVE_MAX_SECONDS"
+DEFAULT_MAX_QUEUED = 32
 SERVER_TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # the scoring server answers 504 after it
 DEFAULT_MAX_BYTES = 512 * 1024**2  # base64 characters
 DEFAULT_MAX_VOLUME_BYTES = 512 * 1024**2  # a 512x512x1024 int16 CT
@@ -109,19 +113,28 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
         self.limits = ReadLimits(max_bytes=_env_limit(MAX_VOLUME_BYTES_ENV, DEFAULT_MAX_VOLUME_BYTES),
                                  max_ratio=ReadLimits.from_env().max_ratio, bytes_setting=MAX_VOLUME_BYTES_ENV)
         self.max_concurrent = _env_limit(MAX_CONCURRENT_ENV, 1)
+        self.max_queued = _env_limit(MAX_QUEUED_ENV, DEFAULT_MAX_QUEUED, minimum=0)
         self.slots = threading.BoundedSemaphore(self.max_concurrent)  # the server calls predict from threads
+        self.admitted = threading.BoundedSemaphore(self.max_concurrent + self.max_queued)  # running + waiting
         server_timeout = _env_limit(SERVER_TIMEOUT_ENV, DEFAULT_SERVER_TIMEOUT_S)
         margin = max(2.0, 0.1 * server_timeout)  # decoding, writing and sending the answer still take time
         self.max_seconds = min(_env_limit(MAX_SECONDS_ENV, server_timeout), max(1.0, server_timeout - margin))
 
     def predict(self, context, model_input, params=None) -> dict[str, Any]:
-        if not self.slots.acquire(blocking=False):
-            raise ServerBusy(f"busy: this worker is segmenting {self.max_concurrent} case(s) "
-                             f"({MAX_CONCURRENT_ENV}={self.max_concurrent}); retry later")
+        deadline = Deadline.after(self.max_seconds, MAX_SECONDS_ENV)
+        busy = (f"this worker is segmenting {self.max_concurrent} case(s) ({MAX_CONCURRENT_ENV}) with "
+                f"{self.max_queued} waiting ({MAX_QUEUED_ENV}); retry later")
+        if not self.admitted.acquire(blocking=False):
+            raise ServerBusy(f"busy: {busy}")
         try:
-            return self._segment(model_input, Deadline.after(self.max_seconds, MAX_SECONDS_ENV))
+            if not self.slots.acquire(timeout=max(0.0, deadline.at - time.monotonic())):
+                raise ServerBusy(f"busy: no slot within {self.max_seconds:g} s ({MAX_SECONDS_ENV}): {busy}")
+            try:
+                return self._segment(model_input, deadline)
+            finally:
+                self.slots.release()
         finally:
-            self.slots.release()
+            self.admitted.release()
 
     def _segment(self, model_input: Any, deadline: Deadline) -> dict[str, Any]:
         key, text = _payload(model_input)
@@ -159,12 +172,12 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
                 "voxels": summary["voxels"]}
 
 
-def _env_limit(name: str, default: int) -> int:
+def _env_limit(name: str, default: int, minimum: int = 1) -> int:
     value = os.environ.get(name, "")
     if not value:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive whole number")
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name}={value!r}: expected a whole number >= {minimum}")
     return int(value)
 
 
