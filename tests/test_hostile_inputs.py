@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -83,7 +84,13 @@ def _header_only(shape, dtype=np.float32, version: int = 1) -> bytes:
 
 
 def _zero_bomb(path: Path, shape, dtype=np.uint8) -> Path:
-    """A .nii.gz of zeros that really holds every byte its header declares (level 9: about 1000x)."""
+    path.write_bytes(_zero_gzip(shape, dtype))
+    return path
+
+
+def _zero_gzip(shape, dtype=np.uint8) -> bytes:
+    """A .nii.gz of zeros that really holds every byte its header declares (level 9: about 1000x), made in 16 MiB
+    pieces."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
     parts = [deflate.compress(_header_only(shape, dtype))]
     remaining = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -92,8 +99,7 @@ def _zero_bomb(path: Path, shape, dtype=np.uint8) -> Path:
         parts.append(deflate.compress(block[: min(remaining, len(block))]))
         remaining -= min(remaining, len(block))
     parts.append(deflate.flush())
-    path.write_bytes(b"".join(parts))
-    return path
+    return b"".join(parts)
 
 
 def _peak_of_predict(model: Path, scan: Path, out: Path, env: dict | None = None) -> tuple[int, int, str]:
@@ -500,11 +506,16 @@ def test_serving_counts_bytes_of_the_declared_type_and_refuses_non_real_types(mo
         with pytest.raises(PayloadRefused, match="is not a real-valued type") as info:
             segmenter.predict(None, payload)
         assert info.value.get_http_status_code() == 400
-    bomb = _b64(gzip.compress(_header_only((512, 512, 1024), np.int16) + b"\0" * (512 * 512 * 1024 * 2),
-                              compresslevel=9))  # the reported 0.7 MB payload of 512 MiB
+    bomb = _b64(_zero_gzip((512, 512, 1024), np.int16))  # the reported 0.7 MB payload of 512 MiB
     assert len(bomb) < 2 * 1024**2
-    with pytest.raises(PayloadRefused, match="over MEDSEG_MAX_COMPRESSION_RATIO"):
-        _segmenter(model, monkeypatch, MEDSEG_SERVE_MAX_VOLUME_BYTES=2 * 1024**3).predict(None, {"nifti_base64": bomb})
+    segmenter = _segmenter(model, monkeypatch, MEDSEG_SERVE_MAX_VOLUME_BYTES=2 * 1024**3)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadRefused, match="over MEDSEG_MAX_COMPRESSION_RATIO"):
+            segmenter.predict(None, {"nifti_base64": bomb})
+        assert tracemalloc.get_traced_memory()[1] < 16 * 1024**2  # the payload decoded, nothing of the 512 MiB
+    finally:
+        tracemalloc.stop()
 
 
 def test_a_busy_worker_answers_503_at_once_and_a_slow_case_504_with_the_work_stopped(model, monkeypatch):
