@@ -581,3 +581,65 @@ def test_concurrent_requests_wait_their_turn_within_their_time(model, monkeypatc
         assert 0.4 < time.monotonic() - start < 2.0
     finally:
         segmenter.slots.release()
+
+
+# ------------------------------------------------------------------------------------------ what held, kept so
+def _five_d(path: Path, scan) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2, 2), np.int16), np.eye(4)), path)
+
+
+def _bad_affine(value: float):
+    def write(path: Path, scan) -> None:  # nibabel refuses to write such an affine: the sform's bytes are patched
+        raw = nib.Nifti1Image(np.asarray(scan.dataobj), scan.affine)
+        raw.header.set_qform(None, code=0)
+        data = bytearray(gzip.decompress(gzip.compress(raw.to_bytes())))
+        data[280:284] = np.asarray([value], "<f4").tobytes()  # srow_x[0]
+        path.write_bytes(gzip.compress(bytes(data)))
+
+    return write
+
+
+def _truncated(path: Path, scan) -> None:
+    nib.save(scan, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("make, message", [
+    (_five_d, "expected a 3D volume"), (_bad_affine(np.nan), ""), (_bad_affine(np.inf), ""),
+    (_truncated, "cannot read NIfTI"),
+])
+def test_inputs_that_held_stay_one_line_refusals(project, model, tmp_path, capsys, make, message):
+    make(tmp_path / "bad.nii.gz", nib.load(_scan(project)))
+    code, err = _predict(capsys, "-m", model, "-i", tmp_path / "bad.nii.gz", "-o", tmp_path / "out")
+    assert code == 2
+    _one_line_error(err, f"error: {tmp_path / 'bad.nii.gz'}: ", message)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_odd_file_names_are_just_names(project, model, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    names = ["scan with spaces.nii.gz", "-dash.nii.gz", "ümlaut 患者.nii.gz", "a;b$(c).nii.gz"]
+    for name in names:
+        shutil.copy(_scan(project), scans / name)
+    before = snapshot(scans)
+    code, err = _predict(capsys, "-m", model, "-i", scans, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    assert snapshot(scans) == before
+
+
+def test_dataset_json_entries_pointing_outside_are_never_read(tmp_path):
+    """The MSD/nnU-Net layout is read from imagesTr/ and labelsTr/; dataset.json's file lists are not followed."""
+    from medseg.data.ingest import ingest_dataset
+    from test_ingest import make_msd, msd_params
+
+    raw = make_msd(tmp_path / "raw")
+    meta = json.loads((raw / "dataset.json").read_text())
+    outside = tmp_path / "elsewhere.nii.gz"
+    shutil.copy(raw / "labelsTr" / "spleen_1.nii.gz", outside)
+    meta["training"] = [{"image": str(outside), "label": "../../elsewhere.nii.gz"}]
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    manifest = ingest_dataset(msd_params(), raw, tmp_path / "ingested")
+    sources = json.dumps(manifest["cases"])
+    assert [c["id"] for c in manifest["cases"]] == ["spleen_1", "spleen_2"] and "elsewhere" not in sources
