@@ -17,8 +17,8 @@ files, headers declaring more than the file holds, NaN/Inf voxels, outputs that 
 so a bad case 40 stops the run before case 1. Outputs are written atomically; `resume` skips cases whose outputs
 all exist.
 
-No file medseg did not write is ever replaced: every output carries a mark of the case it segments (`case_key`,
-the sha256 of its input files: the NIfTI header's `descrip`, a PNG text chunk, an npz array), and an existing
+No file medseg did not write is ever replaced: every output carries a mark of the case it segments (`Case.key`,
+from the sha256 of its input files: the NIfTI header's `descrip`, a PNG text chunk, an npz array), and an existing
 output that lacks the mark of the same case (a user's scan, a prediction of another scan with the same name) is
 refused before anything is read, unless `overwrite` (`--overwrite`) or `resume` (which keeps it).
 """
@@ -42,7 +42,7 @@ from medseg.card import ModelCard, card_from_metadata
 from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
-from medseg.io import atomic_open, atomic_path
+from medseg.io import atomic_open, atomic_path, sha256_file
 from medseg.threads import onnxruntime_options, plan_threads
 from medseg.preprocessing import (
     argmax_classes,
@@ -285,12 +285,7 @@ class Case:
     def key(self) -> str:
         """What marks this case's outputs as medseg's: sha256 of its input files' bytes, in channel order (the same
         scan under another name or folder is the same case; another scan under the same name is not)."""
-        h = hashlib.sha256()
-        for path in self.inputs:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()[:32]
+        return hashlib.sha256(" ".join(sha256_file(p) for p in self.inputs).encode()).hexdigest()[:32]
 
 
 @dataclass
