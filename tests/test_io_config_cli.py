@@ -174,3 +174,22 @@ def test_dvc_metrics_files_hold_rounded_numbers_only(tmp_path):
     with pytest.raises(TypeError, match="not bool"):
         io.write_dvc_metrics(path, {"parity_passed": True})
     assert io.read_json(path) == written  # a refused write leaves the file as it was
+
+
+def test_medseg_models_off_a_terminal_prints_every_name_whole_and_json_for_scripts():
+    """Issue 32: piped, rich cut the table to 80 columns (`mamba_u…`)."""
+    import json
+    import subprocess
+
+    from medseg.models import available_models
+
+    piped = subprocess.run(["medseg", "models"], capture_output=True, text=True, check=True, timeout=120).stdout
+    first_words = [line.split()[0] for line in piped.splitlines()[1:]]
+    assert first_words == available_models() and "…" not in piped
+    rows = json.loads(subprocess.run(["medseg", "models", "--json"], capture_output=True, text=True, check=True,
+                                     timeout=120).stdout)
+    assert [r["name"] for r in rows] == available_models()
+    assert {"family", "size_multiple", "dynamic_hw", "description"} <= set(rows[0])
+    # a reader that stops early (`| head -1`) gets its line and no error message
+    done = subprocess.run("medseg models | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("name") and "error" not in done.stderr

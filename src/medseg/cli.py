@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,27 +25,42 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+    """The architecture table: rich on a terminal, every name and description whole off one (a pipe, a file),
+    or JSON with --json."""
     from medseg.models import available_models, get_model_info
 
-    table = Table(title="medseg models")
-    for col in ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "H, W multiple of",
-                "description"):
-        table.add_column(col)
+    rows = []
     for name in available_models():
         info = get_model_info(name)
-        table.add_row(
-            name,
-            info.family,
-            "" if info.paper_params_m is None else f"{info.paper_params_m:g}",
-            "" if info.paper_gflops is None else f"{info.paper_gflops:g}",
-            "yes" if info.dynamic_hw else "no",
-            str(info.size_multiple),
-            info.description,
-        )
-    Console().print(table)
+        rows.append({"name": name, "family": info.family, "paper_params_m": info.paper_params_m,
+                     "paper_gflops": info.paper_gflops, "dynamic_hw": info.dynamic_hw,
+                     "size_multiple": info.size_multiple, "ablation_of": info.ablation_of,
+                     "description": info.description})
+    if args.json:
+        _print_json(rows)
+        return 0
+    from medseg.progress import on_terminal
+
+    header = ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "H, W multiple of",
+              "description")
+    cells = [(r["name"], r["family"], "" if r["paper_params_m"] is None else f"{r['paper_params_m']:g}",
+              "" if r["paper_gflops"] is None else f"{r['paper_gflops']:g}", "yes" if r["dynamic_hw"] else "no",
+              str(r["size_multiple"]), r["description"]) for r in rows]
+    if on_terminal():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="medseg models")
+        for col in header:
+            table.add_column(col)
+        for row in cells:
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    # a pipe or a file: plain aligned columns, nothing cut (rich would fit the table to 80 columns: `mamba_u…`)
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header) - 1)]
+    for row in [header, *cells]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     return 0
 
 
@@ -158,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", help="list registered architectures").set_defaults(func=cmd_models)
+    p = sub.add_parser("models", help="list registered architectures")
+    p.add_argument("--json", action="store_true", help="one JSON object per architecture, for scripts")
+    p.set_defaults(func=cmd_models)
     data_stages = {
         "phantom": ("medseg.data.phantom:generate_from_params", "generate the built-in phantom dataset"),
         "ingest": ("medseg.data.ingest:ingest_from_params", "ingest the dataset named in params.yaml"),
@@ -238,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `medseg models | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # noqa: BLE001 - a user's error is one line; anything else keeps its traceback
         message = error_message(exc)
         if message is None:

@@ -44,7 +44,7 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.Scoring)."""
-    from tqdm.auto import tqdm
+    from medseg.progress import progress
 
     from medseg.data.loader import load_case
     from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics, write_per_case
@@ -65,7 +65,7 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     device = resolve_device(config.train.device)
     model = model.to(device)
     rows: list[dict[str, Any]] = []
-    for case_id in tqdm(case_ids, desc=f"out-of-fold {arch} fold {fold}", dynamic_ncols=True, leave=False):
+    for case_id in progress(case_ids, desc=f"out-of-fold {arch} fold {fold}", unit="case"):
         image, label, spacing = load_case(layout.ingested, case_id)
         pred = predict_volume(model, image, meta["image_size"], checkpoint_context(meta, params),
                               config.evaluate.batch_size, device)
@@ -117,7 +117,7 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
 def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
-    from tqdm.auto import tqdm
+    from medseg.progress import progress
 
     from medseg.data.loader import load_case
     from medseg.evaluation import (checkpoint_context, read_case_list, scoring_for, summary_metrics,
@@ -143,7 +143,7 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     device = resolve_device(config.train.device)
     per_fold_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in folds}
     ensemble_rows: list[dict[str, Any]] = []
-    for case_id in tqdm(test_ids, desc=f"fold ensemble {arch}", dynamic_ncols=True, leave=False):
+    for case_id in progress(test_ids, desc=f"fold ensemble {arch}", unit="case"):
         image, label, spacing = load_case(layout.ingested, case_id)
         total = None
         for k, (model, meta) in zip(folds, models):

@@ -143,9 +143,8 @@ def test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
-    from tqdm.auto import tqdm
-
     from medseg.data.loader import load_case
+    from medseg.progress import progress
 
     disable_telemetry()
     apply_torch_threads(plan_from_params(params, num_workers=0))
@@ -163,7 +162,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     batch_size, overlay_cases = config.evaluate.batch_size, config.evaluate.overlay_cases
     rows: list[dict[str, Any]] = []
     overlays = []
-    for case_id in tqdm(test_ids, desc=f"evaluate {arch}", dynamic_ncols=True, leave=False):
+    for case_id in progress(test_ids, desc=f"evaluate {arch}", unit="case"):
         image, label, spacing = load_case(ingested, case_id)
         pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
         rows += scoring.rows(case_id, pred, label, spacing)

@@ -43,6 +43,7 @@ from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
 from medseg.io import atomic_open, atomic_path, sha256_file
+from medseg.progress import progress
 from medseg.threads import onnxruntime_options, plan_threads
 from medseg.preprocessing import (
     argmax_classes,
@@ -441,8 +442,6 @@ def predict_files(
     voxels per class; `skipped` for cases `resume` found done). An existing output that is not this case's
     prediction by medseg is refused (PredictError, nothing written) unless `overwrite`; `deadline` stops the work
     (PredictTimeout) when it passes."""
-    from tqdm.auto import tqdm
-
     _check_labels(labels)
     cases = plan_cases(predictor, inputs, output_dir, save_probabilities)
     skipped = [resume and all(os.path.lexists(p) for p in case.outputs) for case in cases]
@@ -458,7 +457,7 @@ def predict_files(
         if deadline is not None:
             deadline.check(f"reading {case.name}")
     results = []
-    with tqdm(total=len(todo), desc="predict", unit="case", dynamic_ncols=True, leave=False) as bar:
+    with progress(total=len(todo), desc="predict", unit="case") as bar:
         for case, skip in zip(cases, skipped):
             if skip:
                 results.append(_summary(case, 0.0, None, predictor.card))

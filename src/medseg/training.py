@@ -286,9 +286,10 @@ def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size,
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from medseg.progress import progress
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    # off a terminal the epoch's own log line (loss, val Dice) is the progress: no bar lines in a DVC log
+    return progress(total=total, initial=initial, desc=desc, enabled=enabled, log_every=None)
 
 
 class _MlflowLogger:

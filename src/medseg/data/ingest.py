@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.data import checks
 from medseg.data.archive import ArchiveLimits, dataset_root, is_archive, safe_extract
@@ -31,6 +30,7 @@ from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
 from medseg.layout import OUTPUT_DIRS, PHANTOM_DIR, ProjectLayout
 from medseg.preprocessing import intensity_transform, normalisation_for, normalise_slab
+from medseg.progress import progress
 
 _log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _ingest_folder(dataset_params: dict[str, Any], raw_dir: Path, out_dir: Path,
     in_channels = None
     with atomic_dir(out_dir) as tmp:
         (tmp / "cases").mkdir()
-        for case in tqdm(cases, desc=f"ingest {spec.name}", unit="case", disable=None):
+        for case in progress(cases, desc=f"ingest {spec.name}", unit="case"):
             record, channels = _ingest_case(case, spec, normalisation, raw_dir, tmp, fingerprint, in_channels)
             in_channels = channels
             records.append(record)

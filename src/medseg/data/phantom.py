@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from medseg.errors import ConfigError
 from medseg.io import atomic_dir, write_json
 from medseg.layout import PHANTOM_DIR
+from medseg.progress import progress
 
 # Raw Synapse label values (the BTCV abdomen challenge numbering).
 SYNAPSE_LABELS = {
@@ -174,7 +174,7 @@ def generate_phantom_dataset(
     with atomic_dir(out_dir) as tmp:
         (tmp / "img").mkdir()
         (tmp / "label").mkdir()
-        for index in tqdm(range(1, int(num_cases) + 1), desc="phantom", unit="case", disable=None):
+        for index in progress(range(1, int(num_cases) + 1), desc="phantom", unit="case"):
             # One stream per case: case k is the same whatever num_cases is.
             rng = np.random.default_rng([int(seed), index])
             image, label = make_phantom_case(shape, rng)
