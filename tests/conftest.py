@@ -160,3 +160,31 @@ def snapshot(path: Path) -> dict[str, str]:
         else:
             entries[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return entries
+
+
+def augment_slice(image, label, options, rng):
+    """One random augmentation of image (C, H, W) / label (H, W): the per-item reference the loader's batched
+    augmentation (medseg.data.loader.draw_augmentation + apply_augmentation) is tested against."""
+    import torch
+
+    from medseg.data.loader import apply_augmentation, draw_augmentation
+
+    row = draw_augmentation(options, rng, image.shape[-1] == image.shape[-2])
+    images, labels = apply_augmentation(image[None].clone(), label[None].clone(), torch.from_numpy(row[None]))
+    return images[0], labels[0]
+
+
+def dataset_from_params(params: dict, root: str | Path, case_ids, train: bool = False):
+    """SliceDataset configured from params.yaml `data:` (augmentation only when `train`), as training builds it."""
+    import dataclasses
+
+    from medseg.config import settings
+    from medseg.data.loader import SliceDataset
+    from medseg.layout import ProjectLayout
+
+    config = settings(dict(params))
+    data = config.data
+    return SliceDataset(ProjectLayout.of(dict(params), root).ingested, case_ids, data.image_size,
+                        context=data.context,
+                        augment=dataclasses.asdict(data.augment) if (train and data.augment) else None,
+                        seed=config.seed, cache_resized=data.cache_resized)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import snapshot
 from medseg.data import archive as archive_module
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS, ArchiveLimits, safe_extract
 from medseg.errors import ConfigError, IngestError
@@ -54,7 +55,7 @@ def _bomb(folder: Path, kind: str) -> Path:
     return path
 
 
-def _source_tree(root: Path) -> Path:
+def _sourcesnapshot(root: Path) -> Path:
     """A dataset folder like MSD's: random (incompressible, like .nii.gz) files, nested folders, an inner link."""
     rng = random.Random(0)
     files = {
@@ -86,20 +87,6 @@ def _pack(src: Path, path: Path) -> Path:
         with tarfile.open(path, "w:" + path.suffix[1:]) as tf:
             tf.add(src / "Task", arcname="Task")
     return path
-
-
-def _tree(root: Path) -> dict[str, str]:
-    """Every entry: a file's sha256, a link's target, or 'dir'."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        name = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            out[name] = "-> " + os.readlink(p)
-        elif p.is_dir():
-            out[name] = "dir"
-        else:
-            out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def _fingerprint(path: Path) -> tuple[str, int]:
@@ -134,7 +121,7 @@ def test_bomb_is_refused_by_the_ratio_check(tmp_path, out, kind):
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_total_size_limit(tmp_path, out, kind):
-    archive = _pack(_source_tree(tmp_path / "src"), tmp_path / f"ds.{kind}")
+    archive = _pack(_sourcesnapshot(tmp_path / "src"), tmp_path / f"ds.{kind}")
     err = _refused(archive, out / "raw", ArchiveLimits(max_total_bytes=1 << 20), match="over the limit of 1048576")
     assert "'Task/imagesTr/case_000.nii.gz'" in err.problem
     assert "raise dataset.archive_max_bytes (now 1048576)" in err.problem
@@ -142,13 +129,13 @@ def test_total_size_limit(tmp_path, out, kind):
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_member_count_limit(tmp_path, out, kind):
-    archive = _pack(_source_tree(tmp_path / "src"), tmp_path / f"ds.{kind}")
+    archive = _pack(_sourcesnapshot(tmp_path / "src"), tmp_path / f"ds.{kind}")
     err = _refused(archive, out / "raw", ArchiveLimits(max_members=3), match="is member number 4, over the limit of 3")
     assert "raise dataset.archive_max_members (now 3)" in err.problem
 
 
 def test_not_enough_free_disk_space(tmp_path, out, monkeypatch):
-    archive = _pack(_source_tree(tmp_path / "src"), tmp_path / "ds.zip")
+    archive = _pack(_sourcesnapshot(tmp_path / "src"), tmp_path / "ds.zip")
     monkeypatch.setattr(archive_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     _refused(archive, out / "raw", match="only 1000 bytes are free")
 
@@ -171,18 +158,18 @@ def test_under_declared_member_is_stopped_while_writing(tmp_path, out):
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz", "tar.xz"])
 def test_genuine_archive_extracts_exactly(tmp_path, out, kind):
-    src = _source_tree(tmp_path / "src")
+    src = _sourcesnapshot(tmp_path / "src")
     archive = _pack(src, tmp_path / f"ds.{kind}")
     fingerprint = _fingerprint(archive)
     dest = safe_extract(archive, out / "raw")
     assert dest == out / "raw" and os.listdir(out) == ["raw"]
-    assert _tree(dest) == _tree(src)
+    assert snapshot(dest) == snapshot(src)
     assert (dest / "Task" / "latest.nii.gz").read_bytes() == (src / "Task/imagesTr/case_000.nii.gz").read_bytes()
     assert _fingerprint(archive) == fingerprint
 
 
 def test_interrupted_extraction_leaves_nothing(tmp_path, out, monkeypatch):
-    archive = _pack(_source_tree(tmp_path / "src"), tmp_path / "ds.tar.gz")
+    archive = _pack(_sourcesnapshot(tmp_path / "src"), tmp_path / "ds.tar.gz")
 
     def interrupt(*args):  # the files are written by now; the links come last
         raise KeyboardInterrupt
@@ -194,7 +181,7 @@ def test_interrupted_extraction_leaves_nothing(tmp_path, out, monkeypatch):
 
 
 def test_existing_destination_is_refused(tmp_path, out):
-    archive = _pack(_source_tree(tmp_path / "src"), tmp_path / "ds.zip")
+    archive = _pack(_sourcesnapshot(tmp_path / "src"), tmp_path / "ds.zip")
     (out / "raw").mkdir()
     (out / "raw" / "keep.txt").write_text("mine")
     with pytest.raises(IngestError, match="extraction target already exists") as info:

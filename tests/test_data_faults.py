@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import snapshot
 from medseg.data.archive import safe_extract
 from medseg.data.ingest import ingest_dataset
 from medseg.errors import IngestError
@@ -301,17 +302,13 @@ FAULTS = [
 ]
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
 def test_bad_input_names_the_file_and_leaves_previous_output(tmp_path, fault):
     raw, params, file_part, problem = fault(tmp_path)
     out = tmp_path / "ingested" / "ds"
     with atomic_dir(out) as previous:  # an earlier ingest's output (medseg's, so a new ingest may replace it)
         (previous / "cases.json").write_text(json.dumps({"previous": "ingest"}))
-    before = _snapshot(out)
+    before = snapshot(out)
 
     with pytest.raises(IngestError) as info:
         ingest_dataset(params, raw, out)
@@ -320,7 +317,7 @@ def test_bad_input_names_the_file_and_leaves_previous_output(tmp_path, fault):
     assert err.path.replace(os.sep, "/").endswith(file_part), err.path
     assert str(err).startswith(err.path + ": ")
     assert __import__("re").search(problem, err.problem), err.problem
-    assert _snapshot(out) == before  # the previous dataset is intact
+    assert snapshot(out) == before  # the previous dataset is intact
     assert sorted(p.name for p in out.parent.iterdir()) == ["ds"]  # no half-built temp folder
     assert not (tmp_path.parent / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
 

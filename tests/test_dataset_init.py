@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import snapshot
 from medseg.cli import main
 from medseg.data.detect import (
     SYNAPSE_CLASSES,
@@ -26,7 +27,6 @@ from medseg.data.detect import (
 from medseg.data.formats import dataset_spec, discover
 from medseg.data.split import make_split
 from medseg.errors import ConfigError
-from medseg.io import sha256_file
 from test_ingest import make_acdc, make_kvasir, make_msd, make_synapse, make_transunet
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -70,13 +70,6 @@ LAYOUTS = {
     "zip": (lambda t: archive(make_synapse(t / "src" / "Synapse"), "zip"), "synapse"),
     "tar.gz": (lambda t: archive(make_msd(t / "src" / "Task09_Spleen", style="msd"), "tar.gz"), "msd"),
 }
-
-
-def snapshot(raw: Path) -> dict[str, str]:
-    """Every path under `raw` (or the archive itself) -> sha256 ('dir' for folders)."""
-    if raw.is_file():
-        return {raw.name: sha256_file(raw)}
-    return {p.relative_to(raw).as_posix(): "dir" if p.is_dir() else sha256_file(p) for p in sorted(raw.rglob("*"))}
 
 
 def project(tmp_path: Path, text: str | None = None) -> Path:

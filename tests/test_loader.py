@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import math
 
-from medseg.data.loader import (SliceDataset, apply_augmentation, augment_slice, collate_slices, dataset_from_params,
-                                load_case, make_loader, read_cases, rotation_grid)
+from conftest import augment_slice, dataset_from_params
+from medseg.data.loader import (SliceDataset, apply_augmentation, collate_slices, load_case, make_loader, read_cases,
+                                rotation_grid)
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
 from conftest import paths

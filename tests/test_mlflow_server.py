@@ -17,7 +17,7 @@ import pytest
 
 from conftest import paths
 from services import MlflowServer, Postgres
-from test_registry import fabricate_outputs, tiny_params
+from test_registry import fabricate_outputs, registry_params
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -40,7 +40,7 @@ def mlflow_server(postgres, tmp_path):
 
 def _project(tmp_path: Path, server: MlflowServer, **register) -> tuple[Path, dict]:
     root = tmp_path / "project"
-    params = tiny_params(root)
+    params = registry_params(root)
     params["register"].update(tracking_uri=server.uri, **register)
     fabricate_outputs(root, "unet")
     return root, params

@@ -6,7 +6,6 @@ import logging
 import subprocess
 import sys
 
-import pytest
 
 from medseg import progress as progress_module
 from medseg.progress import LogProgress, progress

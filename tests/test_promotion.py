@@ -159,14 +159,14 @@ def test_champion_never_gets_worse(client, challengers):
 
 
 def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_template):
-    from test_registry import fabricate_outputs, tiny_params
+    from test_registry import fabricate_outputs, registry_params
 
     from medseg.promotion import promote_from_params
     from medseg.registry import register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     seed_store(tmp_path, mlflow_db_template)
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     fabricate_outputs(tmp_path, "unet", seed=0, mean_dsc=0.7)
     first = register_model_version(params, "unet", tmp_path)
     assert promote_from_params(params, "unet", tmp_path)["champion_version"] == first["version"]

@@ -10,7 +10,6 @@ import copy
 import csv
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from conftest import seed_store, paths
+from services import free_port
 from medseg.errors import MedsegError
 
 CLASS_NAMES = ["background", "aorta", "liver"]
@@ -53,7 +53,7 @@ def export_tiny_onnx(model: nn.Module, path: Path, in_channels: int = 1) -> None
     )
 
 
-def tiny_params(tmp_path: Path, arch: str = "unet") -> dict:
+def registry_params(tmp_path: Path, arch: str = "unet") -> dict:
     return {
         "preset": "test",
         "seed": 0,
@@ -126,12 +126,6 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     return onnx_path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def no_env_uri(monkeypatch):
     """No tracking URI from the environment, so params.register.tracking_uri decides."""
@@ -142,7 +136,7 @@ def no_env_uri(monkeypatch):
 def test_resolve_tracking_uri_is_absolute_from_root(tmp_path, monkeypatch, no_env_uri):
     from medseg.tracking import resolve_tracking_uri
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     assert resolve_tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     params["register"]["tracking_uri"] = "sqlite:////abs/store.db"
     assert resolve_tracking_uri(params, tmp_path) == "sqlite:////abs/store.db"
@@ -156,7 +150,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     from medseg.io import read_json, sha256_file
     from medseg.registry import register_model_version
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     onnx_path = fabricate_outputs(tmp_path, "unet", mean_dsc=0.7)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
     with pytest.MonkeyPatch.context() as mp:  # as `dvc exp run -n lr1e-3` runs the stage
@@ -249,7 +243,7 @@ def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, ml
     from medseg.tracking import mlflow_store
 
     seed_store(tmp_path, mlflow_db_template)
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     torch.manual_seed(0)
     model = TinySegNet(1, len(CLASS_NAMES)).eval()
     fabricate_outputs(tmp_path, "unet", model=model)
@@ -273,7 +267,7 @@ def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, ml
 def test_unreachable_server_retries_with_backoff_then_names_uri(tmp_path, monkeypatch, no_env_uri):
     import medseg.registry as registry
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"
     params["register"].update(tracking_uri=uri, retries=2, backoff_s=0.05)
     fabricate_outputs(tmp_path, "unet")
@@ -318,7 +312,7 @@ def test_with_retries_backs_off_then_gives_up_and_never_retries_a_medseg_check(m
 def test_missing_input_names_the_file(tmp_path, no_env_uri):
     from medseg.registry import register_model_version
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
     paths(tmp_path).export_report("unet").unlink()
     with pytest.raises(MedsegError, match=r"export\.json: missing"):
@@ -329,7 +323,7 @@ def test_missing_input_names_the_file(tmp_path, no_env_uri):
 def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
     from medseg.registry import register_model_version
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
     export_path = paths(tmp_path).export_report("unet")
     export = json.loads(export_path.read_text())
@@ -342,7 +336,7 @@ def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
 def test_run_params_flatten_nested_options(tmp_path):
     from medseg.registry import run_params
 
-    params = copy.deepcopy(tiny_params(tmp_path))
+    params = copy.deepcopy(registry_params(tmp_path))
     params["model_options"]["unet"] = {"depths": [1, 1], "block": {"kind": "res"}}
     flat = run_params(params, "unet")
     assert flat["model.depths"] == "[1, 1]"
@@ -354,7 +348,7 @@ def test_run_params_flatten_nested_options(tmp_path):
 def test_model_without_a_card_is_refused_before_the_store(tmp_path, no_env_uri):
     from medseg.registry import register_model_version
 
-    params = tiny_params(tmp_path)
+    params = registry_params(tmp_path)
     onnx_path = fabricate_outputs(tmp_path, "unet")
     export_tiny_onnx(TinySegNet(1, len(CLASS_NAMES)), onnx_path)  # a graph without metadata_props
     with pytest.raises(MedsegError, match=r"model\.onnx: no medseg\.model_card in the model's metadata"):

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from conftest import seed_store, paths
+from services import free_port
 from medseg.cli import main
 from medseg.io import read_json
 
@@ -213,12 +213,6 @@ def test_limits_and_bad_payloads_are_refused_before_decoding(project, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------------- the real server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(port: int, body: dict) -> tuple[int, bytes]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -242,7 +236,7 @@ def test_mlflow_models_serve_answers_payloads_and_refuses_limits(project, tmp_pa
     raw = _raw_file(root)
     payload = _b64(raw.read_bytes())
     max_bytes = len(payload) + 1000
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": record["tracking_uri"], "OMP_NUM_THREADS": "1",
            "MEDSEG_SERVE_MAX_BYTES": str(max_bytes)}
     log = open(tmp_path / "server.log", "wb")

@@ -25,10 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate,
                               get_worker_info)
 
-from medseg.config import settings
 from medseg.errors import ConfigError, IngestError
 from medseg.io import read_json
-from medseg.layout import ProjectLayout
 from medseg.preprocessing import context_indices, nearest_indices, resize, resize_labels
 
 def read_cases(ingested_dir: str | Path) -> dict[str, Any]:
@@ -159,15 +157,6 @@ def _scatter_rows(batch: torch.Tensor, where: torch.Tensor, rows: torch.Tensor) 
         return
     for row, i in zip(rows, where.tolist()):
         batch[i].copy_(row)
-
-
-def augment_slice(
-    image: torch.Tensor, label: torch.Tensor, options: Mapping[str, Any], rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random augmentation of image (C, H, W) / label (H, W) (see draw_augmentation / apply_augmentation)."""
-    row = draw_augmentation(options, rng, image.shape[-1] == image.shape[-2])
-    images, labels = apply_augmentation(image[None].clone(), label[None].clone(), torch.from_numpy(row[None]))
-    return images[0], labels[0]
 
 
 def rotation_grid(height: int, width: int, angle: float | Sequence[float], dtype: torch.dtype = torch.float32,
@@ -600,21 +589,4 @@ def make_loader(
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False,  # fresh workers per iteration (training keeps its own persistent loader)
-    )
-
-
-def dataset_from_params(
-    params: Mapping[str, Any], root: str | Path, case_ids: Sequence[str], train: bool = False
-) -> SliceDataset:
-    """SliceDataset configured from params.yaml `data:` (augmentation only when `train`)."""
-    config = settings(dict(params))
-    data = config.data
-    return SliceDataset(
-        ProjectLayout.of(dict(params), root).ingested,
-        case_ids,
-        data.image_size,
-        context=data.context,
-        augment=dataclasses.asdict(data.augment) if (train and data.augment) else None,
-        seed=config.seed,
-        cache_resized=data.cache_resized,
     )
