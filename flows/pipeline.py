@@ -29,12 +29,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tasks import (
     arch_stages,
-    build_report,
     name_flow_run,
     prepare_data,
     promote_arch,
     publish_artifacts,
     push_outputs,
+    repro_report,
     train_arch,
 )
 from medseg.config import disable_telemetry, load_params
@@ -222,7 +222,7 @@ def run_report(root: str, *, report: bool, failed: list[str], fanned_out: bool) 
         return {"status": "skipped", "reason": f"failed architectures: {', '.join(failed)}"}
     if fanned_out:
         return {"status": "skipped", "reason": "artefacts are on the workers: `dvc pull && dvc repro report`"}
-    state = build_report(root, return_state=True)
+    state = repro_report(root, return_state=True)
     if state.is_completed():
         return {"status": "completed", "path": state.result()}
     return {"status": "failed", "reason": failure_message(state)}

@@ -31,7 +31,7 @@ from prefect.events import emit_event
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from flows.pipeline import medseg_pipeline
-from flows.tasks import dataset_version, prepare_data
+from flows.tasks import ingested_version, prepare_data
 from medseg.config import disable_telemetry, load_params
 
 DATASET_UPDATED_EVENT = "medseg.dataset.updated"
@@ -112,7 +112,7 @@ def ingest_new_data(root: str = ".", always_emit: bool = False) -> dict[str, Any
     """`dvc repro ingest split`; emit `medseg.dataset.updated` when the ingested data changed (or `always_emit`)."""
     disable_telemetry()
     params = load_params(Path(root) / "params.yaml")
-    before = dataset_version(params, root)
+    before = ingested_version(params, root)
     data = prepare_data(str(Path(root).resolve()))
     changed = data["version"] != before
     emitted = False

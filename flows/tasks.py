@@ -396,7 +396,7 @@ def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 # Reading what the stages wrote
 
 
-def dataset_version(params: dict[str, Any], root: str | Path) -> str | None:
+def ingested_version(params: dict[str, Any], root: str | Path) -> str | None:
     """Content version of the ingested dataset (the one model cards record), None before ingest."""
     cases = ProjectLayout.of(params, root).cases_json
     return cases_json_version(cases) if cases.is_file() else None
@@ -469,7 +469,7 @@ def prepare_data(root: str = ".") -> dict[str, Any]:
     """`dvc repro ingest split` (and `phantom` when the dataset is the built-in one)."""
     run_dvc(repro_args(DATA_STAGES), root)
     params = load_params(Path(root) / "params.yaml")
-    return {"dataset": params["dataset"]["name"], "version": dataset_version(params, root)}
+    return {"dataset": params["dataset"]["name"], "version": ingested_version(params, root)}
 
 
 @task(name="train-evaluate-export-register", task_run_name="train-{arch}", tags=[DVC_TAG],
@@ -540,7 +540,7 @@ def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:
 
 
 @task(name="report", tags=[DVC_TAG], retry_delay_seconds=retry_delay(10), **TASK_POLICY)
-def build_report(root: str = ".") -> str:
+def repro_report(root: str = ".") -> str:
     run_dvc(repro_args([REPORT_STAGE]), root)
     return str(ProjectLayout.of(load_params(Path(root) / "params.yaml"), root).comparison_dir / "comparison.md")
 

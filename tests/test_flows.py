@@ -292,7 +292,7 @@ def test_retry_condition_reads_the_failed_state():
 
 
 def test_every_dvc_task_retries_only_transient_failures():
-    for t in (tasks.prepare_data, tasks.train_arch, tasks.promote_arch, tasks.build_report):
+    for t in (tasks.prepare_data, tasks.train_arch, tasks.promote_arch, tasks.repro_report):
         assert t.retries == 2
         assert t.retry_condition_fn is tasks.retry_if_transient
 
@@ -357,13 +357,13 @@ def test_prepare_data_returns_content_version(project, monkeypatch):
     assert seen == [["repro", "ingest", "split"]]
     assert out == {"dataset": "phantom", "version": hashlib.sha256(cases.read_bytes()).hexdigest()[:12]}
     cases.write_text('{"cases": [{"id": "case0001", "sha256": "cd"}]}')
-    assert tasks.dataset_version(PARAMS, project) != out["version"]
+    assert tasks.ingested_version(PARAMS, project) != out["version"]
 
 
 def test_build_report_runs_the_report_stage(project, monkeypatch):
     seen = []
     monkeypatch.setattr(tasks, "run_dvc", lambda args, root, **k: seen.append(list(args)) or "")
-    assert tasks.build_report.fn(str(project)).endswith("reports/comparison.md")
+    assert tasks.repro_report.fn(str(project)).endswith("reports/comparison.md")
     assert seen == [["repro", "report"]]
 
 
@@ -483,7 +483,7 @@ def test_resolve_architectures():
     ],
 )
 def test_report_is_skipped_with_a_reason(kwargs, reason, monkeypatch):
-    monkeypatch.setattr(pipeline, "build_report", None)  # must not be called
+    monkeypatch.setattr(pipeline, "repro_report", None)  # must not be called
     out = pipeline.run_report("/proj", **kwargs)
     assert out["status"] == "skipped" and reason in out["reason"]
 
@@ -606,7 +606,7 @@ def test_ingest_emits_only_when_the_dataset_changed(project, monkeypatch):
     def prepare(root, content):
         cases.parent.mkdir(parents=True, exist_ok=True)
         cases.write_text(content)
-        return {"dataset": "phantom", "version": tasks.dataset_version(PARAMS, root)}
+        return {"dataset": "phantom", "version": tasks.ingested_version(PARAMS, root)}
 
     monkeypatch.setattr(retrain, "prepare_data", lambda root: prepare(root, '{"v": 1}'))
     first = retrain.ingest_new_data.fn(root=str(project))

@@ -104,7 +104,7 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def summary_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[str, float]:
+def run_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[str, float]:
     """Scalar metrics of a run (non-finite values are left out: not every backend stores NaN/inf)."""
     values: dict[str, Any] = {
         "mean_dsc": metrics.get("mean_dsc"),
@@ -420,7 +420,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
             mlflow.log_params(run_params(params, arch))
             _log_dataset_input(dataset, dataset_version, ProjectLayout.of(params, root).ingested)
             now = int(time.time() * 1000)
-            scalars = summary_metrics(metrics, export, train_summary)
+            scalars = run_metrics(metrics, export, train_summary)
             batch = [Metric(key, value, now, 0) for key, value in scalars.items()]
             for row in read_train_log(files["train_log"]):
                 step = int(row.get("epoch", row.get("step", 0)))
