@@ -15,12 +15,12 @@ import import_graph as graph
 # and predict use; predict and serving are the torch-free inference path.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.stats",
-              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads")),
-    ("preprocessing", ("medseg.preprocessing",)),
+              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads", "medseg.progress")),
+    ("preprocessing", ("medseg.preprocessing", "medseg.inferer")),
     ("data", ("medseg.data",)),
     ("models", ("medseg.models", "medseg.losses")),
     ("card / checkpoint", ("medseg.card", "medseg.checkpoint")),
-    ("inference", ("medseg.inference", "medseg.predict", "medseg.serving")),
+    ("inference", ("medseg.inference", "medseg.predict", "medseg.serving", "medseg.scoring")),
     ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv",
                                         "medseg.onnx_eval")),
     ("registry", ("medseg.registry", "medseg.gate", "medseg.promotion")),

@@ -27,6 +27,7 @@ from medseg.io import read_json, write_dvc_metrics, write_json
 from medseg.layout import ProjectLayout
 
 _log = logging.getLogger(__name__)
+ENSEMBLE = "ensemble"  # the fold ensemble's key beside the folds' numbers
 
 
 def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list[str]], list[str]]:
@@ -44,11 +45,9 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.Scoring)."""
-    from medseg.progress import progress
-
-    from medseg.data.loader import load_case
     from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics, write_per_case
     from medseg.inference import load_trained_model, predict_volume
+    from medseg.scoring import score_cases
     from medseg.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -64,12 +63,9 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     config = settings(params)
     device = resolve_device(config.train.device)
     model = model.to(device)
-    rows: list[dict[str, Any]] = []
-    for case_id in progress(case_ids, desc=f"out-of-fold {arch} fold {fold}", unit="case"):
-        image, label, spacing = load_case(layout.ingested, case_id)
-        pred = predict_volume(model, image, meta["image_size"], checkpoint_context(meta, params),
-                              config.evaluate.batch_size, device)
-        rows += scoring.rows(case_id, pred, label, spacing)
+    context, batch_size = checkpoint_context(meta, params), config.evaluate.batch_size
+    rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
+                       scoring.rows, layout.ingested, case_ids, desc=f"out-of-fold {arch} fold {fold}")
     metrics = {"arch": arch, "fold": int(fold), **summary_metrics(scoring, rows, case_ids),
                "checkpoint_epoch": meta.get("epoch")}
     write_per_case(layout.oof_per_case(arch, fold), rows)
@@ -117,12 +113,10 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
 def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
-    from medseg.progress import progress
-
-    from medseg.data.loader import load_case
     from medseg.evaluation import (checkpoint_context, read_case_list, scoring_for, summary_metrics,
                                    write_per_case)
     from medseg.inference import load_trained_model, volume_probabilities
+    from medseg.scoring import score_cases
     from medseg.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -141,18 +135,22 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     oof_scoring = scoring_for(params, layout.ingested, sorted({r["case"] for r in oof_rows}), metas[0])
     config = settings(params)
     device = resolve_device(config.train.device)
-    per_fold_rows: dict[int, list[dict[str, Any]]] = {k: [] for k in folds}
-    ensemble_rows: list[dict[str, Any]] = []
-    for case_id in progress(test_ids, desc=f"fold ensemble {arch}", unit="case"):
-        image, label, spacing = load_case(layout.ingested, case_id)
-        total = None
+
+    def folds_and_ensemble(image: np.ndarray) -> dict[str, np.ndarray]:
+        """Each fold's labels and the ensemble's (the folds' probabilities averaged, then argmax), in one pass."""
+        labels, total = {}, None
         for k, (model, meta) in zip(folds, models):
             probs = volume_probabilities(model.to(device), image, meta["image_size"], checkpoint_context(meta, params),
                                          config.evaluate.batch_size, device)
-            per_fold_rows[k] += scoring.rows(case_id, probs.argmax(axis=1).astype(np.uint8), label, spacing)
+            labels[str(k)] = probs.argmax(axis=1).astype(np.uint8)
             total = probs if total is None else total + probs
-        ensemble = (total / len(folds)).argmax(axis=1).astype(np.uint8)
-        ensemble_rows += scoring.rows(case_id, ensemble, label, spacing)
+        labels[ENSEMBLE] = (total / len(folds)).argmax(axis=1).astype(np.uint8)
+        return labels
+
+    by_model = score_cases(folds_and_ensemble, scoring.rows, layout.ingested, test_ids,
+                           desc=f"fold ensemble {arch}")
+    per_fold_rows = {k: by_model[str(k)] for k in folds}
+    ensemble_rows = by_model[ENSEMBLE]
 
     out = layout.cv_dir(arch)
     oof = summary_metrics(oof_scoring, [_as_numbers(r) for r in oof_rows], sorted({r["case"] for r in oof_rows}))

@@ -28,6 +28,7 @@ from medseg.display import display_slice
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.metrics import aggregate, case_metrics, class_tolerance
+from medseg.scoring import score_cases
 from medseg.threads import apply_torch_threads, plan_from_params
 from medseg.inference import load_trained_model, predict_volume
 
@@ -143,9 +144,6 @@ def test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate models/<arch>/checkpoint.pt on the test split; writes metrics.json, per_case.csv, overlay.png."""
-    from medseg.data.loader import load_case
-    from medseg.progress import progress
-
     disable_telemetry()
     apply_torch_threads(plan_from_params(params, num_workers=0))
     root = Path(root)
@@ -160,14 +158,14 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     device = resolve_device(config.train.device)
     model = model.to(device)
     batch_size, overlay_cases = config.evaluate.batch_size, config.evaluate.overlay_cases
-    rows: list[dict[str, Any]] = []
-    overlays = []
-    for case_id in progress(test_ids, desc=f"evaluate {arch}", unit="case"):
-        image, label, spacing = load_case(ingested, case_id)
-        pred = predict_volume(model, image, meta["image_size"], context, batch_size, device)
-        rows += scoring.rows(case_id, pred, label, spacing)
+    overlays: list[tuple] = []
+
+    def keep_overlay(case_id: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> None:
         if len(overlays) < overlay_cases:
             overlays.append((case_id, *_overlay_slice(image, np.asarray(label), pred)))
+
+    rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
+                       scoring.rows, ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay)
 
     metrics = {"arch": arch, **summary_metrics(scoring, rows, test_ids),
                "checkpoint_epoch": meta.get("epoch"), "val_dice": meta.get("val_dice")}

@@ -1,7 +1,7 @@
 """PyTorch inference on ingested volumes: rebuild a trained network from checkpoint.pt and segment a volume slice
-by slice with the shared preprocessing (medseg.preprocessing: resize to the training size, logits resized back,
-argmax). Training's validation, evaluation, export's parity check and the report's figures all call these, so
-they segment exactly alike; `medseg.predict` does the same on ONNX Runtime without torch.
+by slice through the one slice inferer (medseg.inferer: resize to the training size, logits resized back,
+argmax) with the network as its Runner (`torch_runner`). Training's validation, evaluation, export's parity check
+and the report's figures all call these; `medseg.predict` runs the same inferer on ONNX Runtime without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import nn
 
 from medseg.checkpoint import load_checkpoint
 from medseg.errors import TrainingError
-from medseg.preprocessing import logits_to_labels, network_input, probabilities_at
+from medseg.inferer import Runner, segment_slices
+from medseg.preprocessing import network_input
 
 
 def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -45,7 +46,22 @@ def prepare_slices(image: np.ndarray, indices: Sequence[int], context: int, imag
     return torch.from_numpy(network_input(image, indices, context, image_size))
 
 
-@torch.no_grad()
+def torch_runner(model: nn.Module, device: str = "cpu", amp: tuple[bool, torch.dtype] = (False, torch.float32)
+                 ) -> Runner:
+    """`model` as the slice inferer's Runner: numpy input in, float32 numpy logits out, in eval mode without
+    gradients (autocast only on CUDA, when `amp` asks)."""
+    on_cuda = str(device).startswith("cuda")
+
+    @torch.no_grad()
+    def run(x: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
+            logits = model(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        return logits.float().cpu().numpy()
+
+    return run
+
+
 def predict_volume(
     model: nn.Module,
     image: np.ndarray,
@@ -56,35 +72,14 @@ def predict_volume(
     amp: tuple[bool, torch.dtype] = (False, torch.float32),
 ) -> np.ndarray:
     """Label volume (D, H, W) uint8 for an ingested image (D, C, H, W) at its native slice size."""
-    model.eval()
-    depth, _, height, width = image.shape
-    out = np.empty((depth, height, width), dtype=np.uint8)
-    for start in range(0, depth, batch_size):
-        indices = list(range(start, min(start + batch_size, depth)))
-        x = prepare_slices(image, indices, context, image_size).to(device)
-        on_cuda = str(device).startswith("cuda")
-        with torch.autocast("cuda" if on_cuda else "cpu", dtype=amp[1], enabled=amp[0] and on_cuda):
-            logits = model(x)
-        out[start : start + len(indices)] = logits_to_labels(logits.float().cpu().numpy(), (height, width))
-    return out
+    return segment_slices(torch_runner(model, device, amp), image, image_size, context, batch_size)[0]
 
 
-@torch.no_grad()
 def volume_probabilities(
     model: nn.Module, image: np.ndarray, image_size: Sequence[int], context: int = 0, batch_size: int = 32,
     device: str = "cpu",
 ) -> np.ndarray:
     """float32 class probabilities (D, K, H, W) at the native slice size (softmax of the resized logits, so their
     argmax is predict_volume's labels): what an ensemble averages, as nnU-Net does."""
-    model.eval()
-    depth, _, height, width = image.shape
-    out: np.ndarray | None = None
-    for start in range(0, depth, batch_size):
-        indices = list(range(start, min(start + batch_size, depth)))
-        logits = model(prepare_slices(image, indices, context, image_size).to(device)).float().cpu().numpy()
-        probs = probabilities_at(logits, (height, width))
-        if out is None:
-            out = np.empty((depth, probs.shape[1], height, width), dtype=np.float32)
-        out[start : start + len(indices)] = probs
-    assert out is not None, "an ingested volume has at least one slice"
-    return out
+    return segment_slices(torch_runner(model, device), image, image_size, context, batch_size,
+                          probabilities=np.float32)[1]

@@ -73,6 +73,17 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, gt).sum()) / total
 
 
+def foreground_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class 1..K-1 of a label volume, classes empty in both left out: training's
+    validation score (one pass over the volume: the joint histogram of (truth, prediction) gives every class's
+    intersection and sizes)."""
+    joint = np.bincount(np.asarray(gt).astype(np.int64).ravel() * num_classes + np.asarray(pred).ravel(),
+                        minlength=num_classes**2).reshape(num_classes, num_classes)
+    inter, gt_sum, pred_sum = np.diag(joint), joint.sum(1), joint.sum(0)
+    return [float(2.0 * inter[c] / (gt_sum[c] + pred_sum[c])) for c in range(1, num_classes)
+            if gt_sum[c] + pred_sum[c] > 0]
+
+
 def _bbox_crop(pred: np.ndarray, gt: np.ndarray) -> tuple[slice, ...]:
     """Bounding box of pred|gt. Exact for surfaces: a voxel on the box's face is a surface voxel either way,
     because its neighbour outside the box is outside both masks."""

@@ -25,8 +25,9 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
     checkout's test split, as evaluate_model scores a checkpoint: the ingested slices, the card's context and
     training size, the same protocol and rules, through ONNX Runtime. The champion gate measures a champion with
     it on a challenger's test data (`expect_test_data`: refuse before predicting if the checkout's differs)."""
-    from medseg.data.loader import load_case, read_cases
+    from medseg.data.loader import read_cases
     from medseg.predict import load_predictor
+    from medseg.scoring import score_cases
 
     layout = ProjectLayout.of(params, Path(root))
     cases = read_cases(layout.ingested)
@@ -44,9 +45,6 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
                           f"normalised with {cases.get('normalisation')}: its scores on these arrays would mean nothing")
     meta = {"class_names": card.class_names, "in_channels": card.in_channels, "context": card.context}
     scoring = scoring_for(params, layout.ingested, test_ids, meta)
-    rows: list[dict[str, Any]] = []
-    for case_id in test_ids:
-        image, label, spacing = load_case(layout.ingested, case_id)
-        classes, _ = predictor.segment_normalised(np.asarray(image, dtype=np.float32))
-        rows += scoring.rows(case_id, classes, label, spacing)
+    rows = score_cases(lambda image: predictor.segment_normalised(np.asarray(image, dtype=np.float32))[0],
+                       scoring.rows, layout.ingested, test_ids)
     return {"arch": card.arch, "model": predictor.source, **summary_metrics(scoring, rows, test_ids)}

@@ -42,17 +42,11 @@ from medseg.card import ModelCard, card_from_metadata
 from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
+from medseg.inferer import NO_MIRRORING, segment_slices
 from medseg.io import atomic_open, atomic_path, sha256_file
+from medseg.preprocessing import normalise_image, volume_from_canonical_xyz
 from medseg.progress import progress
 from medseg.threads import onnxruntime_options, plan_threads
-from medseg.preprocessing import (
-    argmax_classes,
-    logits_to_labels,
-    network_input,
-    normalise_image,
-    probabilities_at,
-    volume_from_canonical_xyz,
-)
 
 _log = logging.getLogger(__name__)
 
@@ -128,29 +122,12 @@ class Predictor:
 
     def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False,
                            deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array);
-        `deadline` is checked before each batch of slices."""
+        """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array), through
+        the slice inferer with this session as its network; `deadline` is checked before each batch of slices."""
         card = self.card
-        depth, _, height, width = image.shape
-        classes = np.empty((depth, height, width), dtype=np.uint8)
-        probs = np.empty((depth, card.num_classes, height, width), dtype=np.float16) if probabilities else None
-        for start in range(0, depth, self.batch_size):
-            if deadline is not None:
-                deadline.check(f"{start} of {depth} slices segmented")
-            batch = slice(start, min(start + self.batch_size, depth))
-            x = network_input(image, list(range(batch.start, batch.stop)), card.context, card.image_size)
-            if tta:
-                # nnU-Net (v1) averages the softmax of every mirrored prediction, flipped back, then takes argmax.
-                p = sum(np.flip(probabilities_at(self._run(np.flip(x, axes)), (height, width)), axes)
-                        for axes in MIRROR_AXES) / len(MIRROR_AXES)
-                classes[batch] = argmax_classes(p)
-            else:
-                logits = self._run(x)
-                classes[batch] = logits_to_labels(logits, (height, width))
-                p = probabilities_at(logits, (height, width)) if probabilities else None
-            if probs is not None:
-                probs[batch] = p
-        return classes, probs
+        return segment_slices(self._run, image, card.image_size, card.context, self.batch_size,
+                              probabilities=np.float16 if probabilities else None,
+                              mirror_axes=MIRROR_AXES if tta else NO_MIRRORING, deadline=deadline)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

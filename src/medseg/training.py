@@ -266,23 +266,12 @@ def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
 def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size, context: int,
               num_classes: int, batch_size: int, device: str) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
-    from medseg.data.loader import load_case
     from medseg.inference import predict_volume
+    from medseg.scoring import dice_rows, score_cases
 
-    scores = []
-    for case_id in case_ids:
-        image, label, _spacing = load_case(ingested, case_id)
-        pred = predict_volume(model, image, image_size, context, batch_size, device)  # as evaluation: no AMP
-        label = np.asarray(label)
-        # per-class intersection and sizes in one pass over the volume
-        joint = np.bincount(label.astype(np.int64).ravel() * num_classes + pred.ravel(), minlength=num_classes**2)
-        joint = joint.reshape(num_classes, num_classes)
-        inter = np.diag(joint)
-        gt_sum, pred_sum = joint.sum(1), joint.sum(0)
-        for c in range(1, num_classes):
-            if gt_sum[c] + pred_sum[c] > 0:
-                scores.append(2.0 * inter[c] / (gt_sum[c] + pred_sum[c]))
-    return float(np.mean(scores)) if scores else None
+    rows = score_cases(lambda image: predict_volume(model, image, image_size, context, batch_size, device),
+                       dice_rows(num_classes), ingested, case_ids)  # as evaluation predicts: no AMP
+    return float(np.mean([r["dsc"] for r in rows])) if rows else None
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
