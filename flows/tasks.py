@@ -421,23 +421,25 @@ def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[st
     from medseg.report import read_arch_outputs  # the report's reading, so both show the same numbers
 
     outputs = read_arch_outputs(params, arch, root)
-    metrics, export, registry = outputs["metrics"], outputs["export"], outputs["registry"]
+    metrics, export, registry = outputs.metrics, outputs.export, outputs.registry
+    name = registry.model_name if registry else model_name(params, arch)
+    version, run_id = (registry.version, registry.run_id) if registry else (None, None)
     return {
         "arch": arch,
         "status": "completed",
-        "model_name": registry.get("model_name", model_name(params, arch)),
-        "version": registry.get("version"),
-        "run_id": registry.get("run_id"),
-        **mlflow_links(registry.get("tracking_uri"), registry.get("experiment_id"), registry.get("run_id"),
-                       registry.get("model_name", model_name(params, arch)), registry.get("version")),
-        "mean_dsc": metrics.get("mean_dsc"),
-        "mean_hd95": metrics.get("mean_hd95"),
-        "mean_nsd": metrics.get("mean_nsd"),
-        "hd95_unit": metrics.get("hd95_unit"),
-        "protocol": metrics.get("protocol"),
-        "per_class": metrics.get("per_class", {}),
-        "parity_passed": export.get("parity_passed"),
-        "max_abs_diff": export.get("max_abs_diff"),
+        "model_name": name,
+        "version": version,
+        "run_id": run_id,
+        **mlflow_links(registry.tracking_uri if registry else None, registry.experiment_id if registry else None,
+                       run_id, name, version),
+        "mean_dsc": metrics.mean_dsc if metrics else None,
+        "mean_hd95": metrics.mean_hd95 if metrics else None,
+        "mean_nsd": metrics.mean_nsd if metrics else None,
+        "hd95_unit": metrics.hd95_unit if metrics else None,
+        "protocol": metrics.protocol if metrics else None,
+        "per_class": {cls: s.to_dict() for cls, s in metrics.per_class.items()} if metrics else {},
+        "parity_passed": export.parity_passed if export else None,
+        "max_abs_diff": export.max_abs_diff if export else None,
     }
 
 

@@ -301,20 +301,16 @@ def test_every_dvc_task_retries_only_transient_failures():
 
 
 def write_arch_outputs(root: Path, arch: str, dsc: float = 0.71, version: str = "3") -> None:
+    """What a finished train/evaluate/export/register leaves, written through the stages' contracts."""
+    from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, RegistryRecord
+
     paths(root).reports_dir(arch).mkdir(parents=True, exist_ok=True)
     (root / "registry").mkdir(exist_ok=True)
-    metrics = {
-        "arch": arch,
-        "protocol": "mm",
-        "mean_dsc": dsc,
-        "mean_hd95": 12.5,
-        "per_class": {"liver": {"dsc": dsc, "hd95": 12.5}},
-        "num_cases": 2,
-    }
-    paths(root).metrics(arch).write_text(json.dumps(metrics))
-    paths(root).export_report(arch).write_text(json.dumps({"parity_passed": True, "max_abs_diff": 2e-6}))
-    registry = {"model_name": f"medseg-phantom-{arch}", "version": version, "run_id": "abc"}
-    paths(root).registry_record(arch).write_text(json.dumps(registry))
+    EvaluationMetrics(arch=arch, protocol="mm", mean_dsc=dsc, mean_hd95=12.5,
+                      per_class={"liver": ClassScores(dsc=dsc, hd95=12.5)}, num_cases=2).write(paths(root).metrics(arch))
+    ExportReport(arch=arch, parity_passed=True, max_abs_diff=2e-6).write(paths(root).export_report(arch))
+    RegistryRecord(model_name=f"medseg-phantom-{arch}", version=version, run_id="abc").write(
+        paths(root).registry_record(arch))
 
 
 def test_train_arch_runs_the_four_stages_and_summarises(project, monkeypatch):

@@ -15,7 +15,8 @@ import import_graph as graph
 # and predict use; predict and serving are the torch-free inference path.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.stats",
-              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads", "medseg.progress")),
+              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads", "medseg.progress",
+              "medseg.contracts")),
     ("preprocessing", ("medseg.preprocessing", "medseg.inferer")),
     ("data", ("medseg.data",)),
     ("models", ("medseg.models", "medseg.losses")),

@@ -90,6 +90,7 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     """Write the files train/evaluate/export leave for `arch` under `root` (model.onnx with its model card);
     returns the ONNX path."""
     from medseg.card import evaluation_of
+    from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary, write_per_case
     from medseg.export import write_card_metadata
 
     torch.manual_seed(seed)
@@ -98,27 +99,27 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
     export_tiny_onnx(model, onnx_path)
     reports = paths(root).reports_dir(arch)
     reports.mkdir(parents=True, exist_ok=True)
-    per_class = {name: {"dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i} for i, name in enumerate(CLASS_NAMES[1:])}
-    metrics = {"arch": arch, "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": split_sha256, "mean_dsc": mean_dsc,
-               "mean_hd95": 9.5, "per_class": per_class, "num_cases": 2}
-    (reports / "metrics.json").write_text(json.dumps(metrics))
+    # Written through the stages' own contracts (medseg.contracts): a field added there reaches these files too.
+    rows = [{"case": "case0001", "class": name, "dsc": mean_dsc + 0.05 * i, "hd95": 10.0 - i, "nsd": 0.9 - 0.05 * i,
+             "status": "scored"} for i, name in enumerate(CLASS_NAMES[1:])]
+    per_class = {r["class"]: ClassScores(dsc=r["dsc"], hd95=r["hd95"], nsd=r["nsd"], n=1, excluded=0,
+                                         statuses={"scored": 1}) for r in rows}
+    metrics = EvaluationMetrics(arch=arch, protocol="mm", hd95_unit="mm", test_cases_sha256=split_sha256,
+                                test_data_sha256=f"content-{split_sha256}", dataset_version="0123456789ab",
+                                mean_dsc=mean_dsc, mean_hd95=9.5, mean_nsd=0.85, nsd_tolerance={n: 2.0 for n in per_class},
+                                per_class=per_class, num_cases=2, excluded=0)
+    metrics.write(reports / "metrics.json")
     card = tiny_card(arch, split={"split_sha256": "whole-split", "test_cases_sha256": split_sha256})
-    write_card_metadata(onnx_path, card.with_evaluation(evaluation_of(metrics)))
-    (reports / "export.json").write_text(json.dumps({
-        "max_abs_diff": 2e-6 if parity_passed else 0.5, "parity_passed": parity_passed, "threshold": 1e-3,
-        "torch_latency_ms": 3.0, "onnx_latency_ms": 1.5, "opset": 17, "dynamic_hw": True,
-    }))
-    (reports / "train_summary.json").write_text(json.dumps({"best_val_dice": 0.66, "epochs": 2, "train_seconds": 12.5}))
+    write_card_metadata(onnx_path, card.with_evaluation(evaluation_of(metrics.to_dict())))
+    ExportReport(arch=arch, max_abs_diff=2e-6 if parity_passed else 0.5, parity_passed=parity_passed, threshold=1e-3,
+                 torch_latency_ms=3.0, onnx_latency_ms=1.5, opset=17, dynamic_hw=True).write(reports / "export.json")
+    TrainSummary(arch=arch, best_val_dice=0.66, epochs=2, train_seconds=12.5).write(reports / "train_summary.json")
     with open(reports / "train_log.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["epoch", "step", "train_loss", "val_dice", "lr", "seconds"])
         writer.writerow([1, 3, 1.2, 0.5, 0.01, 6.0])
         writer.writerow([2, 6, 0.9, 0.66, 0.005, 12.5])
-    with open(reports / "per_case.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case", "class", "dsc", "hd95"])
-        for name, scores in per_class.items():
-            writer.writerow(["case0001", name, scores["dsc"], scores["hd95"]])
+    write_per_case(reports / "per_case.csv", rows)
     from PIL import Image
 
     for png in ("curves.png", "overlay.png"):
@@ -385,11 +386,15 @@ def test_version_description_reads_as_a_sentence():
     """The model version page says 'test DSC 4.1 %', not 'test DSC 0.04094609121311299'."""
     from medseg.registry import version_description
 
-    text = version_description("unet", "cnn", "phantom", {"mean_dsc": 0.04094609121311299, "mean_hd95": 12.3456,
-                                                          "hd95_unit": "mm"}, "mm", True, {"max_abs_diff": 3.2e-6})
+    from medseg.contracts import EvaluationMetrics, ExportReport
+
+    scored = EvaluationMetrics(protocol="mm", mean_dsc=0.04094609121311299, mean_hd95=12.3456, hd95_unit="mm")
+    text = version_description("unet", "cnn", "phantom", scored, "mm", True,
+                               ExportReport(arch="unet", max_abs_diff=3.2e-6))
     assert text == ("unet (cnn) on phantom: test DSC 4.1 %, HD95 12.35 mm (mm protocol), ONNX parity passed "
                     "(max |diff| 3.2e-06)")
-    missing = version_description("unet", "cnn", "phantom", {"mean_dsc": float("nan")}, "transunet", False, {})
+    missing = version_description("unet", "cnn", "phantom", EvaluationMetrics(protocol="transunet", mean_dsc=float("nan")),
+                                  "transunet", False, ExportReport(arch="unet"))
     assert "test DSC n/a," in missing and "HD95 n/a (transunet protocol)" in missing and "FAILED" in missing
 
 

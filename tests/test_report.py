@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary
 from medseg.data.loader import load_case, read_cases
 from medseg.io import read_json
 from conftest import seed_store, paths
@@ -47,17 +48,16 @@ def fabricate_arch(root: Path, arch: str, params: dict) -> None:
     class_names = read_cases(paths(root, params["dataset"]["name"]).ingested)["class_names"][1:]
     reports = paths(root).reports_dir(arch)
     reports.mkdir(parents=True, exist_ok=True)
-    per_class = {name: {"dsc": dsc + 0.01 * i, "hd95": hd95 - i} for i, name in enumerate(class_names)}
-    (reports / "metrics.json").write_text(json.dumps({
-        "arch": arch, "protocol": "mm", "hd95_unit": "mm", "test_cases_sha256": "s", "mean_dsc": dsc, "mean_hd95": hd95,
-        "per_class": per_class, "num_cases": 2}))
-    (reports / "export.json").write_text(json.dumps({
-        "max_abs_diff": 1e-6, "parity_passed": True, "threshold": 1e-3, "torch_latency_ms": torch_ms,
-        "onnx_latency_ms": onnx_ms, "opset": 17, "dynamic_hw": True,
-        "latency": {"runs": 10, "warmup": 3, "threads": 2, "machine": "CPU A, 2 usable cores", "load_per_core": 0.1}}))
-    (reports / "train_summary.json").write_text(json.dumps({
-        "train_seconds": seconds, "best_val_dice": 0.5, "seconds_per_epoch": seconds / 10, "peak_rss_mb": 500 + seconds,
-        "cuda_max_allocated_mb": None, "device": "cpu"}))
+    # through the stages' own contracts (medseg.contracts), as the stages write them
+    per_class = {name: ClassScores(dsc=dsc + 0.01 * i, hd95=hd95 - i) for i, name in enumerate(class_names)}
+    EvaluationMetrics(arch=arch, protocol="mm", hd95_unit="mm", test_cases_sha256="s", mean_dsc=dsc, mean_hd95=hd95,
+                      per_class=per_class, num_cases=2).write(paths(root).metrics(arch))
+    ExportReport(arch=arch, max_abs_diff=1e-6, parity_passed=True, threshold=1e-3, torch_latency_ms=torch_ms,
+                 onnx_latency_ms=onnx_ms, opset=17, dynamic_hw=True,
+                 latency={"runs": 10, "warmup": 3, "threads": 2, "machine": "CPU A, 2 usable cores",
+                          "load_per_core": 0.1}).write(paths(root).export_report(arch))
+    TrainSummary(arch=arch, train_seconds=seconds, best_val_dice=0.5, seconds_per_epoch=seconds / 10,
+                 peak_rss_mb=500 + seconds, device="cpu").write(paths(root).train_summary(arch))
     write_checkpoint(root, arch, params)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medseg.config import check_cv_fold, disable_telemetry, resolve_device, settings
+from medseg.contracts import EvaluationMetrics, read_per_case, write_per_case
 from medseg.errors import ConfigError
 from medseg.io import read_json, write_dvc_metrics, write_json
 from medseg.layout import ProjectLayout
@@ -45,7 +46,7 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.Scoring)."""
-    from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics, write_per_case
+    from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics
     from medseg.inference import load_trained_model, predict_volume
     from medseg.scoring import score_cases
     from medseg.threads import apply_torch_threads, plan_from_params
@@ -66,20 +67,10 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     context, batch_size = checkpoint_context(meta, params), config.evaluate.batch_size
     rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
                        scoring.rows, layout.ingested, case_ids, desc=f"out-of-fold {arch} fold {fold}")
-    metrics = {"arch": arch, "fold": int(fold), **summary_metrics(scoring, rows, case_ids),
-               "checkpoint_epoch": meta.get("epoch")}
+    metrics = summary_metrics(scoring, rows, case_ids, arch=arch, fold=int(fold), checkpoint_epoch=meta.get("epoch"))
     write_per_case(layout.oof_per_case(arch, fold), rows)
-    write_json(layout.oof_metrics(arch, fold), metrics)
-    return metrics
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    import csv
-
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; run `dvc repro` (the evaluate_fold stage writes it)")
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    metrics.write(layout.oof_metrics(arch, fold))
+    return metrics.to_dict()
 
 
 def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") -> tuple[list[dict], dict]:
@@ -91,7 +82,7 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
     held, development = _fold_case_lists(layout.split_file, folds)
     rows, seen = [], {}
     for k in folds:
-        fold_rows = _read_rows(layout.oof_per_case(arch, k))
+        fold_rows = read_per_case(layout.oof_per_case(arch, k))
         cases = {r["case"] for r in fold_rows}
         if cases != set(held[k]):
             raise ConfigError(f"{layout.oof_per_case(arch, k)}: scores cases {sorted(cases)}, but fold {k} holds out "
@@ -113,8 +104,7 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
 def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
-    from medseg.evaluation import (checkpoint_context, read_case_list, scoring_for, summary_metrics,
-                                   write_per_case)
+    from medseg.evaluation import checkpoint_context, read_case_list, scoring_for, summary_metrics
     from medseg.inference import load_trained_model, volume_probabilities
     from medseg.scoring import score_cases
     from medseg.threads import apply_torch_threads, plan_from_params
@@ -153,29 +143,24 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     ensemble_rows = by_model[ENSEMBLE]
 
     out = layout.cv_dir(arch)
-    oof = summary_metrics(oof_scoring, [_as_numbers(r) for r in oof_rows], sorted({r["case"] for r in oof_rows}))
+    oof = summary_metrics(oof_scoring, oof_rows, sorted({r["case"] for r in oof_rows}))
     oof_by_fold = {}
     for k in folds:
-        fold_metrics = read_json(layout.oof_metrics(arch, k))
-        oof_by_fold[str(k)] = {"mean_dsc": fold_metrics.get("mean_dsc"), "num_cases": fold_metrics.get("num_cases")}
+        fold_metrics = EvaluationMetrics.read(layout.oof_metrics(arch, k))
+        oof_by_fold[str(k)] = {"mean_dsc": fold_metrics.mean_dsc, "num_cases": fold_metrics.num_cases}
+    ensemble = summary_metrics(scoring, ensemble_rows, test_ids)
     metrics = {
         "arch": arch,
         "folds": folds,
         "coverage": coverage,
-        "out_of_fold": oof,
+        "out_of_fold": oof.to_dict(),
         "out_of_fold_by_fold": oof_by_fold,
-        "test_by_fold": {str(k): summary_metrics(scoring, per_fold_rows[k], test_ids) for k in folds},
-        "test_ensemble": summary_metrics(scoring, ensemble_rows, test_ids),
+        "test_by_fold": {str(k): summary_metrics(scoring, per_fold_rows[k], test_ids).to_dict() for k in folds},
+        "test_ensemble": ensemble.to_dict(),
     }
-    write_per_case(out / "oof_per_case.csv", [_as_numbers(r) for r in oof_rows])
+    write_per_case(out / "oof_per_case.csv", oof_rows)
     write_per_case(out / "ensemble_per_case.csv", ensemble_rows)
     write_json(out / "cv_metrics.json", metrics)
-    write_dvc_metrics(out / "cv_scores.json", {"oof_dsc": oof["mean_dsc"],
-                                               "ensemble_dsc": metrics["test_ensemble"]["mean_dsc"]}, f"{arch}.cv")
-    return {"arch": arch, "folds": len(folds), "oof_dsc": oof["mean_dsc"],
-            "ensemble_dsc": metrics["test_ensemble"]["mean_dsc"], "complete": coverage["complete"]}
-
-
-def _as_numbers(row: dict[str, str]) -> dict[str, Any]:
-    """A per_case.csv row read back (strings) as the metrics' numbers ("nan" -> NaN)."""
-    return {**row, **{key: float(row[key]) for key in ("dsc", "hd95", "nsd") if row.get(key) not in (None, "")}}
+    write_dvc_metrics(out / "cv_scores.json", {"oof_dsc": oof.mean_dsc, "ensemble_dsc": ensemble.mean_dsc}, f"{arch}.cv")
+    return {"arch": arch, "folds": len(folds), "oof_dsc": oof.mean_dsc, "ensemble_dsc": ensemble.mean_dsc,
+            "complete": coverage["complete"]}

@@ -11,8 +11,6 @@ distance is computed in voxels (spacing 1) and labelled so, never passed off as 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 from dataclasses import dataclass
@@ -22,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from medseg.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
+from medseg.contracts import EvaluationMetrics, write_per_case
 from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
 from medseg.display import display_slice
-from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
+from medseg.io import atomic_path, read_json, write_dvc_metrics
 from medseg.layout import ProjectLayout
 from medseg.metrics import aggregate, case_metrics, class_tolerance
 from medseg.scoring import score_cases
@@ -109,36 +108,38 @@ def checkpoint_context(meta: dict[str, Any], params: dict[str, Any]) -> int:
     return int(meta.get("context", params.get("data", {}).get("context", 0)))
 
 
-def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list[str]) -> dict[str, Any]:
-    """metrics.json's scores of `rows` (per class and mean DSC / HD95 / NSD, with protocol, unit and hashes)."""
+def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list[str], **extra: Any
+                    ) -> EvaluationMetrics:
+    """metrics.json's scores of `rows` (per class and mean DSC / HD95 / NSD, with protocol, unit and hashes);
+    `extra`: the other fields of the file that holds them (arch, fold, checkpoint_epoch, val_dice)."""
     summary = aggregate(rows, scoring.class_names)
-    return {
-        "protocol": scoring.protocol,
-        "hd95_unit": scoring.unit,
-        "test_cases_sha256": sha256_of_test_cases(case_ids),
-        "test_data_sha256": sha256_of_test_data(scoring.entries, case_ids),  # ids and content: what the gate compares
-        "dataset_version": dataset_version(scoring.ingested / "cases.json"),
-        "mean_dsc": summary["mean_dsc"],
-        "mean_hd95": summary["mean_hd95"],
-        "mean_nsd": summary["mean_nsd"],
-        "nsd_tolerance": scoring.tolerance,  # per class, in hd95_unit
-        "per_class": summary["per_class"],
-        "num_cases": len(case_ids),
-        "excluded": sum(v["excluded"] for v in summary["per_class"].values()),
-    }
+    return EvaluationMetrics(
+        protocol=scoring.protocol,
+        hd95_unit=scoring.unit,
+        test_cases_sha256=sha256_of_test_cases(case_ids),
+        test_data_sha256=sha256_of_test_data(scoring.entries, case_ids),  # ids and content: what the gate compares
+        dataset_version=dataset_version(scoring.ingested / "cases.json"),
+        mean_dsc=summary["mean_dsc"],
+        mean_hd95=summary["mean_hd95"],
+        mean_nsd=summary["mean_nsd"],
+        nsd_tolerance=scoring.tolerance,  # per class, in hd95_unit
+        per_class=summary["per_class"],
+        num_cases=len(case_ids),
+        excluded=sum(v["excluded"] for v in summary["per_class"].values()),
+        **extra,
+    )
 
 
-def test_scores(metrics: dict[str, Any]) -> dict[str, Any]:
+def test_scores(metrics: EvaluationMetrics) -> dict[str, Any]:
     """The evaluate stage's DVC metric: the means, then DSC and HD95 per class (`dsc_<class>`, `hd95_<class>`;
     the class name with anything but letters, digits and _ turned into _). Classes absent from every test case
     (no score) are left out, as None is."""
     import re
 
-    scores: dict[str, Any] = {"dsc": metrics["mean_dsc"], "hd95": metrics["mean_hd95"], "nsd": metrics["mean_nsd"]}
-    for name, per in (metrics.get("per_class") or {}).items():
+    scores: dict[str, Any] = {"dsc": metrics.mean_dsc, "hd95": metrics.mean_hd95, "nsd": metrics.mean_nsd}
+    for name, per in metrics.per_class.items():
         key = re.sub(r"[^A-Za-z0-9_]", "_", str(name))
-        for score in ("dsc", "hd95"):
-            scores[f"{score}_{key}"] = (per or {}).get(score)
+        scores[f"dsc_{key}"], scores[f"hd95_{key}"] = per.dsc, per.hd95
     return scores
 
 
@@ -148,7 +149,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     apply_torch_threads(plan_from_params(params, num_workers=0))
     root = Path(root)
     layout = ProjectLayout.of(params, root)
-    ingested, split_path, reports = layout.ingested, layout.split_file, layout.reports_dir(arch)
+    ingested, split_path = layout.ingested, layout.split_file
     config = settings(params)
     model, meta = load_trained_model(layout.checkpoint(arch))
     test_ids = read_case_list(split_path, "test")
@@ -167,15 +168,15 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
                        scoring.rows, ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay)
 
-    metrics = {"arch": arch, **summary_metrics(scoring, rows, test_ids),
-               "checkpoint_epoch": meta.get("epoch"), "val_dice": meta.get("val_dice")}
-    write_json(reports / "metrics.json", metrics)
+    metrics = summary_metrics(scoring, rows, test_ids, arch=arch, checkpoint_epoch=meta.get("epoch"),
+                              val_dice=meta.get("val_dice"))
+    metrics.write(layout.metrics(arch))
     write_dvc_metrics(layout.test_scores(arch), test_scores(metrics), arch)
-    write_per_case(reports / "per_case.csv", rows)
-    _plot_overlays(reports / "overlay.png", overlays, scoring.class_names, arch)
-    _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics["mean_dsc"],
-              metrics["mean_hd95"], metrics["hd95_unit"], len(test_ids))
-    return metrics
+    write_per_case(layout.per_case(arch), rows)
+    _plot_overlays(layout.overlay(arch), overlays, scoring.class_names, arch)
+    _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics.mean_dsc,
+              metrics.mean_hd95, metrics.hd95_unit, len(test_ids))
+    return metrics.to_dict()
 
 
 def read_case_list(split_path: Path, subset: str) -> list[str]:
@@ -186,21 +187,6 @@ def read_case_list(split_path: Path, subset: str) -> list[str]:
     if not ids:
         raise ConfigError(f"{split_path}: the {subset} list is empty")
     return ids
-
-
-def write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
-    """per_case.csv: one row per (case, class), NaN written as "nan" beside its status."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "class", "dsc", "hd95", "nsd", "status"])
-    for r in rows:
-        # NaN stays visible ("nan"): its status column says why the value is undefined.
-        writer.writerow([r["case"], r["class"], _fmt(r["dsc"]), _fmt(r["hd95"]), _fmt(r["nsd"]), r["status"]])
-    write_text(path, buf.getvalue())
-
-
-def _fmt(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else repr(float(value))
 
 
 def _overlay_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:

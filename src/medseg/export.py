@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
+from medseg.contracts import EvaluationMetrics, ExportReport
 from medseg.errors import ExportError
-from medseg.io import atomic_path, read_json, sha256_file, write_dvc_metrics, write_json
+from medseg.io import atomic_path, sha256_file, write_dvc_metrics
 from medseg.layout import ProjectLayout
 from medseg.models.deploy import inference_form
 from medseg.threads import apply_torch_threads, available_cpus, plan_from_params
@@ -148,7 +149,7 @@ def _trained_card(meta: dict[str, Any], checkpoint: Path, metrics_path: Path) ->
                           f"{card.in_channels, card.num_classes, card.image_size} != the network's {network}")
     if not metrics_path.is_file():
         raise ExportError(f"{metrics_path}: missing; run the evaluate stage first (the card carries the test metrics)")
-    return card.with_evaluation(evaluation_of(read_json(metrics_path)))
+    return card.with_evaluation(evaluation_of(EvaluationMetrics.read(metrics_path).to_dict()))
 
 
 def ort_session(onnx_path: str | Path):
@@ -292,31 +293,16 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     sizes = [(h, w)]
     if card.dynamic_hw:
         sizes.append((h + card.size_multiple, w + 2 * card.size_multiple))  # a second, non-square size
-    report: dict[str, Any] = {
-        "arch": arch,
-        "max_abs_diff": None,
-        "parity_passed": False,
-        "threshold": threshold,
-        "rel_threshold": rel_threshold,
-        "allowed_diff": None,
-        "logit_scale": None,
-        "label_agreement": None,
-        "torch_latency_ms": None,  # median of export.latency_runs single-slice calls after warm-up
-        "torch_latency_iqr_ms": None,
-        "onnx_latency_ms": None,
-        "onnx_latency_iqr_ms": None,
-        "latency": None,  # how they were measured: runs, warm-up, threads, machine, load
-        "opset": opset,
-        "dynamic_hw": card.dynamic_hw,
-        "input_shape": [None, card.in_channels, None if card.dynamic_hw else h, None if card.dynamic_hw else w],
-        "checked_shapes": [],
-    }
+    report = ExportReport(arch=arch, threshold=threshold, rel_threshold=rel_threshold, opset=opset,
+                          dynamic_hw=card.dynamic_hw,
+                          input_shape=[None, card.in_channels, None if card.dynamic_hw else h,
+                                       None if card.dynamic_hw else w])
     try:
         with atomic_path(onnx_path) as tmp:
             export_onnx(model, card.in_channels, (h, w), tmp, opset=opset, dynamic_hw=card.dynamic_hw)
             # Into the file before parity and latency, so both measure the graph that is renamed to model.onnx.
             write_card_metadata(tmp, card)
-            report["opset"] = _onnx_opset(tmp)
+            report.opset = _onnx_opset(tmp)
             session = ort_session(tmp)
             if card_from_metadata(session.get_modelmeta().custom_metadata_map, onnx_path) != card:
                 raise ExportError(f"{onnx_path}: the model card read back from metadata_props differs from the written one")
@@ -324,36 +310,36 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
             for size in sizes:
                 x = _parity_inputs(params, root, meta, size)
                 checks.append(onnx_parity(model, tmp, x, session=session))
-                report["checked_shapes"].append(list(x.shape))
-            report["max_abs_diff"] = max(c["max_abs_diff"] for c in checks)
-            report["logit_scale"] = max(c["logit_scale"] for c in checks)
-            report["label_agreement"] = min(c["label_agreement"] for c in checks)
-            report["allowed_diff"] = threshold + rel_threshold * report["logit_scale"]
-            report["parity_passed"] = bool(report["max_abs_diff"] <= report["allowed_diff"])
-            if not report["parity_passed"]:
+                report.checked_shapes.append(list(x.shape))
+            report.max_abs_diff = max(c["max_abs_diff"] for c in checks)
+            report.logit_scale = max(c["logit_scale"] for c in checks)
+            report.label_agreement = min(c["label_agreement"] for c in checks)
+            report.allowed_diff = threshold + rel_threshold * report.logit_scale
+            report.parity_passed = bool(report.max_abs_diff <= report.allowed_diff)
+            if not report.parity_passed:
                 raise ExportError(
-                    f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report['max_abs_diff']:.3g} "
-                    f"> {report['allowed_diff']:.3g} = export.max_abs_diff {threshold:g} + export.max_rel_diff "
-                    f"{rel_threshold:g} x logit scale {report['logit_scale']:.3g} (shapes {report['checked_shapes']})")
+                    f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} "
+                    f"> {report.allowed_diff:.3g} = export.max_abs_diff {threshold:g} + export.max_rel_diff "
+                    f"{rel_threshold:g} x logit scale {report.logit_scale:.3g} (shapes {report.checked_shapes})")
             one = torch.rand(1, card.in_channels, h, w)
             load_before = _load_per_core()
             with torch.inference_mode():
-                report["torch_latency_ms"], report["torch_latency_iqr_ms"] = _latency_ms(lambda: model(one), runs)
+                report.torch_latency_ms, report.torch_latency_iqr_ms = _latency_ms(lambda: model(one), runs)
             feed = {INPUT_NAME: one.numpy()}
-            report["onnx_latency_ms"], report["onnx_latency_iqr_ms"] = _latency_ms(
+            report.onnx_latency_ms, report.onnx_latency_iqr_ms = _latency_ms(
                 lambda: session.run([OUTPUT_NAME], feed), runs)
-            report["latency"] = {"runs": max(1, int(runs)), "warmup": LATENCY_WARMUP,
+            report.latency = {"runs": max(1, int(runs)), "warmup": LATENCY_WARMUP,
                                  "threads": torch.get_num_threads(), "machine": machine_description(),
                                  "load_per_core": load_before}
     except BaseException:
         onnx_path.unlink(missing_ok=True)  # never leave a stale or failed graph as the stage output
-        write_json(report_path, report)
+        report.write(report_path)
         raise
-    report["onnx_sha256"] = sha256_file(onnx_path)
-    write_json(report_path, report)
-    write_dvc_metrics(layout.export_scores(arch), {"parity_diff": report["max_abs_diff"],
-                                                   "onnx_ms": report["onnx_latency_ms"]}, arch)
+    report.onnx_sha256 = sha256_file(onnx_path)
+    report.write(report_path)
+    write_dvc_metrics(layout.export_scores(arch), {"parity_diff": report.max_abs_diff,
+                                                   "onnx_ms": report.onnx_latency_ms}, arch)
     _log.info("%s: ONNX max |diff| %.3g (allowed %.3g), labels agree on %.4f of pixels, latency torch %.2f ms / "
-              "onnxruntime %.2f ms", arch, report["max_abs_diff"], report["allowed_diff"],
-              report["label_agreement"], report["torch_latency_ms"], report["onnx_latency_ms"])
-    return report
+              "onnxruntime %.2f ms", arch, report.max_abs_diff, report.allowed_diff,
+              report.label_agreement, report.torch_latency_ms, report.onnx_latency_ms)
+    return report.to_dict()

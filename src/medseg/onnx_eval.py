@@ -47,4 +47,4 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
     scoring = scoring_for(params, layout.ingested, test_ids, meta)
     rows = score_cases(lambda image: predictor.segment_normalised(np.asarray(image, dtype=np.float32))[0],
                        scoring.rows, layout.ingested, test_ids)
-    return {"arch": card.arch, "model": predictor.source, **summary_metrics(scoring, rows, test_ids)}
+    return {"model": predictor.source, **summary_metrics(scoring, rows, test_ids, arch=card.arch).to_dict()}

@@ -24,8 +24,9 @@ from typing import Any
 
 from medseg.card import ModelCard, card_from_metadata
 from medseg.config import config_hash, model_options, settings
+from medseg.contracts import EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary
 from medseg.errors import MedsegError
-from medseg.io import read_json, sha256_file, write_json
+from medseg.io import sha256_file
 from medseg.layout import ProjectLayout
 from medseg.metrics import finite_or_none
 from medseg.tracking import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
@@ -62,16 +63,6 @@ def _arch_files(layout: ProjectLayout, arch: str) -> dict[str, Path]:
 _REQUIRED = ("onnx", "metrics", "export")
 
 
-def _read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise MedsegError(f"{path}: cannot read JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MedsegError(f"{path}: expected a JSON object")
-    return data
-
-
 def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
     if isinstance(obj, dict):
         for key, value in obj.items():
@@ -104,22 +95,22 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def run_metrics(metrics: dict, export: dict, train_summary: dict) -> dict[str, float]:
+def run_metrics(metrics: EvaluationMetrics, export: ExportReport, train_summary: TrainSummary | None
+                ) -> dict[str, float]:
     """Scalar metrics of a run (non-finite values are left out: not every backend stores NaN/inf)."""
     values: dict[str, Any] = {
-        "mean_dsc": metrics.get("mean_dsc"),
-        "mean_hd95": metrics.get("mean_hd95"),
-        "mean_nsd": metrics.get("mean_nsd"),
-        "export_max_abs_diff": export.get("max_abs_diff"),
-        "export_label_agreement": export.get("label_agreement"),
-        "torch_latency_ms": export.get("torch_latency_ms"),
-        "onnx_latency_ms": export.get("onnx_latency_ms"),
+        "mean_dsc": metrics.mean_dsc,
+        "mean_hd95": metrics.mean_hd95,
+        "mean_nsd": metrics.mean_nsd,
+        "export_max_abs_diff": export.max_abs_diff,
+        "export_label_agreement": export.label_agreement,
+        "torch_latency_ms": export.torch_latency_ms,
+        "onnx_latency_ms": export.onnx_latency_ms,
     }
-    for organ, scores in (metrics.get("per_class") or {}).items():
-        values[f"dsc_{organ}"] = (scores or {}).get("dsc")
-        values[f"hd95_{organ}"] = (scores or {}).get("hd95")
-        values[f"nsd_{organ}"] = (scores or {}).get("nsd")
-    for key, value in train_summary.items():  # e.g. best_val_dice, train_seconds, epochs
+    for organ, scores in metrics.per_class.items():
+        values[f"dsc_{organ}"], values[f"hd95_{organ}"], values[f"nsd_{organ}"] = scores.dsc, scores.hd95, scores.nsd
+    summary = train_summary.to_dict() if train_summary else {}
+    for key, value in summary.items():  # e.g. best_val_dice, train_seconds, epochs
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[key if "val" in key or key.startswith("train") else f"train_{key}"] = value
     out = {}
@@ -221,12 +212,12 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
     for key in _REQUIRED:
         if not files[key].is_file():
             raise MedsegError(f"{files[key]}: missing; run the train/evaluate/export stages for {arch!r} first")
-    metrics = _read_json_file(files["metrics"])
-    export = _read_json_file(files["export"])
-    train_summary = _read_json_file(files["train_summary"]) if files["train_summary"].is_file() else {}
+    metrics = EvaluationMetrics.read(files["metrics"])
+    export = ExportReport.read(files["export"])
+    train_summary = TrainSummary.read_if_there(files["train_summary"])
     sha = sha256_file(files["onnx"])
-    if export.get("onnx_sha256") and export["onnx_sha256"] != sha:  # parity/latency would describe another file
-        raise MedsegError(f"{files['export']}: describes an ONNX file with sha256 {export['onnx_sha256'][:12]}…, "
+    if export.onnx_sha256 and export.onnx_sha256 != sha:  # parity/latency would describe another file
+        raise MedsegError(f"{files['export']}: describes an ONNX file with sha256 {export.onnx_sha256[:12]}…, "
                           f"but {files['onnx']} has {sha[:12]}…; re-run the export stage for {arch!r}")
     card = _onnx_card(files["onnx"])
     name = model_name(params, arch)
@@ -262,47 +253,39 @@ def register_model_version(params: dict[str, Any], arch: str, root: str | Path =
         experiment_id = str(client.get_run(run_id).info.experiment_id) if run_id else None
     except Exception:  # noqa: BLE001 - a link is not worth failing a registration for
         experiment_id = None
-    record = {
-        "model_name": name,
-        "version": version,
-        "run_id": run_id,
-        "experiment_id": experiment_id,
-        "artifact_sha256": sha,
-        "tracking_uri": tracking_uri,
-        "created": created,
-        "model_uri": f"models:/{name}/{version}",
-        "test_dsc": metrics.get("mean_dsc"),
-        "parity_passed": bool(export.get("parity_passed")),
-    }
-    write_json(layout.registry_record(arch), record)
-    return record
+    record = RegistryRecord(model_name=name, version=version, run_id=run_id, experiment_id=experiment_id,
+                            artifact_sha256=sha, tracking_uri=tracking_uri, created=created,
+                            model_uri=f"models:/{name}/{version}", test_dsc=metrics.mean_dsc,
+                            parity_passed=bool(export.parity_passed))
+    record.write(layout.registry_record(arch))
+    return record.to_dict()
 
 
-def version_description(arch: str, family: str, dataset: str, metrics: dict[str, Any], protocol: str, parity: bool,
-                        export: dict[str, Any]) -> str:
+def version_description(arch: str, family: str, dataset: str, metrics: EvaluationMetrics, protocol: str,
+                        parity: bool, export: ExportReport) -> str:
     """One readable line for the model version page: DSC in %, HD95 with its unit, parity (rounded for reading;
     the exact values are the version's tags and the run's metrics)."""
     def num(value: Any, spec: str, scale: float = 1.0) -> str:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return format(value * scale, spec) if ok else "n/a"
 
-    unit = metrics.get("hd95_unit")
-    dsc = num(metrics.get("mean_dsc"), ".1f", 100)
+    unit = metrics.hd95_unit
+    dsc = num(metrics.mean_dsc, ".1f", 100)
     return (f"{arch} ({family}) on {dataset}: test DSC {dsc}{' %' if dsc != 'n/a' else ''}, "
-            f"HD95 {num(metrics.get('mean_hd95'), '.2f')}{' ' + unit if unit else ''} ({protocol} protocol), "
-            f"ONNX parity {'passed' if parity else 'FAILED'} (max |diff| {num(export.get('max_abs_diff'), '.1e')})")
+            f"HD95 {num(metrics.mean_hd95, '.2f')}{' ' + unit if unit else ''} ({protocol} protocol), "
+            f"ONNX parity {'passed' if parity else 'FAILED'} (max |diff| {num(export.max_abs_diff, '.1e')})")
 
 
-def evaluation_tags(metrics: dict, export: dict, params: dict) -> dict[str, str]:
+def evaluation_tags(metrics: EvaluationMetrics, export: ExportReport, params: dict) -> dict[str, str]:
     """The model-version tags promotion compares: test split, protocol, test DSC, ONNX parity."""
-    test_dsc = finite_or_none(metrics.get("mean_dsc"))
+    test_dsc = finite_or_none(metrics.mean_dsc)
     return {
-        "test_cases_sha256": str(metrics.get("test_cases_sha256", "")),
-        "test_data_sha256": str(metrics.get("test_data_sha256", "")),  # ids and content (medseg.card)
-        "dataset_version": str(metrics.get("dataset_version", "")),
-        "protocol": str(metrics.get("protocol", (params.get("evaluate") or {}).get("protocol", ""))),
+        "test_cases_sha256": str(metrics.test_cases_sha256 or ""),
+        "test_data_sha256": str(metrics.test_data_sha256 or ""),  # ids and content (medseg.card)
+        "dataset_version": str(metrics.dataset_version or ""),
+        "protocol": str(metrics.protocol or (params.get("evaluate") or {}).get("protocol", "")),
         "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
-        "parity_passed": "true" if export.get("parity_passed") else "false",
+        "parity_passed": "true" if export.parity_passed else "false",
     }
 
 
@@ -433,13 +416,13 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
             for key in ("metrics", "export", "train_summary", "per_case", "train_log", "curves", "overlay"):
                 if files[key].is_file():
                     mlflow.log_artifact(str(files[key]), artifact_path="reports")
-            per_class = metrics.get("per_class") or {}
+            per_class = metrics.per_class
             if per_class:
                 mlflow.log_table(
                     {
                         "class": list(per_class),
-                        "dsc": [finite_or_none((s or {}).get("dsc")) for s in per_class.values()],
-                        "hd95": [finite_or_none((s or {}).get("hd95")) for s in per_class.values()],
+                        "dsc": [finite_or_none(s.dsc) for s in per_class.values()],
+                        "hd95": [finite_or_none(s.hd95) for s in per_class.values()],
                     },
                     artifact_file="reports/per_class.json",
                 )

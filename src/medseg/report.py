@@ -19,12 +19,15 @@ import csv
 import io
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from medseg.config import settings
+from medseg.contracts import (EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary,
+                              read_per_case)
 from medseg.display import display_slice
 from medseg.errors import MedsegError
 from medseg.io import atomic_path, read_json, write_json, write_text
@@ -70,17 +73,6 @@ def _complexity(model, meta: dict[str, Any]) -> tuple[float | None, float | None
     return params_m, gflops
 
 
-def _per_case_rows(path: Path) -> list[dict[str, str]]:
-    """reports/<arch>/per_case.csv as dicts (case, class, dsc, hd95[, nsd], status); [] when absent."""
-    if not path.is_file():
-        return []
-    try:
-        with open(path, newline="") as fh:
-            return list(csv.DictReader(fh))
-    except (OSError, csv.Error) as exc:
-        raise MedsegError(f"{path}: cannot read per-case metrics: {exc}") from exc
-
-
 def patients_of_cases(params: dict[str, Any], root: str | Path = ".") -> dict[str, str]:
     """{case id: patient} from the ingested cases.json ({} before ingest: every case is then its own patient)."""
     cases_json = ProjectLayout.of(params, root).cases_json
@@ -89,13 +81,23 @@ def patients_of_cases(params: dict[str, Any], root: str | Path = ".") -> dict[st
     return {str(c["id"]): str(c.get("patient") or c["id"]) for c in read_json(cases_json).get("cases", [])}
 
 
-def read_arch_outputs(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    """What one architecture's stages wrote: {"metrics", "export", "train_summary", "registry"}, {} where missing.
-    The report and the Prefect flows' summaries both read results through this."""
+@dataclass(frozen=True)
+class ArchOutputs:
+    """What one architecture's stages wrote (medseg.contracts), None where a stage has not run."""
+
+    metrics: EvaluationMetrics | None
+    export: ExportReport | None
+    train_summary: TrainSummary | None
+    registry: RegistryRecord | None
+
+
+def read_arch_outputs(params: dict[str, Any], arch: str, root: str | Path = ".") -> ArchOutputs:
+    """The report and the Prefect flows' summaries both read results through this."""
     layout = ProjectLayout.of(params, root)
-    return {"metrics": _optional_json(layout.metrics(arch)), "export": _optional_json(layout.export_report(arch)),
-            "train_summary": _optional_json(layout.train_summary(arch)),
-            "registry": _optional_json(layout.registry_record(arch))}
+    return ArchOutputs(EvaluationMetrics.read_if_there(layout.metrics(arch)),
+                       ExportReport.read_if_there(layout.export_report(arch)),
+                       TrainSummary.read_if_there(layout.train_summary(arch)),
+                       RegistryRecord.read_if_there(layout.registry_record(arch)))
 
 
 def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True) -> tuple[list, dict]:
@@ -112,38 +114,35 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
     rows, missing = [], {}
     for arch in params.get("models") or []:
         outputs = read_arch_outputs(params, arch, root)
-        metrics = outputs["metrics"]
-        if not metrics:
+        metrics = outputs.metrics
+        if metrics is None:
             missing[arch] = f"no reports/{arch}/metrics.json (run `dvc repro evaluate@{arch}`)"
             continue
-        export, summary, registry = outputs["export"], outputs["train_summary"], outputs["registry"]
-        protocol = str(metrics.get("protocol", ""))
+        export, summary = outputs.export or ExportReport(arch=arch), outputs.train_summary or TrainSummary(arch=arch)
+        protocol = str(metrics.protocol or "")
         row: dict[str, Any] = {
             "arch": arch,
             "family": _family(arch),
-            "mean_dsc": finite_or_none(metrics.get("mean_dsc")),
-            "mean_hd95": finite_or_none(metrics.get("mean_hd95")),
-            "mean_nsd": finite_or_none(metrics.get("mean_nsd")),
-            "nsd_tolerance": metrics.get("nsd_tolerance") or {},
+            "mean_dsc": finite_or_none(metrics.mean_dsc),
+            "mean_hd95": finite_or_none(metrics.mean_hd95),
+            "mean_nsd": finite_or_none(metrics.mean_nsd),
+            "nsd_tolerance": metrics.nsd_tolerance,
             "protocol": protocol,
-            "hd95_unit": metrics.get("hd95_unit") or HD95_UNITS.get(protocol, "?"),
-            "test_cases_sha256": metrics.get("test_cases_sha256"),
-            "per_class": metrics.get("per_class") or {},
+            "hd95_unit": metrics.hd95_unit or HD95_UNITS.get(protocol, "?"),
+            "test_cases_sha256": metrics.test_cases_sha256,
+            "per_class": {name: scores.to_dict() for name, scores in metrics.per_class.items()},
             "params_m": None,
             "gflops": None,
-            "torch_latency_ms": finite_or_none(export.get("torch_latency_ms")),
-            "onnx_latency_ms": finite_or_none(export.get("onnx_latency_ms")),
-            "latency": export.get("latency") or {},  # runs, warm-up, threads, machine, load (medseg.export)
-            "parity_passed": export.get("parity_passed"),
-            "train_seconds": finite_or_none(summary.get("train_seconds")),
-            "seconds_per_epoch": finite_or_none(summary.get("seconds_per_epoch")),
-            # GPU: what torch allocated on the device; CPU: the training process's peak resident memory
-            "train_memory_mb": finite_or_none(summary.get("cuda_max_allocated_mb")
-                                              if summary.get("cuda_max_allocated_mb") is not None
-                                              else summary.get("peak_rss_mb")),
-            "train_device": summary.get("device"),
-            "registry_version": registry.get("version"),
-            "per_case": _per_case_rows(layout.per_case(arch)),
+            "torch_latency_ms": finite_or_none(export.torch_latency_ms),
+            "onnx_latency_ms": finite_or_none(export.onnx_latency_ms),
+            "latency": export.latency or {},  # runs, warm-up, threads, machine, load (medseg.export)
+            "parity_passed": export.parity_passed if outputs.export else None,
+            "train_seconds": finite_or_none(summary.train_seconds),
+            "seconds_per_epoch": finite_or_none(summary.seconds_per_epoch),
+            "train_memory_mb": finite_or_none(summary.train_memory_mb),
+            "train_device": summary.device,
+            "registry_version": outputs.registry.version if outputs.registry else None,
+            "per_case": read_per_case(layout.per_case(arch), missing_ok=True),
             "model": None,
             "meta": None,
         }
@@ -479,7 +478,7 @@ def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[d
     for arch in settings(params).cv.models:
         metrics = _optional_json(layout.cv_dir(arch) / "cv_metrics.json")
         if metrics:
-            rows.append({"arch": arch, "per_case": _per_case_rows(layout.cv_dir(arch) / "oof_per_case.csv"),
+            rows.append({"arch": arch, "per_case": read_per_case(layout.cv_dir(arch) / "oof_per_case.csv", missing_ok=True),
                          "cv": metrics})
     return rows
 

@@ -35,7 +35,8 @@ from medseg.config import (check_cv_fold, config_hash, disable_telemetry, model_
                            validate_params)
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
-from medseg.io import atomic_path, read_json, write_dvc_metrics, write_json, write_text
+from medseg.contracts import TrainSummary
+from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
 from medseg.layout import ProjectLayout
 from medseg.losses import build_loss
 from medseg.threads import apply_torch_threads, plan_from_params
@@ -724,35 +725,34 @@ class Trainer:
                 self._loader = None
 
         st = self.state
-        summary = {
-            "arch": spec.arch,
-            "fold": spec.fold,
-            "params": count_params(self.model),
-            "epochs": self.epochs,
-            "steps": st.global_step,
-            "best_val_dice": st.best_dice if st.best_epoch is not None and st.best_dice >= 0 else None,
-            "best_epoch": st.best_epoch,
-            "val_dice_definition": VAL_DICE_DEFINITION,
-            "train_seconds": round(st.history[-1]["seconds"] if st.history else 0.0, 3),
-            "seconds_per_epoch": _median_epoch_seconds(st.history),
+        summary = TrainSummary(
+            arch=spec.arch,
+            fold=spec.fold,
+            params=count_params(self.model),
+            epochs=self.epochs,
+            steps=st.global_step,
+            best_val_dice=st.best_dice if st.best_epoch is not None and st.best_dice >= 0 else None,
+            best_epoch=st.best_epoch,
+            val_dice_definition=VAL_DICE_DEFINITION,
+            train_seconds=round(st.history[-1]["seconds"] if st.history else 0.0, 3),
+            seconds_per_epoch=_median_epoch_seconds(st.history),
             **peak_memory(self.device),
-            "device": self.device,
-            "world_size": self.dist.world,
-            "resumed_from_step": st.resumed_from,
-            "config_hash": spec.run_hash,
-        }
+            device=self.device,
+            world_size=self.dist.world,
+            resumed_from_step=st.resumed_from,
+            config_hash=spec.run_hash,
+        )
         if self.dist.main:
-            write_json(spec.paths.reports / "train_summary.json", summary)
+            summary.write(spec.paths.reports / "train_summary.json")
             # the DVC metric: numbers only (train_summary.json keeps the detail)
-            write_dvc_metrics(spec.paths.scores,
-                              {"val_dice": summary["best_val_dice"], "train_s": summary["train_seconds"]},
+            write_dvc_metrics(spec.paths.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds},
                               spec.metric_prefix)
             _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
 
             dist.barrier()
-        return summary
+        return summary.to_dict()
 
 
 def _median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
