@@ -37,3 +37,16 @@ def test_no_code_dependency_of_a_stage_is_an_empty_file():
     assert files, "no code dependencies found in dvc.yaml"
     empty = sorted(str(p.relative_to(ROOT)) for p in files if p.stat().st_size == 0)
     assert not empty, f"empty dependency files (DVC warns on each): {empty}"
+
+
+def test_no_function_in_the_library_is_over_80_lines():
+    """Issue 32: a function that long does several jobs; split it where its parts have names."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "src" / "medseg").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -167,6 +167,35 @@ def cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub) -> None:
+    """`medseg predict`'s arguments."""
+    p = sub.add_parser("predict", help="segment NIfTI volumes or 2D images with an exported model (ONNX Runtime)",
+                       description="Segment NIfTI volumes (or 2D images) with an exported model on ONNX Runtime. "
+                       "Labels are written as the dataset's raw values (the card's label_values; a 0/255 mask "
+                       "dataset was ingested as 0/1, so its masks come out 0/1) with the input's header and affine.")
+    p.add_argument("-m", "--model", required=True,
+                   help="model.onnx, a models/<arch>/ folder, or models:/<name>@<alias> | models:/<name>/<version>")
+    p.add_argument("-i", "--input", required=True, help="a file, or a folder (every .nii/.nii.gz or image file in it)")
+    p.add_argument("-o", "--output", required=True, help="output folder (outside the input)")
+    p.add_argument("--labels", choices=("raw", "index"), default="raw",
+                   help="raw label values (default) or class indices 0..K-1")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>.npz: probabilities (K, ...) float16 and class_names")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (in-plane flips, 4x slower)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs that are not medseg's prediction of the same input (by default "
+                        "they are refused: no file medseg did not write is replaced)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: the usable cores divided by MEDSEG_PARALLEL_JOBS; "
+                        "OMP_NUM_THREADS or MEDSEG_THREADS set it too)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
+                   "else params.yaml register.tracking_uri)")
+    p.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     parser.add_argument("--root", default=".", help="project root (where params.yaml and dvc.yaml live)")
@@ -204,31 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("predict", help="segment NIfTI volumes or 2D images with an exported model (ONNX Runtime)",
-                       description="Segment NIfTI volumes (or 2D images) with an exported model on ONNX Runtime. "
-                       "Labels are written as the dataset's raw values (the card's label_values; a 0/255 mask "
-                       "dataset was ingested as 0/1, so its masks come out 0/1) with the input's header and affine.")
-    p.add_argument("-m", "--model", required=True,
-                   help="model.onnx, a models/<arch>/ folder, or models:/<name>@<alias> | models:/<name>/<version>")
-    p.add_argument("-i", "--input", required=True, help="a file, or a folder (every .nii/.nii.gz or image file in it)")
-    p.add_argument("-o", "--output", required=True, help="output folder (outside the input)")
-    p.add_argument("--labels", choices=("raw", "index"), default="raw",
-                   help="raw label values (default) or class indices 0..K-1")
-    p.add_argument("--save-probabilities", action="store_true",
-                   help="also write <case>.npz: probabilities (K, ...) float16 and class_names")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (in-plane flips, 4x slower)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing outputs that are not medseg's prediction of the same input (by default "
-                        "they are refused: no file medseg did not write is replaced)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
-    p.add_argument("--threads", type=int, default=None,
-                   help="ONNX Runtime intra-op threads (default: the usable cores divided by MEDSEG_PARALLEL_JOBS; "
-                        "OMP_NUM_THREADS or MEDSEG_THREADS set it too)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
-                   "else params.yaml register.tracking_uri)")
-    p.set_defaults(func=cmd_predict)
+    _add_predict(sub)
 
     p = sub.add_parser("doctor", help="check a raw dataset before ingest and print a table of problems")
     p.add_argument("--raw-dir", default=None, help="default: params dataset.raw_dir")

@@ -261,6 +261,37 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], siz
         return torch.rand(2, int(meta["in_channels"]), *size, generator=generator)
 
 
+def _check_parity(report: ExportReport, model: torch.nn.Module, onnx_file: Path, session, inputs: list[torch.Tensor],
+                  onnx_path: Path) -> None:
+    """Fill the report's parity fields from PyTorch vs ONNX Runtime on `inputs`; ExportError when they differ by
+    more than the report's threshold + rel_threshold x the logits' scale."""
+    checks = []
+    for x in inputs:
+        checks.append(onnx_parity(model, onnx_file, x, session=session))
+        report.checked_shapes.append(list(x.shape))
+    report.max_abs_diff = max(c["max_abs_diff"] for c in checks)
+    report.logit_scale = max(c["logit_scale"] for c in checks)
+    report.label_agreement = min(c["label_agreement"] for c in checks)
+    report.allowed_diff = report.threshold + report.rel_threshold * report.logit_scale
+    report.parity_passed = bool(report.max_abs_diff <= report.allowed_diff)
+    if not report.parity_passed:
+        raise ExportError(
+            f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} "
+            f"> {report.allowed_diff:.3g} = export.max_abs_diff {report.threshold:g} + export.max_rel_diff "
+            f"{report.rel_threshold:g} x logit scale {report.logit_scale:.3g} (shapes {report.checked_shapes})")
+
+
+def _time_both(report: ExportReport, model: torch.nn.Module, session, one: torch.Tensor, runs: int) -> None:
+    """Single-slice latencies of PyTorch and ONNX Runtime, one after the other, and how they were measured."""
+    load_before = _load_per_core()
+    with torch.inference_mode():
+        report.torch_latency_ms, report.torch_latency_iqr_ms = _latency_ms(lambda: model(one), runs)
+    feed = {INPUT_NAME: one.numpy()}
+    report.onnx_latency_ms, report.onnx_latency_iqr_ms = _latency_ms(lambda: session.run([OUTPUT_NAME], feed), runs)
+    report.latency = {"runs": max(1, int(runs)), "warmup": LATENCY_WARMUP, "threads": torch.get_num_threads(),
+                      "machine": machine_description(), "load_per_core": load_before}
+
+
 def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """models/<arch>/checkpoint.pt + reports/<arch>/metrics.json -> models/<arch>/model.onnx + export.json.
 
@@ -306,31 +337,9 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
             session = ort_session(tmp)
             if card_from_metadata(session.get_modelmeta().custom_metadata_map, onnx_path) != card:
                 raise ExportError(f"{onnx_path}: the model card read back from metadata_props differs from the written one")
-            checks = []
-            for size in sizes:
-                x = _parity_inputs(params, root, meta, size)
-                checks.append(onnx_parity(model, tmp, x, session=session))
-                report.checked_shapes.append(list(x.shape))
-            report.max_abs_diff = max(c["max_abs_diff"] for c in checks)
-            report.logit_scale = max(c["logit_scale"] for c in checks)
-            report.label_agreement = min(c["label_agreement"] for c in checks)
-            report.allowed_diff = threshold + rel_threshold * report.logit_scale
-            report.parity_passed = bool(report.max_abs_diff <= report.allowed_diff)
-            if not report.parity_passed:
-                raise ExportError(
-                    f"{onnx_path}: ONNX Runtime output differs from PyTorch by {report.max_abs_diff:.3g} "
-                    f"> {report.allowed_diff:.3g} = export.max_abs_diff {threshold:g} + export.max_rel_diff "
-                    f"{rel_threshold:g} x logit scale {report.logit_scale:.3g} (shapes {report.checked_shapes})")
-            one = torch.rand(1, card.in_channels, h, w)
-            load_before = _load_per_core()
-            with torch.inference_mode():
-                report.torch_latency_ms, report.torch_latency_iqr_ms = _latency_ms(lambda: model(one), runs)
-            feed = {INPUT_NAME: one.numpy()}
-            report.onnx_latency_ms, report.onnx_latency_iqr_ms = _latency_ms(
-                lambda: session.run([OUTPUT_NAME], feed), runs)
-            report.latency = {"runs": max(1, int(runs)), "warmup": LATENCY_WARMUP,
-                                 "threads": torch.get_num_threads(), "machine": machine_description(),
-                                 "load_per_core": load_before}
+            inputs = [_parity_inputs(params, root, meta, size) for size in sizes]
+            _check_parity(report, model, tmp, session, inputs, onnx_path)
+            _time_both(report, model, session, torch.rand(1, card.in_channels, h, w), runs)
     except BaseException:
         onnx_path.unlink(missing_ok=True)  # never leave a stale or failed graph as the stage output
         report.write(report_path)

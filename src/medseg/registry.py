@@ -362,7 +362,6 @@ def _close_abandoned_runs(client, run_ids: list[str], kept: str | None) -> None:
 def _log_and_register(client, params, arch, root, files, metrics, export, train_summary, sha, name, tracking_uri,
                       card, started_runs: list[str] | None = None):
     import mlflow
-    from mlflow.entities import Metric
     from mlflow.models import Model
 
     from medseg import serving
@@ -402,30 +401,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
                 started_runs.append(run_id)
             mlflow.log_params(run_params(params, arch))
             _log_dataset_input(dataset, dataset_version, ProjectLayout.of(params, root).ingested)
-            now = int(time.time() * 1000)
-            scalars = run_metrics(metrics, export, train_summary)
-            batch = [Metric(key, value, now, 0) for key, value in scalars.items()]
-            for row in read_train_log(files["train_log"]):
-                step = int(row.get("epoch", row.get("step", 0)))
-                for key in ("train_loss", "val_dice", "lr"):
-                    if key in row:
-                        batch.append(Metric(key, row[key], now, step))
-            for start in range(0, len(batch), 1000):  # log_batch accepts at most 1000 metrics per call
-                client.log_batch(run_id, metrics=batch[start : start + 1000])
-
-            for key in ("metrics", "export", "train_summary", "per_case", "train_log", "curves", "overlay"):
-                if files[key].is_file():
-                    mlflow.log_artifact(str(files[key]), artifact_path="reports")
-            per_class = metrics.per_class
-            if per_class:
-                mlflow.log_table(
-                    {
-                        "class": list(per_class),
-                        "dsc": [finite_or_none(s.dsc) for s in per_class.values()],
-                        "hd95": [finite_or_none(s.hd95) for s in per_class.values()],
-                    },
-                    artifact_file="reports/per_class.json",
-                )
+            _log_run_contents(client, run_id, files, metrics, export, train_summary)
             # One model, two flavors over one model.onnx: python_function serves NIfTI/PNG payloads (its signature),
             # onnx gives the graph, whose tensor signature is medseg_input's (medseg.serving).
             model_info = Model.log(
@@ -452,6 +428,32 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     )
     _describe_registered_model(client, name, arch, family, dataset, protocol, card)
     return str(model_version.version), run_id
+
+
+def _log_run_contents(client, run_id: str, files: dict[str, Path], metrics: EvaluationMetrics, export: ExportReport,
+                      train_summary: TrainSummary | None) -> None:
+    """The run's numbers (the scalars, then the training curves per epoch), its report files and the per-class
+    table, into the active run `run_id`."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, value, now, 0) for key, value in run_metrics(metrics, export, train_summary).items()]
+    for row in read_train_log(files["train_log"]):
+        step = int(row.get("epoch", row.get("step", 0)))
+        for key in ("train_loss", "val_dice", "lr"):
+            if key in row:
+                batch.append(Metric(key, row[key], now, step))
+    for start in range(0, len(batch), 1000):  # log_batch accepts at most 1000 metrics per call
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+    for key in ("metrics", "export", "train_summary", "per_case", "train_log", "curves", "overlay"):
+        if files[key].is_file():
+            mlflow.log_artifact(str(files[key]), artifact_path="reports")
+    if metrics.per_class:
+        mlflow.log_table({"class": list(metrics.per_class),
+                          "dsc": [finite_or_none(s.dsc) for s in metrics.per_class.values()],
+                          "hd95": [finite_or_none(s.hd95) for s in metrics.per_class.values()]},
+                         artifact_file="reports/per_class.json")
 
 
 def _log_dataset_input(dataset: str, version: str, ingested: Path) -> None:
