@@ -59,7 +59,7 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     case_ids = held[int(fold)]
     if not case_ids:
         raise ConfigError(f"{layout.split_file}: fold {fold} holds out no case")
-    model, meta = load_trained_model(layout.fold_model_dir(arch, fold) / "checkpoint.pt")
+    model, meta = load_trained_model(layout.run_files(arch, fold).checkpoint)
     scoring = scoring_for(params, layout.ingested, case_ids, meta)
     config = settings(params)
     device = resolve_device(config.train.device)
@@ -118,7 +118,7 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     folds = list(settings(params).cv.folds)
     oof_rows, coverage = out_of_fold_rows(params, arch, root)
 
-    models = [load_trained_model(layout.fold_model_dir(arch, k) / "checkpoint.pt") for k in folds]
+    models = [load_trained_model(layout.run_files(arch, k).checkpoint) for k in folds]
     metas = [meta for _, meta in models]
     test_ids = read_case_list(layout.split_file, "test")
     scoring = scoring_for(params, layout.ingested, test_ids, metas[0])
@@ -142,7 +142,6 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     per_fold_rows = {k: by_model[str(k)] for k in folds}
     ensemble_rows = by_model[ENSEMBLE]
 
-    out = layout.cv_dir(arch)
     oof = summary_metrics(oof_scoring, oof_rows, sorted({r["case"] for r in oof_rows}))
     oof_by_fold = {}
     for k in folds:
@@ -158,9 +157,9 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
         "test_by_fold": {str(k): summary_metrics(scoring, per_fold_rows[k], test_ids).to_dict() for k in folds},
         "test_ensemble": ensemble.to_dict(),
     }
-    write_per_case(out / "oof_per_case.csv", oof_rows)
-    write_per_case(out / "ensemble_per_case.csv", ensemble_rows)
-    write_json(out / "cv_metrics.json", metrics)
-    write_dvc_metrics(out / "cv_scores.json", {"oof_dsc": oof.mean_dsc, "ensemble_dsc": ensemble.mean_dsc}, f"{arch}.cv")
+    write_per_case(layout.cv_oof_per_case(arch), oof_rows)
+    write_per_case(layout.cv_ensemble_per_case(arch), ensemble_rows)
+    write_json(layout.cv_metrics(arch), metrics)
+    write_dvc_metrics(layout.cv_scores(arch), {"oof_dsc": oof.mean_dsc, "ensemble_dsc": ensemble.mean_dsc}, f"{arch}.cv")
     return {"arch": arch, "folds": len(folds), "oof_dsc": oof.mean_dsc, "ensemble_dsc": ensemble.mean_dsc,
             "complete": coverage["complete"]}

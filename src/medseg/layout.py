@@ -20,6 +20,35 @@ PHANTOM_DIR = Path("data") / "phantom"  # the built-in phantom's raw data (built
 
 
 @dataclass(frozen=True)
+class RunFiles:
+    """What one training run reads and writes: the whole-split run's (models/<A>/, reports/<A>/) or a CV fold's
+    (models/<A>/folds/<k>/, reports/<A>/folds/<k>/)."""
+
+    root: Path
+    ingested: Path
+    split: Path
+    checkpoint: Path
+    last: Path
+    reports: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.reports / "train_summary.json"
+
+    @property
+    def scores(self) -> Path:  # the DVC metric (train_scores.json)
+        return self.reports / "train_scores.json"
+
+    @property
+    def log(self) -> Path:
+        return self.reports / "train_log.csv"
+
+    @property
+    def curves(self) -> Path:
+        return self.reports / "curves.png"
+
+
+@dataclass(frozen=True)
 class ProjectLayout:
     root: Path
     dataset: str
@@ -54,10 +83,10 @@ class ProjectLayout:
         return self.root / "models" / arch
 
     def checkpoint(self, arch: str) -> Path:
-        return self.model_dir(arch) / "checkpoint.pt"
+        return self.run_files(arch).checkpoint
 
     def last_checkpoint(self, arch: str) -> Path:
-        return self.model_dir(arch) / "last.pt"
+        return self.run_files(arch).last
 
     def onnx(self, arch: str) -> Path:
         return self.model_dir(arch) / "model.onnx"
@@ -65,12 +94,21 @@ class ProjectLayout:
     def reports_dir(self, arch: str) -> Path:
         return self.root / "reports" / arch
 
+    def run_files(self, arch: str, fold: int | None = None) -> RunFiles:
+        """The training run's files: the whole split's, or fold `fold`'s (cross-validation)."""
+        if fold is None:
+            models, reports = self.model_dir(arch), self.reports_dir(arch)
+        else:
+            models, reports = self.fold_model_dir(arch, fold), self.fold_reports_dir(arch, fold)
+        return RunFiles(root=self.root, ingested=self.ingested, split=self.split_file,
+                        checkpoint=models / "checkpoint.pt", last=models / "last.pt", reports=reports)
+
     def train_summary(self, arch: str) -> Path:
-        return self.reports_dir(arch) / "train_summary.json"
+        return self.run_files(arch).summary
 
     # DVC metrics (flat numbers, medseg.io.write_dvc_metrics), one per stage; the JSON reports hold the detail
     def train_scores(self, arch: str) -> Path:
-        return self.reports_dir(arch) / "train_scores.json"
+        return self.run_files(arch).scores
 
     def test_scores(self, arch: str) -> Path:
         return self.reports_dir(arch) / "test_scores.json"
@@ -79,10 +117,10 @@ class ProjectLayout:
         return self.reports_dir(arch) / "export_scores.json"
 
     def train_log(self, arch: str) -> Path:
-        return self.reports_dir(arch) / "train_log.csv"
+        return self.run_files(arch).log
 
     def curves(self, arch: str) -> Path:
-        return self.reports_dir(arch) / "curves.png"
+        return self.run_files(arch).curves
 
     def metrics(self, arch: str) -> Path:
         return self.reports_dir(arch) / "metrics.json"
@@ -120,6 +158,19 @@ class ProjectLayout:
 
     def cv_dir(self, arch: str) -> Path:
         return self.cv_root / arch
+
+    def cv_metrics(self, arch: str) -> Path:
+        return self.cv_dir(arch) / "cv_metrics.json"
+
+    def cv_scores(self, arch: str) -> Path:  # the DVC metric
+        return self.cv_dir(arch) / "cv_scores.json"
+
+    def cv_oof_per_case(self, arch: str) -> Path:
+        """Every development patient's out-of-fold scores (each by the one fold model that never saw it)."""
+        return self.cv_dir(arch) / "oof_per_case.csv"
+
+    def cv_ensemble_per_case(self, arch: str) -> Path:
+        return self.cv_dir(arch) / "ensemble_per_case.csv"
 
     # the comparison
     @property

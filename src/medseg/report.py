@@ -476,9 +476,9 @@ def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[d
     layout = ProjectLayout.of(params, root)
     rows = []
     for arch in settings(params).cv.models:
-        metrics = _optional_json(layout.cv_dir(arch) / "cv_metrics.json")
+        metrics = _optional_json(layout.cv_metrics(arch))
         if metrics:
-            rows.append({"arch": arch, "per_case": read_per_case(layout.cv_dir(arch) / "oof_per_case.csv", missing_ok=True),
+            rows.append({"arch": arch, "per_case": read_per_case(layout.cv_oof_per_case(arch), missing_ok=True),
                          "cv": metrics})
     return rows
 

@@ -37,7 +37,7 @@ from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.contracts import TrainSummary
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
-from medseg.layout import ProjectLayout
+from medseg.layout import ProjectLayout, RunFiles
 from medseg.losses import build_loss
 from medseg.threads import apply_torch_threads, plan_from_params
 
@@ -54,29 +54,6 @@ VAL_DICE_DEFINITION = (
 # Called as hook(global_step) after every optimizer step, once that step's checkpoint (if any) is written.
 # Tests use it to kill a run at a known step; nothing in medseg registers one.
 STEP_HOOKS: list[Callable[[int], None]] = []
-
-
-@dataclass
-class Paths:
-    root: Path
-    ingested: Path
-    split: Path
-    checkpoint: Path
-    last: Path
-    reports: Path
-    scores: Path  # the DVC metric (train_scores.json)
-
-    @classmethod
-    def of(cls, params: dict[str, Any], arch: str, root: Path, fold: int | None = None) -> "Paths":
-        layout = ProjectLayout.of(params, root)
-        if fold is not None:  # cross-validation: models/<arch>/folds/<k>/, reports/<arch>/folds/<k>/
-            models, reports = layout.fold_model_dir(arch, fold), layout.fold_reports_dir(arch, fold)
-            return cls(root=root, ingested=layout.ingested, split=layout.split_file,
-                       checkpoint=models / "checkpoint.pt", last=models / "last.pt", reports=reports,
-                       scores=reports / "train_scores.json")
-        return cls(root=root, ingested=layout.ingested, split=layout.split_file, checkpoint=layout.checkpoint(arch),
-                   last=layout.last_checkpoint(arch), reports=layout.reports_dir(arch),
-                   scores=layout.train_scores(arch))
 
 
 @dataclass
@@ -367,7 +344,7 @@ class RunSpec:
 
     params: dict[str, Any]
     arch: str
-    paths: Paths
+    paths: RunFiles
     train_p: dict[str, Any]
     data_p: dict[str, Any]
     seed: int
@@ -397,7 +374,7 @@ class RunSpec:
         from medseg.data.split import fold_split
 
         params = validate_params(params)  # every section with its defaults: below, no key is optional
-        paths = Paths.of(params, arch, root, fold)
+        paths = ProjectLayout.of(params, root).run_files(arch, fold)
         cases = read_cases(paths.ingested)
         if not paths.split.is_file():
             raise ConfigError(f"{paths.split}: split file not found (run the split stage first)")
@@ -698,7 +675,7 @@ class Trainer:
                 self.save_best()
         self.save_last(finished=st.epoch == self.epochs, checked=True)
         if self.dist.main:
-            _write_log(self.spec.paths.reports / "train_log.csv", st.history)
+            _write_log(self.spec.paths.log, st.history)
             _log.info("%s epoch %d: loss %.4f, val Dice %s", self.spec.arch, st.epoch, row["train_loss"], val_dice)
         return row
 
@@ -743,11 +720,11 @@ class Trainer:
             config_hash=spec.run_hash,
         )
         if self.dist.main:
-            summary.write(spec.paths.reports / "train_summary.json")
+            summary.write(spec.paths.summary)
             # the DVC metric: numbers only (train_summary.json keeps the detail)
             write_dvc_metrics(spec.paths.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds},
                               spec.metric_prefix)
-            _plot_curves(spec.paths.reports / "curves.png", st.history, spec.arch)
+            _plot_curves(spec.paths.curves, st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -831,7 +808,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _model_card(params, arch, paths: Paths, split, image_size, options):
+def _model_card(params, arch, paths: RunFiles, split, image_size, options):
     """The model card of this run (medseg.card), from the ingested dataset's cases.json and fingerprint.json."""
     from medseg.card import build_card, dataset_version
     from medseg.models import get_model_info, size_multiple_of
