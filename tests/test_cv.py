@@ -48,7 +48,7 @@ def test_cross_validation_covers_every_development_patient_once_and_ensembles_th
         meta = load_trained_model(layout.fold_model_dir("unet", k) / "checkpoint.pt")[1]
         view = fold_split(split, k)
         # trained on the other fold's patients, selected on its own held-out ones: never on a patient it scores
-        assert meta["training_cases_hash"] == training_cases_hash(view)
+        assert meta.training_cases_hash == training_cases_hash(view)
         assert not set(view["train"]) & set(view["val"]) and set(view["train"]) | set(view["val"]) == set(development)
         oof = evaluate_fold(params, "unet", k, root)
         assert {r["case"] for r in _rows(layout.oof_per_case("unet", k))} == set(view["val"])
@@ -70,7 +70,7 @@ def test_cross_validation_covers_every_development_patient_once_and_ensembles_th
     case = split["test"][0]
     image, label, spacing = load_case(layout.ingested, case)
     models = [load_trained_model(layout.fold_model_dir("unet", k) / "checkpoint.pt") for k in (0, 1)]
-    mean = sum(volume_probabilities(m, image, meta["image_size"]) for m, meta in models) / 2
+    mean = sum(volume_probabilities(m, image, meta.image_size) for m, meta in models) / 2
     expected = scoring_for(params, layout.ingested, split["test"], models[0][1]).rows(
         case, mean.argmax(axis=1).astype(np.uint8), label, spacing)
     got = [r for r in _rows(out / "ensemble_per_case.csv") if r["case"] == case]

@@ -219,7 +219,7 @@ def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thr
 
     model, meta = load_trained_model(paths(root).checkpoint("unet"))
     image, label, spacing = load_case(ingested, "case0001")
-    pred = predict_volume(model, image, meta["image_size"])
+    pred = predict_volume(model, image, meta.image_size)
     names = manifest["class_names"]
     expected = {unit: [r["hd95"] for r in case_metrics(pred, np.asarray(label), names, s, "mm")]
                 for unit, s in (("mm", spacing), ("voxels", None))}

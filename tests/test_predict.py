@@ -88,10 +88,10 @@ def test_cli_labels_equal_evaluation_voxel_for_voxel_with_the_input_header(proje
     assert _predict("-m", paths(project).model_dir(arch), "-i", inputs, "-o", tmp_path / "out") == 0
 
     model, meta = load_trained_model(paths(project).checkpoint(arch))
-    label_values = meta["card"]["label_values"]
+    label_values = meta.card["label_values"]
     for case_id, raw in cases.items():
         image, _label, _spacing = load_case(paths(project).ingested, case_id)
-        expected = predict_volume(model, image, meta["image_size"], meta["context"]).transpose(2, 1, 0)
+        expected = predict_volume(model, image, meta.image_size, meta.context).transpose(2, 1, 0)
         source, written = nib.load(raw), nib.load(tmp_path / "out" / raw.name)
         got = np.asarray(written.dataobj)
         assert got.dtype == np.uint8 and set(np.unique(got)) <= set(label_values)
@@ -290,7 +290,7 @@ def test_2d_model_segments_images_as_evaluation_does(project, tmp_path):
     expected = {}
     for name in ("slice.jpg", "grey_as_rgb.png"):
         pixels = np.asarray(Image.open(tmp_path / "in" / name).convert("L"), dtype=np.float32)
-        expected[name] = np.asarray(values)[predict_volume(model, pixels[None, None] / 255, meta["image_size"])[0]]
+        expected[name] = np.asarray(values)[predict_volume(model, pixels[None, None] / 255, meta.image_size)[0]]
     for name, out in (("slice.jpg", "slice.png"), ("grey_as_rgb.png", "grey_as_rgb.png")):
         written = np.asarray(Image.open(tmp_path / "out" / out))
         assert written.dtype == np.uint8 and np.array_equal(written, expected[name])

@@ -199,7 +199,7 @@ def test_predict_slice_matches_full_volume_prediction_with_context(project_copy,
     model, meta = load_trained_model(paths(root).checkpoint("unet"))
     case_id = read_json(paths(root, params["dataset"]["name"]).split_file)["test"][0]
     image, _, _ = load_case(paths(root, params["dataset"]["name"]).ingested, case_id)
-    full = predict_volume(model, np.asarray(image), meta["image_size"], context=1)
+    full = predict_volume(model, np.asarray(image), meta.image_size, context=1)
     for index in (0, image.shape[0] // 2, image.shape[0] - 1):
         np.testing.assert_array_equal(predict_slice(model, meta, image, index), full[index])
 

@@ -8,6 +8,7 @@ added in one place and no reader spells a key its writer forgot.
 | `reports/<A>/export.json` | `ExportReport` | export | registry, report, flows |
 | `reports/<A>/per_case.csv` (and CV's per-case files) | `CaseScore` rows, `PER_CASE_COLUMNS` | evaluation, cv | report, cv, statistics |
 | `registry/<A>.json` | `RegistryRecord` | register | report, flows |
+| `models/<A>/checkpoint.pt` (beside `state_dict`) | `CheckpointMeta` | training | inference, evaluation, cv, export, report |
 
 Reading is lenient where files written by an older medseg lack a field (it reads as None) and strict where a file is
 not what it claims (`MedsegError` naming it). Writing goes through medseg.io (a temp file, then a rename).
@@ -226,3 +227,29 @@ class RegistryRecord(_JsonFile):
     model_uri: str | None = None
     test_dsc: float | None = None
     parity_passed: bool | None = None
+
+
+@dataclass
+class CheckpointMeta(_JsonFile):
+    """What checkpoint.pt records beside the weights (`state_dict`): how to rebuild the network, what it was trained
+    on and selected by, and the model card (medseg.card) as a dict."""
+
+    arch: str
+    in_channels: int
+    num_classes: int
+    image_size: list[int]
+    model_options: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    context: int | None = None  # None: a checkpoint from before 2.5D was recorded (params' data.context then)
+    epoch: int | None = None
+    val_dice: float | None = None
+    config_hash: str | None = None
+    training_cases_hash: str | None = None
+    card: dict[str, Any] | None = None
+
+    def with_weights(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """The dict torch.save writes to checkpoint.pt, in the key order it has always had."""
+        data = self.to_dict()
+        head = {key: data.pop(key) for key in ("arch", "model_options", "in_channels", "num_classes", "image_size",
+                                               "class_names", "context")}
+        return {**head, "state_dict": state_dict, **data}

@@ -65,9 +65,9 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     device = resolve_device(config.train.device)
     model = model.to(device)
     context, batch_size = checkpoint_context(meta, params), config.evaluate.batch_size
-    rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
+    rows = score_cases(lambda image: predict_volume(model, image, meta.image_size, context, batch_size, device),
                        scoring.rows, layout.ingested, case_ids, desc=f"out-of-fold {arch} fold {fold}")
-    metrics = summary_metrics(scoring, rows, case_ids, arch=arch, fold=int(fold), checkpoint_epoch=meta.get("epoch"))
+    metrics = summary_metrics(scoring, rows, case_ids, arch=arch, fold=int(fold), checkpoint_epoch=meta.epoch)
     write_per_case(layout.oof_per_case(arch, fold), rows)
     metrics.write(layout.oof_metrics(arch, fold))
     return metrics.to_dict()
@@ -130,7 +130,7 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
         """Each fold's labels and the ensemble's (the folds' probabilities averaged, then argmax), in one pass."""
         labels, total = {}, None
         for k, (model, meta) in zip(folds, models):
-            probs = volume_probabilities(model.to(device), image, meta["image_size"], checkpoint_context(meta, params),
+            probs = volume_probabilities(model.to(device), image, meta.image_size, checkpoint_context(meta, params),
                                          config.evaluate.batch_size, device)
             labels[str(k)] = probs.argmax(axis=1).astype(np.uint8)
             total = probs if total is None else total + probs

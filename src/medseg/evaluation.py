@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from medseg.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
-from medseg.contracts import EvaluationMetrics, write_per_case
+from medseg.contracts import CheckpointMeta, EvaluationMetrics, write_per_case
 from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
 from medseg.display import display_slice
@@ -77,7 +77,7 @@ class Scoring:
                                                                  self.protocol, self.tolerance)]
 
 
-def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: dict[str, Any]) -> Scoring:
+def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: CheckpointMeta) -> Scoring:
     """The Scoring of `case_ids` for a checkpoint with `meta`; a ConfigError when the checkpoint does not fit the
     ingested dataset (other classes, other input channels)."""
     from medseg.data.loader import read_cases
@@ -87,14 +87,14 @@ def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], met
     if protocol not in HD95_UNITS:
         raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
     cases = read_cases(ingested)
-    class_names = list(meta.get("class_names") or cases["class_names"])
+    class_names = list(meta.class_names or cases["class_names"])
     if list(cases["class_names"]) != class_names:
         raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the checkpoint's "
                           f"{class_names}; retrain on this dataset")
     context = checkpoint_context(meta, params)
-    if int(cases["in_channels"]) * (2 * context + 1) != int(meta["in_channels"]):
+    if int(cases["in_channels"]) * (2 * context + 1) != int(meta.in_channels):
         raise ConfigError(f"{ingested}: {cases['in_channels']} channel(s) x (2*{context}+1) context slices != the "
-                          f"checkpoint's in_channels {meta['in_channels']}")
+                          f"checkpoint's in_channels {meta.in_channels}")
     entries = {c["id"]: c for c in cases["cases"]}
     unknown = sum(not entries.get(i, {}).get("spacing_known", True) for i in case_ids)
     if unknown:
@@ -104,8 +104,8 @@ def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], met
                    nsd_tolerances(config.evaluate.nsd_tolerance, class_names), not unknown, entries)
 
 
-def checkpoint_context(meta: dict[str, Any], params: dict[str, Any]) -> int:
-    return int(meta.get("context", params.get("data", {}).get("context", 0)))
+def checkpoint_context(meta: CheckpointMeta, params: dict[str, Any]) -> int:
+    return int(meta.context if meta.context is not None else params.get("data", {}).get("context", 0))
 
 
 def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list[str], **extra: Any
@@ -165,11 +165,11 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         if len(overlays) < overlay_cases:
             overlays.append((case_id, *_overlay_slice(image, np.asarray(label), pred)))
 
-    rows = score_cases(lambda image: predict_volume(model, image, meta["image_size"], context, batch_size, device),
+    rows = score_cases(lambda image: predict_volume(model, image, meta.image_size, context, batch_size, device),
                        scoring.rows, ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay)
 
-    metrics = summary_metrics(scoring, rows, test_ids, arch=arch, checkpoint_epoch=meta.get("epoch"),
-                              val_dice=meta.get("val_dice"))
+    metrics = summary_metrics(scoring, rows, test_ids, arch=arch, checkpoint_epoch=meta.epoch,
+                              val_dice=meta.val_dice)
     metrics.write(layout.metrics(arch))
     write_dvc_metrics(layout.test_scores(arch), test_scores(metrics), arch)
     write_per_case(layout.per_case(arch), rows)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
-from medseg.contracts import EvaluationMetrics, ExportReport
+from medseg.contracts import CheckpointMeta, EvaluationMetrics, ExportReport
 from medseg.errors import ExportError
 from medseg.io import atomic_path, sha256_file, write_dvc_metrics
 from medseg.layout import ProjectLayout
@@ -135,15 +135,15 @@ def write_card_metadata(path: str | Path, card: ModelCard) -> None:
         onnx.save(model, str(tmp))
 
 
-def _trained_card(meta: dict[str, Any], checkpoint: Path, metrics_path: Path) -> ModelCard:
+def _trained_card(meta: CheckpointMeta, checkpoint: Path, metrics_path: Path) -> ModelCard:
     """The checkpoint's card with the test evaluation of reports/<arch>/metrics.json."""
-    if "card" not in meta:
+    if meta.card is None:
         raise ExportError(f"{checkpoint}: no model card (trained by an older medseg); re-run the train stage")
     try:
-        card = ModelCard.from_dict(meta["card"], checkpoint)
+        card = ModelCard.from_dict(meta.card, checkpoint)
     except CardError as exc:
         raise ExportError(str(exc)) from exc
-    network = (int(meta["in_channels"]), int(meta["num_classes"]), [int(v) for v in meta["image_size"]])
+    network = (int(meta.in_channels), int(meta.num_classes), [int(v) for v in meta.image_size])
     if (card.in_channels, card.num_classes, [int(v) for v in card.image_size]) != network:
         raise ExportError(f"{checkpoint}: model card (in_channels, classes, image_size) "
                           f"{card.in_channels, card.num_classes, card.image_size} != the network's {network}")
@@ -239,7 +239,7 @@ def _onnx_opset(path: Path) -> int:
     return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
 
 
-def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+def _parity_inputs(params: dict[str, Any], root: Path, meta: CheckpointMeta, size: tuple[int, int]) -> torch.Tensor:
     """A real batch of 2 slices (the first test case's most central ones) at `size`; random if no data is there."""
     from medseg.inference import prepare_slices
 
@@ -254,11 +254,11 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: dict[str, Any], siz
         image, _label, _spacing = load_case(ingested, case_id)
         middle = image.shape[0] // 2
         indices = [middle, min(middle + 1, image.shape[0] - 1)]
-        return prepare_slices(image, indices, int(meta.get("context", 0)), size)
+        return prepare_slices(image, indices, int(meta.context or 0), size)
     except Exception as exc:  # noqa: BLE001 - parity still means something on random input
         _log.warning("parity check on random input (no test slices readable: %s)", exc)
         generator = torch.Generator().manual_seed(int(params.get("seed") or 0))
-        return torch.rand(2, int(meta["in_channels"]), *size, generator=generator)
+        return torch.rand(2, int(meta.in_channels), *size, generator=generator)
 
 
 def _check_parity(report: ExportReport, model: torch.nn.Module, onnx_file: Path, session, inputs: list[torch.Tensor],

@@ -7,37 +7,34 @@ and the report's figures all call these; `medseg.predict` runs the same inferer 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from medseg.checkpoint import load_checkpoint
+from medseg.contracts import CheckpointMeta
 from medseg.errors import TrainingError
 from medseg.inferer import Runner, segment_slices
 from medseg.preprocessing import network_input
 
 
-def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network recorded in checkpoint.pt, load its weights; returns (model in eval mode, meta).
-
-    meta is the checkpoint dict without "state_dict" (arch, model_options, in_channels, num_classes,
-    image_size, class_names, epoch, val_dice, config_hash, split_hash, context).
-    """
+def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the network recorded in checkpoint.pt, load its weights; returns (model in eval mode, what the
+    checkpoint records beside its weights)."""
     from medseg.models import build_model
 
     checkpoint = load_checkpoint(checkpoint_path)
     missing = [k for k in ("arch", "in_channels", "num_classes", "image_size", "state_dict") if k not in checkpoint]
     if missing:
         raise TrainingError(f"{checkpoint_path}: not a medseg checkpoint (missing {', '.join(missing)})")
-    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"], meta["image_size"],
-                        **(meta.get("model_options") or {}))
+    meta = CheckpointMeta.from_dict(checkpoint, checkpoint_path)
+    model = build_model(meta.arch, meta.in_channels, meta.num_classes, meta.image_size, **(meta.model_options or {}))
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
-        raise TrainingError(f"{checkpoint_path}: weights do not fit {meta['arch']}: {exc}") from exc
+        raise TrainingError(f"{checkpoint_path}: weights do not fit {meta.arch}: {exc}") from exc
     return model.eval(), meta
 
 

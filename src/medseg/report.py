@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medseg.config import settings
-from medseg.contracts import (EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary,
+from medseg.contracts import (CheckpointMeta, EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary,
                               read_per_case)
 from medseg.display import display_slice
 from medseg.errors import MedsegError
@@ -60,15 +60,15 @@ def _family(arch: str) -> str:
         return "?"
 
 
-def _complexity(model, meta: dict[str, Any]) -> tuple[float | None, float | None]:
+def _complexity(model, meta: CheckpointMeta) -> tuple[float | None, float | None]:
     """(params in millions, GFLOPs of one slice at the training size) from medseg.models.complexity."""
     from medseg.models.complexity import count_gflops, count_params
 
     params_m = count_params(model) / 1e6
     try:
-        gflops = count_gflops(model, (1, int(meta["in_channels"]), *[int(s) for s in meta["image_size"]]))
+        gflops = count_gflops(model, (1, int(meta.in_channels), *[int(s) for s in meta.image_size]))
     except Exception as exc:  # an op the counter cannot trace must not sink the whole report
-        log.warning("GFLOPs of %s not counted: %s", meta.get("arch"), exc)
+        log.warning("GFLOPs of %s not counted: %s", meta.arch, exc)
         gflops = None
     return params_m, gflops
 
@@ -685,16 +685,16 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
     return chosen
 
 
-def predict_slice(model, meta: dict[str, Any], image: np.ndarray, index: int) -> np.ndarray:
+def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int) -> np.ndarray:
     """Label map (H, W) of one slice with medseg.inference.predict_volume (same resize and argmax as evaluation).
 
     Only the slice's 2.5D context window is passed, which clamps at the volume ends exactly as the full volume would.
     """
     from medseg.inference import predict_volume
 
-    context = int(meta.get("context", 0))
+    context = int(meta.context or 0)
     lo, hi = max(index - context, 0), min(index + context + 1, image.shape[0])
-    return predict_volume(model, np.asarray(image[lo:hi]), meta["image_size"], context)[index - lo]
+    return predict_volume(model, np.asarray(image[lo:hi]), meta.image_size, context)[index - lo]
 
 
 

@@ -35,7 +35,7 @@ from medseg.config import (check_cv_fold, config_hash, disable_telemetry, model_
                            validate_params)
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
-from medseg.contracts import TrainSummary
+from medseg.contracts import CheckpointMeta, TrainSummary
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
 from medseg.layout import ProjectLayout, RunFiles
 from medseg.losses import build_loss
@@ -566,9 +566,13 @@ class Trainer:
 
     def save_best(self) -> None:
         spec, st = self.spec, self.state
-        save_checkpoint(_best_checkpoint(st.best_state, spec.arch, spec.options, spec.in_channels, spec.num_classes,
-                                         spec.image_size, spec.class_names, spec.context, st.best_epoch,
-                                         st.best_dice, spec.run_hash, spec.split, self.card), spec.paths.checkpoint)
+        meta = CheckpointMeta(arch=spec.arch, in_channels=spec.in_channels, num_classes=spec.num_classes,
+                              image_size=list(spec.image_size), model_options=spec.options,
+                              class_names=list(spec.class_names), context=spec.context, epoch=st.best_epoch,
+                              val_dice=st.best_dice if (st.best_dice is not None and st.best_dice >= 0) else None,
+                              config_hash=spec.run_hash, training_cases_hash=training_cases_hash(spec.split),
+                              card=self.card.to_dict())
+        save_checkpoint(meta.with_weights(st.best_state), spec.paths.checkpoint)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, augmentation: torch.Tensor | None = None
@@ -822,21 +826,3 @@ def _model_card(params, arch, paths: RunFiles, split, image_size, options):
                       dynamic_hw=get_model_info(arch).dynamic_hw)
 
 
-def _best_checkpoint(state_dict, arch, options, in_channels, num_classes, image_size, class_names, context, epoch,
-                     val_dice, run_hash, split, card) -> dict[str, Any]:
-    """The contract's checkpoint.pt dict (docs/architecture.md), with the model card under `card`."""
-    return {
-        "arch": arch,
-        "model_options": options,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "image_size": list(image_size),
-        "class_names": list(class_names),
-        "context": context,
-        "state_dict": state_dict,
-        "epoch": epoch,
-        "val_dice": val_dice if (val_dice is not None and val_dice >= 0) else None,
-        "config_hash": run_hash,
-        "training_cases_hash": training_cases_hash(split),
-        "card": card.to_dict(),
-    }
