@@ -164,10 +164,10 @@ def snapshot(path: Path) -> dict[str, str]:
 
 def augment_slice(image, label, options, rng):
     """One random augmentation of image (C, H, W) / label (H, W): the per-item reference the loader's batched
-    augmentation (medseg.data.loader.draw_augmentation + apply_augmentation) is tested against."""
+    augmentation (medseg.data.augment.draw_augmentation + apply_augmentation) is tested against."""
     import torch
 
-    from medseg.data.loader import apply_augmentation, draw_augmentation
+    from medseg.data.augment import apply_augmentation, draw_augmentation
 
     row = draw_augmentation(options, rng, image.shape[-1] == image.shape[-2])
     images, labels = apply_augmentation(image[None].clone(), label[None].clone(), torch.from_numpy(row[None]))

@@ -31,7 +31,7 @@ def _rows(path):
 
 def test_cross_validation_covers_every_development_patient_once_and_ensembles_the_folds(project_copy, cv_params):
     from medseg.cv import cv_summary, evaluate_fold
-    from medseg.data.loader import load_case
+    from medseg.data.cases import load_case
     from medseg.data.split import fold_split
     from medseg.evaluation import scoring_for
     from medseg.inference import load_trained_model, volume_probabilities

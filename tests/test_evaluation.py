@@ -54,7 +54,8 @@ def test_native_size_prediction_is_exact_and_resized_prediction_is_close():
 
 
 def test_context_channels_match_training_slices(tiny_project):
-    from medseg.data.loader import SliceDataset, load_case, read_cases
+    from medseg.data.cases import load_case, read_cases
+    from medseg.data.loader import SliceDataset
 
     ingested = paths(tiny_project).ingested
     case_id = read_cases(ingested)["cases"][0]["id"]
@@ -75,7 +76,7 @@ def test_context_channels_match_training_slices(tiny_project):
 
 def _checkpoint(root, params, context=0):
     """A random-init U-Net checkpoint: evaluation is exercised without spending test time on training."""
-    from medseg.data.loader import read_cases
+    from medseg.data.cases import read_cases
     from medseg.models import build_model
 
     cases = read_cases(paths(root, params["dataset"]["name"]).ingested)
@@ -92,12 +93,12 @@ def _checkpoint(root, params, context=0):
 
 
 def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, tiny_params, monkeypatch):
-    import medseg.data.loader as loader
+    import medseg.data.cases as cases
 
     _checkpoint(project_copy, tiny_params)
     split = read_json(paths(project_copy).split_file)
     loaded, predictions = [], {}
-    original_load = loader.load_case
+    original_load = cases.load_case
     original_predict = predict_volume
 
     def load_case(ingested, case_id):
@@ -109,7 +110,7 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
         predictions[loaded[-1]] = pred
         return pred
 
-    monkeypatch.setattr(loader, "load_case", load_case)
+    monkeypatch.setattr(cases, "load_case", load_case)
     monkeypatch.setattr("medseg.evaluation.predict_volume", predict)
     metrics = evaluate_model(tiny_params, "unet", project_copy)
 
@@ -194,7 +195,7 @@ def test_bad_inputs_are_named(project_copy, tiny_params, tmp_path):
 def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thread):
     """One test case without a known spacing turns the whole evaluation to voxels: no mean mixes mm and voxels."""
     from medseg.data.ingest import ingest_dataset
-    from medseg.data.loader import load_case
+    from medseg.data.cases import load_case
     from test_ingest import synapse_params, volume_pair, write_nifti
 
     raw, root = tmp_path / "raw", tmp_path / "project"

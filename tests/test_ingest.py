@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import paths
 from medseg.data.ingest import ingest_dataset, ingest_from_params
-from medseg.data.loader import load_case, read_cases
+from medseg.data.cases import load_case, read_cases
 from medseg.errors import ConfigError
 
 SPACING = (0.8, 0.9, 2.5)  # x, y, z mm

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import math
 
 from conftest import augment_slice, dataset_from_params
-from medseg.data.loader import (SliceDataset, apply_augmentation, collate_slices, load_case, make_loader, read_cases,
-                                rotation_grid)
+from medseg.data.augment import apply_augmentation, rotation_grid
+from medseg.data.cases import load_case, read_cases
+from medseg.data.loader import SliceDataset, collate_slices, make_loader
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
 from conftest import paths

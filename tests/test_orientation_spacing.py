@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medseg.data.ingest import ingest_dataset
-from medseg.data.loader import load_case
+from medseg.data.cases import load_case
 from medseg.data.orientation import axcodes, from_canonical, to_canonical
 from test_ingest import SPACING, SYNAPSE_MAP, folder2d_params, make_kvasir, synapse_params, volume_pair, write_nifti
 

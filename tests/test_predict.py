@@ -77,7 +77,7 @@ def _to_index(raw: np.ndarray, label_values: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cli_labels_equal_evaluation_voxel_for_voxel_with_the_input_header(project, tmp_path, arch):
-    from medseg.data.loader import load_case
+    from medseg.data.cases import load_case
     from medseg.inference import load_trained_model, predict_volume
 
     cases = _test_cases(project)

@@ -160,7 +160,9 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
     NIfTI give the same float32 network input for the same slices (2.5D context 1, 48x48 -> 32x32)."""
     import nibabel as nib
 
-    from medseg.data.loader import SliceDataset, load_case, read_cases
+    from medseg.contracts import CheckpointMeta
+    from medseg.data.cases import load_case, read_cases
+    from medseg.data.loader import SliceDataset
     from medseg.data.orientation import to_canonical
     from medseg.inference import prepare_slices
     from medseg.export import _parity_inputs
@@ -191,5 +193,6 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
     # (b) evaluation
     np.testing.assert_array_equal(prepare_slices(image, indices, context, size).numpy(), expected)
     # (c) export's parity batch: the test case's two middle slices
-    parity = _parity_inputs(tiny_params, tiny_project, {"context": context, "in_channels": 3}, size)
+    meta = CheckpointMeta(arch="unet", in_channels=3, num_classes=9, image_size=list(size), context=context)
+    parity = _parity_inputs(tiny_params, tiny_project, meta, size)
     np.testing.assert_array_equal(parity.numpy(), expected[1:3])

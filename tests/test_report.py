@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary
-from medseg.data.loader import load_case, read_cases
+from medseg.data.cases import load_case, read_cases
 from medseg.io import read_json
 from conftest import seed_store, paths
 

@@ -61,12 +61,13 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_project, tmp_path_factory):
     """One uninterrupted in-process run, recording every case the training touches."""
+    import medseg.data.cases as cases
     import medseg.data.loader as loader
     from medseg.training import train_model
 
     root, params = _make_project(tiny_project, tmp_path_factory.mktemp("ref") / "project")
     touched: set[str] = set()
-    original_init, original_load = loader.SliceDataset.__init__, loader.load_case
+    original_init, original_load = loader.SliceDataset.__init__, cases.load_case
 
     def init(self, ingested_dir, case_ids, *args, **kwargs):
         touched.update(case_ids)
@@ -78,7 +79,7 @@ def reference(tiny_project, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loader.SliceDataset, "__init__", init)
-        mp.setattr(loader, "load_case", load_case)
+        mp.setattr(cases, "load_case", load_case)
         summary = train_model(params, "unet", root)
     return root, params, summary, touched
 

@@ -80,7 +80,7 @@ class Scoring:
 def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: CheckpointMeta) -> Scoring:
     """The Scoring of `case_ids` for a checkpoint with `meta`; a ConfigError when the checkpoint does not fit the
     ingested dataset (other classes, other input channels)."""
-    from medseg.data.loader import read_cases
+    from medseg.data.cases import read_cases
 
     config = settings(params)
     protocol = config.evaluate.protocol

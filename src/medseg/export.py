@@ -246,7 +246,7 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: CheckpointMeta, siz
     layout = ProjectLayout.of(params, root)
     ingested, split_path = layout.ingested, layout.split_file
     try:
-        from medseg.data.loader import load_case
+        from medseg.data.cases import load_case
         from medseg.io import read_json
 
         split = read_json(split_path)

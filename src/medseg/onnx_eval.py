@@ -26,7 +26,7 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
     checkout's test split, as evaluate_model scores a checkpoint: the ingested slices, the card's context and
     training size, the same protocol and rules, through ONNX Runtime. The champion gate measures a champion with
     it on a challenger's test data (`expect_test_data`: refuse before predicting if the checkout's differs)."""
-    from medseg.data.loader import read_cases
+    from medseg.data.cases import read_cases
     from medseg.predict import load_predictor
     from medseg.scoring import score_cases
 

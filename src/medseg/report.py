@@ -664,7 +664,7 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
 
     Deterministic, so every model is shown on the same slices and re-runs give the same figure.
     """
-    from medseg.data.loader import load_case
+    from medseg.data.cases import load_case
 
     candidates = []
     for case_id in case_ids:
@@ -700,7 +700,7 @@ def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int) ->
 
 def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Sequence[dict]) -> str:
     """Figure 1-style grid; returns a one-line description for comparison.md."""
-    from medseg.data.loader import load_case, read_cases
+    from medseg.data.cases import load_case, read_cases
 
     layout = ProjectLayout.of(params, root)
     ingested, split_path = layout.ingested, layout.split_file

@@ -28,7 +28,7 @@ def score_cases(segment: Segmenter, score: Scorer, ingested: str | Path, case_id
     """Rows of every case in `case_ids`, in order: a list, or, for a segmenter that gives a mapping, a mapping of
     lists by the same names. `desc` shows progress (medseg.progress); `inspect(case_id, image, label, labels)` sees
     each case (evaluation keeps a few for its overlay figure)."""
-    from medseg.data.loader import load_case
+    from medseg.data.cases import load_case
     from medseg.progress import progress
 
     rows: Any = None

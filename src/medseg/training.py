@@ -370,7 +370,7 @@ class RunSpec:
 
     @classmethod
     def of(cls, params: dict[str, Any], arch: str, root: Path, fold: int | None = None) -> "RunSpec":
-        from medseg.data.loader import read_cases
+        from medseg.data.cases import read_cases
         from medseg.data.split import fold_split
 
         params = validate_params(params)  # every section with its defaults: below, no key is optional
@@ -579,7 +579,7 @@ class Trainer:
                    ) -> float:
         """One optimizer step; returns the batch loss. `augmentation`: the batch's table when the loader left the
         augmentation to the training device (SliceDataset.defer_augmentation)."""
-        from medseg.data.loader import apply_augmentation
+        from medseg.data.augment import apply_augmentation
 
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
