@@ -169,7 +169,7 @@ def test_formats_without_spacing_warn_once(tmp_path, caplog):
 
 
 def test_report_labels_voxels_and_warns_on_mixed_units():
-    from medseg.report import render_markdown
+    from medseg.report.markdown import render_markdown
 
     def row(arch, unit):
         return {"arch": arch, "family": "cnn", "mean_dsc": 0.5, "mean_hd95": 7.0, "protocol": "mm", "hd95_unit": unit,

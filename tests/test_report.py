@@ -192,7 +192,7 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
     """The qualitative figure predicts single slices; with 2.5D context they must equal evaluation's predictions."""
     from medseg.inference import load_trained_model, predict_volume
-    from medseg.report import predict_slice
+    from medseg.report.figures import predict_slice
 
     root, params = project_copy, tiny_params
     write_checkpoint(root, "unet", params, context=1, seed=3)
@@ -205,7 +205,7 @@ def test_predict_slice_matches_full_volume_prediction_with_context(project_copy,
 
 
 def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
-    from medseg.report import pick_slices
+    from medseg.report.figures import pick_slices
 
     ingested = paths(project_copy, tiny_params["dataset"]["name"]).ingested
     test_ids = read_json(paths(project_copy, tiny_params["dataset"]["name"]).split_file)["test"]
@@ -295,7 +295,7 @@ def test_statistics_mark_a_winner_only_when_the_paired_test_says_so(report_proje
 
 def test_statistics_resample_patients_not_their_cases(report_project):
     """Two cases of one patient count once: three patients with two scans each are three paired observations."""
-    from medseg.report import compute_statistics
+    from medseg.report.statistics import compute_statistics
 
     root, params = report_project
     cases_json = paths(root, params["dataset"]["name"]).cases_json
@@ -308,7 +308,7 @@ def test_statistics_resample_patients_not_their_cases(report_project):
     cases_json.write_text(json.dumps(data))
     _write_per_case(root, "unet", {c: 0.5 for c in ids}, organs)
     _write_per_case(root, "unetpp", {c: 0.6 + 0.01 * i for i, c in enumerate(ids)}, organs)
-    from medseg.report import collect_results
+    from medseg.report.collect import collect_results
 
     rows, _ = collect_results(params, root, load_models=False)
     stats = compute_statistics(params, rows, root)
@@ -318,7 +318,8 @@ def test_statistics_resample_patients_not_their_cases(report_project):
 
 
 def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_params):
-    from medseg.report import ablation_section, compute_statistics
+    from medseg.report.markdown import ablation_section
+    from medseg.report.statistics import compute_statistics
 
     def rows_for(values):
         return [{"case": f"s{i}", "class": "organ", "dsc": str(v), "hd95": "1.0", "nsd": str(v), "status": "ok"}
