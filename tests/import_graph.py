@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "medseg"
-# The network builders are looked up by name at run time (medseg.models.registry imports the family that defines a
+# The network builders are looked up by name at run time (medseg.models.table imports the family that defines a
 # name), which no static reading sees: a stage that builds any network depends on the whole package.
 WHOLE_PACKAGES = ("medseg.models",)
 

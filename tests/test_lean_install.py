@@ -31,7 +31,7 @@ from medseg.io import read_json
 # what a deployment does not install (the train, transformers and pipeline extras)
 HEAVY = ("torch", "torchvision", "mlflow", "prefect", "dvc", "transformers", "timm", "segmentation_models_pytorch",
          "onnx", "matplotlib")
-FAMILY_MODULES = ("medseg.models.unet", "medseg.models.smp_models", "medseg.models.zoo", "medseg.models.detection",
+FAMILY_MODULES = ("medseg.models.unet", "medseg.models.smp_models", "medseg.models.timm_models", "medseg.models.detection",
                   "medseg.models.mamba")
 
 # appended to every child script: which heavy top-level packages ended up imported (JSON on the last stdout line)
@@ -186,7 +186,7 @@ def test_unet_lookup_imports_neither_zoo_nor_mamba_nor_transformers():
 
         get_model_info("unet")
         build_model("unet", 1, 2, (32, 32), base_channels=2)
-        for name in ("transformers", "medseg.models.zoo", "medseg.models.mamba", "medseg.models.mamba.networks",
+        for name in ("transformers", "medseg.models.timm_models", "medseg.models.mamba", "medseg.models.mamba.networks",
                      "medseg.models.mamba.ss2d", "medseg.models.mamba.selective_scan"):
             assert name not in sys.modules, name
         """
@@ -196,31 +196,31 @@ def test_unet_lookup_imports_neither_zoo_nor_mamba_nor_transformers():
 
 def test_family_table_is_what_the_modules_register():
     """Import every module under medseg.models (a new model module the table misses is caught too) and compare the
-    names each registered with registry._FAMILY_OF, name for name."""
+    names each registered with table._FAMILY_OF, name for name."""
     import medseg.models
-    from medseg.models import available_models, registry
+    from medseg.models import available_models, table
 
     for module in pkgutil.walk_packages(medseg.models.__path__, "medseg.models."):
         importlib.import_module(module.name)
-    registered = {name: module for name, module in registry._REGISTERED_BY.items()
+    registered = {name: module for name, module in table._REGISTERED_BY.items()
                   if module.startswith("medseg.models.")}
-    assert registered == registry._FAMILY_OF
-    assert available_models() == sorted(registry._FAMILY_OF)
-    assert set(registry.MODEL_MODULES) == set(registry._FAMILY_OF.values())
-    for name, info in registry._REGISTRY.items():
-        if name in registry._FAMILY_OF:
-            assert info.builder.__module__ == registry._FAMILY_OF[name], name
+    assert registered == table._FAMILY_OF
+    assert available_models() == sorted(table._FAMILY_OF)
+    assert set(table.MODEL_MODULES) == set(table._FAMILY_OF.values())
+    for name, info in table._REGISTRY.items():
+        if name in table._FAMILY_OF:
+            assert info.builder.__module__ == table._FAMILY_OF[name], name
 
 
 def test_a_missing_extra_names_the_extra_to_install():
-    from medseg.models import registry
+    from medseg.models import table
 
-    exc = registry._missing_extra(ModuleNotFoundError("No module named 'transformers'", name="transformers"), "m")
+    exc = table._missing_extra(ModuleNotFoundError("No module named 'transformers'", name="transformers"), "m")
     assert "medseg[transformers]" in str(exc)
-    exc = registry._missing_extra(ModuleNotFoundError("No module named 'timm'", name="timm.layers"), "m")
+    exc = table._missing_extra(ModuleNotFoundError("No module named 'timm'", name="timm.layers"), "m")
     assert "medseg[train]" in str(exc)
     other = ModuleNotFoundError("No module named 'foo'", name="foo")
-    assert registry._missing_extra(other, "m") is other
+    assert table._missing_extra(other, "m") is other
 
 
 # ------------------------------------------------------------------------------------------------ extras

@@ -1,6 +1,6 @@
-"""Segmentation networks behind one registry (see registry.py for the builder contract)."""
+"""Segmentation networks behind one table of names (see table.py for the builder contract)."""
 
-from medseg.models.registry import (
+from medseg.models.table import (
     ModelInfo,
     available_models,
     build_model,

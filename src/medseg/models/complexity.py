@@ -67,7 +67,7 @@ def count_params_of(name: str, in_channels: int, num_classes: int, image_size: S
 
     BEiT-L + UperNet (436M) is counted ~20x faster than a real build (benchmarks/bench_param_count.py).
     """
-    from medseg.models.registry import build_model
+    from medseg.models.table import build_model
 
     with _MetaParameters():
         model = build_model(name, in_channels, num_classes, tuple(image_size), **options)

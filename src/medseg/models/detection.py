@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.models.registry import register_model
+from medseg.models.table import register_model
 
 # Probability floor before the log; the log keeps CE finite where every query says "no object".
 _EPS = 1e-6

@@ -17,7 +17,7 @@ from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDeco
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.models.registry import register_model
+from medseg.models.table import register_model
 
 _SMP_ARCHS = {"unet": smp.Unet, "unetpp": smp.UnetPlusPlus, "segformer": smp.Segformer}
 

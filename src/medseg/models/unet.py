@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.models.registry import register_model
+from medseg.models.table import register_model
 
 
 class DoubleConv(nn.Sequential):

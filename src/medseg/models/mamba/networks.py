@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from medseg.errors import ConfigError
 from medseg.models.mamba.ss2d import MambaLayer, VSSStage, remove_selective_scans
-from medseg.models.registry import register_model
+from medseg.models.table import register_model
 
 _log = logging.getLogger(__name__)
 
@@ -619,7 +619,7 @@ def _no_mamba(builder, **kwargs) -> nn.Module:
 
 
 def _register_twin(name: str, builder) -> None:
-    from medseg.models.registry import get_model_info
+    from medseg.models.table import get_model_info
 
     info = get_model_info(name)
     register_model(

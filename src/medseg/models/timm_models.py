@@ -19,7 +19,7 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import SwinTransformerStage
 from torch import nn
 
-from medseg.models.registry import register_model
+from medseg.models.table import register_model
 
 
 class ConvBNReLU(nn.Sequential):

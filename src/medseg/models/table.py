@@ -26,7 +26,7 @@ Builder = Callable[..., "nn.Module"]
 
 _UNET = "medseg.models.unet"  # original 2015 UNet and the nested UNet++ (torch only)
 _SMP = "medseg.models.smp_models"  # segmentation_models_pytorch: UNet/UNet++/SegFormer with ResNet/EfficientNet/MiT
-_ZOO = "medseg.models.zoo"  # TransUNet, Swin-UNet, UperNet on DeiT/BEiT, TransNeXt stand-in (timm)
+_TIMM = "medseg.models.timm_models"  # TransUNet, Swin-UNet, UperNet on DeiT/BEiT, TransNeXt stand-in (timm)
 _DETECTION = "medseg.models.detection"  # Mask2Former (transformers) and Mask R-CNN (torchvision) as segmenters
 _MAMBA = "medseg.models.mamba.networks"  # VM-UNet, Mamba-UNet, Swin-UMamba, MSVM-UNet, U-Mamba-Bot
 
@@ -45,13 +45,13 @@ _FAMILY_OF: dict[str, str] = {
     "segformer_b0": _SMP,
     "segformer_b2": _SMP,
     "segformer_b4": _SMP,
-    "transunet_r50_vit": _ZOO,
-    "swin_unet": _ZOO,
-    "upernet_deit_s": _ZOO,
-    "upernet_deit_b": _ZOO,
-    "upernet_beit_b": _ZOO,
-    "upernet_beit_l": _ZOO,
-    "transnext_base_standin": _ZOO,
+    "transunet_r50_vit": _TIMM,
+    "swin_unet": _TIMM,
+    "upernet_deit_s": _TIMM,
+    "upernet_deit_b": _TIMM,
+    "upernet_beit_b": _TIMM,
+    "upernet_beit_l": _TIMM,
+    "transnext_base_standin": _TIMM,
     "mask2former_r50": _DETECTION,
     "mask2former_swin_l": _DETECTION,
     "maskrcnn_r101_fpn": _DETECTION,
