@@ -27,16 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tasks import (
-    arch_stages,
-    name_flow_run,
-    prepare_data,
-    promote_arch,
-    publish_artifacts,
-    push_outputs,
-    repro_report,
-    train_arch,
-)
+from flows.artifacts import publish_artifacts
+from flows.dvc_runner import arch_stages
+from flows.tasks import name_flow_run, prepare_data, promote_arch, push_outputs, repro_report, train_arch
 from medseg.config import disable_telemetry, load_params
 from medseg.errors import ConfigError, MedsegError
 

@@ -32,7 +32,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import failure_message, flow_exit_code
-from flows.tasks import retry_delay, retry_if_transient
+from flows.dvc_runner import retry_if_transient
+from flows.tasks import retry_delay
 from medseg.config import disable_telemetry
 from medseg.errors import ConfigError, MedsegError, PredictError
 from medseg.io import sha256_file

@@ -1,5 +1,5 @@
 """Two pipeline runs started at the same moment on one checkout. The flows run every DVC call through
-`flows.tasks.run_dvc`, whose checkout lock queues the second run (DVC's own lock would fail it: two bare
+`flows.dvc_runner.run_dvc`, whose checkout lock queues the second run (DVC's own lock would fail it: two bare
 `dvc repro` at once stop the second with "is busy"): both succeed, one trains, the other finds everything up to
 date, the outputs are complete and consistent, and the registry holds one version."""
 
@@ -18,7 +18,7 @@ from conftest import make_dvc_project, paths
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = "import sys; from flows.tasks import run_dvc; run_dvc(['repro'], sys.argv[1], log=print)"
+RUN = "import sys; from flows.dvc_runner import run_dvc; run_dvc(['repro'], sys.argv[1], log=print)"
 
 
 def test_two_pipeline_runs_at_once_one_waits_and_nothing_is_duplicated(tmp_path, tiny_params):

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-from flows import pipeline, retrain, tasks
-from flows.tasks import DvcCommandError
+from flows import artifacts, dvc_runner, pipeline, retrain, tasks
+from flows.dvc_runner import DvcCommandError
 from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError
 from conftest import paths
 
@@ -47,7 +47,7 @@ def fake_dvc(script: str) -> list[str]:
 def test_run_dvc_streams_output_and_passes_args(project):
     tmp_path = project
     logged = []
-    out = tasks.run_dvc(
+    out = dvc_runner.run_dvc(
         ["repro", "train@unet"],
         tmp_path,
         dvc_cmd=fake_dvc("import os, sys; print('cwd', os.getcwd()); print('args', *sys.argv[1:])"),
@@ -76,7 +76,7 @@ def test_run_dvc_logs_whole_blocks_and_progress_bars_once(project):
     """A training's output as a handful of records (per stage, per burst), not a record per line or per update of
     its progress bar; the output and the failure tail hold the lines a terminal would have shown."""
     logged = []
-    out = tasks.run_dvc(["repro"], project, dvc_cmd=fake_dvc(STAGES_WITH_A_PROGRESS_BAR), log=logged.append)
+    out = dvc_runner.run_dvc(["repro"], project, dvc_cmd=fake_dvc(STAGES_WITH_A_PROGRESS_BAR), log=logged.append)
     assert logged[1:] == [
         "Running stage 'train@unet':\n> python stages/train.py unet\nINFO medseg.training: unet epoch 1: loss 0.5",
         "train@unet: arch=unet, epochs=1",
@@ -89,11 +89,11 @@ def test_run_dvc_tells_parallel_stages_how_many_share_the_cores(project, monkeyp
     """Stages started with room for N at once (max_parallel) size their threads to 1/N of the cores."""
     monkeypatch.delenv("MEDSEG_PARALLEL_JOBS", raising=False)
     script = fake_dvc("import os; print('jobs', os.environ.get('MEDSEG_PARALLEL_JOBS'))")
-    assert "jobs None" in tasks.run_dvc(["repro"], project, dvc_cmd=script, log=lambda line: None)
-    assert "jobs 2" in tasks.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
+    assert "jobs None" in dvc_runner.run_dvc(["repro"], project, dvc_cmd=script, log=lambda line: None)
+    assert "jobs 2" in dvc_runner.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
                                      log=lambda line: None)
     monkeypatch.setenv("MEDSEG_PARALLEL_JOBS", "3")  # a caller's own count is never lowered
-    assert "jobs 3" in tasks.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
+    assert "jobs 3" in dvc_runner.run_dvc(["repro"], project, slots=2, exclusive=False, dvc_cmd=script,
                                      log=lambda line: None)
 
 
@@ -101,25 +101,25 @@ def test_run_dvc_failure_keeps_exit_code_and_output_tail(project):
     tmp_path = project
     script = "import sys\nfor i in range(100): print('line', i)\nprint('ERROR: failed to reproduce'); sys.exit(3)"
     with pytest.raises(DvcCommandError) as info:
-        tasks.run_dvc(["repro", "split"], tmp_path, dvc_cmd=fake_dvc(script), log=lambda line: None)
+        dvc_runner.run_dvc(["repro", "split"], tmp_path, dvc_cmd=fake_dvc(script), log=lambda line: None)
     err = info.value
     assert err.returncode == 3
     assert err.output_tail.splitlines()[-1] == "ERROR: failed to reproduce"
-    assert len(err.output_tail.splitlines()) == tasks.OUTPUT_TAIL_LINES
+    assert len(err.output_tail.splitlines()) == dvc_runner.OUTPUT_TAIL_LINES
     assert "line 0\n" not in err.output_tail
     assert str(tmp_path) in str(err) and "dvc repro split" in str(err)
 
 
 def test_run_dvc_outside_a_project_names_the_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nope/dvc.yaml: not found"):
-        tasks.run_dvc(["repro"], tmp_path / "nope", dvc_cmd=fake_dvc("pass"))
+        dvc_runner.run_dvc(["repro"], tmp_path / "nope", dvc_cmd=fake_dvc("pass"))
 
 
 def test_checkout_lock_serialises_threads(tmp_path):
     spans = []
 
     def hold(name):
-        with tasks.checkout_lock(tmp_path):
+        with dvc_runner.checkout_lock(tmp_path):
             start = time.monotonic()
             time.sleep(0.15)
             spans.append((start, time.monotonic()))
@@ -137,12 +137,12 @@ def test_checkout_lock_serialises_threads(tmp_path):
 
 def test_checkout_lock_runs_shared_calls_in_slots_and_exclusive_ones_alone(tmp_path, monkeypatch):
     pytest.importorskip("fcntl")
-    monkeypatch.setattr(tasks, "SLOT_POLL_S", 0.02)
+    monkeypatch.setattr(dvc_runner, "SLOT_POLL_S", 0.02)
     events = []
     guard = threading.Lock()
 
     def hold(kind, exclusive):
-        with tasks.checkout_lock(tmp_path, slots=2, exclusive=exclusive) as slot:
+        with dvc_runner.checkout_lock(tmp_path, slots=2, exclusive=exclusive) as slot:
             with guard:
                 events.append(("in", kind, slot, time.monotonic()))
             time.sleep(0.2)
@@ -171,7 +171,7 @@ def test_checkout_lock_runs_shared_calls_in_slots_and_exclusive_ones_alone(tmp_p
 
 def test_checkout_lock_waits_for_another_process(tmp_path):
     pytest.importorskip("fcntl")
-    lock = tmp_path / tasks.LOCK_DIR / "medseg-flows.lock"
+    lock = tmp_path / dvc_runner.LOCK_DIR / "medseg-flows.lock"
     lock.parent.mkdir(parents=True)
     released = tmp_path / "released"
     holder = subprocess.Popen(
@@ -189,7 +189,7 @@ def test_checkout_lock_waits_for_another_process(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         start = time.monotonic()
-        with tasks.checkout_lock(tmp_path):
+        with dvc_runner.checkout_lock(tmp_path):
             waited = time.monotonic() - start
             assert released.exists()  # we only got in after the other process let go
     finally:
@@ -257,14 +257,14 @@ def dvc_error(tail: str, returncode: int = 1, **statuses) -> DvcCommandError:
     ],
 )
 def test_is_transient(exc, transient):
-    assert tasks.is_transient(exc) is transient
+    assert dvc_runner.is_transient(exc) is transient
 
 
 def test_killed_by_reads_popen_and_shell_statuses():
-    assert tasks.killed_by(-9) == signal.SIGKILL and tasks.killed_by(137) == signal.SIGKILL
-    assert tasks.killed_by(-15) == tasks.killed_by(143) == signal.SIGTERM
-    assert tasks.killed_by(0) is tasks.killed_by(1) is tasks.killed_by(2) is tasks.killed_by(255) is None
-    assert tasks.killed_by(None) is None
+    assert dvc_runner.killed_by(-9) == signal.SIGKILL and dvc_runner.killed_by(137) == signal.SIGKILL
+    assert dvc_runner.killed_by(-15) == dvc_runner.killed_by(143) == signal.SIGTERM
+    assert dvc_runner.killed_by(0) is dvc_runner.killed_by(1) is dvc_runner.killed_by(2) is dvc_runner.killed_by(255) is None
+    assert dvc_runner.killed_by(None) is None
 
 
 def test_dvc_error_leads_with_the_stage_status_and_survives_pickling():
@@ -277,7 +277,7 @@ def test_dvc_error_leads_with_the_stage_status_and_survives_pickling():
                      "`dvc repro train@unet` exited with 255 in /proj")
     again = pickle.loads(pickle.dumps(err))
     assert (again.returncode, again.stage_statuses, str(again)) == (255, err.stage_statuses, str(err))
-    assert tasks.is_transient(again) is False
+    assert dvc_runner.is_transient(again) is False
     killed = dvc_error("...", 255, train_at_unet=None)
     assert "stage train@unet died without exiting" in str(killed).splitlines()[0]
     assert "stage train@unet was killed by SIGKILL" in str(dvc_error(STAGE_FAILED + "-9", 255)).splitlines()[0]
@@ -286,15 +286,15 @@ def test_dvc_error_leads_with_the_stage_status_and_survives_pickling():
 def test_retry_condition_reads_the_failed_state():
     from prefect.states import Completed, Failed
 
-    assert tasks.retry_if_transient(None, None, Failed(data=dvc_error("Unable to acquire lock"))) is True
-    assert tasks.retry_if_transient(None, None, Failed(data=ConfigError("bad"))) is False
-    assert tasks.retry_if_transient(None, None, Completed(data=1)) is False
+    assert dvc_runner.retry_if_transient(None, None, Failed(data=dvc_error("Unable to acquire lock"))) is True
+    assert dvc_runner.retry_if_transient(None, None, Failed(data=ConfigError("bad"))) is False
+    assert dvc_runner.retry_if_transient(None, None, Completed(data=1)) is False
 
 
 def test_every_dvc_task_retries_only_transient_failures():
     for t in (tasks.prepare_data, tasks.train_arch, tasks.promote_arch, tasks.repro_report):
         assert t.retries == 2
-        assert t.retry_condition_fn is tasks.retry_if_transient
+        assert t.retry_condition_fn is dvc_runner.retry_if_transient
 
 
 # --------------------------------------------------------------------------------------------------------- tasks
@@ -412,7 +412,7 @@ def test_metrics_table_has_one_row_per_architecture_failed_included():
                  "protocol": "mm", "parity_passed": True, "version": "4"},
         "vm_unet": {"status": "failed", "error": "train@vm_unet exited with 2: " + "x" * 500},
     }
-    rows = tasks.metrics_table(results)
+    rows = artifacts.metrics_table(results)
     assert [r["architecture"] for r in rows] == ["unet", "vm_unet"]
     # as the report shows them: DSC in %, HD95 with its unit
     assert rows[0]["test_dsc_percent"] == 71.2 and rows[0]["test_hd95"] == 10.12 and rows[0]["hd95_unit"] == "mm"
@@ -429,14 +429,14 @@ def test_artifacts_link_to_the_mlflow_run_and_model_version():
                       "model_version_url": "http://mlflow.lab:5000/#/models/medseg-phantom-unet/versions/7"}
     local = tasks.mlflow_links("sqlite:////p/mlflow.db", "3", "abc", "medseg-phantom-unet", "7")
     assert local == {"model_uri": "models:/medseg-phantom-unet/7", "mlflow_run_url": None, "model_version_url": None}
-    (row,) = tasks.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **server}})
+    (row,) = artifacts.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **server}})
     assert row["model_uri"] == "models:/medseg-phantom-unet/7" and row["mlflow"] == server["model_version_url"]
-    (row,) = tasks.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **local}})
+    (row,) = artifacts.metrics_table({"unet": {"status": "completed", "version": "7", "run_id": "abc", **local}})
     assert row["mlflow"] == "abc"
 
 
 def test_promotion_markdown_lists_decisions_and_reasons():
-    md = tasks.promotion_markdown(
+    md = artifacts.promotion_markdown(
         {
             "unet": {"model_name": "medseg-phantom-unet", "decision": "promoted", "reason": "first champion"},
             "segformer_b0": {"model_name": "medseg-phantom-segformer_b0", "decision": "refused",
@@ -450,10 +450,10 @@ def test_promotion_markdown_lists_decisions_and_reasons():
     assert "| segformer_b0 | medseg-phantom-segformer_b0 | **refused** | DSC 0.5 \\| worse than 0.6 |" in md
     assert "| vm_unet |  | **skipped** | training failed |" in md
     assert md.rstrip().endswith("Promoted to `champion`: unet.")
-    linked = tasks.promotion_markdown({"unet": {"model_name": "medseg-phantom-unet", "decision": "promoted",
+    linked = artifacts.promotion_markdown({"unet": {"model_name": "medseg-phantom-unet", "decision": "promoted",
                                                 "reason": "first", "model_version_url": "http://m:5000/#/models/x/versions/2"}})
     assert "| unet | [medseg-phantom-unet](http://m:5000/#/models/x/versions/2) | **promoted** | first |" in linked
-    assert tasks.promotion_markdown({}).rstrip().endswith("Promoted to `champion`: none.")
+    assert artifacts.promotion_markdown({}).rstrip().endswith("Promoted to `champion`: none.")
 
 
 # --------------------------------------------------------------------------------------------------------- pipeline
@@ -706,7 +706,7 @@ def real_dvc_project(tmp_path):
 
 def repro_failure(root: Path, stage: str) -> DvcCommandError:
     with pytest.raises(DvcCommandError) as failed:
-        tasks.run_dvc(["repro", stage], root, log=lambda line: None)
+        dvc_runner.run_dvc(["repro", stage], root, log=lambda line: None)
     assert failed.value.returncode == 255  # DVC's own code for any failed stage: it says nothing by itself
     return failed.value
 
@@ -715,7 +715,7 @@ def retried(exc: BaseException) -> bool:
     """What Prefect decides for a task that raised `exc` (the tasks' retry_condition_fn on the Failed state)."""
     from prefect.states import Failed
 
-    return tasks.retry_if_transient(None, None, Failed(data=exc))
+    return dvc_runner.retry_if_transient(None, None, Failed(data=exc))
 
 
 def test_retries_follow_the_stages_real_exit_status_with_real_dvc(real_dvc_project):
@@ -724,13 +724,13 @@ def test_retries_follow_the_stages_real_exit_status_with_real_dvc(real_dvc_proje
     boom = repro_failure(real_dvc_project, "boom")
     assert boom.stage_statuses["boom"]["exit_code"] == 2
     assert "model option x is unknown" in boom.stage_statuses["boom"]["error"]
-    assert tasks.is_transient(boom) is False and retried(boom) is False
+    assert dvc_runner.is_transient(boom) is False and retried(boom) is False
 
     killed = repro_failure(real_dvc_project, "killed")
     assert killed.stage_statuses["killed"]["status"] == "running"
-    assert tasks.is_transient(killed) is True and retried(killed) is True
+    assert dvc_runner.is_transient(killed) is True and retried(killed) is True
 
-    tasks.run_dvc(["repro", "fine"], real_dvc_project, log=lambda line: None)
+    dvc_runner.run_dvc(["repro", "fine"], real_dvc_project, log=lambda line: None)
     assert (real_dvc_project / "out.txt").read_text() == "done"
     left = sorted(p.name for p in real_dvc_project.iterdir() if not p.name.startswith("."))
     assert left == ["boom.py", "dvc.lock", "dvc.yaml", "fine.py", "killed.py", "out.txt", "params.yaml"]  # no records

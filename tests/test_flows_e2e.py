@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-from flows import pipeline, tasks
-from flows.tasks import DvcCommandError
+from flows import artifacts, pipeline, tasks
+from flows.dvc_runner import DvcCommandError
 from medseg.errors import PromotionRefused
 from conftest import paths
 
@@ -102,9 +102,9 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
     assert promos["segformer_b0"] == {"arch": "segformer_b0", "decision": "skipped", "reason": "training failed"}
     assert summary["report"]["status"] == "skipped" and "segformer_b0" in summary["report"]["reason"]
 
-    rows = {row["architecture"]: row for row in latest_artifact(tasks.METRICS_ARTIFACT_KEY)}
+    rows = {row["architecture"]: row for row in latest_artifact(artifacts.METRICS_ARTIFACT_KEY)}
     assert rows["unet"]["test_dsc_percent"] == 80.0 and rows["segformer_b0"]["status"] == "failed"
-    markdown = latest_artifact(tasks.PROMOTION_ARTIFACT_KEY)
+    markdown = latest_artifact(artifacts.PROMOTION_ARTIFACT_KEY)
     assert "| vm_unet | medseg-phantom-vm_unet | **refused** |" in markdown
 
     # runs you can tell apart: the flow run named by dataset and version, task runs by architecture
@@ -145,10 +145,10 @@ def test_pipeline_end_to_end_on_the_phantom(prefect_server, dvc_project, monkeyp
     champion = client.get_model_version_by_alias(registered["model_name"], "champion")
     assert str(champion.version) == str(registered["version"])
 
-    rows = latest_artifact(tasks.METRICS_ARTIFACT_KEY)
+    rows = latest_artifact(artifacts.METRICS_ARTIFACT_KEY)
     assert [r["architecture"] for r in rows] == [arch]
     assert rows[0]["test_dsc_percent"] == round(result["mean_dsc"] * 100, 1)
-    assert "**promoted**" in latest_artifact(tasks.PROMOTION_ARTIFACT_KEY)
+    assert "**promoted**" in latest_artifact(artifacts.PROMOTION_ARTIFACT_KEY)
     assert summary["report"] == {"status": "skipped", "reason": "report disabled"}
 
     # DVC, not Prefect, decides what is stale: a second run re-runs no stage and keeps the same champion.

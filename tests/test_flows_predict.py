@@ -18,7 +18,7 @@ import yaml
 
 from conftest import ROOT, seed_store, paths
 from flows import predict as flow_predict
-from flows.tasks import retry_if_transient
+from flows.dvc_runner import retry_if_transient
 from medseg.errors import ConfigError, PredictError
 from medseg.io import read_json
 

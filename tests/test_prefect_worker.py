@@ -103,7 +103,7 @@ def test_a_worker_runs_two_architectures_and_survives_one_crashing(prefect_serve
                                                                    monkeypatch):
     from prefect.deployments import run_deployment
 
-    from flows import pipeline, tasks
+    from flows import artifacts, pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = json.loads(json.dumps(tiny_params))
@@ -156,7 +156,7 @@ def test_a_worker_runs_two_architectures_and_survives_one_crashing(prefect_serve
         # the flow's artifacts report the crash with its error
         from prefect.artifacts import Artifact
 
-        rows = {row["architecture"]: row for row in json.loads(Artifact.get(tasks.METRICS_ARTIFACT_KEY).data)}
+        rows = {row["architecture"]: row for row in json.loads(Artifact.get(artifacts.METRICS_ARTIFACT_KEY).data)}
         assert rows["unet"]["status"] == "completed" and rows["unetpp"]["status"] == "failed"
         assert "train@unetpp died without exiting" in rows["unetpp"]["error"]
 
