@@ -50,12 +50,13 @@ if workload == "scan":
         with torch.no_grad():
             selective_scan_torch(**inputs)
 else:
+    from medseg.config import TrainSettings
     from medseg.losses import build_loss
     from medseg.models import build_model
     torch.manual_seed(0)
     model = build_model("unet", 1, 9, (64, 64), base_channels=16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = build_loss({"ce_weight": 0.5, "dice_weight": 0.5, "dice_include_background": True}, 9)
+    loss_fn = build_loss(TrainSettings(ce_weight=0.5, dice_weight=0.5, dice_include_background=True), 9)
     x, y = torch.rand(16, 1, 64, 64), torch.randint(0, 9, (16, 64, 64))
     def step():
         loss = loss_fn(model(x), y)

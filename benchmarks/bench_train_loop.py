@@ -177,11 +177,11 @@ class BareLoop:
         self.channels_last = trainer.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, spec.train_p)
-        self.loss_fn = build_loss(spec.train_p, spec.num_classes)
+        self.optimizer = build_optimizer(self.model, spec.train)
+        self.loss_fn = build_loss(spec.train, spec.num_classes)
         self.amp_enabled, self.amp_dtype = trainer.amp_enabled, trainer.amp_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16)
-        self.num_workers = int(spec.data_p["num_workers"])
+        self.num_workers = int(spec.data.num_workers)
         self.losses: list[float] = []
         self.steps = 0
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medseg.config import TrainSettings
 
 
 class SoftDiceLoss(nn.Module):
@@ -54,10 +54,7 @@ class CEDiceLoss(nn.Module):
         return loss
 
 
-def build_loss(train_params: dict[str, Any], num_classes: int) -> CEDiceLoss:
-    return CEDiceLoss(
-        num_classes,
-        ce_weight=train_params["ce_weight"],  # params validated by medseg.config: defaults are filled in there
-        dice_weight=train_params["dice_weight"],
-        include_background=train_params["dice_include_background"],
-    )
+def build_loss(train: TrainSettings, num_classes: int) -> CEDiceLoss:
+    """The loss params.yaml's `train` section asks for (medseg.config fills in the defaults)."""
+    return CEDiceLoss(num_classes, ce_weight=train.ce_weight, dice_weight=train.dice_weight,
+                      include_background=train.dice_include_background)

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.config import (check_cv_fold, config_hash, disable_telemetry, model_options, resolve_device, settings,
-                           validate_params)
+from medseg.config import (DataSettings, TrainSettings, check_cv_fold, config_hash, disable_telemetry, model_options,
+                           resolve_device, settings, validate_params)
 from medseg.errors import ConfigError, TrainingError
 from medseg.checkpoint import load_checkpoint, save_checkpoint
 from medseg.contracts import CheckpointMeta, TrainSummary
@@ -157,22 +158,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def build_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
-    name = train["optimizer"]
-    lr, wd = float(train["lr"]), float(train["weight_decay"])
+def build_optimizer(model: nn.Module, train: TrainSettings) -> torch.optim.Optimizer:
+    name = train.optimizer
+    lr, wd = float(train.lr), float(train.weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(train["momentum"]), weight_decay=wd)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(train.momentum), weight_decay=wd)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     raise ConfigError(f"train.optimizer={name!r}; expected sgd or adamw")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], max_iter: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings, max_iter: int):
     """Per-iteration schedule. poly is TransUNet's lr * (1 - iter/max_iter)^0.9."""
-    name = train["schedule"]
+    name = train.schedule
     max_iter = max(1, max_iter)
     if name == "poly":
-        power = float(train["poly_power"])
+        power = float(train.poly_power)
         factor = lambda it: max(0.0, 1.0 - it / max_iter) ** power  # noqa: E731
     elif name == "cosine":
         factor = lambda it: 0.5 * (1.0 + math.cos(math.pi * min(it, max_iter) / max_iter))  # noqa: E731
@@ -181,9 +182,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], max
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _amp_settings(train: dict[str, Any], device: str) -> tuple[bool, torch.dtype]:
+def _amp_settings(train: TrainSettings, device: str) -> tuple[bool, torch.dtype]:
     """AMP only on CUDA: bf16 where supported (no scaler needed), else fp16 with a GradScaler."""
-    if not (train["amp"] and device.startswith("cuda")):
+    if not (train.amp and device.startswith("cuda")):
         return False, torch.float32
     return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -345,8 +346,8 @@ class RunSpec:
     params: dict[str, Any]
     arch: str
     paths: RunFiles
-    train_p: dict[str, Any]
-    data_p: dict[str, Any]
+    train: TrainSettings
+    data: DataSettings
     seed: int
     train_ids: list[str]
     val_ids: list[str]
@@ -384,13 +385,13 @@ class RunSpec:
         train_ids, val_ids = list(split.get("train", [])), list(split.get("val", []))
         if not train_ids:
             raise ConfigError(f"{paths.split}: the train list is empty")
-        data_p = dict(params["data"])
-        context = int(data_p["context"])
-        return cls(params=params, arch=arch, paths=paths, train_p=dict(params["train"]), data_p=data_p,
-                   seed=int(params["seed"]), train_ids=train_ids, val_ids=val_ids,
+        config = settings(params)
+        context = int(config.data.context)
+        return cls(params=params, arch=arch, paths=paths, train=config.train, data=config.data,
+                   seed=int(config.seed), train_ids=train_ids, val_ids=val_ids,
                    class_names=list(cases["class_names"]), context=context,
                    in_channels=int(cases["in_channels"]) * (2 * context + 1),
-                   image_size=tuple(int(v) for v in data_p["image_size"]),  # type: ignore[arg-type]
+                   image_size=tuple(int(v) for v in config.data.image_size),  # type: ignore[arg-type]
                    options=model_options(params, arch), run_hash=run_config_hash(params, arch, split), split=split,
                    fold=fold)
 
@@ -425,39 +426,40 @@ class Trainer:
 
         self.spec, self.device, self.dist = spec, device, dist_info
         self.on_cuda = device.startswith("cuda")
-        train_p, data_p = spec.train_p, spec.data_p
+        train, data = spec.train, spec.data
         self.card = _model_card(spec.params, spec.arch, spec.paths, spec.split, spec.image_size, spec.options)
         seed_everything(spec.seed)
         self.model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size,
                                  **spec.options).to(device)
         if dist_info.rank:  # the same initial weights everywhere; then each rank its own dropout masks
             seed_everything(spec.seed + dist_info.rank)
-        self.channels_last = self.on_cuda and bool(train_p["channels_last"])
+        self.channels_last = self.on_cuda and bool(train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
-                                    augment=data_p["augment"], seed=spec.seed, cache_resized=data_p["cache_resized"])
+                                    augment=dataclasses.asdict(data.augment) if data.augment else None, seed=spec.seed,
+                                    cache_resized=data.cache_resized)
         # On a GPU the batch is augmented there (train_step): the loader only gathers slices and draws the table.
         self.dataset.defer_augmentation = self.on_cuda
         self.dataset.uint8_labels = True  # made int64 in train_step (after the copy to the device)
         # DataLoader workers: data.num_workers unless the thread plan (medseg.threads) lowered it to fit the cores
-        self.loader_workers = int(data_p["num_workers"]) if loader_workers is None else int(loader_workers)
+        self.loader_workers = int(data.num_workers) if loader_workers is None else int(loader_workers)
         self._loader = None  # the run's SliceLoader, made by the first train_epoch
-        self.batch_size = int(train_p["batch_size"])
+        self.batch_size = int(train.batch_size)
         # drop_last: the ranks' shards are disjoint (padding would repeat slices on several ranks); at world size
         # 1 it drops nothing
         self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
                                           shuffle=True, seed=spec.seed, drop_last=True)
         self.steps_per_epoch = _steps_per_epoch(len(self.dataset), dist_info.world, self.batch_size,
-                                                train_p["max_steps_per_epoch"])
-        self.epochs = int(train_p["epochs"])
-        self.optimizer = build_optimizer(self.model, train_p)
-        self.scheduler = build_scheduler(self.optimizer, train_p, self.epochs * self.steps_per_epoch)
-        self.amp_enabled, self.amp_dtype = _amp_settings(train_p, device)
+                                                train.max_steps_per_epoch)
+        self.epochs = int(train.epochs)
+        self.optimizer = build_optimizer(self.model, train)
+        self.scheduler = build_scheduler(self.optimizer, train, self.epochs * self.steps_per_epoch)
+        self.amp_enabled, self.amp_dtype = _amp_settings(train, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16)
-        self.loss_fn = build_loss(train_p, spec.num_classes)
-        self.checkpoint_every = int(train_p["checkpoint_every_steps"])
-        self.grad_clip = train_p["grad_clip"]
+        self.loss_fn = build_loss(train, spec.num_classes)
+        self.checkpoint_every = int(train.checkpoint_every_steps)
+        self.grad_clip = train.grad_clip
         self.state = TrainState()
         self.network: nn.Module = self.model  # what the training steps call: DDP's wrapper when distributed
         self._t0 = time.perf_counter()
@@ -645,7 +647,7 @@ class Trainer:
         if not (self.dist.main and self.spec.val_ids):
             return None
         spec = self.spec
-        batch = int(spec.params["evaluate"]["batch_size"])
+        batch = int(settings(spec.params).evaluate.batch_size)
         return _validate(self.model, spec.paths.ingested, spec.val_ids, spec.image_size, spec.context,
                          spec.num_classes, batch, self.device)
 
@@ -765,8 +767,8 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
         check_cv_fold(params, arch, fold)
     spec = RunSpec.of(params, arch, Path(root), fold)
     threads = apply_torch_threads(plan_from_params(spec.params))
-    device = resolve_device(spec.train_p["device"])
-    dist_info, device, started_group = _setup_distributed(device, spec.params["compute"]["dist_timeout_s"])
+    device = resolve_device(spec.train.device)
+    dist_info, device, started_group = _setup_distributed(device, settings(spec.params).compute.dist_timeout_s)
     import torch.utils.deterministic as deterministic_mode
 
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -782,7 +784,7 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
         if dist_info.enabled and _lost_a_rank(exc):
             raise TrainingError(
                 f"{arch}: rank {dist_info.rank} of {dist_info.world} lost the other ranks of this job (one died or "
-                f"did not answer within compute.dist_timeout_s={spec.params['compute']['dist_timeout_s']} s): "
+                f"did not answer within compute.dist_timeout_s={settings(spec.params).compute.dist_timeout_s} s): "
                 f"{_first_line(exc)}. torchrun's report names the rank that failed; {spec.paths.last} keeps the last "
                 f"checkpoint, the same command resumes from it") from exc
         raise
