@@ -58,7 +58,7 @@ CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net's <ca
 INPUT_KINDS = {"volume": ("a 3D volume", "3D NIfTI volumes"), "image2d": ("a 2D image", "2D images (PNG/JPG/TIF/BMP)")}
 BATCH_INPUT_BYTES = 256 * 1024**2  # float32 network input of one call at most (fewer slices per call if need be)
 SPACING_RATIO = 2.0  # warn when a case's voxel size differs from the training median by more than this factor
-OUTPUT_MARK = "medseg prediction"  # + case_key: the NIfTI descrip (80 bytes), the PNG text chunk, the npz array
+OUTPUT_MARK = "medseg prediction"  # + Case.key(): the NIfTI descrip (80 bytes), the PNG text chunk, the npz array
 MARK_KEY = "medseg"  # the PNG text chunk's keyword and the npz array's name
 
 

@@ -122,41 +122,34 @@ def check_nifti_file(path: str | Path, limits: ReadLimits | None = None) -> Nift
     the limits allow (module docstring). Reads the header, and the gzip trailer; the stream only if that lies."""
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
-            start = fh.read(2)
-            compressed = start == _GZIP_MAGIC
-            fh.seek(0)
-            if compressed:
-                head = _inflate_head(fh, path)
-                fh.seek(max(size - 4, 0))
-                tail = fh.read(4)
-            else:
-                head, tail = fh.read(HEADER_BYTES), b""
-            header = _check(head, size, compressed, tail, path, limits or ReadLimits.from_env())
-            if compressed and not _trailer_agrees(header, tail):
-                fh.seek(0)
-                _check_stream_length(fh, header, path)
+            return _check_stream(fh, path.stat().st_size, path, limits or ReadLimits.from_env())
     except OSError as exc:
         raise IngestError(path, f"cannot read NIfTI ({exc.strerror or exc})") from exc
-    return header
 
 
 def check_nifti_bytes(data: bytes, source: str, limits: ReadLimits) -> NiftiHeader:
     """check_nifti_file for a file held in memory (a served payload)."""
     import io
 
-    compressed = data[:2] == _GZIP_MAGIC
-    stream = io.BytesIO(data)
-    head = _inflate_head(stream, source) if compressed else data[:HEADER_BYTES]
-    header = _check(head, len(data), compressed, data[-4:], source, limits)
-    if compressed and not _trailer_agrees(header, data[-4:]):
-        stream.seek(0)
-        _check_stream_length(stream, header, source)
+    return _check_stream(io.BytesIO(data), len(data), source, limits)
+
+
+def _check_stream(fh, size: int, source, limits: ReadLimits) -> NiftiHeader:
+    """check_nifti_file's work on an open binary file of `size` bytes, positioned at its start."""
+    compressed = fh.read(2) == _GZIP_MAGIC
+    fh.seek(0)
+    head = _inflate_head(fh, source) if compressed else fh.read(HEADER_BYTES)
+    header = _check(head, size, compressed, source, limits)
+    if compressed:
+        fh.seek(max(size - 4, 0))
+        if not _trailer_agrees(header, fh.read(4)):
+            fh.seek(0)
+            _check_stream_length(fh, header, source)
     return header
 
 
-def _check(head: bytes, size: int, compressed: bool, tail: bytes, source, limits: ReadLimits) -> NiftiHeader:
+def _check(head: bytes, size: int, compressed: bool, source, limits: ReadLimits) -> NiftiHeader:
     header = parse_header(head, source)
     declared = header.data_bytes
     what = f"the header declares shape {list(header.shape)} of {header.dtype.name}: {_size(declared)} of voxels"
