@@ -106,7 +106,7 @@ def main() -> None:
                         "(default: medseg's thread policy, i.e. the usable cores; DataLoader workers use 1 each)")
     args = parser.parse_args()
     disable_telemetry()
-    from medseg.threads import plan_threads
+    from medseg.runtime.threads import plan_threads
 
     torch.set_num_threads(args.threads or plan_threads().intra_op)
 

@@ -1,4 +1,4 @@
-"""Per-case DSC + HD95 (8 organs, mm): medseg.metrics against medpy.metric.binary, side by side.
+"""Per-case DSC + HD95 (8 organs, mm): medseg.evaluation.metrics against medpy.metric.binary, side by side.
 
 medseg computes the same pooled HD95 as medpy (checked here: max difference printed) but runs the distance
 transforms on the bounding box of each organ pair instead of the whole volume.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from medseg.metrics import case_metrics
+from medseg.evaluation.metrics import case_metrics
 
 CLASSES = ["background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach"]
 
@@ -68,11 +68,11 @@ def main() -> None:
     t_medpy, ref = timed(lambda: medpy_case(pred, gt, spacing), args.repeats)
     diff = max(max(abs(a["dsc"] - b["dsc"]), abs(a["hd95"] - b["hd95"])) for a, b in zip(ours, ref))
     print(f"volume {tuple(args.shape)} spacing {spacing}, 8 classes, median of {args.repeats}")
-    print(f"medseg.metrics : {t_ours * 1000:9.1f} ms/case")
+    print(f"medseg.evaluation.metrics : {t_ours * 1000:9.1f} ms/case")
     print(f"medpy          : {t_medpy * 1000:9.1f} ms/case")
     print(f"speed-up       : {t_medpy / t_ours:9.1f}x   max |difference| {diff:.2e}")
     met = t_medpy / t_ours >= 5 and diff < 1e-9
-    print(f"goal: medseg.metrics >= 5x medpy per case with identical values ({t_medpy / t_ours:.1f}x, "
+    print(f"goal: medseg.evaluation.metrics >= 5x medpy per case with identical values ({t_medpy / t_ours:.1f}x, "
           f"max |difference| {diff:.1e}) -> {'met' if met else 'NOT met'}")
 
 

@@ -4,8 +4,8 @@
     python benchmarks/bench_predict.py --threads 1 --depth 40 --repeats 3
 
 Same weights: each network is built with medseg.models.build_model (random initialisation: the work does not
-depend on the weights), exported with medseg.export.export_onnx and given a model card (write_card_metadata), so
-the ONNX side is the very session `medseg.predict.load_predictor` opens. Same threads: torch.set_num_threads(N)
+depend on the weights), exported with medseg.deployment.export.export_onnx and given a model card (write_card_metadata), so
+the ONNX side is the very session `medseg.deployment.predict.load_predictor` opens. Same threads: torch.set_num_threads(N)
 and ONNX Runtime intra_op_num_threads N (which `medseg predict` takes from OMP_NUM_THREADS).
 Each engine is timed in a subprocess of its own, as it is deployed (`medseg predict` never imports torch):
 in one process, torch's OpenMP threads and ONNX Runtime's pool spin-wait against each other, and on 2 CPUs torch
@@ -17,7 +17,7 @@ of all rounds' calls. Ratios are of medians; "fastest" is the ratio of the quick
 (a) one synthetic CT-like int16 .nii.gz (benchmarks/bench_ingest.py's volume) with the quick preset's unet at
     the preset's image size: `medseg predict` file to file (read, reorient, normalise, resize, network, resize
     back, argmax, write), then the in-memory segmentation with the same preprocessing, ONNX Runtime
-    (`Predictor`) against PyTorch eager (`medseg.inference.predict_volume`), then the network alone.
+    (`Predictor`) against PyTorch eager (`medseg.inference.torch_backend.predict_volume`), then the network alone.
 (b) every architecture of params.yaml `models` with its `model_options`, 1 channel, 9 classes, 64 x 64: latency
     per slice at batch 1 and batch 16, and the ONNX / PyTorch ratio.
 Goal (not a test): ONNX Runtime latency <= 0.7x PyTorch eager for every exported architecture, both batches.
@@ -69,11 +69,11 @@ def export_model(params: dict[str, Any], arch: str, image_size: list[int], folde
     """`arch` with its params.yaml options, randomly initialised: weights.pt and model.onnx with a model card."""
     import torch
 
-    from medseg.card import ModelCard, inverse_label_map
+    from medseg.deployment.card import ModelCard, inverse_label_map
     from medseg.config import model_options
-    from medseg.export import export_onnx, write_card_metadata
+    from medseg.deployment.export import export_onnx, write_card_metadata
     from medseg.models import build_model, get_model_info, size_multiple_of
-    from medseg.preprocessing import normalisation_for
+    from medseg.data.preprocessing import normalisation_for
 
     dataset = params["dataset"]
     options = model_options(params, arch)
@@ -116,7 +116,7 @@ def read_canonical(scan: str) -> np.ndarray:
     import nibabel as nib
 
     from medseg.data import orientation
-    from medseg.preprocessing import volume_from_canonical_xyz
+    from medseg.data.preprocessing import volume_from_canonical_xyz
 
     volume = nib.load(scan)
     canonical, _, _ = orientation.to_canonical(np.asarray(volume.dataobj), volume.affine)
@@ -124,7 +124,7 @@ def read_canonical(scan: str) -> np.ndarray:
 
 
 def network_batches(meta: dict[str, Any], raw: np.ndarray) -> list[np.ndarray]:
-    from medseg.preprocessing import network_input, normalise_image
+    from medseg.data.preprocessing import network_input, normalise_image
 
     image = normalise_image(raw, meta["normalisation"])
     depth = image.shape[0]
@@ -133,8 +133,8 @@ def network_batches(meta: dict[str, Any], raw: np.ndarray) -> list[np.ndarray]:
 
 
 def child_onnx(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
-    """ONNX Runtime through medseg.predict only: this process never imports torch."""
-    from medseg.predict import load_predictor, predict_files
+    """ONNX Runtime through medseg.deployment.predict only: this process never imports torch."""
+    from medseg.deployment.predict import load_predictor, predict_files
 
     if part != VOLUME:
         predictor = load_predictor(work / "archs" / part / "model.onnx")
@@ -163,12 +163,12 @@ def child_onnx(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
 
 
 def child_torch(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
-    """PyTorch eager through medseg.inference.predict_volume: this process never imports onnxruntime."""
+    """PyTorch eager through medseg.inference.torch_backend.predict_volume: this process never imports onnxruntime."""
     import torch
 
-    from medseg.inference import predict_volume
+    from medseg.inference.torch_backend import predict_volume
     from medseg.models import build_model
-    from medseg.preprocessing import normalise_image
+    from medseg.data.preprocessing import normalise_image
 
     def load(folder: Path, arch: str, image_size: list[int]) -> torch.nn.Module:
         options = meta["options"][arch]
@@ -252,7 +252,7 @@ def main() -> None:
     from bench_ingest import write_case  # the same CT-like volume the ingest benchmark writes
 
     from medseg.config import load_params, model_options
-    from medseg.preprocessing import normalisation_for
+    from medseg.data.preprocessing import normalisation_for
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)

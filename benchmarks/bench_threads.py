@@ -7,7 +7,7 @@ the workload for `--seconds` and report their median time per iteration; the con
 the whole timed window.
 
   without the policy: torch's default thread count (one per core), what two `python train.py` get
-  with the policy:    each child applies medseg.threads (apply_torch_threads(plan_threads())) with
+  with the policy:    each child applies medseg.runtime.threads (apply_torch_threads(plan_threads())) with
                       MEDSEG_PARALLEL_JOBS set to the number of copies running, as the Prefect pipeline sets it
                       for stages started side by side (max_parallel)
 
@@ -38,7 +38,7 @@ from pathlib import Path
 workload, start_file, seconds, policy = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
 import torch
 if policy:
-    from medseg.threads import apply_torch_threads, plan_threads
+    from medseg.runtime.threads import apply_torch_threads, plan_threads
     apply_torch_threads(plan_threads())
 threads = torch.get_num_threads()
 if workload == "scan":
@@ -51,7 +51,7 @@ if workload == "scan":
             selective_scan_torch(**inputs)
 else:
     from medseg.config import TrainSettings
-    from medseg.losses import build_loss
+    from medseg.training.losses import build_loss
     from medseg.models import build_model
     torch.manual_seed(0)
     model = build_model("unet", 1, 9, (64, 64), base_channels=16)
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from medseg.threads import available_cpus
+    from medseg.runtime.threads import available_cpus
 
     print(f"usable cores: {available_cpus()}; each figure is the median time per iteration over {args.seconds:.0f} s")
     rows, ratios = [], {}

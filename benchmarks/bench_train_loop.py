@@ -8,7 +8,7 @@ For every architecture a small real project is made in a temporary folder, as te
 fixtures: the built-in phantom (as many cases as the epoch needs) -> ingest -> split, with this repo's params.yaml
 (the quick preset) shrunk to one model. Then:
 
-medseg loop: a real `medseg.training.Trainer` (`RunSpec.of(params, arch, root)`, `Trainer(spec, device, Dist())`),
+medseg loop: a real `medseg.training.trainer.Trainer` (`RunSpec.of(params, arch, root)`, `Trainer(spec, device, Dist())`),
     one round = `Trainer.train_epoch()` + `Trainer.end_epoch(None)` + the per-epoch MLflow log, exactly the body of
     `Trainer.fit()` without validation: CE+Dice loss, the non-finite-loss check, GradScaler calls, the poly LR
     schedule stepped per batch, the tqdm progress bar (postfix updated per step), last.pt every
@@ -22,7 +22,7 @@ medseg loop: a real `medseg.training.Trainer` (`RunSpec.of(params, arch, root)`,
     neither).
 bare loop: the same architecture with the same initial weights (a second `build_model` loaded with the Trainer's
     state_dict before either trains), the same optimizer settings (`build_optimizer` on the project's train
-    section: AdamW lr 3e-3, weight decay 1e-4), the same loss (`medseg.losses.build_loss`: 0.5 CE + 0.5 soft Dice,
+    section: AdamW lr 3e-3, weight decay 1e-4), the same loss (`medseg.training.losses.build_loss`: 0.5 CE + 0.5 soft Dice,
     so only loop overhead differs), the same AMP dtype / channels_last as the Trainer resolved, and the same
     batches: the Trainer's own SliceDataset through a DataLoader with the batch lists of the same epoch, the same
     num_workers and pin_memory. Per step: to(device), forward, loss, zero_grad, backward, optimizer.step; no
@@ -38,7 +38,7 @@ medseg loop reaches >= 90% of the bare loop's throughput (ratio of the medians) 
 all but ignores the mid-epoch last.pt (one round in 6.25 at the defaults); the "totals" column (summed times)
 counts it, and --profile shows its cost per round.
 `--profile` adds rounds (after the measured ones, so no measured round is instrumented) that time the parts of
-`train_epoch` / `end_epoch` by wrapping the Trainer's methods and medseg.training's helpers.
+`train_epoch` / `end_epoch` by wrapping the Trainer's methods and medseg.training.trainer's helpers.
 
 `measure(...)` is the reusable function (benchmarks/gpu_check.py calls it with device="cuda", AMP and
 channels_last).
@@ -164,9 +164,9 @@ class BareLoop:
     def __init__(self, trainer):
         import torch
 
-        from medseg.losses import build_loss
+        from medseg.training.losses import build_loss
         from medseg.models import build_model
-        from medseg.training import build_optimizer
+        from medseg.training.trainer import build_optimizer
 
         spec = trainer.spec
         self.trainer, self.device = trainer, trainer.device
@@ -189,7 +189,7 @@ class BareLoop:
         import torch
         from torch.utils.data import DataLoader
 
-        from medseg.training import _epoch_batches
+        from medseg.training.trainer import _epoch_batches
 
         tr = self.trainer
         batches = _epoch_batches(tr.sampler, epoch, tr.batch_size, tr.steps_per_epoch)  # the Trainer's batches
@@ -258,8 +258,8 @@ class _Clock:
 
 @contextlib.contextmanager
 def _instrumented(trainer, logger, clock: _Clock):
-    """Time the Trainer's parts by wrapping its methods and medseg.training's module-level helpers."""
-    import medseg.training as training
+    """Time the Trainer's parts by wrapping its methods and medseg.training.trainer's module-level helpers."""
+    import medseg.training.trainer as training
 
     class TimedBar:
         def __init__(self, bar):
@@ -379,7 +379,7 @@ def measure(arch: str, options: dict[str, Any] | None = None, *, size: int = 64,
     import torch
 
     from medseg.config import disable_telemetry
-    from medseg.training import Dist, RunSpec, Trainer, _MlflowLogger
+    from medseg.training.trainer import Dist, RunSpec, Trainer, _MlflowLogger
 
     say = log or (lambda _msg: None)
     disable_telemetry()

@@ -27,8 +27,8 @@ vm_unet_compile  the same under torch.compile (inductor on CUDA): the compiled s
                  (within 1e-3), and the compiled vm_unet training step (compile time, then steady step time) against
                  the eager one; its first-step logits against eager's (AMP: reported, not gated), and an fp32 eval
                  forward compiled vs eager (gated at 1e-3) when time is left.
-onnx_cuda        `medseg predict`'s engine, ONNX Runtime through medseg.predict.load_predictor(device="cuda"), against
-                 PyTorch (medseg.inference.predict_volume on CUDA) for the same exported unet_resnet34 at 224x224:
+onnx_cuda        `medseg predict`'s engine, ONNX Runtime through medseg.deployment.predict.load_predictor(device="cuda"), against
+                 PyTorch (medseg.inference.torch_backend.predict_volume on CUDA) for the same exported unet_resnet34 at 224x224:
                  a 64-slice 256x256 CT-like volume in memory (normalise, resize, network, resize back, argmax) and the
                  network alone. The ONNX side runs in a process that never imports torch, as deployed. Without
                  onnxruntime-gpu (no CUDAExecutionProvider) the part records that, with the PyTorch figures.
@@ -191,7 +191,7 @@ def train_step_fn(model, x, y, device: str, dtype):
     """One training step as medseg's (AMP forward, CE+Dice in float32, backward, AdamW); returns step()."""
     import torch
 
-    from medseg.losses import CEDiceLoss
+    from medseg.training.losses import CEDiceLoss
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = CEDiceLoss(NUM_CLASSES)  # 0.5 CE + 0.5 soft Dice, medseg's default loss
@@ -426,9 +426,9 @@ def part_onnx_cuda(cfg: dict[str, Any], device: str, emit, deadline: float, work
 
     from bench_predict import export_model
     from medseg.config import load_params, model_options
-    from medseg.inference import predict_volume
+    from medseg.inference.torch_backend import predict_volume
     from medseg.models import build_model
-    from medseg.preprocessing import network_input, normalisation_for, normalise_image
+    from medseg.data.preprocessing import network_input, normalisation_for, normalise_image
 
     c = cfg["onnx"]
     arch, size = c["arch"], [c["size"], c["size"]]
@@ -436,7 +436,7 @@ def part_onnx_cuda(cfg: dict[str, Any], device: str, emit, deadline: float, work
     params["model_options"] = {**(params.get("model_options") or {}), arch: dict(c["options"])}
     folder = work / arch
     start = time.perf_counter()
-    export_model(params, arch, size, folder)  # random init (seed 0), medseg.export.export_onnx + model card
+    export_model(params, arch, size, folder)  # random init (seed 0), medseg.deployment.export.export_onnx + model card
     res: dict[str, Any] = {"device": device, "arch": arch, "options": c["options"], "image_size": size,
                            "volume": [c["depth"], 1, c["native"], c["native"]], "batch": c["batch"],
                            "export_s": time.perf_counter() - start}
@@ -497,12 +497,12 @@ def part_onnx_cuda(cfg: dict[str, Any], device: str, emit, deadline: float, work
 
 
 def ort_child(meta_path: str) -> None:
-    """ONNX Runtime only (torch is never imported): medseg.predict.load_predictor per device, then timings."""
+    """ONNX Runtime only (torch is never imported): medseg.deployment.predict.load_predictor per device, then timings."""
     import numpy as np
     import onnxruntime as ort
 
-    from medseg.predict import load_predictor
-    from medseg.preprocessing import network_input, normalise_image
+    from medseg.deployment.predict import load_predictor
+    from medseg.data.preprocessing import network_input, normalise_image
 
     meta = json.loads(Path(meta_path).read_text())
     raw = np.load(meta["raw"])

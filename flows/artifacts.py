@@ -73,5 +73,5 @@ def publish_artifacts(
     create_markdown_artifact(
         markdown=promotion_markdown(decisions, dataset_version_id),
         key=PROMOTION_ARTIFACT_KEY,
-        description="Champion gate decisions (medseg.promotion.promote)",
+        description="Champion gate decisions (medseg.tracking.promotion.promote)",
     )

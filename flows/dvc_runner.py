@@ -31,7 +31,7 @@ from prefect.logging import get_logger
 from medseg.config import disable_telemetry
 from medseg.entry import EXIT_MEDSEG_ERROR, STATUS_DIR_ENV, read_stage_statuses
 from medseg.errors import ConfigError, MedsegError
-from medseg.threads import PARALLEL_JOBS_ENV
+from medseg.runtime.threads import PARALLEL_JOBS_ENV
 
 # `dvc repro` of these pulls in the `phantom` stage only when the dataset's raw_dir is phantom's output,
 # so the built-in stand-in data is generated when (and only when) the pipeline uses it.

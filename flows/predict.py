@@ -37,7 +37,7 @@ from flows.tasks import retry_delay
 from medseg.config import disable_telemetry
 from medseg.errors import ConfigError, MedsegError, PredictError
 from medseg.io import sha256_file
-from medseg.predict import LABEL_KINDS, Case, Predictor, load_predictor, plan_cases, predict_files
+from medseg.deployment.predict import LABEL_KINDS, Case, Predictor, load_predictor, plan_cases, predict_files
 
 FLOW_NAME = "medseg-batch-predict"
 PREDICTIONS_ARTIFACT_KEY = "medseg-predictions"
@@ -63,7 +63,7 @@ def registered_version(uri: str, tracking_uri: str) -> tuple[str, str]:
         return uri, match["version"]
     from mlflow.exceptions import MlflowException
 
-    from medseg.tracking import connect
+    from medseg.tracking.store import connect
 
     client = connect(tracking_uri)  # retries an unreachable store with backoff, then a MedsegError
     try:

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
-from medseg.card import dataset_version as cases_json_version
+from medseg.deployment.card import dataset_version as cases_json_version
 from medseg.config import load_params
 from medseg.errors import ConfigError
 from medseg.layout import ProjectLayout
@@ -45,7 +45,7 @@ def mlflow_links(tracking_uri: str | None, experiment_id: str | None, run_id: st
 
 def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
     """What one architecture's stages produced: metrics, export parity and the registered version."""
-    from medseg.registry import model_name
+    from medseg.tracking.registry import model_name
     from medseg.report import read_arch_outputs  # the report's reading, so both show the same numbers
 
     outputs = read_arch_outputs(params, arch, root)
@@ -142,13 +142,13 @@ def name_flow_run(name: str) -> None:
 
 
 def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_fn: Callable | None = None) -> dict:
-    """Apply the champion gate (medseg.promotion) to one architecture; a refusal is a decision, not a failure.
+    """Apply the champion gate (medseg.tracking.promotion) to one architecture; a refusal is a decision, not a failure.
 
     The decision is "promoted", "unchanged" (already the champion) or "refused", with the gate's reason.
     """
     from medseg.errors import PromotionRefused
-    from medseg.promotion import promote_from_params
-    from medseg.registry import model_name
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import model_name
 
     promote_fn = promote_fn or promote_from_params
     try:
@@ -161,7 +161,7 @@ def promote_model(params: dict[str, Any], arch: str, root: str | Path, promote_f
 
 
 # The tag lets a Prefect tag concurrency limit (`prefect concurrency-limit create medseg-promote 1`) serialise
-# promotions started on several machines; on one machine medseg.promotion's lock already does.
+# promotions started on several machines; on one machine medseg.tracking.promotion's lock already does.
 @task(name="promote", task_run_name="promote-{arch}", retry_delay_seconds=retry_delay(10), tags=["medseg-promote"],
       **TASK_POLICY)
 def promote_arch(arch: str, root: str = ".") -> dict[str, Any]:

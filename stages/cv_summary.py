@@ -6,7 +6,7 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 import sys
 
 from medseg.entry import run_stage
-from medseg.cv import cv_summary
+from medseg.evaluation.cross_validation import cv_summary
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(cv_summary, sys.argv[1:], with_arch=True))

@@ -6,7 +6,7 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 import sys
 
 from medseg.entry import run_stage
-from medseg.evaluation import evaluate_model
+from medseg.evaluation.evaluate import evaluate_model
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(evaluate_model, sys.argv[1:], with_arch=True))

@@ -6,7 +6,7 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 import sys
 
 from medseg.entry import run_stage
-from medseg.cv import evaluate_fold
+from medseg.evaluation.cross_validation import evaluate_fold
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(evaluate_fold, sys.argv[1:], with_arch=True, with_fold=True))

@@ -6,7 +6,7 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 import sys
 
 from medseg.entry import run_stage
-from medseg.registry import register_model_version
+from medseg.tracking.registry import register_model_version
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(register_model_version, sys.argv[1:], with_arch=True))

@@ -111,7 +111,7 @@ def dvc_project(tmp_path, tiny_params) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory) -> Path:
     """An empty, migrated MLflow sqlite store: creating one costs seconds, copying it milliseconds."""
-    from medseg.tracking import connect
+    from medseg.tracking.store import connect
 
     path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
     connect(f"sqlite:///{path}", retries=0)

@@ -1,4 +1,4 @@
-"""Cross-validation (medseg.cv): fold training, out-of-fold scores covering every development patient once, the
+"""Cross-validation (medseg.evaluation.cross_validation): fold training, out-of-fold scores covering every development patient once, the
 fold ensemble on test, the report's CV part, and the DVC matrix that runs it."""
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ def _rows(path):
 
 
 def test_cross_validation_covers_every_development_patient_once_and_ensembles_the_folds(project_copy, cv_params):
-    from medseg.cv import cv_summary, evaluate_fold
+    from medseg.evaluation.cross_validation import cv_summary, evaluate_fold
     from medseg.data.cases import load_case
     from medseg.data.split import fold_split
-    from medseg.evaluation import scoring_for
-    from medseg.inference import load_trained_model, volume_probabilities
+    from medseg.evaluation.evaluate import scoring_for
+    from medseg.inference.torch_backend import load_trained_model, volume_probabilities
     from medseg.report import build_report
-    from medseg.training import train_model, training_cases_hash
+    from medseg.training.trainer import train_model, training_cases_hash
 
     root, params = project_copy, cv_params
     layout = paths(root)
@@ -89,8 +89,8 @@ def test_cross_validation_covers_every_development_patient_once_and_ensembles_th
 
 def test_a_fold_outside_the_cv_matrix_or_a_bad_cv_section_is_refused(project_copy, cv_params, tiny_params):
     from medseg.config import validate_params
-    from medseg.cv import evaluate_fold
-    from medseg.training import train_model
+    from medseg.evaluation.cross_validation import evaluate_fold
+    from medseg.training.trainer import train_model
 
     with pytest.raises(ConfigError, match="fold 5 is not in cv.folds"):
         train_model(cv_params, "unet", project_copy, fold=5)
@@ -105,8 +105,8 @@ def test_a_fold_outside_the_cv_matrix_or_a_bad_cv_section_is_refused(project_cop
 
 def test_an_incomplete_fold_set_is_reported_not_hidden(project_copy, cv_params):
     """Training only fold 0 of 2 scores half the development patients out of fold: the summary says so."""
-    from medseg.cv import cv_summary, evaluate_fold
-    from medseg.training import train_model
+    from medseg.evaluation.cross_validation import cv_summary, evaluate_fold
+    from medseg.training.trainer import train_model
 
     params = {**cv_params, "cv": {"models": ["unet"], "folds": [0]}}
     train_model(params, "unet", project_copy, fold=0)
@@ -204,7 +204,7 @@ def test_a_fold_training_killed_mid_epoch_resumes_to_the_same_weights(tiny_proje
     runner = textwrap.dedent("""
         import os, signal, sys, yaml
         from pathlib import Path
-        import medseg.training as training
+        import medseg.training.trainer as training
         kill_at = int(os.environ.get("KILL_AT", "0"))
         if kill_at:
             training.STEP_HOOKS.append(lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))

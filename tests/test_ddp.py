@@ -31,7 +31,7 @@ RUNNER = textwrap.dedent(
     """
     import atexit, hashlib, json, os, signal, sys, time
     from pathlib import Path
-    import medseg.training as training
+    import medseg.training.trainer as training
     from medseg.entry import run_stage
 
     rank, root = int(os.environ["RANK"]), Path.cwd().resolve()
@@ -152,7 +152,7 @@ def test_each_rank_trains_on_a_disjoint_shard(world_two):
 @pytest.mark.parametrize("world", [2, 3, 5, 7])
 def test_shards_are_disjoint_and_equal_when_the_slices_do_not_divide(world, tiny_project, tmp_path):
     """DistributedSampler pads a shard by repeating slices of another rank unless it drops the tail."""
-    from medseg.training import Dist, RunSpec, Trainer, _epoch_batches
+    from medseg.training.trainer import Dist, RunSpec, Trainer, _epoch_batches
 
     root = _project(tiny_project, tmp_path / "project", batch_size=2)
     spec = RunSpec.of(yaml.safe_load((root / "params.yaml").read_text()), "unet", root)
@@ -176,7 +176,7 @@ def test_weights_are_identical_on_both_ranks_after_every_step(world_two):
 
 
 def test_world_size_two_matches_world_size_one_with_the_same_global_batch(world_two, tiny_project, tmp_path):
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     root2, _, _ = world_two
     root1 = _project(tiny_project, tmp_path / "project", batch_size=4)
@@ -199,7 +199,7 @@ def test_only_rank_zero_writes_files(world_two, tiny_project, tmp_path):
     assert rank1["writes"] == []
     assert "models/unet/last.pt" in rank0["writes"]  # the audit does see the writes
     # and what rank 0 wrote is what a single-process run writes: nothing per rank besides
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     root1 = _project(tiny_project, tmp_path / "project", batch_size=4)
     single_before = _files(root1)

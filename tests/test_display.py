@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medseg.display import display_slice
+from medseg.evaluation.display import display_slice
 
 
 @pytest.mark.parametrize("channels, shape", [(1, (5, 6)), (2, (5, 6)), (3, (5, 6, 3)), (4, (5, 6))])

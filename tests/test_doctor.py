@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medseg.data.ingest import ingest_dataset
-from medseg.doctor import Problem, check_dataset, run_doctor
+from medseg.data.doctor import Problem, check_dataset, run_doctor
 from medseg.errors import IngestError
 from test_ingest import make_acdc, make_kvasir, make_synapse, synapse_params, volume_pair, write_nifti
 

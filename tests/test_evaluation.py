@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError, TrainingError
-from medseg.evaluation import evaluate_model
-from medseg.inference import load_trained_model, predict_volume, prepare_slices
+from medseg.evaluation.evaluate import evaluate_model
+from medseg.inference.torch_backend import load_trained_model, predict_volume, prepare_slices
 from medseg.io import read_json
-from medseg.metrics import case_metrics
+from medseg.evaluation.metrics import case_metrics
 from conftest import paths
 
 
@@ -111,7 +111,7 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
         return pred
 
     monkeypatch.setattr(cases, "load_case", load_case)
-    monkeypatch.setattr("medseg.evaluation.predict_volume", predict)
+    monkeypatch.setattr("medseg.evaluation.evaluate.predict_volume", predict)
     metrics = evaluate_model(tiny_params, "unet", project_copy)
 
     assert loaded == split["test"]  # the test split, every case once, nothing else
@@ -122,7 +122,7 @@ def test_evaluate_model_writes_contract_files_from_the_test_split(project_copy, 
     assert metrics["test_cases_sha256"] == hashlib.sha256(json.dumps(sorted(split["test"])).encode()).hexdigest()
     assert metrics["num_cases"] == len(split["test"]) and metrics["protocol"] == "mm"
     # the test data's content too: a re-ingest that changes one test scan under the same id changes it
-    from medseg.card import dataset_version, sha256_of_test_data
+    from medseg.deployment.card import dataset_version, sha256_of_test_data
 
     cases_json = paths(project_copy).cases_json
     entries = {c["id"]: c for c in read_json(cases_json)["cases"]}
@@ -230,7 +230,7 @@ def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thr
 
 
 def test_nsd_tolerances_per_class_refuse_a_class_the_dataset_lacks():
-    from medseg.evaluation import nsd_tolerances
+    from medseg.evaluation.evaluate import nsd_tolerances
 
     names = ["background", "liver", "spleen"]
     assert nsd_tolerances(2.0, names) == {"liver": 2.0, "spleen": 2.0}

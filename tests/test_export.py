@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medseg.errors import ExportError
-from medseg.export import export_model, export_onnx, onnx_max_abs_diff, ort_session
+from medseg.deployment.export import export_model, export_onnx, onnx_max_abs_diff, ort_session
 from medseg.io import read_json
 from conftest import paths
 
@@ -131,7 +131,7 @@ def test_export_model_writes_onnx_and_report(tmp_path):
     assert saved["torch_latency_ms"] > 0 and saved["onnx_latency_ms"] > 0
     # how the latencies were measured: 2 timed runs after warm-up, the spread, threads and machine
     assert saved["torch_latency_iqr_ms"] >= 0 and saved["onnx_latency_iqr_ms"] >= 0
-    from medseg.export import machine_description
+    from medseg.deployment.export import machine_description
 
     latency = saved["latency"]
     assert (latency["runs"], latency["warmup"], latency["threads"]) == (2, 3, torch.get_num_threads())
@@ -168,7 +168,7 @@ def test_export_model_parity_failure_leaves_no_onnx(tmp_path):
 def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp_path):
     import onnxruntime as ort
 
-    from medseg.card import ONNX_METADATA_KEY, card_from_onnx
+    from medseg.deployment.card import ONNX_METADATA_KEY, card_from_onnx
     from medseg.io import sha256_file
     from test_registry import tiny_card
 

@@ -65,7 +65,7 @@ out = sys.stdout
 out.write("Running stage 'train@unet':\\n> python stages/train.py unet\\n"); out.flush()
 for i in range(200):  # tqdm's way on a pipe: the bar rewritten in place, then cleared (leave=False)
     out.write(f"\\runet epoch 1/1: {i // 2}%|###| {i}/200"); out.flush()
-out.write("\\r" + " " * 40 + "\\r"); out.write("INFO medseg.training: unet epoch 1: loss 0.5\\n"); out.flush()
+out.write("\\r" + " " * 40 + "\\r"); out.write("INFO medseg.training.trainer: unet epoch 1: loss 0.5\\n"); out.flush()
 time.sleep(2.5)  # a quiet spell (validation): the block so far goes to the log
 out.write("train@unet: arch=unet, epochs=1\\n")
 out.write("Running stage 'evaluate@unet':\\n> python stages/evaluate.py unet\\nevaluate@unet: mean_dsc=0.8\\n")
@@ -78,7 +78,7 @@ def test_run_dvc_logs_whole_blocks_and_progress_bars_once(project):
     logged = []
     out = dvc_runner.run_dvc(["repro"], project, dvc_cmd=fake_dvc(STAGES_WITH_A_PROGRESS_BAR), log=logged.append)
     assert logged[1:] == [
-        "Running stage 'train@unet':\n> python stages/train.py unet\nINFO medseg.training: unet epoch 1: loss 0.5",
+        "Running stage 'train@unet':\n> python stages/train.py unet\nINFO medseg.training.trainer: unet epoch 1: loss 0.5",
         "train@unet: arch=unet, epochs=1",
         "Running stage 'evaluate@unet':\n> python stages/evaluate.py unet\nevaluate@unet: mean_dsc=0.8",
     ]

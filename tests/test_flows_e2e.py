@@ -77,10 +77,10 @@ def test_one_failing_architecture_does_not_sink_the_others(prefect_server, tmp_p
             raise error
         return {"decision": "promoted", "reason": "first champion", "champion_version": "1"}
 
-    import medseg.promotion
+    import medseg.tracking.promotion
 
     monkeypatch.setattr(tasks, "run_dvc", fake_run_dvc)
-    monkeypatch.setattr(medseg.promotion, "promote_from_params", fake_promote)
+    monkeypatch.setattr(medseg.tracking.promotion, "promote_from_params", fake_promote)
     monkeypatch.setattr(pipeline, "train_arch", tasks.train_arch.with_options(retry_delay_seconds=0))
 
     state = pipeline.medseg_pipeline(root=str(tmp_path), return_state=True)

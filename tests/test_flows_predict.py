@@ -27,11 +27,11 @@ ARCH = "unet"
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory, mlflow_db_template) -> Path:
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.promotion import promote_from_params
-    from medseg.registry import register_model_version
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import register_model_version
+    from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("batch_predict") / "project"
     shutil.copytree(tiny_project, root)

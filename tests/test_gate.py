@@ -1,10 +1,10 @@
-"""The champion gate's rules (medseg.gate.decide) on plain values: no MLflow."""
+"""The champion gate's rules (medseg.tracking.gate.decide) on plain values: no MLflow."""
 
 from __future__ import annotations
 
 import pytest
 
-from medseg.gate import VersionFacts, decide
+from medseg.tracking.gate import VersionFacts, decide
 
 
 def facts(version="2", dsc=0.8, test_cases="cases-a", protocol="mm", parity=True, test_data=None,
@@ -53,7 +53,7 @@ def test_the_champion_itself_is_unchanged_even_if_it_would_fail_a_rule():
 def test_promote_reads_the_test_case_fingerprint_of_versions_registered_before_the_rename():
     from types import SimpleNamespace
 
-    from medseg.promotion import _version_facts
+    from medseg.tracking.promotion import _version_facts
 
     old = SimpleNamespace(version=4, tags={"test_dsc": "0.5", "parity_passed": "true", "split_sha256": "cases-a",
                                            "protocol": "mm"})

@@ -39,9 +39,9 @@ PEAK_BUDGET_BYTES = 1024**3  # the issue's fixed budget for every bomb
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory) -> Path:
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("hostile") / "project"
     shutil.copytree(tiny_project, root)
@@ -164,7 +164,7 @@ def test_predict_replaces_its_own_output_of_the_same_case_only(project, model, t
 
 
 def test_every_output_kind_carries_the_mark_of_its_case(tmp_path):
-    from medseg.predict import Case, _write_nifti, _write_png, _write_probabilities, output_mark
+    from medseg.deployment.predict import Case, _write_nifti, _write_png, _write_probabilities, output_mark
 
     template = tmp_path / "in.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), template)
@@ -296,7 +296,7 @@ def test_header_fuzz_never_crashes_and_never_passes_what_the_file_lacks(version,
 def _with_card(model: Path, dest: Path, **changes) -> Path:
     import onnx
 
-    from medseg.card import ONNX_METADATA_KEY
+    from medseg.deployment.card import ONNX_METADATA_KEY
 
     proto = onnx.load(str(model))
     entry = next(p for p in proto.metadata_props if p.key == ONNX_METADATA_KEY)
@@ -349,7 +349,7 @@ def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, capsys
 # ----------------------------------------------------------------------------------- links out of a dataset
 def test_a_label_linked_from_outside_the_dataset_is_refused_unless_allowed(tmp_path, capsys):
     from medseg.data.ingest import ingest_dataset
-    from medseg.doctor import check_dataset
+    from medseg.data.doctor import check_dataset
     from test_ingest import make_synapse, synapse_params
 
     raw = make_synapse(tmp_path / "raw", n=2)
@@ -421,7 +421,7 @@ def test_a_stage_that_hits_a_filesystem_error_prints_one_line(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- deadlines
 def test_a_deadline_stops_the_work_and_writes_nothing(project, model, tmp_path):
-    from medseg.predict import Deadline, load_predictor, predict_files
+    from medseg.deployment.predict import Deadline, load_predictor, predict_files
 
     shutil.copy(_scan(project), tmp_path / "scan.nii.gz")
     predictor = load_predictor(model)
@@ -433,8 +433,8 @@ def test_a_deadline_stops_the_work_and_writes_nothing(project, model, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- promotion race
 def test_two_promotions_at_once_give_one_promoted_and_one_unchanged(tmp_path, mlflow_db_template):
-    from medseg.registry import alias_version
-    from medseg.tracking import connect
+    from medseg.tracking.registry import alias_version
+    from medseg.tracking.store import connect
 
     seed_store(tmp_path, mlflow_db_template)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -473,7 +473,7 @@ def test_an_mlflow_store_error_during_promotion_names_the_model(tmp_path, capsys
 def _segmenter(onnx_path: Path, monkeypatch, **env):
     from mlflow.pyfunc import PythonModelContext
 
-    from medseg.serving import ONNX_ARTIFACT, MedsegSegmenter
+    from medseg.deployment.serving import ONNX_ARTIFACT, MedsegSegmenter
 
     for name, value in env.items():
         monkeypatch.setenv(name, str(value))
@@ -489,7 +489,7 @@ def _b64(data: bytes) -> str:
 
 
 def test_serving_counts_bytes_of_the_declared_type_and_refuses_non_real_types(model, monkeypatch):
-    from medseg.serving import PayloadRefused
+    from medseg.deployment.serving import PayloadRefused
 
     segmenter = _segmenter(model, monkeypatch, MEDSEG_SERVE_MAX_VOLUME_BYTES=4 * 64 * 64 * 16)
     small = np.zeros((64, 64, 16), np.int16)
@@ -521,7 +521,7 @@ def test_serving_counts_bytes_of_the_declared_type_and_refuses_non_real_types(mo
 def test_a_busy_worker_answers_503_at_once_and_a_slow_case_504_with_the_work_stopped(model, monkeypatch):
     import time
 
-    from medseg.serving import CaseTooSlow, ServerBusy
+    from medseg.deployment.serving import CaseTooSlow, ServerBusy
 
     segmenter = _segmenter(model, monkeypatch, MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=30, MEDSEG_SERVE_MAX_QUEUED=0)
     assert segmenter.max_seconds == 27  # the server's timeout less 10 %: the model answers first
@@ -550,7 +550,7 @@ def test_concurrent_requests_wait_their_turn_within_their_time(model, monkeypatc
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from medseg.serving import ServerBusy
+    from medseg.deployment.serving import ServerBusy
 
     segmenter = _segmenter(model, monkeypatch)
     payload = {"nifti_base64": _b64(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)).to_bytes())}

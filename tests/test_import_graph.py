@@ -14,18 +14,18 @@ import import_graph as graph
 # numpy only) sits below data because ingest applies it; tracking (which MLflow store) is plumbing both training
 # and predict use; predict and serving are the torch-free inference path.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.metrics", "medseg.stats",
-              "medseg.display", "medseg.layout", "medseg.tracking", "medseg.threads", "medseg.progress",
-              "medseg.contracts")),
-    ("preprocessing", ("medseg.preprocessing", "medseg.inferer")),
+    ("core", ("medseg", "medseg.errors", "medseg.io", "medseg.config", "medseg.layout", "medseg.contracts",
+              "medseg.runtime", "medseg.tracking.store", "medseg.evaluation.metrics", "medseg.evaluation.stats",
+              "medseg.evaluation.display")),
+    ("preprocessing", ("medseg.data.preprocessing", "medseg.inference.inferer")),
     ("data", ("medseg.data",)),
-    ("models", ("medseg.models", "medseg.losses")),
-    ("card / checkpoint", ("medseg.card", "medseg.checkpoint")),
-    ("inference", ("medseg.inference", "medseg.predict", "medseg.serving", "medseg.scoring")),
-    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.export", "medseg.cv",
-                                        "medseg.onnx_eval")),
-    ("registry", ("medseg.registry", "medseg.gate", "medseg.promotion")),
-    ("report / cli", ("medseg.report", "medseg.doctor", "medseg.cli", "medseg.entry")),
+    ("models", ("medseg.models", "medseg.training.losses")),
+    ("card / checkpoint", ("medseg.deployment.card", "medseg.training.checkpoint")),
+    ("inference", ("medseg.inference.torch_backend", "medseg.deployment.predict", "medseg.deployment.serving",
+                   "medseg.evaluation.scoring", "medseg.serving")),
+    ("training / evaluation / export", ("medseg.training", "medseg.evaluation", "medseg.deployment")),
+    ("registry", ("medseg.tracking",)),
+    ("report / cli", ("medseg.report", "medseg.data.doctor", "medseg.cli", "medseg.entry")),
 ]
 
 
@@ -79,8 +79,8 @@ def test_the_library_never_imports_stages_or_flows():
 
 def test_the_import_reader_sees_function_level_and_submodule_imports(tmp_path):
     source = tmp_path / "example.py"
-    source.write_text("import os\nfrom medseg.data import loader\n\ndef f():\n    from medseg.inference import x\n")
-    assert graph.imports_of_file(source) == {"medseg.data", "medseg.data.loader", "medseg.inference"}
+    source.write_text("import os\nfrom medseg.data import loader\n\ndef f():\n    from medseg.inference.torch_backend import x\n")
+    assert graph.imports_of_file(source) == {"medseg.data", "medseg.data.loader", "medseg.inference.torch_backend"}
 
 
 def _dvc_stages():
@@ -101,9 +101,9 @@ def test_dvc_yaml_code_deps_are_exactly_what_the_stage_imports(path, name, stage
 
 def test_a_training_does_not_depend_on_the_report_or_the_overlay_code():
     files = {p.relative_to(graph.ROOT).as_posix() for p in graph.stage_code_files(graph.ROOT / "stages" / "train.py")}
-    assert "src/medseg/training.py" in files
+    assert "src/medseg/training/trainer.py" in files
     for other in ("src/medseg/report/__init__.py", "src/medseg/report/markdown.py", "src/medseg/report/figures.py",
-                  "src/medseg/evaluation.py", "src/medseg/display.py", "src/medseg/registry.py", "src/medseg/export.py"):
+                  "src/medseg/evaluation/evaluate.py", "src/medseg/evaluation/display.py", "src/medseg/tracking/registry.py", "src/medseg/deployment/export.py"):
         assert other not in files, other
 
 
@@ -138,13 +138,13 @@ def test_dvc_status_restyling_the_report_leaves_trainings_up_to_date(tmp_path, t
     dvc("commit", "-f", "-q", train, "report")
     assert "up to date" in dvc("status", train, "report")
 
-    for rel in ("src/medseg/report/markdown.py", "src/medseg/evaluation.py", "src/medseg/display.py"):
+    for rel in ("src/medseg/report/markdown.py", "src/medseg/evaluation/evaluate.py", "src/medseg/evaluation/display.py"):
         with open(root / rel, "a", encoding="utf-8") as handle:
             handle.write("\n# restyled\n")
     assert "up to date" in dvc("status", train), "restyling the report or the overlay made the training stale"
     assert "report" in dvc("status", "report")
 
-    with open(root / "src/medseg/training.py", "a", encoding="utf-8") as handle:
+    with open(root / "src/medseg/training/trainer.py", "a", encoding="utf-8") as handle:
         handle.write("\n# changed\n")
     status = dvc("status", train)
-    assert train in status and "src/medseg/training.py" in status
+    assert train in status and "src/medseg/training/trainer.py" in status

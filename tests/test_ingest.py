@@ -265,14 +265,14 @@ def test_nnunet_channel_files_and_dataset_json(tmp_path):
 def test_stored_image_is_normalise_image_of_the_read_case(tmp_path, monkeypatch, style, channels, modality):
     """Ingest writes the image slab by slab; the bytes are those of the in-memory `normalise_image`."""
     from medseg.data.formats import dataset_spec, discover, read_case
-    from medseg.preprocessing import normalisation_for, normalise_image
+    from medseg.data.preprocessing import normalisation_for, normalise_image
 
     raw = make_msd(tmp_path / "raw", channels=channels, style=style, shape=(40, 30, 7))
     params = msd_params(modality=modality)
     spec = dataset_spec(params, raw)
     case = discover(spec, raw)[0][0]
     expected = normalise_image(read_case(case, spec).image, normalisation_for(spec.format, spec.modality, spec.hu_window))
-    monkeypatch.setattr("medseg.preprocessing.SLAB_VOXELS", 500)  # one slice a slab (the one slab rule)
+    monkeypatch.setattr("medseg.data.preprocessing.SLAB_VOXELS", 500)  # one slice a slab (the one slab rule)
     ingest_dataset(params, raw, tmp_path / "out")
     stored, _, _ = load_case(tmp_path / "out", case.id)
     assert stored.dtype == expected.dtype and stored.shape == expected.shape

@@ -60,9 +60,9 @@ def exported(tiny_project, tmp_path_factory) -> Path:
     """A project with models/unet/model.onnx (trained, evaluated and exported here: torch is allowed in pytest)."""
     import torch
 
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("lean") / "project"
     shutil.copytree(tiny_project, root)
@@ -105,7 +105,7 @@ def test_predict_api_imports_no_training_or_pipeline_package(exported, tmp_path)
         import sys
         import nibabel as nib
         import numpy as np
-        from medseg.predict import load_predictor, predict_files
+        from medseg.deployment.predict import load_predictor, predict_files
 
         predictor = load_predictor(sys.argv[1])
         image = nib.load(sys.argv[2])

@@ -160,7 +160,7 @@ def test_a_few_training_steps_reduce_the_loss(name):
 @pytest.mark.parametrize("name", MAMBA_NETS)
 def test_onnx_export_matches_pytorch_at_traced_and_other_sizes(name, tmp_path):
     pytest.importorskip("onnxruntime")
-    from medseg.export import export_onnx, onnx_max_abs_diff, ort_session
+    from medseg.deployment.export import export_onnx, onnx_max_abs_diff, ort_session
 
     torch.manual_seed(0)
     model = build_model(name, 1, 3, (32, 32), **TINY[name]).eval()
@@ -217,7 +217,7 @@ def test_the_no_mamba_twin_is_the_same_network_without_its_scans(name, monkeypat
 
 
 def test_the_no_mamba_twin_trains_and_exports(tmp_path):
-    from medseg.export import export_onnx, onnx_max_abs_diff
+    from medseg.deployment.export import export_onnx, onnx_max_abs_diff
 
     torch.manual_seed(0)
     twin = build_model("msvm_unet_nomamba", 1, 3, (32, 32), **TINY["msvm_unet"])

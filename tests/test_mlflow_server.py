@@ -59,8 +59,8 @@ def _predict(*args) -> subprocess.CompletedProcess:
 
 
 def test_register_promote_and_predict_from_a_fresh_client(mlflow_server, tmp_path, monkeypatch):
-    from medseg.promotion import promote_from_params
-    from medseg.registry import register_model_version
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, params = _project(tmp_path, mlflow_server)
@@ -101,8 +101,8 @@ def test_server_killed_during_registration_then_restarted(when, mlflow_server, t
     the version exists but its answer, and everything after it, is lost); restarted 3 s later on the same port."""
     import mlflow
 
-    import medseg.registry as registry
-    from medseg.tracking import connect
+    import medseg.tracking.registry as registry
+    from medseg.tracking.store import connect
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, params = _project(tmp_path, mlflow_server, retries=4, backoff_s=1.0)

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import seed_store, paths
-from medseg.card import (
+from medseg.deployment.card import (
     CardError,
     ModelCard,
     build_card,
@@ -120,11 +120,11 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
     import torch
     from mlflow import MlflowClient
 
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.registry import register_model_version
-    from medseg.tracking import mlflow_store
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.tracking.registry import register_model_version
+    from medseg.tracking.store import mlflow_store
+    from medseg.training.trainer import train_model
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(key, raising=False)

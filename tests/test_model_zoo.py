@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.export import export_onnx, onnx_max_abs_diff, ort_session
+from medseg.deployment.export import export_onnx, onnx_max_abs_diff, ort_session
 from medseg.models import available_models, build_model, get_model_info
 from medseg.models.complexity import count_params_of
 

@@ -79,7 +79,7 @@ def test_defaults_come_from_one_place_and_are_filled_in(tmp_path):
 
 
 def test_the_training_config_hash_does_not_depend_on_spelling_out_the_defaults():
-    from medseg.training import run_config_hash
+    from medseg.training.trainer import run_config_hash
 
     params = repo_params()
     full = validate_params(params)

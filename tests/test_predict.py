@@ -22,7 +22,7 @@ from conftest import seed_store, paths
 from medseg.cli import main
 from medseg.errors import ConfigError, PredictError
 from medseg.io import read_json
-from medseg.predict import load_predictor, predict_files
+from medseg.deployment.predict import load_predictor, predict_files
 
 # Small enough that training, evaluation and export of both take seconds on one CPU thread.
 ARCHS = {
@@ -33,9 +33,9 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory) -> Path:
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("predict") / "project"
     shutil.copytree(tiny_project, root)
@@ -78,7 +78,7 @@ def _to_index(raw: np.ndarray, label_values: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cli_labels_equal_evaluation_voxel_for_voxel_with_the_input_header(project, tmp_path, arch):
     from medseg.data.cases import load_case
-    from medseg.inference import load_trained_model, predict_volume
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
 
     cases = _test_cases(project)
     inputs = tmp_path / "in"
@@ -268,9 +268,9 @@ def test_2d_model_segments_images_as_evaluation_does(project, tmp_path):
     """The unet's graph with a card that says image2d (greyscale, /255): PNG in, PNG of raw label values out."""
     from PIL import Image
 
-    from medseg.card import ModelCard
-    from medseg.inference import load_trained_model, predict_volume
-    from medseg.export import write_card_metadata
+    from medseg.deployment.card import ModelCard
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
+    from medseg.deployment.export import write_card_metadata
 
     onnx_2d = tmp_path / "model2d.onnx"
     shutil.copy2(_model(project), onnx_2d)
@@ -309,14 +309,14 @@ def test_far_spacing_and_intensity_are_warned_once_per_case(project, tmp_path, c
     affine = source.affine @ np.diag([3.0, 3.0, 1.0, 1.0])
     odd = np.asarray(source.dataobj).astype(np.int16) + 2000  # not CT any more
     nib.save(nib.Nifti1Image(odd, affine), tmp_path / "odd.nii.gz")
-    with caplog.at_level("WARNING", logger="medseg.predict"):
+    with caplog.at_level("WARNING", logger="medseg.deployment.predict"):
         predict_files(load_predictor(_model(project)), tmp_path / "odd.nii.gz", tmp_path / "out")
-    (record,) = [r for r in caplog.records if r.name == "medseg.predict"]
+    (record,) = [r for r in caplog.records if r.name == "medseg.deployment.predict"]
     assert "odd: voxel spacing" in record.getMessage() and "median intensity" in record.getMessage()
 
 
 def test_registered_model_predicts_from_models_uri(project, tmp_path, mlflow_db_template, monkeypatch):
-    from medseg.registry import register_model_version
+    from medseg.tracking.registry import register_model_version
 
     root = tmp_path / "store"
     seed_store(root, mlflow_db_template)
@@ -348,7 +348,7 @@ def test_channel_files_of_a_case_are_grouped_in_channel_order(project, tmp_path)
     """nnU-Net naming for a two-channel model (planning only: the tiny models are single-channel)."""
     from dataclasses import replace
 
-    from medseg.predict import Predictor, plan_cases
+    from medseg.deployment.predict import Predictor, plan_cases
 
     card = load_predictor(_model(project)).card
     predictor = Predictor(None, replace(card, image_channels=2), "two-channel model")
@@ -370,7 +370,7 @@ def test_channel_files_of_a_case_are_grouped_in_channel_order(project, tmp_path)
 def test_single_channel_outputs_drop_nnunets_channel_suffix(project, tmp_path):
     """nnU-Net names a prediction after the case: imagesTs/organ_000_0000.nii.gz -> organ_000.nii.gz. Other
     trailing numbers are part of the name; two inputs that would give one output name are refused."""
-    from medseg.predict import plan_cases
+    from medseg.deployment.predict import plan_cases
 
     predictor = load_predictor(_model(project))
     assert predictor.card.image_channels == 1

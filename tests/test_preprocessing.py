@@ -1,4 +1,4 @@
-"""medseg.preprocessing: torch's resize rules in numpy, the normalisations ingest records, and one network input
+"""medseg.data.preprocessing: torch's resize rules in numpy, the normalisations ingest records, and one network input
 for the same slices whichever path builds it (training loader, evaluation, export, predict from the raw file)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg import preprocessing as pp
+from medseg.data import preprocessing as pp
 from medseg.errors import ConfigError
 from conftest import paths
 
@@ -148,9 +148,11 @@ def test_argmax_classes_is_numpys_argmax_with_its_tie_and_nan_rules():
     np.testing.assert_array_equal(pp.argmax_classes(big), big.argmax(axis=1))
 
 
-def test_import_does_not_load_torch():
-    code = ("import sys, medseg.preprocessing; "
-            "heavy = [m for m in ('torch', 'scipy', 'medseg.data') if m in sys.modules]; "
+def test_import_does_not_load_torch_or_the_rest_of_the_data_package():
+    # predict imports these rules; the data package's other rooms (formats, ingest, the loader) are not for it
+    code = ("import sys, medseg.data.preprocessing; "
+            "heavy = [m for m in sys.modules if m in ('torch', 'scipy') "
+            "or (m.startswith('medseg.data.') and m != 'medseg.data.preprocessing')]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -164,8 +166,8 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
     from medseg.data.cases import load_case, read_cases
     from medseg.data.loader import SliceDataset
     from medseg.data.orientation import to_canonical
-    from medseg.inference import prepare_slices
-    from medseg.export import _parity_inputs
+    from medseg.inference.torch_backend import prepare_slices
+    from medseg.deployment.export import _parity_inputs
     from medseg.io import read_json
 
     context, size = 1, tuple(tiny_params["data"]["image_size"])

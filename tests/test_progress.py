@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 
-from medseg import progress as progress_module
-from medseg.progress import LogProgress, progress
+from medseg.runtime import progress as progress_module
+from medseg.runtime.progress import LogProgress, progress
 
 
 def test_off_a_terminal_a_loop_logs_a_line_per_quarter(caplog, monkeypatch):
     monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
-    with caplog.at_level(logging.INFO, logger="medseg.progress"):
+    with caplog.at_level(logging.INFO, logger="medseg.runtime.progress"):
         seen = list(progress(range(10), desc="evaluate unet", unit="case"))
     assert seen == list(range(10))
     assert [r.getMessage() for r in caplog.records] == [
@@ -23,7 +23,7 @@ def test_off_a_terminal_a_loop_logs_a_line_per_quarter(caplog, monkeypatch):
 
 def test_postfix_resume_and_silent_loops(caplog, monkeypatch):
     monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
-    with caplog.at_level(logging.INFO, logger="medseg.progress"):
+    with caplog.at_level(logging.INFO, logger="medseg.runtime.progress"):
         with progress(total=8, initial=4, desc="train", unit="step") as bar:  # resumed half-way: 50 % already shown
             for _ in range(4):
                 bar.update(1)
@@ -47,7 +47,7 @@ def test_on_a_terminal_it_is_a_tqdm_bar(monkeypatch):
 
 
 def test_a_stage_writing_to_a_file_has_no_carriage_returns(tmp_path):
-    code = ("import logging\nlogging.basicConfig(level=logging.INFO)\nfrom medseg.progress import progress\n"
+    code = ("import logging\nlogging.basicConfig(level=logging.INFO)\nfrom medseg.runtime.progress import progress\n"
             "for _ in progress(range(200), desc='ingest', unit='case'): pass\n")
     with open(tmp_path / "log", "w") as log:
         subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, check=True, timeout=60)

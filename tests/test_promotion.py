@@ -22,7 +22,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, mlflow_db_template):
-    from medseg.tracking import connect
+    from medseg.tracking.store import connect
 
     root = tmp_path_factory.mktemp("promotion")
     seed_store(root, mlflow_db_template)
@@ -49,13 +49,13 @@ def add_challenger(client, name: str, dsc: float, parity: bool = True, split: st
 
 
 def alias(client, name: str, which: str) -> str | None:
-    from medseg.registry import alias_version
+    from medseg.tracking.registry import alias_version
 
     return alias_version(client, name, which)
 
 
 def test_first_challenger_with_parity_becomes_champion(client, name):
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.6)
     result = promote(name, client=client)
@@ -72,7 +72,7 @@ def test_first_challenger_with_parity_becomes_champion(client, name):
 
 
 def test_better_challenger_replaces_champion(client, name):
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.6)
     promote(name, client=client)
@@ -97,7 +97,7 @@ def test_better_challenger_replaces_champion(client, name):
     ids=["lower-dsc", "equal-dsc", "failed-parity", "different-split", "different-protocol"],
 )
 def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.60)
     promote(name, client=client)
@@ -111,7 +111,7 @@ def test_refusals_leave_aliases_untouched(client, name, challenger, reason):
 
 
 def test_parity_failure_blocks_even_the_first_champion(client, name):
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.8, parity=False)
     with pytest.raises(PromotionRefused, match="parity"):
@@ -120,7 +120,7 @@ def test_parity_failure_blocks_even_the_first_champion(client, name):
 
 
 def test_min_improvement_is_a_margin(client, name):
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.60)
     promote(name, client=client)
@@ -136,7 +136,7 @@ def test_min_improvement_is_a_margin(client, name):
                 min_size=1, max_size=5))
 def test_champion_never_gets_worse(client, challengers):
     """Whatever sequence of challengers arrives, the champion's DSC only goes up, on one split, parity passed."""
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     name = f"medseg-test-prop-{next(_names)}"
     client.create_registered_model(name)
@@ -161,8 +161,8 @@ def test_champion_never_gets_worse(client, challengers):
 def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_template):
     from test_registry import fabricate_outputs, registry_params
 
-    from medseg.promotion import promote_from_params
-    from medseg.registry import register_model_version
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import register_model_version
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     seed_store(tmp_path, mlflow_db_template)
@@ -179,7 +179,7 @@ def test_register_then_promote_end_to_end(tmp_path, monkeypatch, mlflow_db_templ
     second = register_model_version(params, "unet", tmp_path)
     with pytest.raises(PromotionRefused, match="does not beat"):
         promote_from_params(params, "unet", tmp_path)
-    from medseg.tracking import connect
+    from medseg.tracking.store import connect
 
     client = connect(first["tracking_uri"], retries=0)
     assert alias(client, first["model_name"], "champion") == first["version"]
@@ -190,7 +190,7 @@ def test_promote_tells_each_case_apart_with_its_own_message_and_exit_code(client
     """`medseg promote`: no such model (error, 2), a model with no challenger (refused, 3), the challenger already
     champion (unchanged, 0), worse / different test data / parity failed (refused, 3, each its own reason)."""
     from medseg import cli
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     uri = client.tracking_uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -226,7 +226,7 @@ def test_promote_tells_each_case_apart_with_its_own_message_and_exit_code(client
 def test_a_champion_measured_on_old_content_is_not_compared_with_new_data(client, name):
     """Same test case ids, new scans (a re-ingest): the retrain's worse-looking DSC is not judged against a
     champion measured on the old data; the refusal says why and leaves the aliases alone."""
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -243,8 +243,8 @@ def test_a_champion_measured_on_old_content_is_not_compared_with_new_data(client
 def test_a_champion_on_old_data_is_compared_after_its_reevaluation(client, name, remeasured_dsc, outcome):
     """The champion (0.9 on the old scans) is measured again on the challenger's new scans: the challenger's 0.5
     beats a champion that scores 0.4 there, and loses to one that scores 0.6."""
-    from medseg.gate import VersionFacts
-    from medseg.promotion import promote
+    from medseg.tracking.gate import VersionFacts
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -272,7 +272,7 @@ def test_a_champion_on_old_data_is_compared_after_its_reevaluation(client, name,
 
 def test_a_champion_that_cannot_be_reevaluated_keeps_the_refusal_with_the_reason(client, name):
     from medseg.errors import ConfigError
-    from medseg.promotion import promote
+    from medseg.tracking.promotion import promote
 
     v1 = add_challenger(client, name, 0.9, data="v1data")
     promote(name, client=client)
@@ -296,14 +296,14 @@ def test_promote_reevaluates_the_registered_champion_on_new_scans_with_the_same_
 
     import yaml
 
-    import medseg.onnx_eval as onnx_eval
+    import medseg.deployment.onnx_eval as onnx_eval
     from medseg.data.ingest import ingest_from_params
     from medseg.data.phantom import generate_from_params
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.promotion import promote_from_params
-    from medseg.registry import register_model_version
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import register_model_version
+    from medseg.training.trainer import train_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "project"
@@ -346,7 +346,7 @@ def test_promote_reevaluates_the_registered_champion_on_new_scans_with_the_same_
     assert "re-evaluated on the challenger's test data" in decision["reason"]
 
     # the champion's new score is kept: deciding again does not evaluate again
-    from medseg.tracking import connect
+    from medseg.tracking.store import connect
 
     client = connect(f"sqlite:///{root / 'mlflow.db'}", retries=0)
     champion = client.get_model_version(first["model_name"], first["version"])

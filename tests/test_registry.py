@@ -38,7 +38,7 @@ class TinySegNet(nn.Module):
 
 def export_tiny_onnx(model: nn.Module, path: Path, in_channels: int = 1) -> None:
     try:  # engineer H4's exporter once it exists, torch's legacy exporter until then
-        from medseg.export import export_onnx
+        from medseg.deployment.export import export_onnx
     except ImportError:
         export_onnx = None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def registry_params(tmp_path: Path, arch: str = "unet") -> dict:
 
 def tiny_card(arch: str = "unet", **fields):
     """A model card for TinySegNet-like models (1 channel, CLASS_NAMES, IMAGE_SIZE, dynamic H/W)."""
-    from medseg.card import ModelCard
+    from medseg.deployment.card import ModelCard
 
     return ModelCard(**{
         "arch": arch, "model_options": {"base_channels": 4}, "image_channels": 1, "context": 0,
@@ -89,9 +89,9 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
                       model: nn.Module | None = None) -> Path:
     """Write the files train/evaluate/export leave for `arch` under `root` (model.onnx with its model card);
     returns the ONNX path."""
-    from medseg.card import evaluation_of
+    from medseg.deployment.card import evaluation_of
     from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary, write_per_case
-    from medseg.export import write_card_metadata
+    from medseg.deployment.export import write_card_metadata
 
     torch.manual_seed(seed)
     model = model or TinySegNet(1, len(CLASS_NAMES))
@@ -135,7 +135,7 @@ def no_env_uri(monkeypatch):
 
 
 def test_resolve_tracking_uri_is_absolute_from_root(tmp_path, monkeypatch, no_env_uri):
-    from medseg.tracking import resolve_tracking_uri
+    from medseg.tracking.store import resolve_tracking_uri
 
     params = registry_params(tmp_path)
     assert resolve_tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -149,7 +149,7 @@ def test_register_logs_run_and_version_then_is_idempotent(tmp_path, no_env_uri):
     from mlflow import MlflowClient
 
     from medseg.io import read_json, sha256_file
-    from medseg.registry import register_model_version
+    from medseg.tracking.registry import register_model_version
 
     params = registry_params(tmp_path)
     onnx_path = fabricate_outputs(tmp_path, "unet", mean_dsc=0.7)
@@ -240,8 +240,8 @@ def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, ml
     import onnxruntime as ort
     from mlflow.models import ModelSignature
 
-    from medseg.registry import register_model_version
-    from medseg.tracking import mlflow_store
+    from medseg.tracking.registry import register_model_version
+    from medseg.tracking.store import mlflow_store
 
     seed_store(tmp_path, mlflow_db_template)
     params = registry_params(tmp_path)
@@ -266,7 +266,7 @@ def test_challenger_loads_with_onnx_flavor_and_predicts(tmp_path, no_env_uri, ml
 
 
 def test_unreachable_server_retries_with_backoff_then_names_uri(tmp_path, monkeypatch, no_env_uri):
-    import medseg.registry as registry
+    import medseg.tracking.registry as registry
 
     params = registry_params(tmp_path)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -286,7 +286,7 @@ def test_unreachable_server_retries_with_backoff_then_names_uri(tmp_path, monkey
 
 
 def test_with_retries_backs_off_then_gives_up_and_never_retries_a_medseg_check(monkeypatch):
-    import medseg.tracking as tracking
+    import medseg.tracking.store as tracking
 
     delays, calls = [], []
     monkeypatch.setattr(tracking.time, "sleep", delays.append)
@@ -311,7 +311,7 @@ def test_with_retries_backs_off_then_gives_up_and_never_retries_a_medseg_check(m
 
 
 def test_missing_input_names_the_file(tmp_path, no_env_uri):
-    from medseg.registry import register_model_version
+    from medseg.tracking.registry import register_model_version
 
     params = registry_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
@@ -322,7 +322,7 @@ def test_missing_input_names_the_file(tmp_path, no_env_uri):
 
 
 def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
-    from medseg.registry import register_model_version
+    from medseg.tracking.registry import register_model_version
 
     params = registry_params(tmp_path)
     fabricate_outputs(tmp_path, "unet")
@@ -335,7 +335,7 @@ def test_export_json_of_another_onnx_is_refused(tmp_path, no_env_uri):
 
 
 def test_run_params_flatten_nested_options(tmp_path):
-    from medseg.registry import run_params
+    from medseg.tracking.registry import run_params
 
     params = copy.deepcopy(registry_params(tmp_path))
     params["model_options"]["unet"] = {"depths": [1, 1], "block": {"kind": "res"}}
@@ -347,7 +347,7 @@ def test_run_params_flatten_nested_options(tmp_path):
 
 
 def test_model_without_a_card_is_refused_before_the_store(tmp_path, no_env_uri):
-    from medseg.registry import register_model_version
+    from medseg.tracking.registry import register_model_version
 
     params = registry_params(tmp_path)
     onnx_path = fabricate_outputs(tmp_path, "unet")
@@ -358,7 +358,7 @@ def test_model_without_a_card_is_refused_before_the_store(tmp_path, no_env_uri):
 
 
 def test_signature_states_what_the_model_accepts(tmp_path):
-    from medseg.registry import _onnx_signature
+    from medseg.tracking.registry import _onnx_signature
 
     onnx_path = fabricate_outputs(tmp_path, "unet")  # a graph with dynamic H and W
     signature = _onnx_signature(onnx_path, tiny_card(dynamic_hw=False))
@@ -369,7 +369,7 @@ def test_signature_states_what_the_model_accepts(tmp_path):
 
 
 def test_card_tags_leave_out_a_card_longer_than_a_tag():
-    from medseg.registry import MAX_TAG_VALUE, card_tags
+    from medseg.tracking.registry import MAX_TAG_VALUE, card_tags
 
     card = tiny_card()
     assert json.loads(card_tags(card)["medseg.card"]) == card.to_dict()
@@ -384,7 +384,7 @@ def test_card_tags_leave_out_a_card_longer_than_a_tag():
 
 def test_version_description_reads_as_a_sentence():
     """The model version page says 'test DSC 4.1 %', not 'test DSC 0.04094609121311299'."""
-    from medseg.registry import version_description
+    from medseg.tracking.registry import version_description
 
     from medseg.contracts import EvaluationMetrics, ExportReport
 
@@ -402,7 +402,7 @@ def test_provenance_names_the_commit_the_dvc_experiment_and_the_lock(tmp_path, m
     import subprocess
 
     from medseg.io import sha256_file
-    from medseg.registry import provenance
+    from medseg.tracking.registry import provenance
 
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)

@@ -191,7 +191,7 @@ def test_report_without_any_results_lists_all_missing(project_copy, tiny_params)
 
 def test_predict_slice_matches_full_volume_prediction_with_context(project_copy, tiny_params):
     """The qualitative figure predicts single slices; with 2.5D context they must equal evaluation's predictions."""
-    from medseg.inference import load_trained_model, predict_volume
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
     from medseg.report.figures import predict_slice
 
     root, params = project_copy, tiny_params
@@ -220,12 +220,12 @@ def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
 def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_params, monkeypatch,
                                                           mlflow_db_template):
     """The files the real train/evaluate/export stages write fit register, promote and the report."""
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.promotion import promote_from_params
-    from medseg.registry import register_model_version
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.tracking.promotion import promote_from_params
+    from medseg.tracking.registry import register_model_version
     from medseg.report import build_report
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, params = project_copy, tiny_params

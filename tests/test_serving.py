@@ -1,4 +1,4 @@
-"""`mlflow models serve` of a registered model (medseg.serving): NIfTI/PNG payloads in, the mask `medseg predict`
+"""`mlflow models serve` of a registered model (medseg.deployment.serving): NIfTI/PNG payloads in, the mask `medseg predict`
 writes out; limits refused with 400 before any voxel is decoded; the onnx flavor still gives the ModelProto.
 
 A tiny unet is trained, evaluated, exported and registered (sqlite store) once for the module.
@@ -38,10 +38,10 @@ SERVER_START_S = 120  # mlflow CLI import + model download + uvicorn + model loa
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory, mlflow_db_template) -> tuple[Path, dict]:
     """(project root, registry record) of a registered tiny unet, alias challenger."""
-    from medseg.evaluation import evaluate_model
-    from medseg.export import export_model
-    from medseg.registry import register_model_version
-    from medseg.training import train_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.deployment.export import export_model
+    from medseg.tracking.registry import register_model_version
+    from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("serving") / "project"
     shutil.copytree(tiny_project, root)
@@ -96,7 +96,7 @@ def _segmenter(onnx_path: Path, monkeypatch, **limits):
     """MedsegSegmenter loaded as the server loads it, with MEDSEG_SERVE_* limits set."""
     from mlflow.pyfunc import PythonModelContext
 
-    from medseg.serving import ONNX_ARTIFACT, MedsegSegmenter
+    from medseg.deployment.serving import ONNX_ARTIFACT, MedsegSegmenter
 
     for name, value in limits.items():
         monkeypatch.setenv(f"MEDSEG_SERVE_{name.upper()}", str(value))
@@ -109,8 +109,8 @@ def _segmenter(onnx_path: Path, monkeypatch, **limits):
 def test_pyfunc_gives_the_mask_medseg_predict_writes(project, tmp_path):
     import mlflow.pyfunc
 
-    from medseg.card import card_from_onnx
-    from medseg.tracking import mlflow_store
+    from medseg.deployment.card import card_from_onnx
+    from medseg.tracking.store import mlflow_store
 
     root, record = project
     raw = _raw_file(root)
@@ -131,9 +131,9 @@ def test_onnx_flavor_loads_the_registered_file_with_its_card(project, tmp_path):
     import mlflow.onnx
     import onnx
 
-    from medseg.card import ONNX_METADATA_KEY
+    from medseg.deployment.card import ONNX_METADATA_KEY
     from medseg.io import sha256_file
-    from medseg.tracking import mlflow_store
+    from medseg.tracking.store import mlflow_store
 
     root, record = project
     uri = f"models:/{record['model_name']}@challenger"
@@ -157,8 +157,8 @@ def test_onnx_flavor_loads_the_registered_file_with_its_card(project, tmp_path):
 def test_png_payload_of_a_2d_model_gives_its_png_mask(project, tmp_path, monkeypatch):
     from PIL import Image
 
-    from medseg.card import ModelCard, card_from_onnx
-    from medseg.export import write_card_metadata
+    from medseg.deployment.card import ModelCard, card_from_onnx
+    from medseg.deployment.export import write_card_metadata
 
     root, _ = project
     onnx_2d = tmp_path / "model2d.onnx"  # the unet's graph with a card that says image2d (greyscale, /255)
@@ -180,7 +180,7 @@ def test_limits_and_bad_payloads_are_refused_before_decoding(project, monkeypatc
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
     from PIL import Image
 
-    from medseg.serving import PayloadRefused
+    from medseg.deployment.serving import PayloadRefused
 
     root, _ = project
     segmenter = _segmenter(paths(root).onnx("unet"), monkeypatch, max_bytes=4096)
@@ -289,3 +289,12 @@ def test_mlflow_models_serve_answers_payloads_and_refuses_limits(project, tmp_pa
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=20)
             log.close()
+
+
+def test_a_version_registered_before_the_package_regroup_still_unpickles():
+    # MLflow pickled the pyfunc class by its module path; versions registered before 2026-12 name medseg.serving
+    import pickle
+
+    from medseg.deployment.serving import MedsegSegmenter
+
+    assert pickle.loads(b"cmedseg.serving\nMedsegSegmenter\n.") is MedsegSegmenter

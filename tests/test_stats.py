@@ -1,4 +1,4 @@
-"""Comparison statistics (medseg.stats) on constructed data with known answers."""
+"""Comparison statistics (medseg.evaluation.stats) on constructed data with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg.stats import bootstrap_ci, compare, holm, paired_wilcoxon, patient_scores, rank_first_shares
+from medseg.evaluation.stats import bootstrap_ci, compare, holm, paired_wilcoxon, patient_scores, rank_first_shares
 
 
 def _scores(values) -> dict[str, float]:

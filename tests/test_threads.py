@@ -10,7 +10,7 @@ import pytest
 
 from medseg.config import validate_params
 from medseg.errors import ConfigError
-from medseg.threads import available_cpus, cgroup_cpu_limit, plan_from_params, plan_threads
+from medseg.runtime.threads import available_cpus, cgroup_cpu_limit, plan_from_params, plan_threads
 
 NO_ENV: dict[str, str] = {}
 
@@ -77,7 +77,7 @@ def test_params_compute_section(monkeypatch):
 
 def test_predict_sessions_take_the_plan_without_importing_torch(tmp_path):
     """ONNX Runtime ignores OMP_NUM_THREADS; medseg's session options carry the plan's count (no torch)."""
-    code = ("import sys; from medseg.threads import onnxruntime_options, plan_threads\n"
+    code = ("import sys; from medseg.runtime.threads import onnxruntime_options, plan_threads\n"
             "o = onnxruntime_options(plan_threads(cpus=2, parallel_jobs=2, env={}).intra_op)\n"
             "assert o.intra_op_num_threads == 1 and o.inter_op_num_threads == 1\n"
             "assert 'torch' not in sys.modules\n")

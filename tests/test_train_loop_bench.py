@@ -25,7 +25,7 @@ def bench():
 def test_measure_runs_the_trainer_and_a_bare_loop(bench, tmp_path, one_torch_thread, monkeypatch):
     import torch
 
-    import medseg.training as training
+    import medseg.training.trainer as training
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     names = ("_progress", "_write_log", "_check_finite", "save_checkpoint")

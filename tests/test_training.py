@@ -28,7 +28,7 @@ RUNNER = textwrap.dedent(
     """
     import os, signal, sys, yaml
     from pathlib import Path
-    import medseg.training as training
+    import medseg.training.trainer as training
     kill_at = int(os.environ.get("KILL_AT", "0"))
     if kill_at:
         training.STEP_HOOKS.append(lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
@@ -63,7 +63,7 @@ def reference(tiny_project, tmp_path_factory):
     """One uninterrupted in-process run, recording every case the training touches."""
     import medseg.data.cases as cases
     import medseg.data.loader as loader
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     root, params = _make_project(tiny_project, tmp_path_factory.mktemp("ref") / "project")
     touched: set[str] = set()
@@ -102,7 +102,7 @@ def test_outputs_follow_the_contract(reference):
     assert checkpoint["epoch"] == best + 1 and checkpoint["val_dice"] == pytest.approx(dices[best])
     saved = read_json(paths(root).train_summary("unet"))
     assert saved["best_val_dice"] == pytest.approx(dices[best]) and saved["best_epoch"] == best + 1
-    from medseg.inference import load_trained_model
+    from medseg.inference.torch_backend import load_trained_model
 
     model, _ = load_trained_model(paths(root).checkpoint("unet"))
     assert saved["params"] == sum(p.numel() for p in model.parameters())
@@ -148,13 +148,13 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(reference, tiny_project,
         _assert_same_weights(_load(paths(ref_root).model_dir("unet") / name)["state_dict"],
                              _load(paths(root).model_dir("unet") / name)["state_dict"])
     # a finished run's last.pt: the final weights and the record, no resume state (it is never resumed)
-    from medseg.training import FINISHED_KEYS
+    from medseg.training.trainer import FINISHED_KEYS
 
     assert set(_load(paths(root).last_checkpoint("unet"))) == set(FINISHED_KEYS)
 
 
 def test_resume_only_with_the_same_configuration(reference, tmp_path):
-    from medseg.training import _try_resume
+    from medseg.training.trainer import _try_resume
 
     last = _load(paths(reference[0]).last_checkpoint("unet"))
     path = tmp_path / "last.pt"
@@ -168,7 +168,7 @@ def test_resume_only_with_the_same_configuration(reference, tmp_path):
 
 
 def test_config_hash_tracks_what_changes_the_result(reference):
-    from medseg.training import run_config_hash
+    from medseg.training.trainer import run_config_hash
 
     _, params, _, _ = reference
     split = {"train": ["a"], "val": ["b"], "test": ["c"]}
@@ -183,7 +183,7 @@ def test_config_hash_tracks_what_changes_the_result(reference):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_project, tmp_path, monkeypatch):
     import medseg.data.loader as loader
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, checkpoint_every_steps=1)
     original = loader.SliceDataset.__getitems__
@@ -206,7 +206,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_project, tmp_pat
 
 
 def test_non_finite_weights_are_never_checkpointed():
-    from medseg.training import _check_finite
+    from medseg.training.trainer import _check_finite
 
     model = torch.nn.Linear(2, 2)
     _check_finite(model, "epoch 1, step 1")
@@ -232,7 +232,7 @@ def test_torchrun_world_size_one_matches_single_process(reference, tiny_project,
 def test_epochs_are_logged_to_mlflow_when_a_tracking_uri_is_set(tiny_project, tmp_path, monkeypatch):
     import mlflow
 
-    from medseg.training import train_model
+    from medseg.training.trainer import train_model
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=50)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
@@ -251,7 +251,7 @@ def test_epochs_are_logged_to_mlflow_when_a_tracking_uri_is_set(tiny_project, tm
 def test_trainer_steps_and_state_round_trip(tiny_project, tmp_path):
     """The Trainer's named steps, driven by hand: its state_dict() carries a run mid-way, and a second Trainer
     that loads it continues to exactly the weights of one that never stopped."""
-    from medseg.training import Dist, RunSpec, Trainer
+    from medseg.training.trainer import Dist, RunSpec, Trainer
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=100)
     spec = RunSpec.of(params, "unet", root)
@@ -280,7 +280,7 @@ def test_trainer_steps_and_state_round_trip(tiny_project, tmp_path):
 def test_augmentation_deferred_to_the_training_step_trains_the_same_weights(tiny_project, tmp_path):
     """On a GPU the loader hands over un-augmented batches with their augmentation table and train_step augments
     on the device; on the CPU that path is taken by hand here and must give the very weights of the default."""
-    from medseg.training import Dist, RunSpec, Trainer
+    from medseg.training.trainer import Dist, RunSpec, Trainer
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, checkpoint_every_steps=100)
     assert params["data"]["augment"], "the tiny project must augment for this test to mean anything"
@@ -301,8 +301,8 @@ def test_augmentation_deferred_to_the_training_step_trains_the_same_weights(tiny
 def test_training_sizes_its_threads_and_loader_workers_to_the_cores(tiny_project, tmp_path, monkeypatch):
     """train_model applies the thread plan: 2 parallel jobs on this machine's cores -> the share each, and a
     data.num_workers above the share is lowered (the DataLoader is built with the lowered count)."""
-    import medseg.training as training
-    from medseg.threads import available_cpus
+    import medseg.training.trainer as training
+    from medseg.runtime.threads import available_cpus
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=1, max_steps_per_epoch=1)
     params["data"]["num_workers"] = 8
@@ -324,7 +324,7 @@ def test_training_sizes_its_threads_and_loader_workers_to_the_cores(tiny_project
 def test_loader_workers_train_the_same_weights_with_one_persistent_loader(tiny_project, tmp_path):
     """data.num_workers > 0: one SliceLoader for the run, its workers persisting across epochs, gives the very
     weights of in-process loading (the epoch's augmentation reaches persistent workers with each batch)."""
-    from medseg.training import Dist, RunSpec, Trainer
+    from medseg.training.trainer import Dist, RunSpec, Trainer
 
     root, params = _make_project(tiny_project, tmp_path / "project", epochs=2, checkpoint_every_steps=100)
     spec = RunSpec.of(params, "unet", root)

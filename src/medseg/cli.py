@@ -39,7 +39,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    from medseg.progress import on_terminal
+    from medseg.runtime.progress import on_terminal
 
     header = ("name", "family", "paper params (M)", "paper GFLOPs", "ONNX dynamic H/W", "H, W multiple of",
               "description")
@@ -82,7 +82,7 @@ def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], in
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from medseg.errors import PromotionRefused
-    from medseg.promotion import promote, promote_in_project
+    from medseg.tracking.promotion import promote, promote_in_project
 
     params_path = Path(args.root) / args.params
     try:
@@ -99,12 +99,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment files with an exported model on ONNX Runtime; imports no torch (nor mlflow for a local model)."""
-    from medseg.predict import load_predictor, predict_files
+    from medseg.deployment.predict import load_predictor, predict_files
 
     tracking_uri = args.tracking_uri
     params_path = Path(args.root) / args.params
     if args.model.startswith("models:/") and not tracking_uri and params_path.is_file():
-        from medseg.tracking import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
+        from medseg.tracking.store import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
 
         tracking_uri = resolve_tracking_uri(load_params(params_path), args.root)
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from medseg.doctor import run_doctor
+    from medseg.data.doctor import run_doctor
 
     params = load_params(Path(args.root) / args.params)
     return run_doctor(params, args.root, raw_dir=args.raw_dir, fmt=args.format)
@@ -215,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func_path, help_text) in data_stages.items():
         sub.add_parser(name, help=help_text).set_defaults(func=_stage(func_path, with_arch=False))
     arch_stages = {
-        "train": ("medseg.training:train_model", "train one architecture"),
-        "evaluate": ("medseg.evaluation:evaluate_model", "evaluate one architecture on the test split"),
-        "export": ("medseg.export:export_model", "export one architecture to ONNX and check parity"),
-        "register": ("medseg.registry:register_model_version", "log and register one architecture in MLflow"),
+        "train": ("medseg.training.trainer:train_model", "train one architecture"),
+        "evaluate": ("medseg.evaluation.evaluate:evaluate_model", "evaluate one architecture on the test split"),
+        "export": ("medseg.deployment.export:export_model", "export one architecture to ONNX and check parity"),
+        "register": ("medseg.tracking.registry:register_model_version", "log and register one architecture in MLflow"),
     }
     for name, (func_path, help_text) in arch_stages.items():
         p = sub.add_parser(name, help=help_text)

@@ -105,7 +105,7 @@ class ExportSettings:
 @dataclass(frozen=True)
 class ReportSettings:
     qualitative_slices: int = 3
-    confidence: float = 0.95  # medseg.stats: patient-bootstrap intervals
+    confidence: float = 0.95  # medseg.evaluation.stats: patient-bootstrap intervals
     alpha: float = 0.05  # Holm-corrected paired Wilcoxon tests against the best
     bootstrap_resamples: int = 2000
 
@@ -114,14 +114,14 @@ class ReportSettings:
 class RegisterSettings:
     experiment: str = "medseg"
     model_prefix: str = "medseg"
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else medseg.tracking.DEFAULT_TRACKING_URI
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else medseg.tracking.store.DEFAULT_TRACKING_URI
     retries: int = 3
     backoff_s: float = 2.0
 
 
 @dataclass(frozen=True)
 class CVSettings:
-    """Cross-validation (medseg.cv): the architectures to cross-validate and the folds of split.folds to train,
+    """Cross-validation (medseg.evaluation.cross_validation): the architectures to cross-validate and the folds of split.folds to train,
     both DVC matrix axes; empty lists (the default) switch it off."""
 
     models: list[str] = field(default_factory=list)
@@ -130,9 +130,9 @@ class CVSettings:
 
 @dataclass(frozen=True)
 class ComputeSettings:
-    """CPU threads (medseg.threads): not part of any result, so no stage depends on these keys."""
+    """CPU threads (medseg.runtime.threads): not part of any result, so no stage depends on these keys."""
 
-    threads: int | None = None  # intra-op threads; None: the cores this job may use (see medseg.threads)
+    threads: int | None = None  # intra-op threads; None: the cores this job may use (see medseg.runtime.threads)
     parallel_jobs: int = 1  # medseg jobs sharing this machine's cores (MEDSEG_PARALLEL_JOBS overrides)
     # torchrun jobs: how long a rank waits in a collective for the others before the job fails (a rank that hangs
     # instead of dying); torch's own default, stated so that a stuck job ends

@@ -185,7 +185,7 @@ def _number(text: str | None) -> float | None:
 
 @dataclass
 class ExportReport(_JsonFile):
-    """reports/<A>/export.json: the ONNX export's parity check and latencies (medseg.export)."""
+    """reports/<A>/export.json: the ONNX export's parity check and latencies (medseg.deployment.export)."""
 
     arch: str
     max_abs_diff: float | None = None
@@ -232,7 +232,7 @@ class RegistryRecord(_JsonFile):
 @dataclass
 class CheckpointMeta(_JsonFile):
     """What checkpoint.pt records beside the weights (`state_dict`): how to rebuild the network, what it was trained
-    on and selected by, and the model card (medseg.card) as a dict."""
+    on and selected by, and the model card (medseg.deployment.card) as a dict."""
 
     arch: str
     in_channels: int

@@ -1,1 +1,2 @@
-"""Data: format detection, ingest, fingerprint, split, the phantom, the training loader."""
+"""Data: format detection, ingest (with its checks and `medseg doctor`), the preprocessing rules every path
+shares, fingerprint, split, the phantom, the training loader."""

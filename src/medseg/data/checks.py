@@ -1,5 +1,5 @@
 """Data integrity checks, one function per check, shared by `ingest` (stops at the first problem) and
-`medseg.doctor` (runs them all and lists every problem).
+`medseg.data.doctor` (runs them all and lists every problem).
 
 Every check raises `IngestError(path, problem)`; none of them modifies its input. Volumes are walked in slabs
 of the first axis (`slabs`): a whole-volume temporary of a 512 x 512 x 200 CT (a bool mask, a rounded float copy,
@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medseg.errors import IngestError
-from medseg.preprocessing import slabs  # one slab rule for checks, ingest and normalisation
+from medseg.data.preprocessing import slabs  # one slab rule for checks, ingest and normalisation
 
 AFFINE_ATOL_MM = 1e-3  # image and label grids may differ by float noise, not by a voxel
 AFFINE_RTOL = 1e-4

@@ -1,7 +1,7 @@
 """Raw dataset -> `data/ingested/<name>/`: per-case memory-mappable arrays, cases.json, fingerprint.json.
 
 Per case: read (adapter in `medseg.data.formats`), check (`medseg.data.checks`), remap labels to class
-indices, normalise intensities (`medseg.preprocessing`, recorded in cases.json `normalisation`; ct: HU window ->
+indices, normalise intensities (`medseg.data.preprocessing`, recorded in cases.json `normalisation`; ct: HU window ->
 [0, 1]; mr: 0.5/99.5 percentile clip then z-score per channel; rgb: /255; TransUNet's npz/h5 are already
 windowed to [0, 1] and kept as they are), and store
 image float32 (D, C, H, W) + label uint8 (D, H, W). NIfTI volumes arrive in the canonical (RAS+) orientation
@@ -29,8 +29,8 @@ from medseg.data.orientation import axcodes
 from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
 from medseg.layout import OUTPUT_DIRS, PHANTOM_DIR, ProjectLayout
-from medseg.preprocessing import intensity_transform, normalisation_for, normalise_slab
-from medseg.progress import progress
+from medseg.data.preprocessing import intensity_transform, normalisation_for, normalise_slab
+from medseg.runtime.progress import progress
 
 _log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _label_map(spec: DatasetSpec) -> dict[int, int] | None:
 
 
 def _save_normalised(path: Path, image: np.ndarray, normalisation: dict[str, Any]) -> None:
-    """`medseg.preprocessing.normalise_image` written straight into an .npy (the same bytes as np.save), one slab
+    """`medseg.data.preprocessing.normalise_image` written straight into an .npy (the same bytes as np.save), one slab
     at a time (no float32 copy of the whole volume)."""
     transform = intensity_transform(image, normalisation)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": image.shape}

@@ -2,7 +2,7 @@
 
 `SliceDataset` indexes every (case, slice) pair up front and opens each case's `.npy` files lazily with
 `mmap_mode="r"` in whichever process reads them (DataLoader workers included), so only the slices asked for
-are read. Resizing follows `medseg.preprocessing` (numpy, the rules every path uses). `__getitems__` serves a
+are read. Resizing follows `medseg.data.preprocessing` (numpy, the rules every path uses). `__getitems__` serves a
 whole batch at once: one resize call per source shape, or with `cache_resized=True` (every slice resized once,
 when the dataset is built) one gather from the cache; then the batch is augmented as a batch
 (`apply_augmentation`: items grouped by kind, flips and rot90 as index operations, rotations by grid_sample),
@@ -27,12 +27,12 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, 
 from medseg.data.augment import apply_augmentation, draw_augmentation, scatter_rows
 from medseg.data.cases import case_entry, open_case, read_cases
 from medseg.errors import ConfigError
-from medseg.preprocessing import context_indices, nearest_indices, resize, resize_labels
+from medseg.data.preprocessing import context_indices, nearest_indices, resize, resize_labels
 
 def resize_slices(
     image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int], mode: str = "bicubic"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Batched resize of CPU tensors with `medseg.preprocessing` (the rules evaluation and predict use): image
+    """Batched resize of CPU tensors with `medseg.data.preprocessing` (the rules evaluation and predict use): image
     (B, C, H, W) with `mode`, label (B, H, W) nearest. No-op at the target size."""
     image = torch.from_numpy(resize(image.numpy(), size, mode))
     if label is not None:

@@ -23,7 +23,7 @@ from scipy import ndimage
 from medseg.errors import ConfigError
 from medseg.io import atomic_dir, write_json
 from medseg.layout import PHANTOM_DIR
-from medseg.progress import progress
+from medseg.runtime.progress import progress
 
 # Raw Synapse label values (the BTCV abdomen challenge numbering).
 SYNAPSE_LABELS = {

@@ -2,7 +2,7 @@
 
 Reads what the train/evaluate/export/register stages wrote and produces:
 - reports/comparison.md: summary table (family, DSC, HD95, NSD, params, GFLOPs, CPU latency, training time, registry
-  version), the statistics (medseg.stats: patient-bootstrap 95 % intervals, paired Wilcoxon tests against the best
+  version), the statistics (medseg.evaluation.stats: patient-bootstrap 95 % intervals, paired Wilcoxon tests against the best
   with Holm's correction, rank stability; DSC's best is bold only where it is significant, ties are all bold),
   per-class DSC, HD95 and NSD tables (organs as columns, like TransUNet's Table 1);
 - reports/comparison_dsc.png (per-class grouped bars), reports/comparison_summary.png (DSC vs latency and HD95);

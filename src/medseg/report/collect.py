@@ -15,7 +15,7 @@ from medseg.contracts import (CheckpointMeta, EvaluationMetrics, ExportReport, R
 from medseg.errors import MedsegError
 from medseg.io import read_json
 from medseg.layout import ProjectLayout
-from medseg.metrics import finite_or_none
+from medseg.evaluation.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
     A row holds the numbers of the summary table plus `per_class`, and (if `load_models`) the trained `model`
     and checkpoint `meta` for the complexity columns and the qualitative figure.
     """
-    from medseg.evaluation import HD95_UNITS
-    from medseg.inference import load_trained_model
+    from medseg.evaluation.evaluate import HD95_UNITS
+    from medseg.inference.torch_backend import load_trained_model
 
     root = Path(root)
     layout = ProjectLayout.of(params, root)
@@ -114,7 +114,7 @@ def collect_results(params: dict[str, Any], root: str | Path = ".", load_models:
             "gflops": None,
             "torch_latency_ms": finite_or_none(export.torch_latency_ms),
             "onnx_latency_ms": finite_or_none(export.onnx_latency_ms),
-            "latency": export.latency or {},  # runs, warm-up, threads, machine, load (medseg.export)
+            "latency": export.latency or {},  # runs, warm-up, threads, machine, load (medseg.deployment.export)
             "parity_passed": export.parity_passed if outputs.export else None,
             "train_seconds": finite_or_none(summary.train_seconds),
             "seconds_per_epoch": finite_or_none(summary.seconds_per_epoch),

@@ -10,10 +10,10 @@ import numpy as np
 
 from medseg.config import settings
 from medseg.contracts import CheckpointMeta
-from medseg.display import display_slice
+from medseg.evaluation.display import display_slice
 from medseg.io import atomic_path, read_json
 from medseg.layout import ProjectLayout
-from medseg.metrics import finite_or_none
+from medseg.evaluation.metrics import finite_or_none
 from medseg.report.collect import class_names_of
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,11 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
 
 
 def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int) -> np.ndarray:
-    """Label map (H, W) of one slice with medseg.inference.predict_volume (same resize and argmax as evaluation).
+    """Label map (H, W) of one slice with medseg.inference.torch_backend.predict_volume (same resize and argmax as evaluation).
 
     Only the slice's 2.5D context window is passed, which clamps at the volume ends exactly as the full volume would.
     """
-    from medseg.inference import predict_volume
+    from medseg.inference.torch_backend import predict_volume
 
     context = int(meta.context or 0)
     lo, hi = max(index - context, 0), min(index + context + 1, image.shape[0])

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medseg.io import write_text
-from medseg.metrics import finite_or_none
+from medseg.evaluation.metrics import finite_or_none
 from medseg.report.collect import class_names_of
 from medseg.report.statistics import STAT_METRICS
 

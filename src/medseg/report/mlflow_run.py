@@ -20,7 +20,7 @@ def log_comparison_run(params: dict[str, Any], root: str | Path, statistics: dic
     tag `medseg.kind=comparison`): the statistics as metrics, comparison.md and statistics.json as artifacts.
     Only into a store that exists (a local store the register stage made, or a server): the report never creates
     one. A store that does not answer is a warning, not a failed report. Returns the run id."""
-    from medseg.tracking import connect, ensure_experiment, resolve_tracking_uri, short_error
+    from medseg.tracking.store import connect, ensure_experiment, resolve_tracking_uri, short_error
 
     uri = resolve_tracking_uri(params, root)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():

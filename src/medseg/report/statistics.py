@@ -1,4 +1,4 @@
-"""The comparison's statistics (medseg.stats): per-patient scores, bootstrap intervals, paired tests against the best
+"""The comparison's statistics (medseg.evaluation.stats): per-patient scores, bootstrap intervals, paired tests against the best
 with Holm's correction, rank stability, and the Mamba ablation pairs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from medseg.config import settings
 from medseg.errors import MedsegError
-from medseg.metrics import finite_or_none
+from medseg.evaluation.metrics import finite_or_none
 from medseg.report.collect import patients_of_cases
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ STAT_METRICS = (("dsc", "DSC (%)", 100.0), ("hd95", "HD95", 1.0), ("nsd", "NSD (
 
 
 def compute_statistics(params: dict[str, Any], rows: Sequence[dict], root: str | Path = ".") -> dict[str, Any]:
-    """Patient-level statistics of the evaluated architectures (medseg.stats), JSON-able: per architecture the
+    """Patient-level statistics of the evaluated architectures (medseg.evaluation.stats), JSON-able: per architecture the
     mean and bootstrap interval of each metric over patients, and the paired comparison of DSC with the best."""
-    from medseg import stats
+    from medseg.evaluation import stats
 
     config = settings(params).report
     seed = int(params.get("seed", 0) or 0)
@@ -57,7 +57,7 @@ def compute_statistics(params: dict[str, Any], rows: Sequence[dict], root: str |
 def _ablation(dsc: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Each Mamba network against its no-Mamba twin (both evaluated): what the selective scans add to DSC, paired
     over patients, Holm-corrected over the pairs."""
-    from medseg import stats
+    from medseg.evaluation import stats
     from medseg.models import get_model_info
 
     pairs = []

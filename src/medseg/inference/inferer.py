@@ -2,9 +2,9 @@
 the native slice size. numpy only, so `medseg predict` (ONNX Runtime) and everything PyTorch runs (training's
 validation, evaluation, cross-validation, export's parity, the report's figures) segment through the same code;
 the network is a `Runner`: float32 (N, C, h, w) at the training size in, float32 logits (N, K, h, w) out
-(`medseg.inference.torch_runner` for a torch module, `medseg.predict.Predictor` for an ONNX session).
+(`medseg.inference.torch_backend.torch_runner` for a torch module, `medseg.deployment.predict.Predictor` for an ONNX session).
 
-Per batch of slices (`medseg.preprocessing`): the 2.5D stack resized to the training size, the network, the
+Per batch of slices (`medseg.data.preprocessing`): the 2.5D stack resized to the training size, the network, the
 logits resized back (bilinear), then argmax; with `mirror_axes` (test-time mirroring, as nnU-Net) the softmax of
 every mirrored run, flipped back and averaged, then argmax.
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medseg.preprocessing import argmax_classes, logits_to_labels, network_input, probabilities_at
+from medseg.data.preprocessing import argmax_classes, logits_to_labels, network_input, probabilities_at
 
 Runner = Callable[[np.ndarray], np.ndarray]
 NO_MIRRORING: tuple[tuple[int, ...], ...] = ((),)

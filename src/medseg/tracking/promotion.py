@@ -1,10 +1,10 @@
 """The champion gate on the MLflow registry: `promote` moves alias `champion` to the `challenger` version only when
 it beats the champion on the same test data under the same protocol with a passed ONNX parity check (the rules are
-medseg.gate.decide's); it never moves the champion to a worse model. A champion measured on other test data is
+medseg.tracking.gate.decide's); it never moves the champion to a worse model. A champion measured on other test data is
 first re-evaluated on the challenger's (champion_reevaluator, from a project checkout).
 
-Apart from medseg.registry so that the register stage, which only registers, does not depend on the scoring code
-(medseg.onnx_eval and what it imports) that re-evaluation needs.
+Apart from medseg.tracking.registry so that the register stage, which only registers, does not depend on the scoring code
+(medseg.deployment.onnx_eval and what it imports) that re-evaluation needs.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params, settings
 from medseg.errors import MedsegError, PromotionRefused, error_message
-from medseg.gate import Decision, VersionFacts, decide
-from medseg.metrics import finite_or_none
-from medseg.registry import CHALLENGER, CHAMPION, alias_version, model_name
-from medseg.tracking import connect, resolve_tracking_uri
+from medseg.tracking.gate import Decision, VersionFacts, decide
+from medseg.evaluation.metrics import finite_or_none
+from medseg.tracking.registry import CHALLENGER, CHAMPION, alias_version, model_name
+from medseg.tracking.store import connect, resolve_tracking_uri
 
 
 def _require_registered_model(client, name: str) -> None:
@@ -92,12 +92,12 @@ REEVALUABLE = ("different-test-data", "unknown-test-data")
 
 def champion_reevaluator(client, params: dict[str, Any], root: str | Path, name: str, tracking_uri: str):
     """promote()'s `reevaluate` for a checkout: the champion version's registered model.onnx, scored on this
-    checkout's test split (medseg.onnx_eval.evaluate_onnx) when that is the challenger's test data; the scores
+    checkout's test split (medseg.deployment.onnx_eval.evaluate_onnx) when that is the challenger's test data; the scores
     are tagged on the champion version so the next challenger on the same data does not pay for them again."""
 
     def reevaluate(champion: VersionFacts, challenger: VersionFacts) -> VersionFacts:
         try:
-            from medseg.onnx_eval import evaluate_onnx
+            from medseg.deployment.onnx_eval import evaluate_onnx
         except ModuleNotFoundError as exc:  # a lean install: the scoring code needs the train extra
             raise MedsegError(f"scoring a model needs {exc.name} (pip install 'medseg[train]')") from exc
 
@@ -164,7 +164,7 @@ def _promote(client, model_name: str, min_improvement: float,
         "challenger_version": None,
         "challenger_dsc": None,
         "champion_dsc": None,
-        "code": "",  # the rule that decided (medseg.gate.Decision.code)
+        "code": "",  # the rule that decided (medseg.tracking.gate.Decision.code)
     }
 
     def refuse(reason: str, code: str):

@@ -4,7 +4,7 @@ Every path uses these functions: ingest (normalisation), training (`medseg.data.
 export (`network_input`, `logits_to_labels`) and `medseg predict` (all of them, with ONNX Runtime). So this
 module is numpy only (no torch, no scipy, nothing of `medseg.data`): the prediction path runs without torch.
 
-Steps, in order, with the parameters the model card carries (`medseg.card`):
+Steps, in order, with the parameters the model card carries (`medseg.deployment.card`):
 - volume layout: NIfTI (x, y, z[, c]) in the canonical orientation -> (D=z, C, H=y, W=x) (`volume_from_canonical_xyz`);
 - intensity normalisation, from the `normalisation` dict ingest records in cases.json (`normalise_image`);
 - 2.5D context: each slice with `context` neighbours a side, edges replicated, stacked as channels (`stack_context`);

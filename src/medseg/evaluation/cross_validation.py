@@ -1,4 +1,4 @@
-"""Cross-validation: per architecture x fold training (medseg.training with `fold`), out-of-fold scores, and the
+"""Cross-validation: per architecture x fold training (medseg.training.trainer with `fold`), out-of-fold scores, and the
 fold ensemble on the test split, as nnU-Net does it.
 
 params.yaml `cv.models` x `cv.folds` is a DVC matrix (dvc.yaml: train_fold, evaluate_fold, then cv_summary per
@@ -45,11 +45,11 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
 
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
-    oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.Scoring)."""
-    from medseg.evaluation import checkpoint_context, scoring_for, summary_metrics
-    from medseg.inference import load_trained_model, predict_volume
-    from medseg.scoring import score_cases
-    from medseg.threads import apply_torch_threads, plan_from_params
+    oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.evaluate.Scoring)."""
+    from medseg.evaluation.evaluate import checkpoint_context, scoring_for, summary_metrics
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
+    from medseg.evaluation.scoring import score_cases
+    from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
     check_cv_fold(params, arch, fold)
@@ -104,10 +104,10 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
 def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
-    from medseg.evaluation import checkpoint_context, read_case_list, scoring_for, summary_metrics
-    from medseg.inference import load_trained_model, volume_probabilities
-    from medseg.scoring import score_cases
-    from medseg.threads import apply_torch_threads, plan_from_params
+    from medseg.evaluation.evaluate import checkpoint_context, read_case_list, scoring_for, summary_metrics
+    from medseg.inference.torch_backend import load_trained_model, volume_probabilities
+    from medseg.evaluation.scoring import score_cases
+    from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
     if arch not in settings(params).cv.models:

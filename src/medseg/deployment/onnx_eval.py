@@ -1,8 +1,8 @@
 """An exported model (model.onnx with its card, or a registered models:/ version) scored on this checkout's test
 split exactly as the evaluate stage scores a checkpoint, through ONNX Runtime. The champion gate
-(medseg.promotion.champion_reevaluator) measures a champion with it on a challenger's test data.
+(medseg.tracking.promotion.champion_reevaluator) measures a champion with it on a challenger's test data.
 
-Its own module so that the evaluate stage does not depend on medseg.predict (nor the register stage on more of
+Its own module so that the evaluate stage does not depend on medseg.deployment.predict (nor the register stage on more of
 evaluation than this needs).
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from medseg.card import sha256_of_test_data
+from medseg.deployment.card import sha256_of_test_data
 from medseg.contracts import CheckpointMeta
 from medseg.errors import ConfigError
-from medseg.evaluation import read_case_list, scoring_for, summary_metrics
+from medseg.evaluation.evaluate import read_case_list, scoring_for, summary_metrics
 from medseg.layout import ProjectLayout
 
 
@@ -27,8 +27,8 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
     training size, the same protocol and rules, through ONNX Runtime. The champion gate measures a champion with
     it on a challenger's test data (`expect_test_data`: refuse before predicting if the checkout's differs)."""
     from medseg.data.cases import read_cases
-    from medseg.predict import load_predictor
-    from medseg.scoring import score_cases
+    from medseg.deployment.predict import load_predictor
+    from medseg.evaluation.scoring import score_cases
 
     layout = ProjectLayout.of(params, Path(root))
     cases = read_cases(layout.ingested)

@@ -5,7 +5,7 @@ registers `models/<A>/model.onnx` as a version of `<prefix>-<dataset>-<arch>` wi
 `registry/<A>.json`. It is idempotent: the sha256 of the ONNX file identifies a version, so re-running the stage
 for an unchanged model reuses the existing version instead of piling up duplicates.
 
-Promotion (the champion gate) is medseg.promotion: the register stage never promotes, so it does not depend on
+Promotion (the champion gate) is medseg.tracking.promotion: the register stage never promotes, so it does not depend on
 the scoring code a champion's re-evaluation needs.
 """
 
@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medseg.card import ModelCard, card_from_metadata
+from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.config import config_hash, model_options, settings
 from medseg.contracts import EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary
 from medseg.errors import MedsegError
 from medseg.io import sha256_file
 from medseg.layout import ProjectLayout
-from medseg.metrics import finite_or_none
-from medseg.tracking import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
+from medseg.evaluation.metrics import finite_or_none
+from medseg.tracking.store import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
                              resolve_tracking_uri, short_error, temporary_env, with_retries)
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def evaluation_tags(metrics: EvaluationMetrics, export: ExportReport, params: di
     test_dsc = finite_or_none(metrics.mean_dsc)
     return {
         "test_cases_sha256": str(metrics.test_cases_sha256 or ""),
-        "test_data_sha256": str(metrics.test_data_sha256 or ""),  # ids and content (medseg.card)
+        "test_data_sha256": str(metrics.test_data_sha256 or ""),  # ids and content (medseg.deployment.card)
         "dataset_version": str(metrics.dataset_version or ""),
         "protocol": str(metrics.protocol or (params.get("evaluate") or {}).get("protocol", "")),
         "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
@@ -364,7 +364,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     import mlflow
     from mlflow.models import Model
 
-    from medseg import serving
+    from medseg.deployment import serving
     from medseg.models import get_model_info
 
     experiment_id = ensure_experiment_at(
@@ -403,7 +403,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
             _log_dataset_input(dataset, dataset_version, ProjectLayout.of(params, root).ingested)
             _log_run_contents(client, run_id, files, metrics, export, train_summary)
             # One model, two flavors over one model.onnx: python_function serves NIfTI/PNG payloads (its signature),
-            # onnx gives the graph, whose tensor signature is medseg_input's (medseg.serving).
+            # onnx gives the graph, whose tensor signature is medseg_input's (medseg.deployment.serving).
             model_info = Model.log(
                 artifact_path=None,
                 name=arch,  # the logged model's name in MLflow 3's Models tab

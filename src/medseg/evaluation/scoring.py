@@ -1,9 +1,9 @@
 """The one scoring loop: each case of an ingested dataset loaded, segmented by any segmenter, and scored.
 
 A segmenter maps a normalised (D, C, H, W) volume to its labels (D, H, W): a checkpoint through
-`medseg.inference.predict_volume`, an ONNX session through `medseg.predict.Predictor`, a fold ensemble; or to a
+`medseg.inference.torch_backend.predict_volume`, an ONNX session through `medseg.deployment.predict.Predictor`, a fold ensemble; or to a
 mapping name -> labels when one pass gives several (each fold's model and their ensemble). A scorer turns
-(case id, labels, truth, spacing) into per-class rows: `medseg.evaluation.Scoring.rows` (DSC, HD95, NSD, as
+(case id, labels, truth, spacing) into per-class rows: `medseg.evaluation.evaluate.Scoring.rows` (DSC, HD95, NSD, as
 metrics.json holds them) for evaluation, cross-validation and the champion's re-evaluation, `dice_rows` (DSC only,
 cheap) for training's validation.
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from medseg.metrics import foreground_dice
+from medseg.evaluation.metrics import foreground_dice
 
 Segmenter = Callable[[np.ndarray], "np.ndarray | Mapping[str, np.ndarray]"]
 Scorer = Callable[[str, np.ndarray, np.ndarray, Any], list[dict[str, Any]]]
@@ -26,10 +26,10 @@ def score_cases(segment: Segmenter, score: Scorer, ingested: str | Path, case_id
                 desc: str | None = None, inspect: Inspector | None = None
                 ) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
     """Rows of every case in `case_ids`, in order: a list, or, for a segmenter that gives a mapping, a mapping of
-    lists by the same names. `desc` shows progress (medseg.progress); `inspect(case_id, image, label, labels)` sees
+    lists by the same names. `desc` shows progress (medseg.runtime.progress); `inspect(case_id, image, label, labels)` sees
     each case (evaluation keeps a few for its overlay figure)."""
     from medseg.data.cases import load_case
-    from medseg.progress import progress
+    from medseg.runtime.progress import progress
 
     rows: Any = None
     for case_id in progress(case_ids, desc=desc, unit="case") if desc else case_ids:
@@ -48,7 +48,7 @@ def score_cases(segment: Segmenter, score: Scorer, ingested: str | Path, case_id
 
 
 def dice_rows(num_classes: int) -> Scorer:
-    """A scorer of foreground Dice only (medseg.metrics.foreground_dice): one row per class present in the case's
+    """A scorer of foreground Dice only (medseg.evaluation.metrics.foreground_dice): one row per class present in the case's
     truth or labels."""
 
     def score(case_id: str, pred: np.ndarray, label: np.ndarray, spacing: Any) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """Evaluation of a trained checkpoint on the TEST split, volume by volume, slice by slice.
 
-Checkpoints were selected on the validation split (medseg.training); this module is the only one that reads
-`split["test"]`. Inference (`medseg.preprocessing`, the rules training and predict use): each slice (with its
+Checkpoints were selected on the validation split (medseg.training.trainer); this module is the only one that reads
+`split["test"]`. Inference (`medseg.data.preprocessing`, the rules training and predict use): each slice (with its
 2.5D neighbours) is resized to the training image_size, the network's logits are resized back to the native
 slice size (bilinear, on logits), then argmax; DSC and HD95 are computed on the reassembled 3D volume
-(medseg.metrics, protocol from evaluate.protocol), NSD at evaluate.nsd_tolerance.
+(medseg.evaluation.metrics, protocol from evaluate.protocol), NSD at evaluate.nsd_tolerance.
 HD95 is in mm only when every test case has a known voxel spacing (cases.json `spacing_known`); otherwise every
 distance is computed in voxels (spacing 1) and labelled so, never passed off as millimetres.
 """
@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from medseg.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
+from medseg.deployment.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
 from medseg.contracts import CheckpointMeta, EvaluationMetrics, write_per_case
 from medseg.config import disable_telemetry, resolve_device, settings
 from medseg.errors import ConfigError
-from medseg.display import display_slice
+from medseg.evaluation.display import display_slice
 from medseg.io import atomic_path, read_json, write_dvc_metrics
 from medseg.layout import ProjectLayout
-from medseg.metrics import aggregate, case_metrics, class_tolerance
-from medseg.scoring import score_cases
-from medseg.threads import apply_torch_threads, plan_from_params
-from medseg.inference import load_trained_model, predict_volume
+from medseg.evaluation.metrics import aggregate, case_metrics, class_tolerance
+from medseg.evaluation.scoring import score_cases
+from medseg.runtime.threads import apply_torch_threads, plan_from_params
+from medseg.inference.torch_backend import load_trained_model, predict_volume
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def hd95_unit(protocol: str, spacing_known: bool) -> str:
 
 def nsd_tolerances(setting: float | dict[str, float], class_names: list[str]) -> dict[str, float]:
     """{foreground class: NSD tolerance} from evaluate.nsd_tolerance (a number, or a map naming some classes; the
-    others get medseg.metrics.DEFAULT_NSD_TOLERANCE). A class the dataset does not have, or a negative value, is
+    others get medseg.evaluation.metrics.DEFAULT_NSD_TOLERANCE). A class the dataset does not have, or a negative value, is
     a ConfigError: a typo must not silently score an organ at the default."""
     foreground = list(class_names[1:])
     if isinstance(setting, dict):

@@ -1,10 +1,10 @@
 """Apply an exported model to new scans: `medseg predict` (as nnU-Net's `nnUNetv2_predict`), on ONNX Runtime only.
 
-The model is a `model.onnx` carrying the model card (`medseg.card`), a `models/<arch>/` folder, or a registered
+The model is a `model.onnx` carrying the model card (`medseg.deployment.card`), a `models/<arch>/` folder, or a registered
 version `models:/<name>@<alias>` / `models:/<name>/<version>` (downloaded with MLflow, the only case that imports
 it). torch is never imported here: a deployment needs numpy, nibabel, pillow and onnxruntime.
 
-Each case goes through the preprocessing training used (`medseg.preprocessing`, parameters from the card):
+Each case goes through the preprocessing training used (`medseg.data.preprocessing`, parameters from the card):
 NIfTI volume -> canonical (RAS) orientation -> (D, C, H, W) slices -> normalisation -> 2.5D stacks at the training
 size -> network -> logits resized back to the native slice size -> argmax, then back to the file's own voxel order
 and written with its header, affine and qform/sform: label voxel (i, j, k) belongs to image voxel (i, j, k).
@@ -38,15 +38,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from medseg.card import ModelCard, card_from_metadata
+from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
-from medseg.inferer import NO_MIRRORING, segment_slices
+from medseg.inference.inferer import NO_MIRRORING, segment_slices
 from medseg.io import atomic_open, atomic_path, sha256_file
-from medseg.preprocessing import normalise_image, volume_from_canonical_xyz
-from medseg.progress import progress
-from medseg.threads import onnxruntime_options, plan_threads
+from medseg.data.preprocessing import normalise_image, volume_from_canonical_xyz
+from medseg.runtime.progress import progress
+from medseg.runtime.threads import onnxruntime_options, plan_threads
 
 _log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def load_predictor(model: str | Path, device: str = "cpu", *, tracking_uri: str 
                    batch_size: int = 32, threads: int | None = None) -> Predictor:
     """A Predictor for a model.onnx, a models/<arch>/ folder or a models:/ registry URI (`tracking_uri`, else
     MLFLOW_TRACKING_URI, names the MLflow store). ONNX Runtime's intra-op threads: `threads`, else the thread
-    policy's (medseg.threads: the usable cores, MEDSEG_PARALLEL_JOBS, OMP_NUM_THREADS)."""
+    policy's (medseg.runtime.threads: the usable cores, MEDSEG_PARALLEL_JOBS, OMP_NUM_THREADS)."""
     text = str(model)
     if text.startswith("models:/"):
         with tempfile.TemporaryDirectory(prefix="medseg-predict-") as tmp:
@@ -188,7 +188,7 @@ def load_predictor(model: str | Path, device: str = "cpu", *, tracking_uri: str 
 def _download_registered(uri: str, tracking_uri: str | None, dest: Path) -> Path:
     import mlflow
 
-    from medseg.tracking import mlflow_store
+    from medseg.tracking.store import mlflow_store
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:

@@ -1,7 +1,7 @@
 """PyTorch inference on ingested volumes: rebuild a trained network from checkpoint.pt and segment a volume slice
-by slice through the one slice inferer (medseg.inferer: resize to the training size, logits resized back,
+by slice through the one slice inferer (medseg.inference.inferer: resize to the training size, logits resized back,
 argmax) with the network as its Runner (`torch_runner`). Training's validation, evaluation, export's parity check
-and the report's figures all call these; `medseg.predict` runs the same inferer on ONNX Runtime without torch.
+and the report's figures all call these; `medseg.deployment.predict` runs the same inferer on ONNX Runtime without torch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.checkpoint import load_checkpoint
+from medseg.training.checkpoint import load_checkpoint
 from medseg.contracts import CheckpointMeta
 from medseg.errors import TrainingError
-from medseg.inferer import Runner, segment_slices
-from medseg.preprocessing import network_input
+from medseg.inference.inferer import Runner, segment_slices
+from medseg.data.preprocessing import network_input
 
 
 def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, CheckpointMeta]:

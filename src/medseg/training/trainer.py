@@ -1,7 +1,7 @@
 """Training one architecture: seeded, resumable bit for bit, optionally distributed (torchrun).
 
 Checkpoint selection uses the VALIDATION split only (`split["val"]`); the test split is never read here
-(it belongs to medseg.evaluation), so reported test scores are not selected on.
+(it belongs to medseg.evaluation.evaluate), so reported test scores are not selected on.
 
 Resume: `models/<A>/last.pt` is written atomically at every epoch end and every `train.checkpoint_every_steps`
 optimizer steps. It holds model, optimizer, scheduler, GradScaler, every RNG state, the data position (epoch,
@@ -35,12 +35,12 @@ from torch import nn
 from medseg.config import (DataSettings, TrainSettings, check_cv_fold, config_hash, disable_telemetry, model_options,
                            resolve_device, settings, validate_params)
 from medseg.errors import ConfigError, TrainingError
-from medseg.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
 from medseg.contracts import CheckpointMeta, TrainSummary
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
 from medseg.layout import ProjectLayout, RunFiles
-from medseg.losses import build_loss
-from medseg.threads import apply_torch_threads, plan_from_params
+from medseg.training.losses import build_loss
+from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -245,8 +245,8 @@ def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
 def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size, context: int,
               num_classes: int, batch_size: int, device: str) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
-    from medseg.inference import predict_volume
-    from medseg.scoring import dice_rows, score_cases
+    from medseg.inference.torch_backend import predict_volume
+    from medseg.evaluation.scoring import dice_rows, score_cases
 
     rows = score_cases(lambda image: predict_volume(model, image, image_size, context, batch_size, device),
                        dice_rows(num_classes), ingested, case_ids)  # as evaluation predicts: no AMP
@@ -254,7 +254,7 @@ def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size,
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from medseg.progress import progress
+    from medseg.runtime.progress import progress
 
     # off a terminal the epoch's own log line (loss, val Dice) is the progress: no bar lines in a DVC log
     return progress(total=total, initial=initial, desc=desc, enabled=enabled, log_every=None)
@@ -270,7 +270,7 @@ class _MlflowLogger:
         try:
             import mlflow
 
-            from medseg.tracking import ensure_experiment, resolve_tracking_uri
+            from medseg.tracking.store import ensure_experiment, resolve_tracking_uri
 
             # created like the register stage creates it, so artifacts of both land in the same store
             uri = resolve_tracking_uri(params, root)
@@ -442,7 +442,7 @@ class Trainer:
         # On a GPU the batch is augmented there (train_step): the loader only gathers slices and draws the table.
         self.dataset.defer_augmentation = self.on_cuda
         self.dataset.uint8_labels = True  # made int64 in train_step (after the copy to the device)
-        # DataLoader workers: data.num_workers unless the thread plan (medseg.threads) lowered it to fit the cores
+        # DataLoader workers: data.num_workers unless the thread plan (medseg.runtime.threads) lowered it to fit the cores
         self.loader_workers = int(data.num_workers) if loader_workers is None else int(loader_workers)
         self._loader = None  # the run's SliceLoader, made by the first train_epoch
         self.batch_size = int(train.batch_size)
@@ -815,8 +815,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _model_card(params, arch, paths: RunFiles, split, image_size, options):
-    """The model card of this run (medseg.card), from the ingested dataset's cases.json and fingerprint.json."""
-    from medseg.card import build_card, dataset_version
+    """The model card of this run (medseg.deployment.card), from the ingested dataset's cases.json and fingerprint.json."""
+    from medseg.deployment.card import build_card, dataset_version
     from medseg.models import get_model_info, size_multiple_of
 
     fingerprint = paths.ingested / "fingerprint.json"

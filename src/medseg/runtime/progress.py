@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any, Iterable, Iterator
 
-_log = logging.getLogger("medseg.progress")
+_log = logging.getLogger("medseg.runtime.progress")
 LOG_EVERY = 0.25
 
 

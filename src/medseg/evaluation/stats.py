@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medseg.metrics import finite_or_none
+from medseg.evaluation.metrics import finite_or_none
 
 
 def patient_scores(rows: Iterable[Mapping[str, Any]], patient_of: Mapping[str, str], metric: str) -> dict[str, float]:

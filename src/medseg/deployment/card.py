@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.preprocessing import NORMALISATIONS, RESIZE  # the card records preprocessing's rules
+from medseg.data.preprocessing import NORMALISATIONS, RESIZE  # the card records preprocessing's rules
 
 CARD_SCHEMA = 1
 ONNX_METADATA_KEY = "medseg.model_card"

@@ -1,6 +1,6 @@
 """The champion gate's rules, as a pure function: may a challenger model version replace the champion?
 
-`medseg.promotion.promote` reads the two versions' tags from MLflow into `VersionFacts`, asks `decide`, and moves
+`medseg.tracking.promotion.promote` reads the two versions' tags from MLflow into `VersionFacts`, asks `decide`, and moves
 the aliases only on "promoted". Nothing here talks to MLflow, so every rule is tested on plain values.
 """
 

@@ -2,7 +2,7 @@
 
 The exported graph has one input `image` (N, C, H, W) float32 and one output `logits` (N, K, H, W);
 the batch axis is always dynamic, H and W too when the architecture allows it (ModelInfo.dynamic_hw).
-`export_model` writes the model card (medseg.card), with the test evaluation, into the file's metadata_props.
+`export_model` writes the model card (medseg.deployment.card), with the test evaluation, into the file's metadata_props.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
+from medseg.deployment.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
 from medseg.contracts import CheckpointMeta, EvaluationMetrics, ExportReport
 from medseg.errors import ExportError
 from medseg.io import atomic_path, sha256_file, write_dvc_metrics
 from medseg.layout import ProjectLayout
 from medseg.models.deploy import inference_form
-from medseg.threads import apply_torch_threads, available_cpus, plan_from_params
+from medseg.runtime.threads import apply_torch_threads, available_cpus, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _onnx_opset(path: Path) -> int:
 
 def _parity_inputs(params: dict[str, Any], root: Path, meta: CheckpointMeta, size: tuple[int, int]) -> torch.Tensor:
     """A real batch of 2 slices (the first test case's most central ones) at `size`; random if no data is there."""
-    from medseg.inference import prepare_slices
+    from medseg.inference.torch_backend import prepare_slices
 
     layout = ProjectLayout.of(params, root)
     ingested, split_path = layout.ingested, layout.split_file
@@ -296,7 +296,7 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     """models/<arch>/checkpoint.pt + reports/<arch>/metrics.json -> models/<arch>/model.onnx + export.json.
 
     model.onnx carries the checkpoint's model card with the test evaluation in its metadata_props
-    (`medseg.card.card_from_onnx` reads it back). Parity is checked at the card's image_size and, when the card
+    (`medseg.deployment.card.card_from_onnx` reads it back). Parity is checked at the card's image_size and, when the card
     says H and W are dynamic, at a second, non-square size (multiples of its size_multiple).
 
     Parity passes when max |torch - onnxruntime| <= export.max_abs_diff + export.max_rel_diff * max |torch logit|
@@ -305,7 +305,7 @@ def export_model(params: dict[str, Any], arch: str, root: str | Path = ".") -> d
     removed, so a failed export never looks like an output (export.json still records the numbers).
     """
     from medseg.config import disable_telemetry, settings
-    from medseg.inference import load_trained_model
+    from medseg.inference.torch_backend import load_trained_model
 
     disable_telemetry()
     # torch and ONNX Runtime (ort_session: the same count) are timed one after the other, never at once

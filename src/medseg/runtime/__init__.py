@@ -1,0 +1,1 @@
+"""How the process runs: CPU thread budgets and progress lines."""
