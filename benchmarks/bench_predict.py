@@ -69,11 +69,11 @@ def export_model(params: dict[str, Any], arch: str, image_size: list[int], folde
     """`arch` with its params.yaml options, randomly initialised: weights.pt and model.onnx with a model card."""
     import torch
 
-    from medseg.deployment.card import ModelCard, inverse_label_map
     from medseg.config import model_options
+    from medseg.data.preprocessing import normalisation_for
+    from medseg.deployment.card import ModelCard, inverse_label_map
     from medseg.deployment.export import export_onnx, write_card_metadata
     from medseg.models import build_model, get_model_info, size_multiple_of
-    from medseg.data.preprocessing import normalisation_for
 
     dataset = params["dataset"]
     options = model_options(params, arch)
@@ -166,9 +166,9 @@ def child_torch(work: Path, meta: dict[str, Any], part: str) -> dict[str, Any]:
     """PyTorch eager through medseg.inference.torch_backend.predict_volume: this process never imports onnxruntime."""
     import torch
 
+    from medseg.data.preprocessing import normalise_image
     from medseg.inference.torch_backend import predict_volume
     from medseg.models import build_model
-    from medseg.data.preprocessing import normalise_image
 
     def load(folder: Path, arch: str, image_size: list[int]) -> torch.nn.Module:
         options = meta["options"][arch]

@@ -164,8 +164,8 @@ class BareLoop:
     def __init__(self, trainer):
         import torch
 
-        from medseg.training.losses import build_loss
         from medseg.models import build_model
+        from medseg.training.losses import build_loss
         from medseg.training.trainer import build_optimizer
 
         spec = trainer.spec

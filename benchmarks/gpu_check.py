@@ -258,8 +258,8 @@ def part_train_loop(cfg: dict[str, Any], device: str, emit, deadline: float) -> 
 
 def part_vm_unet_eager(cfg: dict[str, Any], device: str, emit, deadline: float) -> dict[str, Any]:
     import torch
-
     from bench_selective_scan import make_inputs, sequential_scan
+
     from medseg.models.mamba.selective_scan import fused_kernel, selective_scan_torch
 
     c = cfg["vm_unet"]
@@ -348,8 +348,8 @@ def part_vm_unet_eager(cfg: dict[str, Any], device: str, emit, deadline: float) 
 
 def part_vm_unet_compile(cfg: dict[str, Any], device: str, emit, deadline: float) -> dict[str, Any]:
     import torch
-
     from bench_selective_scan import make_inputs
+
     from medseg.models.mamba.selective_scan import selective_scan_torch
 
     c = cfg["vm_unet"]
@@ -423,12 +423,12 @@ def part_vm_unet_compile(cfg: dict[str, Any], device: str, emit, deadline: float
 def part_onnx_cuda(cfg: dict[str, Any], device: str, emit, deadline: float, work: Path) -> dict[str, Any]:
     import numpy as np
     import torch
-
     from bench_predict import export_model
+
     from medseg.config import load_params, model_options
+    from medseg.data.preprocessing import network_input, normalisation_for, normalise_image
     from medseg.inference.torch_backend import predict_volume
     from medseg.models import build_model
-    from medseg.data.preprocessing import network_input, normalisation_for, normalise_image
 
     c = cfg["onnx"]
     arch, size = c["arch"], [c["size"], c["size"]]
@@ -501,8 +501,8 @@ def ort_child(meta_path: str) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from medseg.deployment.predict import load_predictor
     from medseg.data.preprocessing import network_input, normalise_image
+    from medseg.deployment.predict import load_predictor
 
     meta = json.loads(Path(meta_path).read_text())
     raw = np.load(meta["raw"])

@@ -27,11 +27,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from medseg.config import disable_telemetry, load_params, settings
+from medseg.errors import ConfigError, MedsegError
+
 from flows.artifacts import publish_artifacts
 from flows.dvc_runner import arch_stages
 from flows.tasks import name_flow_run, prepare_data, promote_arch, push_outputs, repro_report, train_arch
-from medseg.config import disable_telemetry, load_params
-from medseg.errors import ConfigError, MedsegError
 
 TRAIN_FLOW_NAME = "train-architecture"
 DEFAULT_TRAIN_TIMEOUT_S = 12 * 3600
@@ -39,7 +40,7 @@ DEFAULT_TRAIN_TIMEOUT_S = 12 * 3600
 
 def resolve_architectures(params: dict[str, Any], architectures: list[str] | None, params_path: Path) -> list[str]:
     """The architectures to train: the given ones (each must be in params `models`), else all of `models`."""
-    models = list(params.get("models") or [])
+    models = settings(params).models
     if not architectures:
         if not models:
             raise ConfigError(f"{params_path}: `models` is empty; nothing to train")

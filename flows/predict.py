@@ -31,13 +31,14 @@ if __package__ in (None, ""):  # run as a script, or loaded from its path by a P
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.pipeline import failure_message, flow_exit_code
-from flows.dvc_runner import retry_if_transient
-from flows.tasks import retry_delay
 from medseg.config import disable_telemetry
+from medseg.deployment.predict import LABEL_KINDS, Case, Predictor, load_predictor, plan_cases, predict_files
 from medseg.errors import ConfigError, MedsegError, PredictError
 from medseg.io import sha256_file
-from medseg.deployment.predict import LABEL_KINDS, Case, Predictor, load_predictor, plan_cases, predict_files
+
+from flows.dvc_runner import retry_if_transient
+from flows.pipeline import failure_message, flow_exit_code
+from flows.tasks import retry_delay
 
 FLOW_NAME = "medseg-batch-predict"
 PREDICTIONS_ARTIFACT_KEY = "medseg-predictions"

@@ -30,9 +30,10 @@ from prefect import flow
 from prefect.events import emit_event
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
+from medseg.config import disable_telemetry, load_params, settings
+
 from flows.pipeline import medseg_pipeline
 from flows.tasks import ingested_version, prepare_data
-from medseg.config import disable_telemetry, load_params
 
 DATASET_UPDATED_EVENT = "medseg.dataset.updated"
 DEFAULT_CRON = "0 2 * * 0"  # Sundays 02:00, when the GPUs are idle
@@ -96,7 +97,7 @@ def retrain(
     """
     disable_telemetry()
     params = load_params(Path(root) / "params.yaml")
-    configured = params["dataset"]["name"]
+    configured = settings(params).dataset_name
     if dataset and dataset != configured:
         reason = f"event for dataset {dataset!r}, params.yaml trains on {configured!r}"
         print(f"skipped: {reason}")

@@ -13,8 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
+from medseg.config import load_params, settings
 from medseg.deployment.card import dataset_version as cases_json_version
-from medseg.config import load_params
 from medseg.errors import ConfigError
 from medseg.layout import ProjectLayout
 
@@ -45,8 +45,8 @@ def mlflow_links(tracking_uri: str | None, experiment_id: str | None, run_id: st
 
 def arch_summary(params: dict[str, Any], arch: str, root: str | Path) -> dict[str, Any]:
     """What one architecture's stages produced: metrics, export parity and the registered version."""
-    from medseg.tracking.registry import model_name
     from medseg.report import read_arch_outputs  # the report's reading, so both show the same numbers
+    from medseg.tracking.registry import model_name
 
     outputs = read_arch_outputs(params, arch, root)
     metrics, export, registry = outputs.metrics, outputs.export, outputs.registry
@@ -99,7 +99,7 @@ def prepare_data(root: str = ".") -> dict[str, Any]:
     """`dvc repro ingest split` (and `phantom` when the dataset is the built-in one)."""
     run_dvc(repro_args(DATA_STAGES), root)
     params = load_params(Path(root) / "params.yaml")
-    return {"dataset": params["dataset"]["name"], "version": ingested_version(params, root)}
+    return {"dataset": settings(params).dataset_name, "version": ingested_version(params, root)}
 
 
 @task(name="train-evaluate-export-register", task_run_name="train-{arch}", tags=[DVC_TAG],
@@ -110,10 +110,11 @@ def train_arch(arch: str, root: str = ".", max_parallel: int = 1) -> dict[str, A
     At most `max_parallel` of these run at once in one checkout (see `checkout_lock`).
     """
     params = load_params(Path(root) / "params.yaml")
-    if arch not in (params.get("models") or []):
+    models = settings(params).models
+    if arch not in models:
         raise ConfigError(
             f"{Path(root) / 'params.yaml'}: architecture {arch!r} is not in `models` "
-            f"({', '.join(params.get('models') or [])}); dvc.yaml has no stages for it"
+            f"({', '.join(models)}); dvc.yaml has no stages for it"
         )
     run_dvc(repro_args(arch_stages(arch)), root, slots=max_parallel, exclusive=False)
     return arch_summary(params, arch, root)

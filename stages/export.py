@@ -5,8 +5,8 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 
 import sys
 
-from medseg.entry import run_stage
 from medseg.deployment.export import export_model
+from medseg.entry import run_stage
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(export_model, sys.argv[1:], with_arch=True))

@@ -5,8 +5,8 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 
 import sys
 
-from medseg.entry import run_stage
 from medseg.data.ingest import ingest_from_params
+from medseg.entry import run_stage
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(ingest_from_params, sys.argv[1:], with_arch=False))

@@ -5,8 +5,8 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 
 import sys
 
-from medseg.entry import run_stage
 from medseg.data.phantom import generate_from_params
+from medseg.entry import run_stage
 
 if __name__ == "__main__":
     raise SystemExit(run_stage(generate_from_params, sys.argv[1:], with_arch=False))

@@ -124,6 +124,36 @@ def seed_store(root: Path, template: Path) -> None:
     shutil.copyfile(template, root / "mlflow.db")
 
 
+def trained_project(tiny_project: Path, root: Path, archs: dict[str, dict] | tuple[str, ...] = ("unet",),
+                    store_template: Path | None = None, register: bool = False) -> tuple[Path, dict]:
+    """A copy of the tiny project at `root` with each architecture trained (2 steps an epoch), evaluated and exported
+    through the library's stage functions; with `store_template`, the project's own sqlite MLflow store, and with
+    `register`, each registered there. `archs` may map names to their model_options. Returns (root, params)."""
+    from medseg.deployment.export import export_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.tracking.registry import register_model_version
+    from medseg.training.trainer import train_model
+
+    shutil.copytree(tiny_project, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(max_steps_per_epoch=2)
+    if isinstance(archs, dict):
+        params.update(models=list(archs), model_options=archs)
+    if store_template is not None:
+        seed_store(root, store_template)
+        params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"  # whatever MLFLOW_TRACKING_URI says
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
+        for arch in archs:
+            train_model(params, arch, root)
+            evaluate_model(params, arch, root)
+            export_model(params, arch, root)
+            if register:
+                register_model_version(params, arch, root)
+    return root, params
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """Prefect's temporary server, started once per test session (15-35 s) for every test that runs a real flow."""

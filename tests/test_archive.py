@@ -15,10 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import snapshot
 from medseg.data import archive as archive_module
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS, ArchiveLimits, safe_extract
 from medseg.errors import ConfigError, IngestError
+
+from conftest import snapshot
 
 BOMB = 200 << 20  # 200 MiB of zeros: ~200 KiB compressed, ratio ~1000:1
 

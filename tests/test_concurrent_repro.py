@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from medseg.io import read_json
+
 from conftest import make_dvc_project, paths
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,7 @@ import yaml
 
 from medseg.errors import ConfigError
 from medseg.io import read_json
+
 from conftest import make_dvc_project, paths
 
 
@@ -30,10 +31,10 @@ def _rows(path):
 
 
 def test_cross_validation_covers_every_development_patient_once_and_ensembles_the_folds(project_copy, cv_params):
-    from medseg.evaluation.cross_validation import cv_summary, evaluate_fold
     from medseg.data.cases import load_case
     from medseg.data.split import fold_split
-    from medseg.evaluation.evaluate import scoring_for
+    from medseg.evaluation.cross_validation import cv_summary, evaluate_fold
+    from medseg.evaluation.evaluate import checkpoint_scoring
     from medseg.inference.torch_backend import load_trained_model, volume_probabilities
     from medseg.report import build_report
     from medseg.training.trainer import train_model, training_cases_hash
@@ -71,7 +72,7 @@ def test_cross_validation_covers_every_development_patient_once_and_ensembles_th
     image, label, spacing = load_case(layout.ingested, case)
     models = [load_trained_model(layout.fold_model_dir("unet", k) / "checkpoint.pt") for k in (0, 1)]
     mean = sum(volume_probabilities(m, image, meta.image_size) for m, meta in models) / 2
-    expected = scoring_for(params, layout.ingested, split["test"], models[0][1]).rows(
+    expected = checkpoint_scoring(params, layout.ingested, split["test"], models[0][1]).rows(
         case, mean.argmax(axis=1).astype(np.uint8), label, spacing)
     got = [r for r in _rows(out / "ensemble_per_case.csv") if r["case"] == case]
     assert [float(r["dsc"]) for r in got] == pytest.approx([r["dsc"] for r in expected], nan_ok=True)

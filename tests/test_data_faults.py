@@ -14,12 +14,6 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-
-from conftest import snapshot
-from medseg.data.archive import safe_extract
-from medseg.data.ingest import ingest_dataset
-from medseg.errors import IngestError
-from medseg.io import atomic_dir
 from test_ingest import (
     SYNAPSE_CLASSES,
     folder2d_params,
@@ -33,6 +27,13 @@ from test_ingest import (
     volume_pair,
     write_nifti,
 )
+
+from medseg.data.archive import safe_extract
+from medseg.data.ingest import ingest_dataset
+from medseg.errors import IngestError
+from medseg.io import atomic_dir
+
+from conftest import snapshot
 
 
 def _synapse(tmp: Path, n: int = 2) -> Path:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_ingest import make_acdc, make_kvasir, make_msd, make_synapse, make_transunet
 
-from conftest import snapshot
 from medseg.cli import main
 from medseg.data.detect import (
     SYNAPSE_CLASSES,
@@ -27,7 +27,8 @@ from medseg.data.detect import (
 from medseg.data.formats import dataset_spec, discover
 from medseg.data.split import make_split
 from medseg.errors import ConfigError
-from test_ingest import make_acdc, make_kvasir, make_msd, make_synapse, make_transunet
+
+from conftest import snapshot
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from medseg.data.ingest import ingest_dataset
-from medseg.data.doctor import Problem, check_dataset, run_doctor
-from medseg.errors import IngestError
 from test_ingest import make_acdc, make_kvasir, make_synapse, synapse_params, volume_pair, write_nifti
+
+from medseg.data.doctor import Problem, check_dataset, run_doctor
+from medseg.data.ingest import ingest_dataset
+from medseg.errors import IngestError
 
 
 def _broken_synapse(tmp_path):

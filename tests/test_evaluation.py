@@ -14,9 +14,10 @@ from torch import nn
 
 from medseg.errors import ConfigError, TrainingError
 from medseg.evaluation.evaluate import evaluate_model
+from medseg.evaluation.metrics import case_metrics
 from medseg.inference.torch_backend import load_trained_model, predict_volume, prepare_slices
 from medseg.io import read_json
-from medseg.evaluation.metrics import case_metrics
+
 from conftest import paths
 
 
@@ -194,9 +195,10 @@ def test_bad_inputs_are_named(project_copy, tiny_params, tmp_path):
 
 def test_unknown_spacing_scores_every_distance_in_voxels(tmp_path, one_torch_thread):
     """One test case without a known spacing turns the whole evaluation to voxels: no mean mixes mm and voxels."""
-    from medseg.data.ingest import ingest_dataset
-    from medseg.data.cases import load_case
     from test_ingest import synapse_params, volume_pair, write_nifti
+
+    from medseg.data.cases import load_case
+    from medseg.data.ingest import ingest_dataset
 
     raw, root = tmp_path / "raw", tmp_path / "project"
     for i, zooms in ((1, (0.8, 0.9, 2.5)), (2, (1.0, 1.0, 1.0))):  # case0002: unit zooms, no unit -> unknown

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from medseg.errors import ExportError
 from medseg.deployment.export import export_model, export_onnx, onnx_max_abs_diff, ort_session
+from medseg.errors import ExportError
 from medseg.io import read_json
+
 from conftest import paths
 
 
@@ -89,8 +90,9 @@ def _fake_project(tmp_path, threshold: float, rel_threshold: float = 1e-5, logit
                   ) -> tuple[dict, object]:
     """A project root holding only a trained-looking U-Net checkpoint with its model card, and its test metrics
     (parity then runs on random input)."""
-    from medseg.models import build_model
     from test_registry import tiny_card
+
+    from medseg.models import build_model
 
     params = {
         "seed": 0,
@@ -167,10 +169,10 @@ def test_export_model_parity_failure_leaves_no_onnx(tmp_path):
 
 def test_export_writes_the_card_with_the_test_evaluation_into_the_final_file(tmp_path):
     import onnxruntime as ort
+    from test_registry import tiny_card
 
     from medseg.deployment.card import ONNX_METADATA_KEY, card_from_onnx
     from medseg.io import sha256_file
-    from test_registry import tiny_card
 
     params, _ = _fake_project(tmp_path, threshold=1e-3)
     report = export_model(params, "unet", tmp_path)

@@ -17,10 +17,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError
+
+from conftest import paths
 from flows import artifacts, dvc_runner, pipeline, retrain, tasks
 from flows.dvc_runner import DvcCommandError
-from medseg.errors import ConfigError, ExportError, PromotionRefused, TrainingError
-from conftest import paths
 
 PARAMS = {
     "dataset": {"name": "phantom"},

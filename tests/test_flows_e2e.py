@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+from medseg.errors import PromotionRefused
+
+from conftest import paths
 from flows import artifacts, pipeline, tasks
 from flows.dvc_runner import DvcCommandError
-from medseg.errors import PromotionRefused
-from conftest import paths
 
 pytestmark = pytest.mark.prefect
 

@@ -16,35 +16,24 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, seed_store, paths
-from flows import predict as flow_predict
-from flows.dvc_runner import retry_if_transient
 from medseg.errors import ConfigError, PredictError
 from medseg.io import read_json
+
+from conftest import ROOT, paths, trained_project
+from flows import predict as flow_predict
+from flows.dvc_runner import retry_if_transient
 
 ARCH = "unet"
 
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory, mlflow_db_template) -> Path:
-    from medseg.evaluation.evaluate import evaluate_model
-    from medseg.deployment.export import export_model
     from medseg.tracking.promotion import promote_from_params
-    from medseg.tracking.registry import register_model_version
-    from medseg.training.trainer import train_model
 
-    root = tmp_path_factory.mktemp("batch_predict") / "project"
-    shutil.copytree(tiny_project, root)
-    seed_store(root, mlflow_db_template)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root, params = trained_project(tiny_project, tmp_path_factory.mktemp("batch_predict") / "project", (ARCH,),
+                                   store_template=mlflow_db_template, register=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
-        train_model(params, ARCH, root)
-        evaluate_model(params, ARCH, root)
-        export_model(params, ARCH, root)
-        register_model_version(params, ARCH, root)
         assert promote_from_params(params, ARCH, root)["decision"] == "promoted"
     return root
 

@@ -24,33 +24,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import paths, seed_store, snapshot
 from medseg.cli import main
 from medseg.data.nifti_header import ReadLimits, check_nifti_bytes, check_nifti_file
 from medseg.errors import IngestError, PredictError, PredictTimeout
 from medseg.io import read_json
+
+from conftest import paths, seed_store, snapshot, trained_project
 
 PEAK_BUDGET_BYTES = 1024**3  # the issue's fixed budget for every bomb
 
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory) -> Path:
-    from medseg.evaluation.evaluate import evaluate_model
-    from medseg.deployment.export import export_model
-    from medseg.training.trainer import train_model
-
-    root = tmp_path_factory.mktemp("hostile") / "project"
-    shutil.copytree(tiny_project, root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(max_steps_per_epoch=2)
-    train_model(params, "unet", root)
-    evaluate_model(params, "unet", root)
-    export_model(params, "unet", root)
-    return root
+    return trained_project(tiny_project, tmp_path_factory.mktemp("hostile") / "project")[0]
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +337,10 @@ def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, capsys
 
 # ----------------------------------------------------------------------------------- links out of a dataset
 def test_a_label_linked_from_outside_the_dataset_is_refused_unless_allowed(tmp_path, capsys):
-    from medseg.data.ingest import ingest_dataset
-    from medseg.data.doctor import check_dataset
     from test_ingest import make_synapse, synapse_params
+
+    from medseg.data.doctor import check_dataset
+    from medseg.data.ingest import ingest_dataset
 
     raw = make_synapse(tmp_path / "raw", n=2)
     outside = tmp_path / "elsewhere" / "someone_else.nii.gz"
@@ -631,8 +621,9 @@ def test_odd_file_names_are_just_names(project, model, tmp_path, capsys):
 
 def test_dataset_json_entries_pointing_outside_are_never_read(tmp_path):
     """The MSD/nnU-Net layout is read from imagesTr/ and labelsTr/; dataset.json's file lists are not followed."""
-    from medseg.data.ingest import ingest_dataset
     from test_ingest import make_msd, msd_params
+
+    from medseg.data.ingest import ingest_dataset
 
     raw = make_msd(tmp_path / "raw")
     meta = json.loads((raw / "dataset.json").read_text())

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import paths
-from medseg.data.ingest import ingest_dataset, ingest_from_params
 from medseg.data.cases import load_case, read_cases
+from medseg.data.ingest import ingest_dataset, ingest_from_params
 from medseg.errors import ConfigError
+
+from conftest import paths
 
 SPACING = (0.8, 0.9, 2.5)  # x, y, z mm
 SYNAPSE_CLASSES = ["background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas", "spleen", "stomach"]

@@ -10,6 +10,7 @@ from medseg import io
 from medseg.cli import main
 from medseg.config import config_hash, load_params
 from medseg.errors import ConfigError, OutputConflictError
+
 from conftest import ROOT, snapshot
 
 

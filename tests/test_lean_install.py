@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, paths
 from medseg.io import read_json
+
+from conftest import ROOT, paths
 
 # what a deployment does not install (the train, transformers and pipeline extras)
 HEAVY = ("torch", "torchvision", "mlflow", "prefect", "dvc", "transformers", "timm", "segmentation_models_pytorch",
@@ -60,8 +61,8 @@ def exported(tiny_project, tmp_path_factory) -> Path:
     """A project with models/unet/model.onnx (trained, evaluated and exported here: torch is allowed in pytest)."""
     import torch
 
-    from medseg.evaluation.evaluate import evaluate_model
     from medseg.deployment.export import export_model
+    from medseg.evaluation.evaluate import evaluate_model
     from medseg.training.trainer import train_model
 
     root = tmp_path_factory.mktemp("lean") / "project"

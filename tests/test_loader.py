@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import math
-
-from conftest import augment_slice, dataset_from_params
 from medseg.data.augment import apply_augmentation, rotation_grid
 from medseg.data.cases import load_case, read_cases
 from medseg.data.loader import SliceDataset, collate_slices, make_loader
 from medseg.errors import ConfigError, IngestError
 from medseg.io import save_npy, write_json
-from conftest import paths
+
+from conftest import augment_slice, dataset_from_params, paths
 
 K = 4  # classes
 

@@ -11,8 +11,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from medseg.errors import ConfigError
-from medseg.evaluation.metrics import (DEFAULT_NSD_TOLERANCE, aggregate, binary_metrics, binary_scores, case_metrics,
-                                       dice, hd95, nsd, volume_diagonal)
+from medseg.evaluation.metrics import (
+    DEFAULT_NSD_TOLERANCE,
+    aggregate,
+    binary_metrics,
+    binary_scores,
+    case_metrics,
+    dice,
+    hd95,
+    nsd,
+    volume_diagonal,
+)
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 

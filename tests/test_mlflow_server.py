@@ -14,10 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_registry import fabricate_outputs, registry_params
 
 from conftest import paths
 from services import MlflowServer, Postgres
-from test_registry import fabricate_outputs, registry_params
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -9,8 +9,8 @@ import hashlib
 import json
 
 import pytest
+from test_registry import tiny_card
 
-from conftest import seed_store, paths
 from medseg.deployment.card import (
     CardError,
     ModelCard,
@@ -22,7 +22,8 @@ from medseg.deployment.card import (
     sha256_of_test_cases,
 )
 from medseg.io import read_json
-from test_registry import tiny_card
+
+from conftest import paths, seed_store
 
 SYNAPSE_MAP = {8: 1, 4: 2, 3: 3, 2: 4, 6: 5, 11: 6, 1: 7, 7: 8}
 
@@ -120,8 +121,8 @@ def test_card_travels_from_training_to_onnx_and_the_registry(project_copy, tiny_
     import torch
     from mlflow import MlflowClient
 
-    from medseg.evaluation.evaluate import evaluate_model
     from medseg.deployment.export import export_model
+    from medseg.evaluation.evaluate import evaluate_model
     from medseg.tracking.registry import register_model_version
     from medseg.tracking.store import mlflow_store
     from medseg.training.trainer import train_model

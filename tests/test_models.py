@@ -8,15 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model_zoo import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.models import build_model
 from medseg.models.complexity import count_gflops, count_params, count_params_of
+from medseg.models.timm_models import (
+    PatchExpand,
+    UperHead,
+    _pixel_shuffle_nhwc,
+    adaptive_avg_pool,
+    beit_indices,
+    deit_indices,
+)
 from medseg.models.unet import UNet, UNetPlusPlus
-from medseg.models.timm_models import PatchExpand, UperHead, _pixel_shuffle_nhwc, adaptive_avg_pool, beit_indices, deit_indices
-
-from test_model_zoo import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 # ------------------------------------------------------------------------------------------------ complexity

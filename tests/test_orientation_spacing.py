@@ -11,11 +11,11 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
-
-from medseg.data.ingest import ingest_dataset
-from medseg.data.cases import load_case
-from medseg.data.orientation import axcodes, from_canonical, to_canonical
 from test_ingest import SPACING, SYNAPSE_MAP, folder2d_params, make_kvasir, synapse_params, volume_pair, write_nifti
+
+from medseg.data.cases import load_case
+from medseg.data.ingest import ingest_dataset
+from medseg.data.orientation import axcodes, from_canonical, to_canonical
 
 RAS_AFFINE = np.array([[0.8, 0, 0, -4.0], [0, 0.9, 0, 7.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 
@@ -169,13 +169,12 @@ def test_formats_without_spacing_warn_once(tmp_path, caplog):
 
 
 def test_report_labels_voxels_and_warns_on_mixed_units():
+    from medseg.report.collect import ArchRow
     from medseg.report.markdown import render_markdown
 
     def row(arch, unit):
-        return {"arch": arch, "family": "cnn", "mean_dsc": 0.5, "mean_hd95": 7.0, "protocol": "mm", "hd95_unit": unit,
-                "test_cases_sha256": "s", "per_class": {"organ": {"dsc": 0.5, "hd95": 7.0}}, "params_m": None,
-                "gflops": None, "torch_latency_ms": None, "onnx_latency_ms": None, "parity_passed": None,
-                "train_seconds": None, "registry_version": None}
+        return ArchRow(arch=arch, family="cnn", mean_dsc=0.5, mean_hd95=7.0, protocol="mm", hd95_unit=unit,
+                       test_cases_sha256="s", per_class={"organ": {"dsc": 0.5, "hd95": 7.0}})
 
     params = {"dataset": {"name": "unknown_spacing"}, "data": {"image_size": [16, 16]}}
     md = render_markdown(params, [row("unet", "voxels")], {}, "n/a")

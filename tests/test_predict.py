@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import seed_store, paths
 from medseg.cli import main
+from medseg.deployment.predict import load_predictor, predict_files
 from medseg.errors import ConfigError, PredictError
 from medseg.io import read_json
-from medseg.deployment.predict import load_predictor, predict_files
+
+from conftest import paths, seed_store, trained_project
 
 # Small enough that training, evaluation and export of both take seconds on one CPU thread.
 ARCHS = {
@@ -33,21 +34,7 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory) -> Path:
-    from medseg.evaluation.evaluate import evaluate_model
-    from medseg.deployment.export import export_model
-    from medseg.training.trainer import train_model
-
-    root = tmp_path_factory.mktemp("predict") / "project"
-    shutil.copytree(tiny_project, root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params.update(models=list(ARCHS), model_options=ARCHS)
-    params["train"].update(max_steps_per_epoch=2)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for arch in ARCHS:
-        train_model(params, arch, root)
-        evaluate_model(params, arch, root)
-        export_model(params, arch, root)
-    return root
+    return trained_project(tiny_project, tmp_path_factory.mktemp("predict") / "project", ARCHS)[0]
 
 
 def _model(root: Path, arch: str = "unet") -> Path:
@@ -269,8 +256,8 @@ def test_2d_model_segments_images_as_evaluation_does(project, tmp_path):
     from PIL import Image
 
     from medseg.deployment.card import ModelCard
-    from medseg.inference.torch_backend import load_trained_model, predict_volume
     from medseg.deployment.export import write_card_metadata
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
 
     onnx_2d = tmp_path / "model2d.onnx"
     shutil.copy2(_model(project), onnx_2d)

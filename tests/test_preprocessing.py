@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from medseg.data import preprocessing as pp
 from medseg.errors import ConfigError
+
 from conftest import paths
 
 SIZES = [  # (in h, in w) -> (out h, out w): up, down, odd, non-square, 1 x 1 on either side, one axis unchanged
@@ -166,8 +167,8 @@ def test_every_path_builds_the_same_network_input(tiny_project, tiny_params):
     from medseg.data.cases import load_case, read_cases
     from medseg.data.loader import SliceDataset
     from medseg.data.orientation import to_canonical
-    from medseg.inference.torch_backend import prepare_slices
     from medseg.deployment.export import _parity_inputs
+    from medseg.inference.torch_backend import prepare_slices
     from medseg.io import read_json
 
     context, size = 1, tuple(tiny_params["data"]["image_size"])

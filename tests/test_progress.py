@@ -6,7 +6,6 @@ import logging
 import subprocess
 import sys
 
-
 from medseg.runtime import progress as progress_module
 from medseg.runtime.progress import LogProgress, progress
 

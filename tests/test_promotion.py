@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.errors import PromotionRefused
+
 from conftest import seed_store
 
 _names = itertools.count()
@@ -299,8 +300,8 @@ def test_promote_reevaluates_the_registered_champion_on_new_scans_with_the_same_
     import medseg.deployment.onnx_eval as onnx_eval
     from medseg.data.ingest import ingest_from_params
     from medseg.data.phantom import generate_from_params
-    from medseg.evaluation.evaluate import evaluate_model
     from medseg.deployment.export import export_model
+    from medseg.evaluation.evaluate import evaluate_model
     from medseg.tracking.promotion import promote_from_params
     from medseg.tracking.registry import register_model_version
     from medseg.training.trainer import train_model

@@ -17,9 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import seed_store, paths
-from services import free_port
 from medseg.errors import MedsegError
+
+from conftest import paths, seed_store
+from services import free_port
 
 CLASS_NAMES = ["background", "aorta", "liver"]
 IMAGE_SIZE = (32, 32)
@@ -89,8 +90,8 @@ def fabricate_outputs(root: Path, arch: str = "unet", *, seed: int = 0, mean_dsc
                       model: nn.Module | None = None) -> Path:
     """Write the files train/evaluate/export leave for `arch` under `root` (model.onnx with its model card);
     returns the ONNX path."""
-    from medseg.deployment.card import evaluation_of
     from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary, write_per_case
+    from medseg.deployment.card import evaluation_of
     from medseg.deployment.export import write_card_metadata
 
     torch.manual_seed(seed)
@@ -384,9 +385,8 @@ def test_card_tags_leave_out_a_card_longer_than_a_tag():
 
 def test_version_description_reads_as_a_sentence():
     """The model version page says 'test DSC 4.1 %', not 'test DSC 0.04094609121311299'."""
-    from medseg.tracking.registry import version_description
-
     from medseg.contracts import EvaluationMetrics, ExportReport
+    from medseg.tracking.registry import version_description
 
     scored = EvaluationMetrics(protocol="mm", mean_dsc=0.04094609121311299, mean_hd95=12.3456, hd95_unit="mm")
     text = version_description("unet", "cnn", "phantom", scored, "mm", True,

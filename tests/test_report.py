@@ -19,7 +19,8 @@ from PIL import Image
 from medseg.contracts import ClassScores, EvaluationMetrics, ExportReport, TrainSummary
 from medseg.data.cases import load_case, read_cases
 from medseg.io import read_json
-from conftest import seed_store, paths
+
+from conftest import paths, seed_store
 
 # arch -> (mean DSC, mean HD95, PyTorch ms, ONNX ms, training seconds); unetpp is better at DSC, unet at the rest.
 FABRICATED = {"unet": (0.61, 12.0, 3.0, 1.0, 40.0), "unetpp": (0.72, 15.0, 9.0, 4.0, 150.0)}
@@ -220,11 +221,11 @@ def test_pick_slices_prefers_slices_with_most_organs(project_copy, tiny_params):
 def test_real_pipeline_outputs_register_promote_and_report(project_copy, tiny_params, monkeypatch,
                                                           mlflow_db_template):
     """The files the real train/evaluate/export stages write fit register, promote and the report."""
-    from medseg.evaluation.evaluate import evaluate_model
     from medseg.deployment.export import export_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.report import build_report
     from medseg.tracking.promotion import promote_from_params
     from medseg.tracking.registry import register_model_version
-    from medseg.report import build_report
     from medseg.training.trainer import train_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -318,6 +319,7 @@ def test_statistics_resample_patients_not_their_cases(report_project):
 
 
 def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_params):
+    from medseg.report.collect import ArchRow
     from medseg.report.markdown import ablation_section
     from medseg.report.statistics import compute_statistics
 
@@ -326,11 +328,11 @@ def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_
                 for i, v in enumerate(values)]
 
     base = [0.50 + 0.03 * i for i in range(8)]
-    rows = [{"arch": "msvm_unet", "per_case": rows_for([v + 0.1 for v in base])},
-            {"arch": "msvm_unet_nomamba", "per_case": rows_for(base)},
-            {"arch": "vm_unet", "per_case": rows_for(base)},
-            {"arch": "vm_unet_nomamba", "per_case": rows_for(base)},
-            {"arch": "unet", "per_case": rows_for(base)}]  # no twin: not in the ablation
+    rows = [ArchRow("msvm_unet", per_case=rows_for([v + 0.1 for v in base])),
+            ArchRow("msvm_unet_nomamba", per_case=rows_for(base)),
+            ArchRow("vm_unet", per_case=rows_for(base)),
+            ArchRow("vm_unet_nomamba", per_case=rows_for(base)),
+            ArchRow("unet", per_case=rows_for(base))]  # no twin: not in the ablation
     stats = compute_statistics(tiny_params, rows, project_copy)
     pairs = {p["mamba"]: p for p in stats["ablation"]}
     assert set(pairs) == {"msvm_unet", "vm_unet"} and pairs["msvm_unet"]["twin"] == "msvm_unet_nomamba"

@@ -25,12 +25,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 
-from conftest import seed_store, paths
-from services import free_port
 from medseg.cli import main
 from medseg.io import read_json
+
+from conftest import paths, trained_project
+from services import free_port
 
 SERVER_START_S = 120  # mlflow CLI import + model download + uvicorn + model load, on a busy 2-core machine
 
@@ -38,24 +38,12 @@ SERVER_START_S = 120  # mlflow CLI import + model download + uvicorn + model loa
 @pytest.fixture(scope="module")
 def project(tiny_project, tmp_path_factory, mlflow_db_template) -> tuple[Path, dict]:
     """(project root, registry record) of a registered tiny unet, alias challenger."""
-    from medseg.evaluation.evaluate import evaluate_model
-    from medseg.deployment.export import export_model
-    from medseg.tracking.registry import register_model_version
-    from medseg.training.trainer import train_model
+    from medseg.io import read_json
+    from medseg.layout import ProjectLayout
 
-    root = tmp_path_factory.mktemp("serving") / "project"
-    shutil.copytree(tiny_project, root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(max_steps_per_epoch=2)
-    params["register"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"  # whatever MLFLOW_TRACKING_URI says
-    seed_store(root, mlflow_db_template)
-    train_model(params, "unet", root)
-    evaluate_model(params, "unet", root)
-    export_model(params, "unet", root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        record = register_model_version(params, "unet", root)
-    return root, record
+    root, params = trained_project(tiny_project, tmp_path_factory.mktemp("serving") / "project",
+                                   store_template=mlflow_db_template, register=True)
+    return root, read_json(ProjectLayout.of(params, root).registry_record("unet"))
 
 
 def _raw_file(root: Path) -> Path:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import paths
 from medseg.data.split import PRESETS, make_split, split_from_params, split_sha256
 from medseg.errors import ConfigError
+
+from conftest import paths
 
 
 def acdc_like(frames_per_patient: list[int]) -> list[dict]:

@@ -18,6 +18,7 @@ import yaml
 
 from medseg.errors import TrainingError
 from medseg.io import read_json
+
 from conftest import paths
 
 # 2 epochs x 3 steps, a mid-epoch checkpoint every 2 steps: step 4 is a mid-epoch save in epoch 2.

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT, make_dvc_project, snapshot, paths
 from test_ingest import (
     make_acdc,
     make_kvasir,
@@ -31,6 +29,8 @@ from test_ingest import (
     msd_params,
     synapse_params,
 )
+
+from conftest import ROOT, make_dvc_project, paths, snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -121,8 +122,8 @@ class RegisterSettings:
 
 @dataclass(frozen=True)
 class CVSettings:
-    """Cross-validation (medseg.evaluation.cross_validation): the architectures to cross-validate and the folds of split.folds to train,
-    both DVC matrix axes; empty lists (the default) switch it off."""
+    """Cross-validation (medseg.evaluation.cross_validation): the architectures to cross-validate and the folds of
+    split.folds to train, both DVC matrix axes; empty lists (the default) switch it off."""
 
     models: list[str] = field(default_factory=list)
     folds: list[int] = field(default_factory=list)
@@ -161,6 +162,8 @@ class Settings:
     register: RegisterSettings
     compute: ComputeSettings
     cv: CVSettings
+    preset: str | None = None  # the preset params.yaml was made from (`medseg params --preset`), for the report
+    dataset_name: str = ""  # dataset.name (the rest of `dataset:` is medseg.data.formats.dataset_spec's)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -186,6 +189,8 @@ def validate_params(params: dict[str, Any], source: str | Path = PARAMS_FILE) ->
     if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
         raise ConfigError(f"{source}: models must be a list of architecture names (see `medseg models`)")
     out["models"] = list(models)
+    if params.get("preset") is not None and not isinstance(params["preset"], str):
+        raise ConfigError(f"{source}: preset must be a preset's name, got {params['preset']!r}")
     for key in ("dataset", "model_options"):
         if params.get(key) is not None and not isinstance(params[key], dict):
             raise ConfigError(f"{source}: {key} must be a mapping, got {type(params[key]).__name__}")
@@ -228,7 +233,8 @@ def _check_cv(cv: dict[str, Any], split: dict[str, Any], source: str | Path) -> 
 def settings(params: dict[str, Any], source: str | Path = PARAMS_FILE) -> Settings:
     """The typed view of params (validated again: cheap, and callers may pass a dict not read by load_params)."""
     valid = validate_params(params, source)
-    return Settings(seed=valid["seed"], models=valid["models"],
+    return Settings(seed=valid["seed"], models=valid["models"], preset=valid.get("preset"),
+                    dataset_name=str((valid.get("dataset") or {}).get("name") or ""),
                     **{name: _build(cls, valid[name], name, source) for name, cls in SECTIONS.items()})
 
 
@@ -316,6 +322,22 @@ def resolve_device(name: str = "auto") -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but CUDA is not available on this machine")
     return name
+
+
+def env_number(name: str, default: Any, kind: type = int, minimum: float = 1) -> Any:
+    """A limit set in the environment (the default when unset or empty); a ConfigError naming the variable when it
+    is not a finite number of `kind` >= `minimum`. Read where the limit applies, so a changed value takes effect."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        whole = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={text!r}: expected {whole} >= {minimum:g}")
+    return value
 
 
 def disable_telemetry() -> None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medseg.config import settings
+from medseg.errors import ConfigError
+
 # Folders (relative to the project root) that hold stage outputs and stores medseg writes.
 OUTPUT_DIRS = ("data/ingested", "data/splits", "models", "reports", "registry", "mlartifacts")
 PHANTOM_DIR = Path("data") / "phantom"  # the built-in phantom's raw data (builtin/dvc.yaml's only output)
@@ -55,7 +58,10 @@ class ProjectLayout:
 
     @classmethod
     def of(cls, params: dict[str, Any], root: str | Path = ".") -> "ProjectLayout":
-        return cls(Path(root), str(params["dataset"]["name"]))
+        name = settings(params).dataset_name
+        if not name:
+            raise ConfigError("params.yaml: dataset.name is missing; it names data/ingested/<name> and every output")
+        return cls(Path(root), name)
 
     # data
     @property

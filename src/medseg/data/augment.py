@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 # One row per item of a batch's augmentation, drawn on the CPU from the item's own generator; any device applies it.
 AUG_FLIP_W, AUG_FLIP_H, AUG_ROT90, AUG_ANGLE, AUG_SCALE, AUG_SHIFT = range(6)
 AUG_COLUMNS = 6

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medseg.errors import IngestError
 from medseg.data.preprocessing import slabs  # one slab rule for checks, ingest and normalisation
+from medseg.errors import IngestError
 
 AFFINE_ATOL_MM = 1e-3  # image and label grids may differ by float noise, not by a voxel
 AFFINE_RTOL = 1e-4

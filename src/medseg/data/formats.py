@@ -33,8 +33,8 @@ import numpy as np
 from medseg.data import orientation
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS
 from medseg.data.nifti_header import ReadLimits, check_nifti_file
-from medseg.errors import ConfigError, IngestError
 from medseg.data.preprocessing import volume_from_canonical_xyz
+from medseg.errors import ConfigError, IngestError
 
 FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
 FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case

@@ -26,10 +26,10 @@ from medseg.data.archive import ArchiveLimits, dataset_root, is_archive, safe_ex
 from medseg.data.fingerprint import FingerprintBuilder
 from medseg.data.formats import FORMATS_3D, CaseSource, DatasetSpec, RawCase, dataset_spec, discover, read_case
 from medseg.data.orientation import axcodes
+from medseg.data.preprocessing import intensity_transform, normalisation_for, normalise_slab
 from medseg.errors import ConfigError, IngestError
 from medseg.io import atomic_dir, save_npy, sha256_file, write_json
 from medseg.layout import OUTPUT_DIRS, PHANTOM_DIR, ProjectLayout
-from medseg.data.preprocessing import intensity_transform, normalisation_for, normalise_slab
 from medseg.runtime.progress import progress
 
 _log = logging.getLogger(__name__)

@@ -21,13 +21,21 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate,
-                              get_worker_info)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+    get_worker_info,
+)
 
 from medseg.data.augment import apply_augmentation, draw_augmentation, scatter_rows
 from medseg.data.cases import case_entry, open_case, read_cases
-from medseg.errors import ConfigError
 from medseg.data.preprocessing import context_indices, nearest_indices, resize, resize_labels
+from medseg.errors import ConfigError
+
 
 def resize_slices(
     image: torch.Tensor, label: torch.Tensor | None, size: Sequence[int], mode: str = "bicubic"

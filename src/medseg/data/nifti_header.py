@@ -20,13 +20,14 @@ Every refusal is an `IngestError(path, problem)` naming the setting to raise for
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from medseg.config import env_number
 
 from medseg.errors import IngestError
 
@@ -53,23 +54,8 @@ class ReadLimits:
 
     @classmethod
     def from_env(cls) -> "ReadLimits":
-        return cls(_env_number(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, int),
-                   _env_number(MAX_RATIO_ENV, DEFAULT_MAX_RATIO, float))
-
-
-def _env_number(name: str, default, kind):
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = -1
-    if not value > 0 or not math.isfinite(value):
-        from medseg.errors import ConfigError
-
-        raise ConfigError(f"{name}={text!r}: expected a positive number")
-    return value
+        return cls(env_number(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, int),
+                   env_number(MAX_RATIO_ENV, DEFAULT_MAX_RATIO, float))
 
 
 @dataclass(frozen=True)

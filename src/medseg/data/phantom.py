@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medseg.config import settings
 from medseg.errors import ConfigError
 from medseg.io import atomic_dir, write_json
 from medseg.layout import PHANTOM_DIR
@@ -210,10 +211,7 @@ def generate_from_params(params: dict[str, Any], root: str | Path = ".") -> Path
 
     `dataset.raw_dir` is not consulted: pointing it at a user's dataset must never make this write there.
     """
-    try:
-        ph = params["phantom"]
-        out = Path(root) / PHANTOM_DIR
-        generate_phantom_dataset(out, ph["num_cases"], ph["shape"], ph["spacing"], ph.get("seed", 0))
-    except KeyError as exc:
-        raise ConfigError(f"params.yaml: missing key {exc} needed by the phantom stage") from exc
+    phantom = settings(params).phantom
+    out = Path(root) / PHANTOM_DIR
+    generate_phantom_dataset(out, phantom.num_cases, phantom.shape, phantom.spacing, phantom.seed)
     return out

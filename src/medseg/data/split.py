@@ -7,6 +7,7 @@ Lists are sorted, so the file's bytes (and `split_sha256`) depend only on the me
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medseg.config import settings
 from medseg.errors import ConfigError
 from medseg.io import read_json, write_json
 from medseg.layout import ProjectLayout
@@ -163,14 +165,13 @@ def split_path(params: Mapping[str, Any], root: str | Path = ".") -> Path:
 
 def split_from_params(params: Mapping[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """Read `data/ingested/<name>/cases.json`, split it per `params["split"]`, write `data/splits/<name>.json`."""
-    name = params["dataset"]["name"]
+    project = settings(dict(params))
     cases_json = ProjectLayout.of(dict(params), root).cases_json
     if not cases_json.is_file():
         raise ConfigError(f"{cases_json}: not found; run the ingest stage first")
-    split_params = dict(params.get("split") or {})
-    if split_params.get("seed") is None:  # split.seed unset: the project's seed
-        split_params["seed"] = params.get("seed", 0)
-    split = make_split(read_json(cases_json), split_params)
-    split = {"dataset": name, **split}
+    split_params = dataclasses.asdict(project.split)
+    if split_params["seed"] is None:  # split.seed unset: the project's seed
+        split_params["seed"] = project.seed
+    split = {"dataset": project.dataset_name, **make_split(read_json(cases_json), split_params)}
     write_json(split_path(params, root), split)
     return split

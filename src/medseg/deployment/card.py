@@ -202,11 +202,11 @@ def build_card(
     `dataset_version` is `dataset_version(cases.json)` (a hash of the file's bytes, which the dict cannot give);
     `size_multiple` / `dynamic_hw` are the architecture's (`medseg.models.size_multiple_of`, ModelInfo).
     """
-    from medseg.config import model_options
+    from medseg.config import model_options, settings
     from medseg.data.split import split_sha256
 
     dataset = params.get("dataset") or {}
-    data = params.get("data") or {}
+    data = settings(params).data
     class_names = [str(n) for n in manifest["class_names"]]
     # TransUNet's npz/h5 labels are already class indices (ingest applies no label_map): write them back as such.
     label_map = None if manifest["format"] == "transunet" else dataset.get("label_map")
@@ -215,10 +215,10 @@ def build_card(
         arch=arch,
         model_options=json.loads(json.dumps(model_options(dict(params), arch))),  # tuples -> lists: JSON-native
         image_channels=int(manifest["in_channels"]),
-        context=int(data.get("context", 0)),
+        context=data.context,
         class_names=class_names,
         label_values=inverse_label_map(label_map, len(class_names)),
-        image_size=[int(v) for v in data["image_size"]],
+        image_size=[int(v) for v in data.image_size],
         size_multiple=int(size_multiple),
         dynamic_hw=bool(dynamic_hw),
         modality=str(manifest["modality"]),

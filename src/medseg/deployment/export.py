@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.deployment.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
+from medseg.config import settings
 from medseg.contracts import CheckpointMeta, EvaluationMetrics, ExportReport
+from medseg.deployment.card import ONNX_METADATA_KEY, CardError, ModelCard, card_from_metadata, evaluation_of
 from medseg.errors import ExportError
 from medseg.io import atomic_path, sha256_file, write_dvc_metrics
 from medseg.layout import ProjectLayout
@@ -257,7 +258,7 @@ def _parity_inputs(params: dict[str, Any], root: Path, meta: CheckpointMeta, siz
         return prepare_slices(image, indices, int(meta.context or 0), size)
     except Exception as exc:  # noqa: BLE001 - parity still means something on random input
         _log.warning("parity check on random input (no test slices readable: %s)", exc)
-        generator = torch.Generator().manual_seed(int(params.get("seed") or 0))
+        generator = torch.Generator().manual_seed(settings(params).seed)
         return torch.rand(2, int(meta.in_channels), *size, generator=generator)
 
 

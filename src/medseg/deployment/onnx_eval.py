@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from medseg.deployment.card import sha256_of_test_data
-from medseg.contracts import CheckpointMeta
 from medseg.errors import ConfigError
 from medseg.evaluation.evaluate import read_case_list, scoring_for, summary_metrics
 from medseg.layout import ProjectLayout
@@ -44,9 +43,7 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
     if dict(card.normalisation) != dict(cases.get("normalisation") or {}):
         raise ConfigError(f"{predictor.source}: trained on {card.normalisation} inputs, but {layout.ingested} was "
                           f"normalised with {cases.get('normalisation')}: its scores on these arrays would mean nothing")
-    meta = CheckpointMeta(arch=card.arch, in_channels=card.in_channels, num_classes=card.num_classes,
-                          image_size=card.image_size, class_names=card.class_names, context=card.context)
-    scoring = scoring_for(params, layout.ingested, test_ids, meta)
+    scoring = scoring_for(params, layout.ingested, test_ids, card.class_names, card.in_channels, card.context)
     rows = score_cases(lambda image: predictor.segment_normalised(np.asarray(image, dtype=np.float32))[0],
                        scoring.rows, layout.ingested, test_ids)
     return {"model": predictor.source, **summary_metrics(scoring, rows, test_ids, arch=card.arch).to_dict()}

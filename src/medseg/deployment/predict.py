@@ -38,13 +38,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.data import checks, orientation
 from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
+from medseg.data.preprocessing import normalise_image, volume_from_canonical_xyz
+from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
 from medseg.inference.inferer import NO_MIRRORING, segment_slices
 from medseg.io import atomic_open, atomic_path, sha256_file
-from medseg.data.preprocessing import normalise_image, volume_from_canonical_xyz
 from medseg.runtime.progress import progress
 from medseg.runtime.threads import onnxruntime_options, plan_threads
 

@@ -47,10 +47,11 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from medseg.deployment.card import ModelCard
+from medseg.config import env_number
 from medseg.data.nifti_header import ReadLimits, check_nifti_bytes
-from medseg.errors import IngestError, PredictError, PredictTimeout
+from medseg.deployment.card import ModelCard
 from medseg.deployment.predict import Deadline, load_predictor, predict_files
+from medseg.errors import IngestError, PredictError, PredictTimeout
 
 NIFTI_KEY, PNG_KEY = "nifti_base64", "png_base64"
 MAX_BYTES_ENV, MAX_VOLUME_BYTES_ENV = "MEDSEG_SERVE_MAX_BYTES", "MEDSEG_SERVE_MAX_VOLUME_BYTES"
@@ -109,16 +110,16 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.predictor = load_predictor(context.artifacts[ONNX_ARTIFACT])
         # Read once at start: a bad value stops the server before it serves anything.
-        self.max_bytes = _env_limit(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
-        self.limits = ReadLimits(max_bytes=_env_limit(MAX_VOLUME_BYTES_ENV, DEFAULT_MAX_VOLUME_BYTES),
+        self.max_bytes = env_number(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+        self.limits = ReadLimits(max_bytes=env_number(MAX_VOLUME_BYTES_ENV, DEFAULT_MAX_VOLUME_BYTES),
                                  max_ratio=ReadLimits.from_env().max_ratio, bytes_setting=MAX_VOLUME_BYTES_ENV)
-        self.max_concurrent = _env_limit(MAX_CONCURRENT_ENV, 1)
-        self.max_queued = _env_limit(MAX_QUEUED_ENV, DEFAULT_MAX_QUEUED, minimum=0)
+        self.max_concurrent = env_number(MAX_CONCURRENT_ENV, 1)
+        self.max_queued = env_number(MAX_QUEUED_ENV, DEFAULT_MAX_QUEUED, int, minimum=0)
         self.slots = threading.BoundedSemaphore(self.max_concurrent)  # the server calls predict from threads
         self.admitted = threading.BoundedSemaphore(self.max_concurrent + self.max_queued)  # running + waiting
-        server_timeout = _env_limit(SERVER_TIMEOUT_ENV, DEFAULT_SERVER_TIMEOUT_S)
+        server_timeout = env_number(SERVER_TIMEOUT_ENV, DEFAULT_SERVER_TIMEOUT_S)
         margin = max(2.0, 0.1 * server_timeout)  # decoding, writing and sending the answer still take time
-        self.max_seconds = min(_env_limit(MAX_SECONDS_ENV, server_timeout), max(1.0, server_timeout - margin))
+        self.max_seconds = min(env_number(MAX_SECONDS_ENV, server_timeout), max(1.0, server_timeout - margin))
 
     def predict(self, context, model_input, params=None) -> dict[str, Any]:
         deadline = Deadline.after(self.max_seconds, MAX_SECONDS_ENV)
@@ -170,15 +171,6 @@ class MedsegSegmenter(mlflow.pyfunc.PythonModel):
         card = self.predictor.card
         return {f"mask_{key}": mask, "class_names": list(card.class_names), "label_values": list(card.label_values),
                 "voxels": summary["voxels"]}
-
-
-def _env_limit(name: str, default: int, minimum: int = 1) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < minimum:
-        raise ValueError(f"{name}={value!r}: expected a whole number >= {minimum}")
-    return int(value)
 
 
 def _payload(model_input: Any) -> tuple[str, str]:

@@ -46,9 +46,9 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.evaluate.Scoring)."""
-    from medseg.evaluation.evaluate import checkpoint_context, scoring_for, summary_metrics
-    from medseg.inference.torch_backend import load_trained_model, predict_volume
+    from medseg.evaluation.evaluate import checkpoint_context, checkpoint_scoring, summary_metrics
     from medseg.evaluation.scoring import score_cases
+    from medseg.inference.torch_backend import load_trained_model, predict_volume
     from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -60,7 +60,7 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     if not case_ids:
         raise ConfigError(f"{layout.split_file}: fold {fold} holds out no case")
     model, meta = load_trained_model(layout.run_files(arch, fold).checkpoint)
-    scoring = scoring_for(params, layout.ingested, case_ids, meta)
+    scoring = checkpoint_scoring(params, layout.ingested, case_ids, meta)
     config = settings(params)
     device = resolve_device(config.train.device)
     model = model.to(device)
@@ -104,9 +104,9 @@ def out_of_fold_rows(params: dict[str, Any], arch: str, root: str | Path = ".") 
 def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
     """One architecture's cross-validation: out-of-fold scores over the development patients, each fold's model
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
-    from medseg.evaluation.evaluate import checkpoint_context, read_case_list, scoring_for, summary_metrics
-    from medseg.inference.torch_backend import load_trained_model, volume_probabilities
+    from medseg.evaluation.evaluate import checkpoint_context, checkpoint_scoring, read_case_list, summary_metrics
     from medseg.evaluation.scoring import score_cases
+    from medseg.inference.torch_backend import load_trained_model, volume_probabilities
     from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -121,8 +121,8 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     models = [load_trained_model(layout.run_files(arch, k).checkpoint) for k in folds]
     metas = [meta for _, meta in models]
     test_ids = read_case_list(layout.split_file, "test")
-    scoring = scoring_for(params, layout.ingested, test_ids, metas[0])
-    oof_scoring = scoring_for(params, layout.ingested, sorted({r["case"] for r in oof_rows}), metas[0])
+    scoring = checkpoint_scoring(params, layout.ingested, test_ids, metas[0])
+    oof_scoring = checkpoint_scoring(params, layout.ingested, sorted({r["case"] for r in oof_rows}), metas[0])
     config = settings(params)
     device = resolve_device(config.train.device)
 

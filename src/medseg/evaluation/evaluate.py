@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from medseg.deployment.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
-from medseg.contracts import CheckpointMeta, EvaluationMetrics, write_per_case
 from medseg.config import disable_telemetry, resolve_device, settings
+from medseg.contracts import CheckpointMeta, EvaluationMetrics, write_per_case
+from medseg.deployment.card import dataset_version, sha256_of_test_cases, sha256_of_test_data
 from medseg.errors import ConfigError
 from medseg.evaluation.display import display_slice
-from medseg.io import atomic_path, read_json, write_dvc_metrics
-from medseg.layout import ProjectLayout
 from medseg.evaluation.metrics import aggregate, case_metrics, class_tolerance
 from medseg.evaluation.scoring import score_cases
-from medseg.runtime.threads import apply_torch_threads, plan_from_params
 from medseg.inference.torch_backend import load_trained_model, predict_volume
+from medseg.io import atomic_path, read_json, write_dvc_metrics
+from medseg.layout import ProjectLayout
+from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
 _log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ class Scoring:
                                                                  self.protocol, self.tolerance)]
 
 
-def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: CheckpointMeta) -> Scoring:
-    """The Scoring of `case_ids` for a checkpoint with `meta`; a ConfigError when the checkpoint does not fit the
-    ingested dataset (other classes, other input channels)."""
+def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], class_names: list[str] | None,
+                in_channels: int, context: int) -> Scoring:
+    """The Scoring of `case_ids` for a model (a checkpoint, an exported graph) of these classes (None: the
+    dataset's), input channels and 2.5D context; a ConfigError when it does not fit the ingested dataset."""
     from medseg.data.cases import read_cases
 
     config = settings(params)
@@ -87,14 +88,13 @@ def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], met
     if protocol not in HD95_UNITS:
         raise ConfigError(f"evaluate.protocol={protocol!r}; expected one of {', '.join(HD95_UNITS)}")
     cases = read_cases(ingested)
-    class_names = list(meta.class_names or cases["class_names"])
+    class_names = list(class_names or cases["class_names"])
     if list(cases["class_names"]) != class_names:
-        raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the checkpoint's "
+        raise ConfigError(f"{ingested / 'cases.json'}: classes {cases['class_names']} differ from the model's "
                           f"{class_names}; retrain on this dataset")
-    context = checkpoint_context(meta, params)
-    if int(cases["in_channels"]) * (2 * context + 1) != int(meta.in_channels):
+    if int(cases["in_channels"]) * (2 * context + 1) != int(in_channels):
         raise ConfigError(f"{ingested}: {cases['in_channels']} channel(s) x (2*{context}+1) context slices != the "
-                          f"checkpoint's in_channels {meta.in_channels}")
+                          f"model's in_channels {in_channels}")
     entries = {c["id"]: c for c in cases["cases"]}
     unknown = sum(not entries.get(i, {}).get("spacing_known", True) for i in case_ids)
     if unknown:
@@ -105,7 +105,12 @@ def scoring_for(params: dict[str, Any], ingested: Path, case_ids: list[str], met
 
 
 def checkpoint_context(meta: CheckpointMeta, params: dict[str, Any]) -> int:
-    return int(meta.context if meta.context is not None else params.get("data", {}).get("context", 0))
+    return int(meta.context if meta.context is not None else settings(params).data.context)
+
+
+def checkpoint_scoring(params: dict[str, Any], ingested: Path, case_ids: list[str], meta: CheckpointMeta) -> Scoring:
+    """scoring_for a checkpoint (its metadata says its classes, input channels and context)."""
+    return scoring_for(params, ingested, case_ids, meta.class_names, meta.in_channels, checkpoint_context(meta, params))
 
 
 def summary_metrics(scoring: Scoring, rows: list[dict[str, Any]], case_ids: list[str], **extra: Any
@@ -153,7 +158,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     config = settings(params)
     model, meta = load_trained_model(layout.checkpoint(arch))
     test_ids = read_case_list(split_path, "test")
-    scoring = scoring_for(params, ingested, test_ids, meta)
+    scoring = checkpoint_scoring(params, ingested, test_ids, meta)
     context = checkpoint_context(meta, params)
 
     device = resolve_device(config.train.device)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.training.checkpoint import load_checkpoint
 from medseg.contracts import CheckpointMeta
+from medseg.data.preprocessing import network_input
 from medseg.errors import TrainingError
 from medseg.inference.inferer import Runner, segment_slices
-from medseg.data.preprocessing import network_input
+from medseg.training.checkpoint import load_checkpoint
 
 
 def load_trained_model(checkpoint_path: str | Path) -> tuple[nn.Module, CheckpointMeta]:

@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
 from medseg.io import write_json, write_text
 from medseg.layout import ProjectLayout
 from medseg.report.collect import collect_cv_results, collect_results, read_arch_outputs
@@ -56,9 +55,8 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> dict[str, An
                                     [out / "comparison.md", out / "statistics.json"])
     for arch in missing:
         log.warning("report: %s is missing: %s", arch, missing[arch])
-    public = [{k: v for k, v in row.items() if k not in ("model", "meta", "per_case")} for row in rows]
     return {
-        "architectures": public,
+        "architectures": [row.public() for row in rows],
         "missing": missing,
         "statistics": statistics,
         "cv_statistics": cv_statistics,

@@ -1,21 +1,26 @@
-"""What the stages wrote for each architecture, read through medseg.contracts: the report's rows (numbers, per-case scores,
-and optionally the trained model for the complexity columns and the figures) and the cross-validation rows."""
+"""What the stages wrote for each architecture, read through medseg.contracts: the report's rows (`ArchRow`: the
+numbers, per-case scores, the complexity counted from the checkpoint) and the cross-validation rows (`CVRow`)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from medseg.config import settings
-from medseg.contracts import (CheckpointMeta, EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary,
-                              read_per_case)
+from medseg.contracts import (
+    CheckpointMeta,
+    EvaluationMetrics,
+    ExportReport,
+    RegistryRecord,
+    TrainSummary,
+    read_per_case,
+)
 from medseg.errors import MedsegError
+from medseg.evaluation.metrics import finite_or_none
 from medseg.io import read_json
 from medseg.layout import ProjectLayout
-from medseg.evaluation.metrics import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -79,64 +84,98 @@ def read_arch_outputs(params: dict[str, Any], arch: str, root: str | Path = ".")
                        RegistryRecord.read_if_there(layout.registry_record(arch)))
 
 
-def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True) -> tuple[list, dict]:
-    """(rows for the architectures with metrics, {arch: why it is missing}).
+@dataclass
+class ArchRow:
+    """One architecture's line in the comparison (no model in it: the figure loads a checkpoint when it draws)."""
 
-    A row holds the numbers of the summary table plus `per_class`, and (if `load_models`) the trained `model`
-    and checkpoint `meta` for the complexity columns and the qualitative figure.
-    """
+    arch: str
+    family: str = "?"
+    mean_dsc: float | None = None
+    mean_hd95: float | None = None
+    mean_nsd: float | None = None
+    nsd_tolerance: dict[str, float] | None = None
+    protocol: str = ""
+    hd95_unit: str = "?"
+    test_cases_sha256: str | None = None
+    per_class: dict[str, dict[str, Any]] = field(default_factory=dict)
+    params_m: float | None = None
+    gflops: float | None = None
+    torch_latency_ms: float | None = None
+    onnx_latency_ms: float | None = None
+    latency: dict[str, Any] = field(default_factory=dict)  # runs, warm-up, threads, machine, load (export)
+    parity_passed: bool | None = None
+    train_seconds: float | None = None
+    seconds_per_epoch: float | None = None
+    train_memory_mb: float | None = None
+    train_device: str | None = None
+    registry_version: str | None = None
+    per_case: list[dict[str, str]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the trained network, when there is one
+
+    def public(self) -> dict[str, Any]:
+        """The summary numbers (what build_report returns and the flows show): no per-case rows, no paths."""
+        return {k: v for k, v in asdict(self).items() if k not in ("per_case", "checkpoint")}
+
+
+@dataclass
+class CVRow:
+    """One cross-validated architecture: its out-of-fold per-case rows and reports/cv/<A>/cv_metrics.json."""
+
+    arch: str
+    per_case: list[dict[str, str]]
+    cv: dict[str, Any]
+
+
+def arch_row(params: dict[str, Any], arch: str, root: Path, metrics: EvaluationMetrics,
+             outputs: ArchOutputs) -> ArchRow:
     from medseg.evaluation.evaluate import HD95_UNITS
+
+    layout = ProjectLayout.of(params, root)
+    export, summary = outputs.export or ExportReport(arch=arch), outputs.train_summary or TrainSummary(arch=arch)
+    protocol = str(metrics.protocol or "")
+    checkpoint = layout.checkpoint(arch)
+    return ArchRow(
+        arch=arch, family=_family(arch), mean_dsc=finite_or_none(metrics.mean_dsc),
+        mean_hd95=finite_or_none(metrics.mean_hd95), mean_nsd=finite_or_none(metrics.mean_nsd),
+        nsd_tolerance=metrics.nsd_tolerance, protocol=protocol,
+        hd95_unit=metrics.hd95_unit or HD95_UNITS.get(protocol, "?"), test_cases_sha256=metrics.test_cases_sha256,
+        per_class={name: scores.to_dict() for name, scores in metrics.per_class.items()},
+        torch_latency_ms=finite_or_none(export.torch_latency_ms),
+        onnx_latency_ms=finite_or_none(export.onnx_latency_ms),
+        latency=export.latency or {}, parity_passed=export.parity_passed if outputs.export else None,
+        train_seconds=finite_or_none(summary.train_seconds),
+        seconds_per_epoch=finite_or_none(summary.seconds_per_epoch),
+        train_memory_mb=finite_or_none(summary.train_memory_mb), train_device=summary.device,
+        registry_version=outputs.registry.version if outputs.registry else None,
+        per_case=read_per_case(layout.per_case(arch), missing_ok=True),
+        checkpoint=checkpoint if checkpoint.is_file() else None)
+
+
+def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True
+                    ) -> tuple[list[ArchRow], dict[str, str]]:
+    """(rows for the architectures with metrics, {arch: why it is missing}); with `load_models`, each checkpoint is
+    loaded in turn (and let go) to count the complexity columns."""
     from medseg.inference.torch_backend import load_trained_model
 
     root = Path(root)
-    layout = ProjectLayout.of(params, root)
     rows, missing = [], {}
-    for arch in params.get("models") or []:
+    for arch in settings(params).models:
         outputs = read_arch_outputs(params, arch, root)
-        metrics = outputs.metrics
-        if metrics is None:
+        if outputs.metrics is None:
             missing[arch] = f"no reports/{arch}/metrics.json (run `dvc repro evaluate@{arch}`)"
             continue
-        export, summary = outputs.export or ExportReport(arch=arch), outputs.train_summary or TrainSummary(arch=arch)
-        protocol = str(metrics.protocol or "")
-        row: dict[str, Any] = {
-            "arch": arch,
-            "family": _family(arch),
-            "mean_dsc": finite_or_none(metrics.mean_dsc),
-            "mean_hd95": finite_or_none(metrics.mean_hd95),
-            "mean_nsd": finite_or_none(metrics.mean_nsd),
-            "nsd_tolerance": metrics.nsd_tolerance,
-            "protocol": protocol,
-            "hd95_unit": metrics.hd95_unit or HD95_UNITS.get(protocol, "?"),
-            "test_cases_sha256": metrics.test_cases_sha256,
-            "per_class": {name: scores.to_dict() for name, scores in metrics.per_class.items()},
-            "params_m": None,
-            "gflops": None,
-            "torch_latency_ms": finite_or_none(export.torch_latency_ms),
-            "onnx_latency_ms": finite_or_none(export.onnx_latency_ms),
-            "latency": export.latency or {},  # runs, warm-up, threads, machine, load (medseg.deployment.export)
-            "parity_passed": export.parity_passed if outputs.export else None,
-            "train_seconds": finite_or_none(summary.train_seconds),
-            "seconds_per_epoch": finite_or_none(summary.seconds_per_epoch),
-            "train_memory_mb": finite_or_none(summary.train_memory_mb),
-            "train_device": summary.device,
-            "registry_version": outputs.registry.version if outputs.registry else None,
-            "per_case": read_per_case(layout.per_case(arch), missing_ok=True),
-            "model": None,
-            "meta": None,
-        }
-        checkpoint = layout.checkpoint(arch)
-        if load_models and checkpoint.is_file():
+        row = arch_row(params, arch, root, outputs.metrics, outputs)
+        if load_models and row.checkpoint is not None:
             try:
-                row["model"], row["meta"] = load_trained_model(checkpoint)
-                row["params_m"], row["gflops"] = _complexity(row["model"], row["meta"])
+                row.params_m, row.gflops = _complexity(*load_trained_model(row.checkpoint))
             except MedsegError as exc:
-                log.warning("%s: %s", checkpoint, exc)
+                log.warning("%s: %s", row.checkpoint, exc)
+                row.checkpoint = None  # nor drawn in the figure
         rows.append(row)
     return rows, missing
 
 
-def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[dict[str, Any]]:
+def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[CVRow]:
     """Rows for the cross-validated architectures with a CV summary (reports/cv/<arch>/): `per_case` = the
     out-of-fold rows (every development patient once), `cv` = cv_metrics.json."""
     layout = ProjectLayout.of(params, root)
@@ -144,15 +183,14 @@ def collect_cv_results(params: dict[str, Any], root: str | Path = ".") -> list[d
     for arch in settings(params).cv.models:
         metrics = _optional_json(layout.cv_metrics(arch))
         if metrics:
-            rows.append({"arch": arch, "per_case": read_per_case(layout.cv_oof_per_case(arch), missing_ok=True),
-                         "cv": metrics})
+            rows.append(CVRow(arch, read_per_case(layout.cv_oof_per_case(arch), missing_ok=True), metrics))
     return rows
 
 
-def class_names_of(rows: Sequence[dict]) -> list[str]:
+def class_names_of(rows: Sequence[ArchRow]) -> list[str]:
     names: list[str] = []
     for row in rows:
-        for name in row["per_class"]:
+        for name in row.per_class:
             if name not in names:
                 names.append(name)
     return names

@@ -11,10 +11,10 @@ import numpy as np
 from medseg.config import settings
 from medseg.contracts import CheckpointMeta
 from medseg.evaluation.display import display_slice
+from medseg.evaluation.metrics import finite_or_none
 from medseg.io import atomic_path, read_json
 from medseg.layout import ProjectLayout
-from medseg.evaluation.metrics import finite_or_none
-from medseg.report.collect import class_names_of
+from medseg.report.collect import ArchRow, class_names_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _placeholder(path: Path, text: str) -> None:
     _save(fig, path)
 
 
-def plot_dsc_bars(path: Path, rows: Sequence[dict]) -> None:
+def plot_dsc_bars(path: Path, rows: Sequence[ArchRow]) -> None:
     if not rows:
         return _placeholder(path, "no evaluated architecture yet")
     plt = _pyplot()
@@ -52,9 +52,9 @@ def plot_dsc_bars(path: Path, rows: Sequence[dict]) -> None:
     width = 0.8 / len(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.2))
     for i, row in enumerate(rows):
-        values = [finite_or_none((row["per_class"].get(n) or {}).get("dsc")) for n in names]
+        values = [finite_or_none((row.per_class.get(n) or {}).get("dsc")) for n in names]
         ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width,
-               label=row["arch"])
+               label=row.arch)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("DSC (%)")
     ax.set_ylim(0, 100)
@@ -65,19 +65,19 @@ def plot_dsc_bars(path: Path, rows: Sequence[dict]) -> None:
     _save(fig, path)
 
 
-def plot_summary(path: Path, rows: Sequence[dict]) -> None:
+def plot_summary(path: Path, rows: Sequence[ArchRow]) -> None:
     if not rows:
         return _placeholder(path, "no evaluated architecture yet")
     plt = _pyplot()
-    unit = ", ".join(sorted({row["hd95_unit"] for row in rows}))
+    unit = ", ".join(sorted({row.hd95_unit for row in rows}))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "onnx_latency_ms", "ONNX Runtime CPU latency (ms / slice)"),
                            (axes[1], "mean_hd95", f"mean HD95 ({unit})")):
         for row in rows:
-            if row["mean_dsc"] is None or finite_or_none(row[key]) is None:
+            if row.mean_dsc is None or finite_or_none(getattr(row, key)) is None:
                 continue
-            ax.scatter(row[key], 100 * row["mean_dsc"], s=40)
-            ax.annotate(row["arch"], (row[key], 100 * row["mean_dsc"]), textcoords="offset points",
+            ax.scatter(getattr(row, key), 100 * row.mean_dsc, s=40)
+            ax.annotate(row.arch, (getattr(row, key), 100 * row.mean_dsc), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.margins(0.15)  # room for the labels of the extreme points
         ax.set_xlabel(label + " (lower is better)")
@@ -126,13 +126,26 @@ def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int) ->
     return predict_volume(model, np.asarray(image[lo:hi]), meta.image_size, context)[index - lo]
 
 
-def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Sequence[dict]) -> str:
+def _predicted_slices(rows: Sequence[ArchRow], cases: dict[str, tuple[np.ndarray, np.ndarray]],
+                      slices: Sequence[tuple[str, int]]) -> dict[str, list[np.ndarray]]:
+    """{arch: its label map of each slice}; each checkpoint is loaded, used and let go in turn."""
+    from medseg.inference.torch_backend import load_trained_model
+
+    predicted = {}
+    for row in rows:
+        model, meta = load_trained_model(row.checkpoint)
+        predicted[row.arch] = [predict_slice(model, meta, cases[case_id][0], index) for case_id, index in slices]
+        del model
+    return predicted
+
+
+def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Sequence[ArchRow]) -> str:
     """Figure 1-style grid; returns a one-line description for comparison.md."""
     from medseg.data.cases import load_case, read_cases
 
     layout = ProjectLayout.of(params, root)
     ingested, split_path = layout.ingested, layout.split_file
-    with_models = [row for row in rows if row["model"] is not None]
+    with_models = [row for row in rows if row.checkpoint is not None]
     if not with_models or not (ingested / "cases.json").is_file() or not split_path.is_file():
         _placeholder(path, "no trained model or no ingested test data to show")
         return "not drawn (no checkpoint or no ingested test split)"
@@ -150,14 +163,15 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
     colors = plt.get_cmap("tab10" if len(class_names) <= 11 else "tab20").colors
     palette = [(0, 0, 0, 0)] + [(*colors[(i - 1) % len(colors)][:3], 0.6) for i in range(1, len(class_names))]
     cmap = ListedColormap(palette)
-    titles = ["image", "ground truth"] + [row["arch"] for row in with_models]
+    titles = ["image", "ground truth"] + [row.arch for row in with_models]
     fig, axes = plt.subplots(len(slices), len(titles), figsize=(2.3 * len(titles), 2.4 * len(slices) + 0.6),
                              squeeze=False)
+    cases = {case_id: load_case(ingested, case_id)[:2] for case_id, _ in slices}
+    predicted = _predicted_slices(with_models, cases, slices)  # one network in memory at a time
     for r, (case_id, index) in enumerate(slices):
-        image, label, _ = load_case(ingested, case_id)
+        image, label = cases[case_id]
         background = display_slice(image[index])
-        masks = [None, np.asarray(label[index])] + [predict_slice(row["model"], row["meta"], image, index)
-                                                    for row in with_models]
+        masks = [None, np.asarray(label[index])] + [predicted[row.arch][r] for row in with_models]
         for c, mask in enumerate(masks):
             ax = axes[r][c]
             ax.imshow(background, cmap="gray" if background.ndim == 2 else None)

@@ -10,9 +10,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medseg.io import write_text
+from medseg.config import settings
 from medseg.evaluation.metrics import finite_or_none
-from medseg.report.collect import class_names_of
+from medseg.io import write_text
+from medseg.report.collect import ArchRow, CVRow, class_names_of
 from medseg.report.statistics import STAT_METRICS
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def best_values(rows: Sequence[dict], key: str, better: str | None) -> float | None:
+def best_values(rows: Sequence[ArchRow], key: str, better: str | None) -> float | None:
     """The best value of a column (direction-aware), None if the column has no numbers or is not ranked."""
-    values = [row[key] for row in rows if finite_or_none(row.get(key)) is not None]
+    return best_of([getattr(row, key) for row in rows], better)
+
+
+def best_of(column: Sequence[Any], better: str | None) -> float | None:
+    values = [v for v in column if finite_or_none(v) is not None]
     if not values or better is None:
         return None
     return max(values) if better == "max" else min(values)
@@ -71,12 +76,12 @@ LATENCY_KEYS = ("torch_latency_ms", "onnx_latency_ms")
 BUSY_LOAD_PER_CORE = 1.0  # a 1-minute load average above this per core: other work competed while timing
 
 
-def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
+def latency_comparability(rows: Sequence[ArchRow]) -> tuple[set[str], list[str]]:
     """(architectures whose latencies are not comparable with the others', notes for the report). Comparable:
     measured on the machine most of the exports were measured on (same CPU, cores, torch, onnxruntime), with
     the machine not busy; where others have that record, an export without it (made before medseg kept it)
     is not comparable."""
-    machines = [(row.get("latency") or {}).get("machine") for row in rows]
+    machines = [(row.latency or {}).get("machine") for row in rows]
     machines = [m for m in machines if m]
     if not machines:  # none recorded (every export older than the record): nothing to tell them apart by
         return set(), []
@@ -85,76 +90,76 @@ def latency_comparability(rows: Sequence[dict]) -> tuple[set[str], list[str]]:
     common = counts[0][1] if len(counts) == 1 or counts[0][0] > counts[1][0] else None
     odd, notes = set(), []
     for row in rows:
-        record = row.get("latency") or {}
-        if not any(finite_or_none(row.get(k)) is not None for k in LATENCY_KEYS):
+        record = row.latency or {}
+        if not any(finite_or_none(getattr(row, k)) is not None for k in LATENCY_KEYS):
             continue
         load = finite_or_none(record.get("load_per_core"))
         if not record.get("machine"):
-            odd.add(row["arch"])
-            notes.append(f"`{row['arch']}`: measured before medseg recorded the machine (re-run its export)")
+            odd.add(row.arch)
+            notes.append(f"`{row.arch}`: measured before medseg recorded the machine (re-run its export)")
         elif record["machine"] != common:
-            odd.add(row["arch"])
-            notes.append(f"`{row['arch']}`: measured on another machine ({record['machine']})")
+            odd.add(row.arch)
+            notes.append(f"`{row.arch}`: measured on another machine ({record['machine']})")
         elif load is not None and load > BUSY_LOAD_PER_CORE:
-            odd.add(row["arch"])
-            notes.append(f"`{row['arch']}`: measured while the machine was busy (load {load:g} per core)")
+            odd.add(row.arch)
+            notes.append(f"`{row.arch}`: measured while the machine was busy (load {load:g} per core)")
     return odd, notes
 
 
-def summary_table(rows: Sequence[dict], statistics: dict[str, Any] | None = None) -> str:
+def summary_table(rows: Sequence[ArchRow], statistics: dict[str, Any] | None = None) -> str:
     """The summary; with `statistics`, DSC's bold marks the best only where it is significant, else the best and
     every architecture tied with it."""
-    units = sorted({row["hd95_unit"] for row in rows})
+    units = sorted({row.hd95_unit for row in rows})
     ranked = len(rows) > 1
     header = ["Architecture", "Family"] + [
         f"{title} ({', '.join(units)})" if key == "mean_hd95" else title for key, title, _, _ in SUMMARY_COLUMNS
     ] + ["ONNX parity", "MLflow version"]
     odd, _ = latency_comparability(rows)
-    best = {key: best_values([r for r in rows if not (key in LATENCY_KEYS and r["arch"] in odd)], key, better)
+    best = {key: best_values([r for r in rows if not (key in LATENCY_KEYS and r.arch in odd)], key, better)
             if ranked else None for key, _, _, better in SUMMARY_COLUMNS}
     top = None
     if ranked and statistics and statistics.get("best"):
         top = {statistics["best"], *statistics.get("tied_with_best", [])}
     lines = []
     for row in rows:
-        cells = [f"`{row['arch']}`", row["family"]]
+        cells = [f"`{row.arch}`", row.family]
         for key, _, fmt, _ in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
-            value = row.get(key)  # rows built by callers may lack newer columns: "n/a"
-            mark = "†" if key in LATENCY_KEYS and row["arch"] in odd and finite_or_none(value) is not None else ""
+            value = getattr(row, key)
+            mark = "†" if key in LATENCY_KEYS and row.arch in odd and finite_or_none(value) is not None else ""
             if key == "mean_dsc" and top is not None:  # the paired test decides, not the printed digits
                 number = finite_or_none(value)
-                cells.append("n/a" if number is None else (f"**{fmt(number)}**" if row["arch"] in top else fmt(number)))
+                cells.append("n/a" if number is None else (f"**{fmt(number)}**" if row.arch in top else fmt(number)))
                 continue
             cells.append(_cell(value, fmt, None if mark else best[key]) + mark)
-        parity = row["parity_passed"]
+        parity = row.parity_passed
         cells.append("n/a" if parity is None else ("passed" if parity else "FAILED"))
-        cells.append(str(row["registry_version"]) if row["registry_version"] else "not registered")
+        cells.append(str(row.registry_version) if row.registry_version else "not registered")
         lines.append(cells)
     return _md_table(header, lines, text_columns=2)
 
 
-def per_class_table(rows: Sequence[dict], metric: str) -> str:
+def per_class_table(rows: Sequence[ArchRow], metric: str) -> str:
     """Organs as columns (plus the mean), one line per architecture; best per column in bold."""
     names = class_names_of(rows)
     better = "min" if metric == "hd95" else "max"
     fmt = (lambda v: f"{v:.2f}") if metric == "hd95" else (lambda v: f"{100 * v:.2f}")
     values = [
-        {"arch": row["arch"], "mean": row.get(f"mean_{metric}"),
-         **{name: (row["per_class"].get(name) or {}).get(metric) for name in names}}
+        {"arch": row.arch, "mean": getattr(row, f"mean_{metric}"),
+         **{name: (row.per_class.get(name) or {}).get(metric) for name in names}}
         for row in rows
     ]
     ranked = len(rows) > 1
-    best = {key: best_values(values, key, better) if ranked else None for key in ["mean", *names]}
+    best = {key: best_of([v[key] for v in values], better) if ranked else None for key in ["mean", *names]}
     lines = [[f"`{v['arch']}`", _cell(v["mean"], fmt, best["mean"])] + [_cell(v[n], fmt, best[n]) for n in names]
              for v in values]
     return _md_table(["Architecture", "Mean"] + names, lines)
 
 
-def _latency_lines(rows: Sequence[dict]) -> list[str]:
+def _latency_lines(rows: Sequence[ArchRow]) -> list[str]:
     """How the latencies were measured, and which are not comparable (marked †)."""
     odd, notes = latency_comparability(rows)
-    records = [row["latency"] for row in rows
-               if (row.get("latency") or {}).get("machine") and row["arch"] not in odd]
+    records = [row.latency for row in rows
+               if (row.latency or {}).get("machine") and row.arch not in odd]
     lines = []
     if records:
         r = records[0]
@@ -166,16 +171,16 @@ def _latency_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
-def _devices(rows: Sequence[dict]) -> str:
-    devices = sorted({str(row.get("train_device")) for row in rows if row.get("train_device")})
+def _devices(rows: Sequence[ArchRow]) -> str:
+    devices = sorted({str(row.train_device) for row in rows if row.train_device})
     return ", ".join(devices) if devices else "not recorded"
 
 
-def _tolerance_text(rows: Sequence[dict], units: Sequence[str]) -> str:
+def _tolerance_text(rows: Sequence[ArchRow], units: Sequence[str]) -> str:
     """"2 mm", or "aorta 1 mm, liver 3 mm, ..." when classes differ; "a tolerance not recorded" for old metrics."""
     tolerances: dict[str, float] = {}
     for row in rows:
-        for name, value in (row.get("nsd_tolerance") or {}).items():
+        for name, value in (row.nsd_tolerance or {}).items():
             tolerances.setdefault(name, value)
     unit = "/".join(units)
     if not tolerances:
@@ -262,7 +267,7 @@ def statistics_section(statistics: dict[str, Any], units: Sequence[str], title: 
     return lines
 
 
-def cv_section(cv_rows: Sequence[dict], cv_statistics: dict[str, Any] | None, units: Sequence[str]) -> list[str]:
+def cv_section(cv_rows: Sequence[CVRow], cv_statistics: dict[str, Any] | None, units: Sequence[str]) -> list[str]:
     """Cross-validation: out-of-fold DSC per fold and pooled, each fold's model and the fold ensemble on test,
     then the statistics and the ablation on the out-of-fold patients (more patients than the test split)."""
     if not cv_rows:
@@ -279,7 +284,7 @@ def cv_section(cv_rows: Sequence[dict], cv_statistics: dict[str, Any] | None, un
         return f"{100 * np.mean(numbers):.2f} ± {100 * np.std(numbers, ddof=1):.2f}" if len(numbers) > 1 \
             else f"{100 * numbers[0]:.2f}"
 
-    folds = sorted({len(row["cv"].get("folds") or []) for row in cv_rows})
+    folds = sorted({len(row.cv.get("folds") or []) for row in cv_rows})
     lines = [f"## Cross-validation ({', '.join(map(str, folds))} folds)", "",
              "Each fold's model is trained on the other folds' development patients, selected on its own held-out "
              "patients and scored on them (out of fold: every development patient once, by the model that never saw "
@@ -287,9 +292,9 @@ def cv_section(cv_rows: Sequence[dict], cv_statistics: dict[str, Any] | None, un
              "folds.", ""]
     table = []
     for row in cv_rows:
-        cv = row["cv"]
+        cv = row.cv
         coverage = cv.get("coverage") or {}
-        table.append([f"`{row['arch']}`", pct((cv.get("out_of_fold") or {}).get("mean_dsc")),
+        table.append([f"`{row.arch}`", pct((cv.get("out_of_fold") or {}).get("mean_dsc")),
                       spread([v.get("mean_dsc") for v in (cv.get("out_of_fold_by_fold") or {}).values()]),
                       pct((cv.get("out_of_fold") or {}).get("mean_nsd")),
                       spread([v.get("mean_dsc") for v in (cv.get("test_by_fold") or {}).values()]),
@@ -304,16 +309,16 @@ def cv_section(cv_rows: Sequence[dict], cv_statistics: dict[str, Any] | None, un
     return lines
 
 
-def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[str, str],
+def render_markdown(params: dict[str, Any], rows: Sequence[ArchRow], missing: dict[str, str],
                     qualitative_note: str, statistics: dict[str, Any] | None = None,
-                    cv_rows: Sequence[dict] = (), cv_statistics: dict[str, Any] | None = None) -> str:
-    dataset = params["dataset"]["name"]
-    protocols = sorted({row["protocol"] for row in rows})
-    units = sorted({row["hd95_unit"] for row in rows})
-    splits = {row["test_cases_sha256"] for row in rows}
-    parts = [f"# medseg comparison: `{dataset}` (preset `{params.get('preset', '?')}`)", ""]
+                    cv_rows: Sequence[CVRow] = (), cv_statistics: dict[str, Any] | None = None) -> str:
+    project = settings(params)
+    protocols = sorted({row.protocol for row in rows})
+    units = sorted({row.hd95_unit for row in rows})
+    splits = {row.test_cases_sha256 for row in rows}
+    parts = [f"# medseg comparison: `{project.dataset_name}` (preset `{project.preset or '?'}`)", ""]
     if rows:
-        size = "x".join(str(s) for s in (params.get("data") or {}).get("image_size", []))
+        size = "x".join(str(s) for s in project.data.image_size)
         parts += [
             f"Test-set metrics from `reports/<arch>/metrics.json`; evaluation protocol `{', '.join(protocols)}` "
             f"(HD95 in {', '.join(units)}). DSC and NSD in %, higher is better; HD95, size, latency and training "
@@ -346,7 +351,7 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
                   f"- `reports/qualitative.png`: {qualitative_note}", ""]
     else:
         parts += ["No architecture has evaluation results yet (run `dvc repro`).", ""]
-    cv_units = sorted({str((row["cv"].get("out_of_fold") or {}).get("hd95_unit")) for row in cv_rows})
+    cv_units = sorted({str((row.cv.get("out_of_fold") or {}).get("hd95_unit")) for row in cv_rows})
     parts += cv_section(cv_rows, cv_statistics, cv_units)
     if missing:
         parts += ["## Missing", ""] + [f"- `{arch}`: {why}" for arch, why in missing.items()] + [""]
@@ -354,15 +359,15 @@ def render_markdown(params: dict[str, Any], rows: Sequence[dict], missing: dict[
     return "\n".join(parts)
 
 
-def write_per_class_csv(path: Path, rows: Sequence[dict]) -> None:
+def write_per_class_csv(path: Path, rows: Sequence[ArchRow]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     # arch_class: one bar per architecture and class in dvc.yaml's per-class plot (y on `class` alone would
     # stack every architecture's DSC into one bar per class)
     writer.writerow(["arch", "class", "arch_class", "dsc", "hd95", "nsd"])
     for row in rows:
-        for name, scores in row["per_class"].items():
+        for name, scores in row.per_class.items():
             values = [finite_or_none((scores or {}).get(key)) for key in ("dsc", "hd95", "nsd")]
-            writer.writerow([row["arch"], name, f"{name} / {row['arch']}",
+            writer.writerow([row.arch, name, f"{name} / {row.arch}",
                              *("" if v is None else repr(v) for v in values)])
     write_text(path, buf.getvalue())

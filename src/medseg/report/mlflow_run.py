@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from medseg.config import settings
 from medseg.report.statistics import statistics_metrics
 
@@ -31,8 +30,9 @@ def log_comparison_run(params: dict[str, Any], root: str | Path, statistics: dic
         from mlflow.entities import Metric
 
         client = connect(uri, retries=0)
-        experiment_id = ensure_experiment(client, settings(params).register.experiment, uri, root)
-        dataset = params["dataset"]["name"]
+        project = settings(params)
+        experiment_id = ensure_experiment(client, project.register.experiment, uri, root)
+        dataset = project.dataset_name
         run = client.create_run(experiment_id, run_name=f"comparison-{dataset}",
                                 tags={"medseg.kind": "comparison", "dataset": dataset,
                                       "best": str((statistics or {}).get("best")),

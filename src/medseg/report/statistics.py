@@ -12,7 +12,7 @@ import numpy as np
 from medseg.config import settings
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import finite_or_none
-from medseg.report.collect import patients_of_cases
+from medseg.report.collect import ArchRow, CVRow, patients_of_cases
 
 log = logging.getLogger(__name__)
 
@@ -20,27 +20,28 @@ log = logging.getLogger(__name__)
 STAT_METRICS = (("dsc", "DSC (%)", 100.0), ("hd95", "HD95", 1.0), ("nsd", "NSD (%)", 100.0))
 
 
-def compute_statistics(params: dict[str, Any], rows: Sequence[dict], root: str | Path = ".") -> dict[str, Any]:
-    """Patient-level statistics of the evaluated architectures (medseg.evaluation.stats), JSON-able: per architecture the
-    mean and bootstrap interval of each metric over patients, and the paired comparison of DSC with the best."""
+def compute_statistics(params: dict[str, Any], rows: Sequence[ArchRow | CVRow], root: str | Path = "."
+                       ) -> dict[str, Any]:
+    """Patient-level statistics of the evaluated architectures (medseg.evaluation.stats), JSON-able: per architecture
+    the mean and bootstrap interval of each metric over patients, and the paired comparison of DSC with the best."""
     from medseg.evaluation import stats
 
-    config = settings(params).report
-    seed = int(params.get("seed", 0) or 0)
+    project = settings(params)
+    config, seed = project.report, project.seed
     patient_of = patients_of_cases(params, root)
-    scored = [row for row in rows if row.get("per_case")]
-    per_metric = {metric: {row["arch"]: stats.patient_scores(row["per_case"], patient_of, metric) for row in scored}
+    scored = [row for row in rows if row.per_case]
+    per_metric = {metric: {row.arch: stats.patient_scores(row.per_case, patient_of, metric) for row in scored}
                   for metric, _, _ in STAT_METRICS}
     common = set.intersection(*(set(v) for v in per_metric["dsc"].values())) if scored else set()
     archs: dict[str, Any] = {}
     for row in scored:
         entry = {}
         for metric, _, _ in STAT_METRICS:
-            values = [v for p, v in per_metric[metric][row["arch"]].items() if p in common]
+            values = [v for p, v in per_metric[metric][row.arch].items() if p in common]
             interval = stats.bootstrap_ci(values, config.confidence, config.bootstrap_resamples, seed)
             entry[metric] = {"mean": float(np.mean(values)) if values else None,
                              "ci": list(interval) if interval else None, "patients": len(values)}
-        archs[row["arch"]] = entry
+        archs[row.arch] = entry
     dsc = {a: {p: v for p, v in s.items() if p in common} for a, s in per_metric["dsc"].items()}
     result = stats.compare(dsc, config.alpha, config.bootstrap_resamples, seed)
     return {

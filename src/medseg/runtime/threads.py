@@ -137,9 +137,11 @@ def plan_threads(
 
 def plan_from_params(params: Mapping[str, Any], num_workers: int | None = None) -> ThreadPlan:
     """plan_threads with params.yaml's compute section (and data.num_workers unless given)."""
-    compute = dict(params.get("compute") or {})
-    workers = int((params.get("data") or {}).get("num_workers") or 0) if num_workers is None else num_workers
-    return plan_threads(workers, threads=compute.get("threads"), parallel_jobs=compute.get("parallel_jobs"))
+    from medseg.config import settings
+
+    project = settings(dict(params))
+    workers = project.data.num_workers if num_workers is None else num_workers
+    return plan_threads(workers, threads=project.compute.threads, parallel_jobs=project.compute.parallel_jobs)
 
 
 def apply_torch_threads(plan: ThreadPlan) -> ThreadPlan:

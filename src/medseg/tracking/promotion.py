@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 from medseg.config import PARAMS_FILE, disable_telemetry, load_params, settings
 from medseg.errors import MedsegError, PromotionRefused, error_message
-from medseg.tracking.gate import Decision, VersionFacts, decide
 from medseg.evaluation.metrics import finite_or_none
+from medseg.tracking.gate import Decision, VersionFacts, decide
 from medseg.tracking.registry import CHALLENGER, CHAMPION, alias_version, model_name
 from medseg.tracking.store import connect, resolve_tracking_uri
 

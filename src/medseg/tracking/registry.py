@@ -22,15 +22,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.config import config_hash, model_options, settings
 from medseg.contracts import EvaluationMetrics, ExportReport, RegistryRecord, TrainSummary
+from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.errors import MedsegError
+from medseg.evaluation.metrics import finite_or_none
 from medseg.io import sha256_file
 from medseg.layout import ProjectLayout
-from medseg.evaluation.metrics import finite_or_none
-from medseg.tracking.store import (WORK_HTTP_ENV, artifact_location, connect, ensure_experiment_at, mlflow_store,
-                             resolve_tracking_uri, short_error, temporary_env, with_retries)
+from medseg.tracking.store import (
+    WORK_HTTP_ENV,
+    artifact_location,
+    connect,
+    ensure_experiment_at,
+    mlflow_store,
+    resolve_tracking_uri,
+    short_error,
+    temporary_env,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +292,7 @@ def evaluation_tags(metrics: EvaluationMetrics, export: ExportReport, params: di
         "test_cases_sha256": str(metrics.test_cases_sha256 or ""),
         "test_data_sha256": str(metrics.test_data_sha256 or ""),  # ids and content (medseg.deployment.card)
         "dataset_version": str(metrics.dataset_version or ""),
-        "protocol": str(metrics.protocol or (params.get("evaluate") or {}).get("protocol", "")),
+        "protocol": str(metrics.protocol or settings(params).evaluate.protocol),
         "test_dsc": repr(test_dsc if test_dsc is not None else float("nan")),  # nan never promotes
         "parity_passed": "true" if export.parity_passed else "false",
     }
@@ -374,7 +383,7 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
         family = get_model_info(arch).family
     except MedsegError:
         family = "unknown"
-    dataset = params["dataset"]["name"]
+    dataset = settings(params).dataset_name
     eval_tags = evaluation_tags(metrics, export, params)
     protocol, parity = eval_tags["protocol"], eval_tags["parity_passed"] == "true"
     dataset_version = str(card.dataset.get("version", "")) or "unversioned"

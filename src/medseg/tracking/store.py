@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from medseg.config import disable_telemetry
+from medseg.config import disable_telemetry, settings
 from medseg.errors import MedsegError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def resolve_tracking_uri(params: dict[str, Any], root: str | Path = ".") -> str:
 
     A relative `sqlite:///mlflow.db` would otherwise land wherever the process happens to run.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (params.get("register") or {}).get("tracking_uri")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings(params).register.tracking_uri
     uri = uri or DEFAULT_TRACKING_URI
     root = Path(root).resolve()
     if uri.startswith("sqlite:///"):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import logging
 import math
 import os
 import random
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,15 +32,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.config import (DataSettings, TrainSettings, check_cv_fold, config_hash, disable_telemetry, model_options,
-                           resolve_device, settings, validate_params)
-from medseg.errors import ConfigError, TrainingError
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.config import (
+    DataSettings,
+    TrainSettings,
+    check_cv_fold,
+    config_hash,
+    disable_telemetry,
+    model_options,
+    resolve_device,
+    settings,
+    validate_params,
+)
 from medseg.contracts import CheckpointMeta, TrainSummary
+from medseg.errors import ConfigError, TrainingError
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
 from medseg.layout import ProjectLayout, RunFiles
-from medseg.training.losses import build_loss
 from medseg.runtime.threads import apply_torch_threads, plan_from_params
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.losses import build_loss
 
 _log = logging.getLogger(__name__)
 
@@ -245,8 +254,8 @@ def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
 def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size, context: int,
               num_classes: int, batch_size: int, device: str) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
-    from medseg.inference.torch_backend import predict_volume
     from medseg.evaluation.scoring import dice_rows, score_cases
+    from medseg.inference.torch_backend import predict_volume
 
     rows = score_cases(lambda image: predict_volume(model, image, image_size, context, batch_size, device),
                        dice_rows(num_classes), ingested, case_ids)  # as evaluation predicts: no AMP
@@ -420,9 +429,10 @@ class Trainer:
     `state_dict()`; a resumed run continues bit for bit (every RNG and the position in the epoch are in it)."""
 
     def __init__(self, spec: RunSpec, device: str, dist_info: Dist, loader_workers: int | None = None):
+        from torch.utils.data.distributed import DistributedSampler
+
         from medseg.data.loader import SliceDataset
         from medseg.models import build_model
-        from torch.utils.data.distributed import DistributedSampler
 
         self.spec, self.device, self.dist = spec, device, dist_info
         self.on_cuda = device.startswith("cuda")
