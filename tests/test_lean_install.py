@@ -250,7 +250,11 @@ def test_base_dependencies_are_the_prediction_set_and_dev_installs_every_extra()
         _top_level(r) for r in extras["train"]}
     assert {_top_level(r) for r in extras["pipeline"]} == {"mlflow", "dvc", "prefect"}
     assert "medseg[data,train,transformers,pipeline]" in extras["all"]
-    assert "medseg[all]" in extras["dev"]
+    assert "medseg[all,nnunet]" in extras["dev"]
+    # nnU-Net: nnunetv2 where it trains or is imported; a machine that only predicts with an imported model
+    # needs nnU-Net's resampling (scipy, scikit-image), still no torch
+    assert {_top_level(r) for r in extras["nnunet-predict"]} == {"scipy", "scikit-image"}
+    assert "nnunetv2" in {_top_level(r) for r in extras["nnunet"]} and "medseg[train,nnunet-predict]" in extras["nnunet"]
 
 
 # ------------------------------------------------------------------------------------------------ a real lean venv

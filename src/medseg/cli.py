@@ -119,6 +119,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nnunet_dataset(args: argparse.Namespace) -> int:
+    """Write the ingested dataset, split as medseg split it, in nnU-Net v2's raw layout (data/nnunet/raw)."""
+    from medseg.nnunet.dataset import write_nnunet_raw
+
+    folder = write_nnunet_raw(load_params(Path(args.root) / args.params), args.root, args.id)
+    raw = folder.parent.resolve()
+    print(f"{folder}\n\nnnU-Net v2 trains on it (here or on a GPU machine with this folder):\n"
+          f"  export nnUNet_raw={raw} nnUNet_preprocessed=<preprocessed> nnUNet_results=<results>\n"
+          f"  nnUNetv2_plan_and_preprocess -d {args.id} -c 2d --verify_dataset_integrity\n"
+          f"  nnUNetv2_train {args.id} 2d 0    # fold 0 = medseg's train/val split (splits_final.json)\n"
+          f"then: medseg nnunet import <results>/{folder.name}/nnUNetTrainer__nnUNetPlans__2d -o models/nnunet_2d")
+    return 0
+
+
+def cmd_nnunet_import(args: argparse.Namespace) -> int:
+    """A trained nnU-Net v2 2D model folder -> model.onnx with its card (medseg predict, register, serve)."""
+    from medseg.nnunet.convert import import_nnunet_model
+
+    folds = "all" if args.fold == ["all"] else args.fold
+    _print_json(import_nnunet_model(args.results, args.output, folds, args.checkpoint, args.arch, args.opset))
+    return 0
+
+
+def _add_nnunet(sub) -> None:
+    p = sub.add_parser("nnunet", help="nnU-Net v2 beside medseg: its raw dataset from medseg's split, import its "
+                                      "trained models")
+    nnunet_sub = p.add_subparsers(dest="nnunet_command", required=True)
+    p = nnunet_sub.add_parser("dataset", help="write the dataset and split in nnU-Net v2's raw layout "
+                                              "(data/nnunet/raw/Dataset<ID>_<name>)")
+    p.add_argument("--id", type=int, default=900, help="nnU-Net dataset id, 1..999 (default 900)")
+    p.set_defaults(func=cmd_nnunet_dataset)
+    p = nnunet_sub.add_parser("import", help="turn a trained nnU-Net v2 2D model into model.onnx with its card",
+                              description="Read <Trainer>__<Plans>__2d (plans.json, dataset.json, fold_<k>/"
+                              "checkpoint_*.pth), rebuild the network with nnunetv2 (the [nnunet] extra), export one "
+                              "ONNX graph averaging the chosen folds' logits, and write its model card: "
+                              "`medseg predict` then reproduces nnUNetv2_predict without torch.")
+    p.add_argument("results", help="the trained model folder, e.g. $nnUNet_results/Dataset900_x/"
+                                   "nnUNetTrainer__nnUNetPlans__2d")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (model.onnx, nnunet_import.json)")
+    p.add_argument("--fold", nargs="+", default=["all"], help="folds to ensemble (default: all trained folds)")
+    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    p.add_argument("--arch", default="nnunet_2d", help="the name the card and the registry give it")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_nnunet_import)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from medseg.data.doctor import run_doctor
 
@@ -181,7 +227,9 @@ def _add_predict(sub) -> None:
                    help="raw label values (default) or class indices 0..K-1")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <case>.npz: probabilities (K, ...) float16 and class_names")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (in-plane flips, 4x slower)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirroring test-time augmentation (in-plane flips, 4x slower); default: off for medseg's "
+                        "networks, on for imported nnU-Net models (as nnUNetv2_predict; --no-tta turns it off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose outputs exist")
     p.add_argument("--overwrite", action="store_true",
@@ -234,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
 
     _add_predict(sub)
+    _add_nnunet(sub)
 
     p = sub.add_parser("doctor", help="check a raw dataset before ingest and print a table of problems")
     p.add_argument("--raw-dir", default=None, help="default: params dataset.raw_dir")

@@ -18,7 +18,7 @@ from medseg.config import settings
 from medseg.errors import ConfigError
 
 # Folders (relative to the project root) that hold stage outputs and stores medseg writes.
-OUTPUT_DIRS = ("data/ingested", "data/splits", "models", "reports", "registry", "mlartifacts")
+OUTPUT_DIRS = ("data/ingested", "data/splits", "data/nnunet", "models", "reports", "registry", "mlartifacts")
 PHANTOM_DIR = Path("data") / "phantom"  # the built-in phantom's raw data (builtin/dvc.yaml's only output)
 
 
@@ -79,6 +79,11 @@ class ProjectLayout:
     @property
     def split_file(self) -> Path:
         return self.root / "data" / "splits" / f"{self.dataset}.json"
+
+    @property
+    def nnunet_raw(self) -> Path:
+        """nnU-Net v2's `nnUNet_raw` for this project (medseg.nnunet.dataset writes the dataset there)."""
+        return self.root / "data" / "nnunet" / "raw"
 
     @property
     def phantom_dir(self) -> Path:

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from medseg import __version__
-from medseg.errors import MedsegError
 from medseg.data.preprocessing import NORMALISATIONS, RESIZE  # the card records preprocessing's rules
+from medseg.errors import MedsegError
 
-CARD_SCHEMA = 1
+CARD_SCHEMA = 2  # the newest card this medseg reads
+# Schema 2 adds `nnunet` (an imported nnU-Net model): an older medseg, which would ignore the recipe and run the
+# network the wrong way, refuses such a card ("newer than this medseg"). Cards without it stay schema 1.
+NNUNET_CARD_SCHEMA = 2
 ONNX_METADATA_KEY = "medseg.model_card"
 # Bounds of what a card may describe: a hostile or corrupt card is refused before it sizes any allocation.
 MAX_IMAGE_SIDE = 8192  # pixels of the training size's side (predict allocates batches of it)
@@ -61,7 +64,11 @@ class ModelCard:
     slice_axis: str = SLICE_AXIS
     resize: dict[str, str] = field(default_factory=lambda: dict(RESIZE))
     medseg_version: str = ""
-    schema: int = CARD_SCHEMA
+    schema: int = 1
+    # An imported nnU-Net model's whole inference recipe (medseg.nnunet.inference.NnunetRecipe); None for medseg's
+    # own networks. With it, `normalisation` is {"method": "nnunet"} and `orientation` "native": the scan's own
+    # voxel order, as nnU-Net reads it.
+    nnunet: dict[str, Any] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -139,12 +146,40 @@ class ModelCard:
                       f"{MAX_INPUT_CHANNELS}")
         if not isinstance(self.normalisation, Mapping):
             raise bad(f"normalisation must be a mapping, got {self.normalisation!r}")
-        if self.normalisation.get("method") not in NORMALISATIONS:
+        if self.nnunet is not None:
+            self._validate_nnunet(source)
+        elif self.normalisation.get("method") not in NORMALISATIONS:
             raise bad(f"normalisation method {self.normalisation.get('method')!r} is not one of {', '.join(NORMALISATIONS)}")
         if self.input_kind not in ("volume", "image2d"):
             raise bad(f"input_kind {self.input_kind!r} is not volume or image2d")
         if self.spacing is not None and len(self.spacing) != 3:
             raise bad(f"spacing must be [sz, sy, sx] or null, got {self.spacing}")
+
+    def _validate_nnunet(self, source: str | Path) -> None:
+        from medseg.nnunet.inference import NnunetRecipe
+
+        if not isinstance(self.nnunet, Mapping):
+            raise CardError(f"{source}: model card nnunet must be a mapping, got {self.nnunet!r}")
+        if self.schema < NNUNET_CARD_SCHEMA:
+            raise CardError(f"{source}: model card with an nnunet recipe must be schema {NNUNET_CARD_SCHEMA}")
+        if self.normalisation.get("method") != "nnunet" or self.orientation != "native":
+            raise CardError(f"{source}: model card of an nnU-Net model needs normalisation method 'nnunet' and "
+                            f"orientation 'native'")
+        try:
+            recipe = NnunetRecipe.from_dict(self.nnunet)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CardError(f"{source}: model card nnunet is malformed ({type(exc).__name__}: {exc})") from exc
+        try:
+            recipe.validate(str(source))
+        except MedsegError as exc:
+            raise CardError(str(exc)) from exc
+        if recipe.num_classes != self.num_classes or len(recipe.normalization_schemes) != self.image_channels:
+            raise CardError(f"{source}: model card nnunet has {recipe.num_classes} classes and "
+                            f"{len(recipe.normalization_schemes)} channels, the card {self.num_classes} and "
+                            f"{self.image_channels}")
+        if list(recipe.patch_size) != list(self.image_size):
+            raise CardError(f"{source}: model card nnunet patch_size {list(recipe.patch_size)} != image_size "
+                            f"{self.image_size}")
 
 
 def inverse_label_map(label_map: Mapping[Any, Any] | None, num_classes: int) -> list[int]:

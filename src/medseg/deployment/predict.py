@@ -90,11 +90,22 @@ class Predictor:
     source: str
     batch_size: int = 32
 
+    @property
+    def native_order(self) -> bool:
+        """An imported nnU-Net model sees the scan in its own voxel order (nnU-Net never reorients)."""
+        return self.card.nnunet is not None
+
     def predict_volume(self, data_xyz: np.ndarray, affine: np.ndarray, *, labels: str = "raw",
-                       tta: bool = False) -> np.ndarray:
-        """Labels for a NIfTI-ordered volume (x, y, z[, c]) with its affine, in the same voxel order."""
+                       tta: bool | None = None, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+        """Labels for a NIfTI-ordered volume (x, y, z[, c]) with its affine, in the same voxel order (`spacing`
+        (sz, sy, sx): the header's, which an nnU-Net model resamples from; default: the affine's)."""
         data = self._check_volume("volume", np.asarray(data_xyz))
         checks.check_finite("volume", data)
+        if self.native_order:
+            zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+            spacing = spacing or (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+            classes, _ = self._segment(volume_from_canonical_xyz(data), tta, probabilities=False, spacing=spacing)
+            return self.label_array(classes.transpose(2, 1, 0), labels)
         canonical, _, _ = _to_canonical("volume", data, affine)
         classes, _ = self._segment(volume_from_canonical_xyz(canonical), tta, probabilities=False)
         return self.label_array(_volume_to_source(classes, affine), labels)
@@ -113,12 +124,27 @@ class Predictor:
         values = np.asarray(self.card.label_values)
         return values.astype(np.min_scalar_type(int(values.max())))[classes]
 
-    def _segment(self, image_dchw: np.ndarray, tta: bool, probabilities: bool, deadline: Deadline | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _segment(self, image_dchw: np.ndarray, tta: bool | None, probabilities: bool, deadline: Deadline | None = None,
+                 spacing: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (D, C, H, W) -> class indices (D, H, W) uint8 and, if asked, probabilities (D, K, H, W) float16
-        (what is saved: half the memory of float32 for a K-class CT, sums to 1 within 1e-2)."""
-        return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), tta, probabilities,
-                                       deadline)
+        (what is saved: half the memory of float32 for a K-class CT, sums to 1 within 1e-2). `tta` None: the
+        model's default (mirroring for an nnU-Net model, as nnUNetv2_predict; none for medseg's networks)."""
+        if self.native_order:
+            return self._segment_nnunet(image_dchw, tta, probabilities, deadline, spacing), None
+        return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), bool(tta),
+                                       probabilities, deadline)
+
+    def _segment_nnunet(self, image_dchw: np.ndarray, tta: bool | None, probabilities: bool,
+                        deadline: Deadline | None, spacing: tuple[float, float, float] | None) -> np.ndarray:
+        from medseg.nnunet.inference import NnunetRecipe, segment_case
+
+        if probabilities:
+            raise ConfigError(f"{self.source}: probabilities are not saved for imported nnU-Net models yet")
+        recipe = NnunetRecipe.from_dict(self.card.nnunet)
+        check = None if deadline is None else (lambda: deadline.check("segmenting with nnU-Net's sliding window"))
+        classes = segment_case(image_dchw.transpose(1, 0, 2, 3), spacing or (1.0, 1.0, 1.0), recipe, self._run,
+                               mirror=True if tta is None else bool(tta), batch_size=self.batch_size, check=check)
+        return classes
 
     def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False,
                            deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -366,6 +392,9 @@ def _read_volume(predictor: Predictor, paths: list[Path]) -> _CaseImage:
         checks.check_affine(path, first.affine, vol.affine)  # channel files must share the grid, voxel for voxel
     data = first.data if len(volumes) == 1 else np.stack([v.data for v in volumes], axis=-1)
     data = predictor._check_volume(paths[0], data)
+    if predictor.native_order:  # nnU-Net's reader: the file's voxel order, the header's spacing, known or not
+        zooms = first.zooms[:3]
+        return _CaseImage(volume_from_canonical_xyz(data), first.affine, (zooms[2], zooms[1], zooms[0]))
     canonical, _, ornt = _to_canonical(paths[0], data, first.affine)
     zooms = orientation.canonical_zooms(first.zooms[:3], ornt)
     spacing = (zooms[2], zooms[1], zooms[0]) if first.spacing_known else None
@@ -410,7 +439,7 @@ def predict_files(
     *,
     labels: str = "raw",
     save_probabilities: bool = False,
-    tta: bool = False,
+    tta: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
     deadline: Deadline | None = None,
@@ -420,6 +449,9 @@ def predict_files(
     prediction by medseg is refused (PredictError, nothing written) unless `overwrite`; `deadline` stops the work
     (PredictTimeout) when it passes."""
     _check_labels(labels)
+    if save_probabilities and predictor.native_order:
+        raise ConfigError(f"{predictor.source}: probabilities are not saved for imported nnU-Net models yet; "
+                          "predict without --save-probabilities")
     cases = plan_cases(predictor, inputs, output_dir, save_probabilities)
     skipped = [resume and all(os.path.lexists(p) for p in case.outputs) for case in cases]
     todo = [case for case, skip in zip(cases, skipped) if not skip]
@@ -478,18 +510,20 @@ def output_mark(path: Path) -> str | None:
     return text[len(prefix):].strip() if text.startswith(prefix) else None
 
 
-def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool, key: str,
+def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool | None, key: str,
                   deadline: Deadline | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     card = predictor.card
     data = _read_case(predictor, case)
     classes, probs = predictor._segment(data.image, tta, probabilities=case.probabilities is not None,
-                                        deadline=deadline)
+                                        deadline=deadline, spacing=data.spacing)
     problems = _distribution_warnings(card, data, classes)
     if problems:
         _log.warning("%s: %s", case.name, "; ".join(problems))
     if data.affine is None:  # a 2D image: one slice
         source_classes, probs = classes[0], None if probs is None else probs[0]
+    elif predictor.native_order:  # (z, y, x) of the file's own voxel grid
+        source_classes = classes.transpose(2, 1, 0)
     else:
         source_classes = _volume_to_source(classes, data.affine)
         probs = None if probs is None else _probabilities_to_source(probs, data.affine)
