@@ -207,8 +207,7 @@ def test_deploy_then_serve_as_documented_keeps_the_deployed_flows_code(prefect_s
             assert time.monotonic() < deadline, "serve registered nothing in 120 s"
             time.sleep(0.5)
     finally:
-        os.killpg(serving.pid, signal.SIGINT)
-        serving.wait(timeout=60)
+        _stop(serving, tmp_path / "serve.log")
     now = deployments()
     for name in ("medseg-retrain", "medseg-ingest"):  # as `prefect deploy` left them: pool, code, pull step
         assert now[name].work_pool_name == POOL, name
@@ -217,6 +216,22 @@ def test_deploy_then_serve_as_documented_keeps_the_deployed_flows_code(prefect_s
     served = now["medseg-retrain-served"]
     assert served.work_pool_name is None and served.parameters == {"root": str(root.resolve())}
     assert served.entrypoint.endswith("flows/retrain.py:retrain")
+
+
+def _stop(process: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C, as a user stops `serve`; then SIGTERM and SIGKILL, so nothing is left behind. How fast Prefect's
+    serve shuts down is not what these tests check (late in the full suite it twice took over 60 s after the
+    Ctrl-C, 2026-12-07), so a slow stop is reported in the log, not failed."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            print(f"serve still running {wait} s after {sig.name}; its log ends:\n{log.read_text()[-2000:]}")
 
 
 def _pool(name: str) -> dict:
