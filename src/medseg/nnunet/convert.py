@@ -17,15 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from medseg import __version__
-from medseg.errors import MedsegError
 from medseg.nnunet.inference import RESAMPLING_FN, SCHEMES
-from medseg.nnunet.results import NnunetModel, NnunetResultsError, load_weights, read_results
+from medseg.nnunet.results import NnunetModel, NnunetResultsError, load_weights, nnunetv2_required, read_results
 
 MODALITY_OF_SCHEME = {"CTNormalization": "ct", "RGBTo01Normalization": "rgb"}
-
-
-def nnunetv2_required(what: str) -> MedsegError:
-    return MedsegError(f"{what} needs nnunetv2 (the optional extra): pip install 'medseg[nnunet]'")
 
 
 def recipe_of(model: NnunetModel, mirror_axes: tuple[int, ...] | None) -> dict[str, Any]:

@@ -52,6 +52,11 @@ class NnunetModel:
         return len(self.dataset_json["labels"])
 
 
+def nnunetv2_required(what: str) -> MedsegError:
+    """The error where nnunetv2 (the optional [nnunet] extra) is needed and missing."""
+    return MedsegError(f"{what} needs nnunetv2 (the optional extra): pip install 'medseg[nnunet]'")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise NnunetResultsError(f"{path}: not found; is this an nnU-Net results folder "

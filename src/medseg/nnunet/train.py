@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError, TrainingError
+from medseg.nnunet.results import nnunetv2_required
 
 # the two presets a params.yaml `models:` entry names: (nnU-Net planner, the plans it writes)
 PRESETS = {
@@ -64,8 +65,7 @@ def _nnunetv2_available() -> None:
     try:
         import nnunetv2  # noqa: F401
     except ImportError as exc:
-        raise MedsegError("nnU-Net models (nnunet_2d, nnunet_resenc_m_2d) need nnunetv2, the optional extra: "
-                          "pip install 'medseg[nnunet]'") from exc
+        raise nnunetv2_required("training nnU-Net (nnunet_2d, nnunet_resenc_m_2d)") from exc
 
 
 def plan_and_preprocess(folders: NnunetFolders, dataset_id: int, preset: str, log_file: Path,
