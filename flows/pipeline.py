@@ -30,6 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from medseg.config import disable_telemetry, load_params, settings
 from medseg.errors import ConfigError, MedsegError
 
+from flows import environment_ready
 from flows.artifacts import publish_artifacts
 from flows.dvc_runner import arch_stages
 from flows.tasks import name_flow_run, prepare_data, promote_arch, push_outputs, repro_report, train_arch
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-promote", action="store_true", help="register challengers but do not apply the gate")
     parser.add_argument("--no-report", action="store_true", help="skip `dvc repro report`")
     args = parser.parse_args(argv)
+    if not environment_ready():
+        return 2
     state = medseg_pipeline(
         root=args.root,
         architectures=args.architectures,

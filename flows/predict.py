@@ -36,6 +36,7 @@ from medseg.deployment.predict import LABEL_KINDS, Case, Predictor, load_predict
 from medseg.errors import ConfigError, MedsegError, PredictError
 from medseg.io import sha256_file
 
+from flows import environment_ready
 from flows.dvc_runner import retry_if_transient
 from flows.pipeline import failure_message, flow_exit_code
 from flows.tasks import retry_delay
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     args = parser.parse_args(argv)
     disable_telemetry()  # before the flow starts Prefect's temporary server
+    if not environment_ready():
+        return 2
     state = batch_predict(input_dir=args.input_dir, output_dir=args.output_dir, model=args.model,
                           tracking_uri=args.tracking_uri, labels=args.labels, tta=args.tta, return_state=True)
     return flow_exit_code(state, "batch prediction")

@@ -32,6 +32,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from medseg.config import disable_telemetry, load_params, settings
 
+from flows import environment_ready
 from flows.pipeline import medseg_pipeline
 from flows.tasks import ingested_version, prepare_data
 
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--root", default=".", help="project root (where params.yaml and dvc.yaml are)")
     args = parser.parse_args(argv)
     disable_telemetry()
+    if not environment_ready():
+        return 2
 
     if args.command == "serve":
         from prefect import serve

@@ -159,6 +159,9 @@ def prefect_server():
     """Prefect's temporary server, started once per test session (15-35 s) for every test that runs a real flow."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from medseg.runtime.environment import check_prefect_server_can_start
+
+    check_prefect_server_can_start()  # names the stray backport instead of a 120 s timeout per test
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
