@@ -268,7 +268,7 @@ def _instrumented(trainer, logger, clock: _Clock):
             self.set_postfix = clock.wrap("train_epoch: progress bar update + set_postfix", bar.set_postfix)
             self.close = bar.close
 
-    saved_module = {name: getattr(training, name) for name in ("_progress", "_write_log", "_check_finite",
+    saved_module = {name: getattr(training, name) for name in ("_progress", "write_train_log", "_check_finite",
                                                                 "save_checkpoint", "_cpu_state_dict")}
     saved_instance = {"train_step": trainer.train_step, "save_last": trainer.save_last,
                       "save_best": trainer.save_best, "state_dict": trainer.state_dict}
@@ -294,7 +294,7 @@ def _instrumented(trainer, logger, clock: _Clock):
 
     try:
         training._progress = lambda *a, **k: TimedBar(saved_module["_progress"](*a, **k))
-        training._write_log = clock.wrap("end_epoch: train_log.csv", saved_module["_write_log"])
+        training.write_train_log = clock.wrap("end_epoch: train_log.csv", saved_module["write_train_log"])
         training._check_finite = check_finite
         training.save_checkpoint = save_checkpoint
         trainer.train_step = clock.wrap("train_epoch: train_step (forward, loss, backward, step, sync)",

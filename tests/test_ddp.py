@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # - RECORD_DIR: each rank writes <rank>.json there (outside the project): the slice indices of each epoch's
 #   batches, a digest of the weights after every optimizer step, and every write it made under the project;
 # - KILL_JOB_AT=k: rank 0 SIGKILLs the whole job (torchrun and both ranks) after step k;
-# - DIE_AT=k / HANG_AT=k: rank 1 SIGKILLs itself / stops answering after step k.
+# - DIE_AT=k / HANG_AT=k: rank 1 SIGKILLs itself / stops answering after step k;
+# - PAUSE_AT=k: rank 0 sleeps 20 s after step k, outside any collective: torchrun sees rank 1 die and SIGTERMs rank 0
+#   before gloo can tell it that its peer is gone (the race a loaded machine plays).
 RUNNER = textwrap.dedent(
     """
     import atexit, hashlib, json, os, signal, sys, time
@@ -82,6 +84,8 @@ RUNNER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         if rank == 1 and step == int(os.environ.get("HANG_AT", 0)):
             time.sleep(3600)
+        if rank == 0 and step == int(os.environ.get("PAUSE_AT", 0)):
+            time.sleep(20)
     training.STEP_HOOKS.append(hook)
     raise SystemExit(run_stage(training.train_model, [sys.argv[1]], with_arch=True))
     """
@@ -233,11 +237,12 @@ def test_sigkill_of_the_job_mid_epoch_then_resume_at_world_size_two_is_exact(wor
         assert torch.equal(one[key], two[key]), key
 
 
-@pytest.mark.parametrize("failure", ["DIE_AT", "HANG_AT"])
+@pytest.mark.parametrize("failure", [{"DIE_AT": 2}, {"HANG_AT": 2}, {"DIE_AT": 2, "PAUSE_AT": 2}],
+                         ids=["dies", "hangs", "dies-while-rank-0-computes"])
 def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_clear_message(failure, tiny_project, tmp_path):
     root = _project(tiny_project, tmp_path / "project", batch_size=2, dist_timeout_s=10)
     start = time.monotonic()
-    done = _torchrun(root, tmp_path / "records", timeout=180, **{failure: 2})
+    done = _torchrun(root, tmp_path / "records", timeout=180, **failure)
     took = time.monotonic() - start
     assert done.returncode != 0
     assert took < 120, f"the job took {took:.0f} s to end"

@@ -28,7 +28,7 @@ def test_measure_runs_the_trainer_and_a_bare_loop(bench, tmp_path, one_torch_thr
     import medseg.training.trainer as training
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    names = ("_progress", "_write_log", "_check_finite", "save_checkpoint")
+    names = ("_progress", "write_train_log", "_check_finite", "save_checkpoint")
     helpers = {name: getattr(training, name) for name in names}
     import torch.utils.deterministic
 

@@ -317,16 +317,16 @@ class _MlflowLogger:
 LOG_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "seconds"]
 
 
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+def write_train_log(path: Path, history: list[dict[str, Any]], columns: list[str] = LOG_COLUMNS) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     write_text(path, buf.getvalue())
 
 
-def _plot_curves(path: Path, history: list[dict[str, Any]], arch: str) -> None:
+def plot_curves(path: Path, history: list[dict[str, Any]], arch: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -691,7 +691,7 @@ class Trainer:
                 self.save_best()
         self.save_last(finished=st.epoch == self.epochs, checked=True)
         if self.dist.main:
-            _write_log(self.spec.paths.log, st.history)
+            write_train_log(self.spec.paths.log, st.history)
             _log.info("%s epoch %d: loss %.4f, val Dice %s", self.spec.arch, st.epoch, row["train_loss"], val_dice)
         return row
 
@@ -740,7 +740,7 @@ class Trainer:
             # the DVC metric: numbers only (train_summary.json keeps the detail)
             write_dvc_metrics(spec.paths.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds},
                               spec.metric_prefix)
-            _plot_curves(spec.paths.curves, st.history, spec.arch)
+            plot_curves(spec.paths.curves, st.history, spec.arch)
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -788,6 +788,7 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
         # Deterministic mode also fills every new tensor with NaN (a guard against reading uninitialised memory,
         # which no medseg op does): 8% of a UNet training step on CPU (benchmarks/bench_train_loop.py).
         deterministic_mode.fill_uninitialized_memory = False
+    restore_sigterm = _sigterm_raises() if dist_info.enabled else None
     try:
         return Trainer(spec, device, dist_info, loader_workers=threads.loader_workers).fit()
     except Exception as exc:
@@ -799,6 +800,8 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
                 f"checkpoint, the same command resumes from it") from exc
         raise
     finally:
+        if restore_sigterm is not None:
+            restore_sigterm()
         torch.use_deterministic_algorithms(deterministic_before)
         deterministic_mode.fill_uninitialized_memory = fill_before
         if started_group:
@@ -807,10 +810,33 @@ def train_model(params: dict[str, Any], arch: str, root: str | Path = ".", fold:
             dist.destroy_process_group()
 
 
+class StoppedByLauncher(RuntimeError):
+    """SIGTERM in a rank: torchrun sends it to the survivors as soon as one rank fails."""
+
+
+def _sigterm_raises() -> Callable[[], None] | None:
+    """Turn SIGTERM into StoppedByLauncher in this rank, so a rank that torchrun stops while it computes (before
+    a collective notices the dead peer) reports why, like one whose collective failed. Returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stopped(signum, frame):
+        raise StoppedByLauncher("torchrun stopped this rank (SIGTERM), as it does when another rank fails")
+
+    before = signal.signal(signal.SIGTERM, stopped)
+    return lambda: signal.signal(signal.SIGTERM, before)
+
+
 def _lost_a_rank(exc: BaseException) -> bool:
-    """A collective that failed because a peer died or timed out (gloo/nccl raise DistError or RuntimeError)."""
+    """A collective that failed because a peer died or timed out (gloo/nccl raise DistError or RuntimeError), or
+    torchrun's SIGTERM after another rank failed."""
     import torch.distributed as dist
 
+    if isinstance(exc, StoppedByLauncher):
+        return True
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = str(exc).lower()
