@@ -346,6 +346,40 @@ def test_each_mamba_network_is_paired_with_its_no_mamba_twin(project_copy, tiny_
 
 
 
+def test_every_architecture_is_paired_with_the_nnunet_baseline(project_copy, tiny_params):
+    from medseg.report.collect import ArchRow
+    from medseg.report.markdown import baseline_section, summary_table
+    from medseg.report.statistics import compute_statistics, statistics_metrics
+
+    def rows_for(values):
+        return [{"case": f"s{i}", "class": "organ", "dsc": str(v), "hd95": "1.0", "nsd": str(v), "status": "ok"}
+                for i, v in enumerate(values)]
+
+    base = [0.50 + 0.03 * i for i in range(8)]
+    rows = [ArchRow("unet", per_case=rows_for([v - 0.1 for v in base]), epochs=40, steps=160),
+            ArchRow("nnunet_2d", family="nnU-Net (baseline)", per_case=rows_for(base), epochs=2, steps=6),
+            ArchRow("segformer_b0", per_case=rows_for(base))]
+    stats = compute_statistics(tiny_params, rows, project_copy)
+    baseline = stats["baseline"]
+    assert baseline["arch"] == "nnunet_2d" and set(baseline["paired"]) == {"unet", "segformer_b0"}
+    unet = baseline["paired"]["unet"]
+    assert unet["median_difference"] == pytest.approx(-0.1) and unet["n"] == 8
+    assert unet["p"] == pytest.approx(2 / 2**8) and unet["p_holm"] == pytest.approx(2 * 2 / 2**8)
+    assert baseline["paired"]["segformer_b0"]["p"] == 1.0
+    text = "\n".join(baseline_section(stats, budget=", with 2 epochs x 3 iterations"))
+    assert "## Against the nnU-Net baseline (`nnunet_2d`, test)" in text and "2 epochs x 3 iterations" in text
+    assert "| `unet` |" in text and "worse than nnU-Net" in text
+    assert "| `segformer_b0` |" in text and "no significant difference" in text
+    assert "| `nnunet_2d` |" not in text  # not against itself
+    metrics = statistics_metrics(stats, "test.")
+    assert metrics["test.vs_nnunet_median_diff.unet"] == pytest.approx(-0.1)
+    # the compute each was given, in the summary
+    table = summary_table(rows)
+    assert "Epochs x steps" in table and "| 40 x 4 |" in table and "| 2 x 3 |" in table
+    # without an nnU-Net row there is no such section
+    assert compute_statistics(tiny_params, [rows[0], rows[2]], project_copy)["baseline"] is None
+
+
 def test_the_comparison_is_logged_as_its_own_mlflow_run_only_into_an_existing_store(report_project, mlflow_db_template,
                                                                                      monkeypatch):
     import mlflow

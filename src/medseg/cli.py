@@ -64,15 +64,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(func_path: str, with_arch: bool) -> Callable[[argparse.Namespace], int]:
-    """Build a command that calls `module:function(params, [arch,] root)` as its DVC stage script does."""
+def _stage(func_path: str, with_arch: bool, nnunet_path: str | None = None) -> Callable[[argparse.Namespace], int]:
+    """Build a command that calls `module:function(params, [arch,] root)` as its DVC stage script does (with
+    `nnunet_path`'s function for an nnU-Net entry, as stages/train.py, evaluate.py and export.py choose)."""
 
     def run(args: argparse.Namespace) -> int:
         import importlib
 
         from medseg.entry import call_stage
+        from medseg.nnunet.train import is_nnunet_entry
 
-        module_name, func_name = func_path.split(":")
+        chosen = nnunet_path if nnunet_path and with_arch and is_nnunet_entry(args.arch) else func_path
+        module_name, func_name = chosen.split(":")
         func = getattr(importlib.import_module(module_name), func_name)
         call_stage(func, args.arch if with_arch else None, root=args.root, params_file=args.params)
         return 0
@@ -262,16 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (func_path, help_text) in data_stages.items():
         sub.add_parser(name, help=help_text).set_defaults(func=_stage(func_path, with_arch=False))
-    arch_stages = {
-        "train": ("medseg.training.trainer:train_model", "train one architecture"),
-        "evaluate": ("medseg.evaluation.evaluate:evaluate_model", "evaluate one architecture on the test split"),
-        "export": ("medseg.deployment.export:export_model", "export one architecture to ONNX and check parity"),
-        "register": ("medseg.tracking.registry:register_model_version", "log and register one architecture in MLflow"),
+    arch_stages = {  # (a network's function, an nnU-Net entry's, help)
+        "train": ("medseg.training.trainer:train_model", "medseg.nnunet.train:train_nnunet_entry",
+                  "train one architecture"),
+        "evaluate": ("medseg.evaluation.evaluate:evaluate_model", "medseg.nnunet.evaluate:evaluate_nnunet_entry",
+                     "evaluate one architecture on the test split"),
+        "export": ("medseg.deployment.export:export_model", "medseg.nnunet.export:export_nnunet_entry",
+                   "export one architecture to ONNX and check parity"),
+        "register": ("medseg.tracking.registry:register_model_version", None,
+                     "log and register one architecture in MLflow"),
     }
-    for name, (func_path, help_text) in arch_stages.items():
+    for name, (func_path, nnunet_path, help_text) in arch_stages.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("arch", help="architecture name (see `medseg models`)")
-        p.set_defaults(func=_stage(func_path, with_arch=True))
+        p.add_argument("arch", help="architecture name (see `medseg models`), or nnunet_2d / nnunet_resenc_m_2d")
+        p.set_defaults(func=_stage(func_path, with_arch=True, nnunet_path=nnunet_path))
 
     p = sub.add_parser("promote", help="move the champion alias to the challenger if it is better",
                        epilog="exit codes: 0 promoted, or unchanged (the challenger is already champion); 3 refused "

@@ -168,7 +168,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
 
     def keep_overlay(case_id: str, image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> None:
         if len(overlays) < overlay_cases:
-            overlays.append((case_id, *_overlay_slice(image, np.asarray(label), pred)))
+            overlays.append((case_id, *overlay_slice(image, np.asarray(label), pred)))
 
     rows = score_cases(lambda image: predict_volume(model, image, meta.image_size, context, batch_size, device),
                        scoring.rows, ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay)
@@ -178,7 +178,7 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
     metrics.write(layout.metrics(arch))
     write_dvc_metrics(layout.test_scores(arch), test_scores(metrics), arch)
     write_per_case(layout.per_case(arch), rows)
-    _plot_overlays(layout.overlay(arch), overlays, scoring.class_names, arch)
+    plot_overlays(layout.overlay(arch), overlays, scoring.class_names, arch)
     _log.info("%s: mean DSC %s, mean HD95 %s (%s) on %d test cases", arch, metrics.mean_dsc,
               metrics.mean_hd95, metrics.hd95_unit, len(test_ids))
     return metrics.to_dict()
@@ -194,13 +194,13 @@ def read_case_list(split_path: Path, subset: str) -> list[str]:
     return ids
 
 
-def _overlay_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+def overlay_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """The slice with the most ground-truth foreground: (index, displayed image, label, prediction)."""
     index = int(np.argmax((label > 0).reshape(label.shape[0], -1).sum(1)))
     return index, display_slice(image[index]), label[index], pred[index]
 
 
-def _plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str) -> None:
+def plot_overlays(path: Path, overlays: list, class_names: list[str], arch: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

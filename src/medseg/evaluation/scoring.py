@@ -20,20 +20,22 @@ from medseg.evaluation.metrics import foreground_dice
 Segmenter = Callable[[np.ndarray], "np.ndarray | Mapping[str, np.ndarray]"]
 Scorer = Callable[[str, np.ndarray, np.ndarray, Any], list[dict[str, Any]]]
 Inspector = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
+Loader = Callable[[str], tuple[np.ndarray, np.ndarray, Any]]
 
 
 def score_cases(segment: Segmenter, score: Scorer, ingested: str | Path, case_ids: Sequence[str], *,
-                desc: str | None = None, inspect: Inspector | None = None
+                desc: str | None = None, inspect: Inspector | None = None, load: Loader | None = None
                 ) -> list[dict[str, Any]] | dict[str, list[dict[str, Any]]]:
     """Rows of every case in `case_ids`, in order: a list, or, for a segmenter that gives a mapping, a mapping of
     lists by the same names. `desc` shows progress (medseg.runtime.progress); `inspect(case_id, image, label, labels)` sees
-    each case (evaluation keeps a few for its overlay figure)."""
+    each case (evaluation keeps a few for its overlay figure). `load(case_id)` gives (image, label, spacing): by
+    default the ingested case (normalised image); nnU-Net's entry gives its raw scan (medseg.nnunet.evaluate)."""
     from medseg.data.cases import load_case
     from medseg.runtime.progress import progress
 
     rows: Any = None
     for case_id in progress(case_ids, desc=desc, unit="case") if desc else case_ids:
-        image, label, spacing = load_case(ingested, case_id)
+        image, label, spacing = load(case_id) if load is not None else load_case(ingested, case_id)
         labels = segment(image)
         if isinstance(labels, Mapping):
             rows = rows if rows is not None else {name: [] for name in labels}

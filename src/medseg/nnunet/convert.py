@@ -18,7 +18,7 @@ from typing import Any
 
 from medseg import __version__
 from medseg.nnunet.inference import RESAMPLING_FN, SCHEMES
-from medseg.nnunet.results import NnunetModel, NnunetResultsError, load_weights, nnunetv2_required, read_results
+from medseg.nnunet.results import NnunetModel, NnunetResultsError, fold_ensemble, read_results
 
 MODALITY_OF_SCHEME = {"CTNormalization": "ct", "RGBTo01Normalization": "rgb"}
 
@@ -100,51 +100,12 @@ def card_for(model: NnunetModel, recipe: dict[str, Any], arch: str = "nnunet_2d"
     return card
 
 
-def build_network(model: NnunetModel):
-    """The configuration's network as nnunetv2 builds it (deep supervision off), in eval mode, untrained."""
-    try:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    except ImportError as exc:
-        raise nnunetv2_required(f"importing {model.folder}") from exc
-    arch = model.config["architecture"]
-    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                  len(model.config["normalization_schemes"]), model.num_classes,
-                                  allow_init=True, deep_supervision=False).eval()
-
-
-def fold_ensemble(model: NnunetModel):
-    """(one module averaging every chosen fold's logits, the mirroring axes the trainers allowed)."""
-    import torch
-    from torch import nn
-
-    class FoldMean(nn.Module):
-        def __init__(self, networks):
-            super().__init__()
-            self.networks = nn.ModuleList(networks)
-
-        def forward(self, x):
-            if len(self.networks) == 1:
-                return self.networks[0](x)
-            return torch.stack([net(x) for net in self.networks]).mean(0)
-
-    networks, axes = [], None
-    for fold, path in model.checkpoints.items():
-        weights, fold_axes = load_weights(path)
-        network = build_network(model)
-        try:
-            network.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise NnunetResultsError(f"{path}: the weights do not fit the network plans.json describes "
-                                     f"({str(exc).splitlines()[0]})") from exc
-        networks.append(network)
-        axes = fold_axes if axes is None else tuple(sorted(set(axes) & set(fold_axes or ())))
-    return FoldMean(networks).eval(), axes
-
-
 def import_nnunet_model(results: str | Path, out_dir: str | Path, folds: str | list[str] = "all",
                         checkpoint: str = "final", arch: str = "nnunet_2d", opset: int = 17,
-                        split: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `<out_dir>/model.onnx` (with its card) and `<out_dir>/nnunet_import.json`; returns the latter."""
+                        split: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """Write `<out_dir>/model.onnx` (with its card, and `evaluation`, metrics.json's summary, where the model was
+    evaluated by medseg) and `<out_dir>/nnunet_import.json`; returns the latter."""
     import torch
 
     from medseg.deployment.export import export_onnx, write_card_metadata
@@ -154,6 +115,8 @@ def import_nnunet_model(results: str | Path, out_dir: str | Path, folds: str | l
     network, axes = fold_ensemble(model)
     recipe = recipe_of(model, axes)
     card = card_for(model, recipe, arch, split)
+    if evaluation is not None:
+        card = card.with_evaluation(evaluation)
     out_dir = Path(out_dir)
     summary = {"source": str(Path(results).resolve()), "folds": recipe["folds"], "checkpoint": checkpoint,
                "trainer": model.trainer, "plans": model.plans_name, "configuration": model.configuration,

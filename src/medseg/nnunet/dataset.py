@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from medseg.config import settings
-from medseg.data.formats import DatasetSpec, dataset_spec, discover
+from medseg.data.formats import CaseSource, DatasetSpec, RawCase, dataset_spec, discover
 from medseg.data.ingest import load_and_check, raw_dir_from_params
 from medseg.data.split import split_sha256
 from medseg.deployment.card import dataset_version, inverse_label_map, sha256_of_test_cases
@@ -63,23 +63,39 @@ def channel_names(spec: DatasetSpec, channels: int) -> dict[str, str]:
     return {str(c): name for c in range(channels)}
 
 
-def write_nnunet_raw(params: dict[str, Any], root: str | Path = ".", dataset_id: int = DEFAULT_DATASET_ID) -> Path:
-    """Write the dataset, split as medseg split it, in nnU-Net v2's raw layout; returns its Dataset folder."""
+def raw_scans(params: dict[str, Any], root: str | Path = ".") -> tuple[DatasetSpec, Path, list[CaseSource]]:
+    """(the dataset's spec, its raw folder, its cases) as ingest finds them; the first problem is raised."""
+    raw_dir = raw_dir_from_params(params, Path(root))
+    spec = dataset_spec(params.get("dataset") or {}, raw_dir)
+    sources, problems = discover(spec, raw_dir)
+    if problems:
+        raise problems[0]
+    return spec, raw_dir, sources
+
+
+def raw_case(case: CaseSource, spec: DatasetSpec) -> tuple[RawCase, np.ndarray]:
+    """One case's raw scan (canonical (D, C, H, W), raw intensities) and class-index label, checked as ingest does."""
+    raw, label, problems = load_and_check(case, spec)
+    if problems:
+        raise problems[0]
+    return raw, label
+
+
+def write_nnunet_raw(params: dict[str, Any], root: str | Path = ".", dataset_id: int = DEFAULT_DATASET_ID,
+                     raw_root: str | Path | None = None) -> Path:
+    """Write the dataset, split as medseg split it, in nnU-Net v2's raw layout under `raw_root` (default the
+    project's data/nnunet/raw); returns its Dataset folder."""
     import nibabel as nib
 
     root = Path(root)
     layout = ProjectLayout.of(params, root)
-    raw_dir = raw_dir_from_params(params, root)
-    spec = dataset_spec(params.get("dataset") or {}, raw_dir)
     if not layout.split_file.is_file():
         raise ConfigError(f"{layout.split_file}: not found; run the split stage first")
+    spec, raw_dir, sources = raw_scans(params, root)
     split = read_json(layout.split_file)
     development = set(split["train"]) | set(split["val"])
     test = set(split["test"])
-    sources, problems = discover(spec, raw_dir)
-    if problems:
-        raise problems[0]
-    out = layout.nnunet_raw / dataset_folder_name(dataset_id, settings(params).dataset_name)
+    out = Path(raw_root or layout.nnunet_raw) / dataset_folder_name(dataset_id, settings(params).dataset_name)
     channels = None
     with atomic_dir(out) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -88,9 +104,7 @@ def write_nnunet_raw(params: dict[str, Any], root: str | Path = ".", dataset_id:
         for case in sources:
             if case.id not in development and case.id not in test:
                 continue  # a preset's unused cases
-            raw, label, case_problems = load_and_check(case, spec)
-            if case_problems:
-                raise case_problems[0]
+            raw, label = raw_case(case, spec)
             channels = raw.image.shape[1] if channels is None else channels
             affine = raw.affine if raw.affine is not None else _affine_of_spacing(raw.spacing)
             images = "imagesTr" if case.id in development else "imagesTs"

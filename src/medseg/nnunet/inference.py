@@ -144,7 +144,9 @@ def normalise(data: np.ndarray, nonzero: np.ndarray, recipe: NnunetRecipe) -> np
 
 
 def new_shape_for(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> list[int]:
-    return [int(round(s / t * n)) for s, t, n in zip(spacing, target, shape)]
+    """nnU-Net's compute_new_shape, except that an axis keeps at least one voxel: nnU-Net rounds a thin axis (one
+    slice of a model that slices along another axis) to 0 and crashes in scipy's zoom; medseg segments it."""
+    return [max(1, int(round(s / t * n))) for s, t, n in zip(spacing, target, shape)]
 
 
 def _separate_z(force: bool | None, current: tuple[float, ...], new: tuple[float, ...]) -> tuple[bool, int | None]:

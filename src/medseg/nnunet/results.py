@@ -146,8 +146,15 @@ def _checkpoints(folder: Path, folds: str | list[str], filename: str) -> dict[st
 
 
 def load_weights(path: Path) -> tuple[dict[str, Any], tuple[int, ...] | None]:
-    """(network state dict, mirroring axes the trainer allowed) of one checkpoint, through torch's weights_only
-    loader: nnU-Net stores plain tensors, numbers and strings, so nothing in the file is executed."""
+    """(network state dict, mirroring axes the trainer allowed) of one checkpoint."""
+    checkpoint = load_checkpoint(path)
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    return checkpoint["network_weights"], (tuple(int(a) for a in axes) if axes is not None else None)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """An nnU-Net checkpoint (weights, its logger's history, epoch), through torch's weights_only loader: nnU-Net
+    stores plain tensors, numbers and strings, so nothing in the file is executed."""
     import numpy as np
     import torch
 
@@ -162,5 +169,45 @@ def load_weights(path: Path) -> tuple[dict[str, Any], tuple[int, ...] | None]:
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
         raise NnunetResultsError(f"{path}: has no network_weights; not an nnU-Net v2 checkpoint")
-    axes = checkpoint.get("inference_allowed_mirroring_axes")
-    return checkpoint["network_weights"], (tuple(int(a) for a in axes) if axes is not None else None)
+    return checkpoint
+
+
+def build_network(model: NnunetModel):
+    """The configuration's network as nnunetv2 builds it (deep supervision off), in eval mode, untrained."""
+    try:
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    except ImportError as exc:
+        raise nnunetv2_required(f"importing {model.folder}") from exc
+    arch = model.config["architecture"]
+    return get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                  len(model.config["normalization_schemes"]), model.num_classes,
+                                  allow_init=True, deep_supervision=False).eval()
+
+
+def fold_ensemble(model: NnunetModel):
+    """(one module averaging every chosen fold's logits, the mirroring axes the trainers allowed)."""
+    import torch
+    from torch import nn
+
+    class FoldMean(nn.Module):
+        def __init__(self, networks):
+            super().__init__()
+            self.networks = nn.ModuleList(networks)
+
+        def forward(self, x):
+            if len(self.networks) == 1:
+                return self.networks[0](x)
+            return torch.stack([net(x) for net in self.networks]).mean(0)
+
+    networks, axes = [], None
+    for fold, path in model.checkpoints.items():
+        weights, fold_axes = load_weights(path)
+        network = build_network(model)
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise NnunetResultsError(f"{path}: the weights do not fit the network plans.json describes "
+                                     f"({str(exc).splitlines()[0]})") from exc
+        networks.append(network)
+        axes = fold_axes if axes is None else tuple(sorted(set(axes) & set(fold_axes or ())))
+    return FoldMean(networks).eval(), axes

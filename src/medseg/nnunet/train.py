@@ -13,21 +13,48 @@ It returns the trained model folder, `<results>/<Dataset>/nnUNetTrainer__<plans>
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from medseg.config import config_hash, disable_telemetry, resolve_device, settings
+from medseg.contracts import TrainSummary
 from medseg.errors import MedsegError, TrainingError
-from medseg.nnunet.results import nnunetv2_required
+from medseg.io import atomic_path, read_json, write_dvc_metrics
+from medseg.layout import ProjectLayout
+from medseg.nnunet.pack import NnunetBudget, pack_results
+from medseg.nnunet.results import build_network, load_checkpoint, nnunetv2_required, read_results
 
 # the two presets a params.yaml `models:` entry names: (nnU-Net planner, the plans it writes)
 PRESETS = {
     "nnunet_2d": ("ExperimentPlanner", "nnUNetPlans"),
     "nnunet_resenc_m_2d": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
 }
+_log = logging.getLogger(__name__)
+
 TRAINER = "nnUNetTrainer"
+FAMILY = "nnU-Net (baseline)"
+
+
+def family_of(arch: str) -> str:
+    """The family a report or registry tag gives `arch`: nnU-Net's entries, or medseg.models' (its ConfigError for
+    an unknown name)."""
+    from medseg.models import get_model_info
+
+    return FAMILY if is_nnunet_entry(arch) else get_model_info(arch).family
+
+
+def is_nnunet_entry(arch: str) -> bool:
+    """A params.yaml `models:` entry that nnunetv2 trains (train_nnunet_entry below, medseg.nnunet.evaluate, .export), not a network of medseg.models."""
+    return arch in PRESETS
 CONFIGURATION = "2d"
 
 
@@ -82,13 +109,13 @@ def plan_and_preprocess(folders: NnunetFolders, dataset_id: int, preset: str, lo
 
 
 def train_fold(folders: NnunetFolders, dataset_id: int, plans_name: str, fold: int, epochs: int, iterations: int,
-               val_iterations: int, device: str, threads: int, log_file: Path) -> Path:
+               val_iterations: int, device: str, threads: int, log_file: Path, seed: int | None = None) -> Path:
     """One fold with nnunetv2's trainer and this budget; returns the trained model folder."""
     env = folders.environment(device, threads)
     command = [sys.executable, "-m", "medseg.nnunet.worker", "--dataset", str(dataset_id), "--plans", plans_name,
                "--configuration", CONFIGURATION, "--fold", str(fold), "--epochs", str(epochs),
                "--iterations", str(iterations), "--val-iterations", str(val_iterations), "--device", device,
-               "--threads", str(threads)]
+               "--threads", str(threads)] + ([] if seed is None else ["--seed", str(seed)])
     _run(command, env, f"training (fold {fold})", log_file)
     dataset = json.loads((folders.preprocessed / _dataset_folder(folders, dataset_id) / f"{plans_name}.json")
                          .read_text())["dataset_name"]
@@ -116,7 +143,8 @@ def check_splits(folders: NnunetFolders, dataset_id: int, raw_dataset: Path) -> 
 
 
 def train_nnunet(raw_dataset: Path, folders: NnunetFolders, dataset_id: int, preset: str, fold: int, epochs: int,
-                 iterations: int, val_iterations: int, device: str, threads: int, log_file: Path) -> Path:
+                 iterations: int, val_iterations: int, device: str, threads: int, log_file: Path,
+                 seed: int | None = None) -> Path:
     """Plan, preprocess and train one fold of `preset` on the dataset medseg wrote; the trained model folder."""
     if preset not in PRESETS:
         raise MedsegError(f"{preset}: not an nnU-Net preset ({', '.join(PRESETS)})")
@@ -124,4 +152,97 @@ def train_nnunet(raw_dataset: Path, folders: NnunetFolders, dataset_id: int, pre
     plans_name = plan_and_preprocess(folders, dataset_id, preset, log_file, threads)
     check_splits(folders, dataset_id, raw_dataset)
     return train_fold(folders, dataset_id, plans_name, fold, epochs, iterations, val_iterations, device, threads,
-                      log_file)
+                      log_file, seed)
+
+
+# ------------------------------------------------------------------ the train stage of an nnU-Net entry
+
+VAL_DICE_DEFINITION = ("nnU-Net's pseudo-Dice: mean foreground Dice over its validation patches each epoch "
+                       "(best_val_dice: the best of its exponential moving average, which selects checkpoint_best)")
+TRAIN_LOG_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_dice", "ema_val_dice", "lr", "seconds"]
+
+
+def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
+    """train@<nnU-Net entry>: plan, preprocess and train with the budget, then write the network's outputs."""
+    import resource
+
+    from medseg.nnunet.dataset import write_nnunet_raw
+    from medseg.runtime.threads import plan_from_params
+    from medseg.training.trainer import plot_curves, training_cases_hash, write_train_log
+
+    disable_telemetry()
+    root = Path(root)
+    layout = ProjectLayout.of(params, root)
+    budget = NnunetBudget.of(params, arch)
+    device = resolve_device(settings(params).train.device)
+    device = "cuda" if device.startswith("cuda") else device
+    threads = plan_from_params(params).intra_op
+    files = layout.run_files(arch)
+    split = read_json(layout.split_file) if layout.split_file.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix=f"medseg-{arch}-") as work:
+        work = Path(work)
+        dataset = write_nnunet_raw(params, root, budget.dataset_id, raw_root=work / "raw")
+        folders = NnunetFolders(work / "raw", work / "preprocessed", work / "results")
+        _log.info("%s: nnU-Net planning, preprocessing and training fold %d (%d epochs x %d iterations) on %s",
+                  arch, budget.fold, budget.epochs, budget.iterations_per_epoch, device)
+        model_folder = train_nnunet(dataset, folders, budget.dataset_id, arch, budget.fold, budget.epochs,
+                                    budget.iterations_per_epoch, budget.val_iterations_per_epoch, device, threads,
+                                    log_file=work / "nnunet.log", seed=settings(params).seed)
+        checkpoint = load_checkpoint(model_folder / f"fold_{budget.fold}" / "checkpoint_final.pth")
+        num_params = _count_params(model_folder, budget.fold)
+        pack_results(model_folder, budget.fold, files.checkpoint)
+    with atomic_path(files.last) as tmp:
+        shutil.copyfile(files.checkpoint, tmp)
+
+    history = training_history(checkpoint.get("logging") or {}, budget.iterations_per_epoch)
+    write_train_log(files.log, history, TRAIN_LOG_COLUMNS)
+    plot_curves(files.curves, history, arch)
+    ema = [row["ema_val_dice"] for row in history if row.get("ema_val_dice") is not None]
+    best = int(np.argmax(ema)) if ema else None
+    summary = TrainSummary(
+        arch=arch,
+        params=num_params,
+        epochs=budget.epochs,
+        steps=budget.epochs * budget.iterations_per_epoch,
+        best_val_dice=round(float(ema[best]), 6) if best is not None else None,
+        best_epoch=best + 1 if best is not None else None,
+        val_dice_definition=VAL_DICE_DEFINITION,
+        train_seconds=history[-1]["seconds"] if history else None,
+        seconds_per_epoch=_median_epoch_seconds(history),
+        # nnU-Net trains in a child process: its high-water mark is the children's
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        device=device,
+        world_size=1,
+        config_hash=config_hash({"arch": arch, "budget": asdict(budget), "seed": params.get("seed"),
+                                 "cases": training_cases_hash(split)}),
+    )
+    summary.write(files.summary)
+    write_dvc_metrics(files.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds}, arch)
+    return summary.to_dict()
+
+
+def _count_params(model_folder: Path, fold: int) -> int:
+    network = build_network(read_results(model_folder, [str(fold)], "final"))
+    return int(sum(p.numel() for p in network.parameters()))
+
+
+def training_history(logging_: dict[str, list], iterations: int) -> list[dict[str, Any]]:
+    """train_log.csv rows from nnU-Net's logger (per epoch: losses, pseudo-Dice and its EMA, lr, timestamps)."""
+    def at(key: str, i: int) -> float | None:
+        values = list(logging_.get(key) or [])
+        return round(float(values[i]), 6) if i < len(values) and values[i] is not None else None
+
+    starts, ends = list(logging_.get("epoch_start_timestamps") or []), list(logging_.get("epoch_end_timestamps") or [])
+    rows = []
+    for i in range(min(len(logging_.get("train_losses") or []), len(ends))):
+        rows.append({"epoch": i + 1, "step": (i + 1) * iterations, "train_loss": at("train_losses", i),
+                     "val_loss": at("val_losses", i), "val_dice": at("mean_fg_dice", i),
+                     "ema_val_dice": at("ema_fg_dice", i), "lr": at("lrs", i),
+                     "seconds": round(float(ends[i]) - float(starts[0]), 3) if starts else None})
+    return rows
+
+
+def _median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
+    ends = [float(r["seconds"]) for r in history if r.get("seconds") is not None]
+    durations = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
+    return round(float(np.median(durations)), 3) if durations else None

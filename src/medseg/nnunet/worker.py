@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-iterations", type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed python, numpy and torch (nnU-Net seeds nothing; with its augmentation in this process "
+                             "a CPU training is then repeatable)")
     args = parser.parse_args(argv)
 
     import torch
@@ -28,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     torch.set_num_threads(args.threads)
+    if args.seed is not None:
+        import random
+
+        import numpy as np
+
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
     base = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(int(args.dataset)))
     plans = load_json(join(base, f"{args.plans}.json"))
     plans["continue_training"] = False  # as nnunetv2.run.run_training.get_trainer_from_args passes it

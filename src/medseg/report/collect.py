@@ -36,10 +36,10 @@ def _optional_json(path: Path) -> dict[str, Any]:
 
 
 def _family(arch: str) -> str:
-    from medseg.models import get_model_info
+    from medseg.nnunet.train import family_of
 
     try:
-        return get_model_info(arch).family
+        return family_of(arch)
     except MedsegError:
         return "?"
 
@@ -105,12 +105,22 @@ class ArchRow:
     latency: dict[str, Any] = field(default_factory=dict)  # runs, warm-up, threads, machine, load (export)
     parity_passed: bool | None = None
     train_seconds: float | None = None
+    epochs: int | None = None
+    steps: int | None = None  # optimizer steps in all (nnU-Net: epochs x iterations per epoch)
     seconds_per_epoch: float | None = None
     train_memory_mb: float | None = None
     train_device: str | None = None
     registry_version: str | None = None
     per_case: list[dict[str, str]] = field(default_factory=list)
     checkpoint: Path | None = None  # the trained network, when there is one
+
+    @property
+    def budget(self) -> str | None:
+        """"epochs x steps per epoch" of the training run, the compute it was given."""
+        if not self.epochs or not self.steps:
+            return None
+        per_epoch = self.steps / self.epochs
+        return f"{self.epochs} x {per_epoch:.0f}" if per_epoch == int(per_epoch) else f"{self.epochs} x {per_epoch:.1f}"
 
     def public(self) -> dict[str, Any]:
         """The summary numbers (what build_report returns and the flows show): no per-case rows, no paths."""
@@ -129,11 +139,13 @@ class CVRow:
 def arch_row(params: dict[str, Any], arch: str, root: Path, metrics: EvaluationMetrics,
              outputs: ArchOutputs) -> ArchRow:
     from medseg.evaluation.evaluate import HD95_UNITS
+    from medseg.nnunet.train import is_nnunet_entry
 
     layout = ProjectLayout.of(params, root)
     export, summary = outputs.export or ExportReport(arch=arch), outputs.train_summary or TrainSummary(arch=arch)
     protocol = str(metrics.protocol or "")
     checkpoint = layout.checkpoint(arch)
+    nnunet = is_nnunet_entry(arch)
     return ArchRow(
         arch=arch, family=_family(arch), mean_dsc=finite_or_none(metrics.mean_dsc),
         mean_hd95=finite_or_none(metrics.mean_hd95), mean_nsd=finite_or_none(metrics.mean_nsd),
@@ -143,12 +155,14 @@ def arch_row(params: dict[str, Any], arch: str, root: Path, metrics: EvaluationM
         torch_latency_ms=finite_or_none(export.torch_latency_ms),
         onnx_latency_ms=finite_or_none(export.onnx_latency_ms),
         latency=export.latency or {}, parity_passed=export.parity_passed if outputs.export else None,
-        train_seconds=finite_or_none(summary.train_seconds),
+        train_seconds=finite_or_none(summary.train_seconds), epochs=summary.epochs, steps=summary.steps,
         seconds_per_epoch=finite_or_none(summary.seconds_per_epoch),
         train_memory_mb=finite_or_none(summary.train_memory_mb), train_device=summary.device,
         registry_version=outputs.registry.version if outputs.registry else None,
         per_case=read_per_case(layout.per_case(arch), missing_ok=True),
-        checkpoint=checkpoint if checkpoint.is_file() else None)
+        # an nnU-Net entry's checkpoint.pt is its results pack, no slice network: counted by its training, not drawn
+        params_m=round(summary.params / 1e6, 3) if nnunet and summary.params else None,
+        checkpoint=checkpoint if checkpoint.is_file() and not nnunet else None)
 
 
 def collect_results(params: dict[str, Any], root: str | Path = ".", load_models: bool = True

@@ -28,6 +28,7 @@ SUMMARY_COLUMNS: list[tuple[str, str, Callable[[float], str], str | None]] = [
     ("torch_latency_ms", "PyTorch CPU (ms)", lambda v: f"{v:.1f}", "min"),
     ("onnx_latency_ms", "ONNX Runtime CPU (ms)", lambda v: f"{v:.1f}", "min"),
     ("train_seconds", "Training time", lambda v: _duration(v), "min"),
+    ("budget", "Epochs x steps", lambda v: v, None),
     ("seconds_per_epoch", "s / epoch", lambda v: f"{v:.1f}", "min"),
     ("train_memory_mb", "Peak train memory (MiB)", lambda v: f"{v:.0f}", "min"),
 ]
@@ -125,6 +126,9 @@ def summary_table(rows: Sequence[ArchRow], statistics: dict[str, Any] | None = N
         cells = [f"`{row.arch}`", row.family]
         for key, _, fmt, _ in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
             value = getattr(row, key)
+            if key == "budget":  # text, not a number to rank
+                cells.append(value or "n/a")
+                continue
             mark = "†" if key in LATENCY_KEYS and row.arch in odd and finite_or_none(value) is not None else ""
             if key == "mean_dsc" and top is not None:  # the paired test decides, not the printed digits
                 number = finite_or_none(value)
@@ -212,6 +216,41 @@ def ablation_section(statistics: dict[str, Any], scope: str = "test") -> list[st
     lines += [_md_table(["Pair", "Mamba DSC (%)", "Twin DSC (%)", "Median difference (points)", "Wilcoxon p",
                          "Holm p", "Patients", "Verdict"], table), ""]
     return lines
+
+
+def baseline_section(statistics: dict[str, Any], scope: str = "test", budget: str = "") -> list[str]:
+    """"Against nnU-Net": each architecture's DSC paired with the nnU-Net baseline's, where one was evaluated."""
+    baseline = statistics.get("baseline") or {}
+    if not baseline.get("paired"):
+        return []
+    alpha, name = statistics["alpha"], baseline["arch"]
+    lines = [f"## Against the nnU-Net baseline (`{name}`, {scope})", "",
+             f"Each architecture against nnU-Net v2 trained by nnunetv2 itself on the same split{budget}: DSC over "
+             "the same patients, median paired difference (architecture - nnU-Net), two-sided Wilcoxon p, "
+             "Holm-corrected over the architectures.", ""]
+    table = []
+    for arch, pair in baseline["paired"].items():
+        diff = pair["median_difference"]
+        significant = pair["p_holm"] == pair["p_holm"] and pair["p_holm"] < alpha
+        verdict = (("better than nnU-Net" if diff > 0 else "worse than nnU-Net") if significant and diff
+                   else "no significant difference")
+        mean = pair.get("mean")
+        table.append([f"`{arch}`", "n/a" if mean is None else f"{100 * mean:.2f}",
+                      "n/a" if baseline["mean"] is None else f"{100 * baseline['mean']:.2f}",
+                      "n/a" if diff is None else f"{100 * diff:+.2f}", f"{pair['p']:.3g}", f"{pair['p_holm']:.3g}",
+                      str(pair["n"]), verdict])
+    lines += [_md_table(["Architecture", "DSC (%)", "nnU-Net DSC (%)", "Median difference (points)", "Wilcoxon p",
+                         "Holm p", "Patients", "Verdict"], table), ""]
+    return lines
+
+
+def _nnunet_budget(rows: Sequence[ArchRow], statistics: dict[str, Any] | None) -> str:
+    name = ((statistics or {}).get("baseline") or {}).get("arch")
+    row = next((r for r in rows if r.arch == name), None)
+    if row is None or not row.epochs or not row.steps:
+        return ""
+    return (f", with {row.epochs} epochs x {row.steps // row.epochs} iterations (nnU-Net's own budget is 1000 x 250; "
+            "a smaller one understates it)")
 
 
 def statistics_section(statistics: dict[str, Any], units: Sequence[str], title: str = "Statistics",
@@ -306,6 +345,7 @@ def cv_section(cv_rows: Sequence[CVRow], cv_statistics: dict[str, Any] | None, u
         lines += statistics_section(cv_statistics, units, "Cross-validation statistics", "development patients, "
                                     "out of fold")
         lines += ablation_section(cv_statistics, "out of fold")
+        lines += baseline_section(cv_statistics, "out of fold")
     return lines
 
 
@@ -342,6 +382,7 @@ def render_markdown(params: dict[str, Any], rows: Sequence[ArchRow], missing: di
         parts += ["## Summary", "", summary_table(rows, statistics), "",
                   *statistics_section(statistics or {"architectures": {}}, units),
                   *ablation_section(statistics or {}),
+                  *baseline_section(statistics or {}, budget=_nnunet_budget(rows, statistics)),
                   "## Per-class DSC (%)", "", per_class_table(rows, "dsc"), "",
                   f"## Per-class HD95 ({', '.join(units)})", "", per_class_table(rows, "hd95"), "",
                   "## Per-class NSD (%)", "", per_class_table(rows, "nsd"), "",

@@ -1,5 +1,6 @@
 """The comparison's statistics (medseg.evaluation.stats): per-patient scores, bootstrap intervals, paired tests against the best
-with Holm's correction, rank stability, and the Mamba ablation pairs."""
+with Holm's correction, rank stability, the Mamba ablation pairs, and every architecture against the nnU-Net
+baseline where one was evaluated."""
 
 from __future__ import annotations
 
@@ -52,7 +53,29 @@ def compute_statistics(params: dict[str, Any], rows: Sequence[ArchRow | CVRow], 
                    for a, c in result.paired.items()},
         "rank_first": result.rank_first,
         "ablation": _ablation(dsc),
+        "baseline": _against_baseline(dsc),
     }
+
+
+def _against_baseline(dsc: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """Every architecture against the nnU-Net baseline (the first nnU-Net entry evaluated): DSC paired over the
+    same patients, median difference (architecture - nnU-Net), two-sided Wilcoxon p, Holm-corrected over them."""
+    from medseg.evaluation import stats
+    from medseg.nnunet.train import is_nnunet_entry
+
+    baseline = next((arch for arch in dsc if is_nnunet_entry(arch)), None)
+    if baseline is None:
+        return None
+    paired = {}
+    for arch in dsc:
+        if arch != baseline:
+            test = stats.paired_wilcoxon(dsc[arch], dsc[baseline])
+            paired[arch] = {"n": test.n, "median_difference": test.median_difference, "p": test.p_value,
+                            "mean": float(np.mean(list(dsc[arch].values()))) if dsc[arch] else None}
+    for entry, adjusted in zip(paired.values(), stats.holm([entry["p"] for entry in paired.values()])):
+        entry["p_holm"] = adjusted
+    values = list(dsc[baseline].values())
+    return {"arch": baseline, "mean": float(np.mean(values)) if values else None, "paired": paired}
 
 
 def _ablation(dsc: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -94,4 +117,7 @@ def statistics_metrics(statistics: dict[str, Any] | None, prefix: str) -> dict[s
     for arch, paired in statistics["paired"].items():
         out[f"{prefix}p_holm.{arch}"] = paired["p_holm"]
         out[f"{prefix}median_diff.{arch}"] = paired["median_difference"]
+    for arch, paired in ((statistics.get("baseline") or {}).get("paired") or {}).items():
+        out[f"{prefix}vs_nnunet_p_holm.{arch}"] = paired["p_holm"]
+        out[f"{prefix}vs_nnunet_median_diff.{arch}"] = paired["median_difference"]
     return {k: float(v) for k, v in out.items() if finite_or_none(v) is not None}

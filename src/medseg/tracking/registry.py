@@ -374,13 +374,13 @@ def _log_and_register(client, params, arch, root, files, metrics, export, train_
     from mlflow.models import Model
 
     from medseg.deployment import serving
-    from medseg.models import get_model_info
+    from medseg.nnunet.train import family_of
 
     experiment_id = ensure_experiment_at(
         client, settings(params).register.experiment, artifact_location(tracking_uri, root)
     )
     try:
-        family = get_model_info(arch).family
+        family = family_of(arch)
     except MedsegError:
         family = "unknown"
     dataset = settings(params).dataset_name
