@@ -291,4 +291,66 @@ def test_the_cli_writes_the_dataset_and_says_what_nnunet_runs_next(project_copy,
     out = capsys.readouterr().out
     assert (project_copy / "data" / "nnunet" / "raw" / "Dataset903_phantom" / "splits_final.json").is_file()
     assert "nnUNetv2_plan_and_preprocess -d 903 -c 2d" in out and "nnUNetv2_train 903 2d 0" in out
-    assert "medseg nnunet import" in out
+    assert "medseg nnunet import" in out and "medseg nnunet adopt" in out
+
+
+def test_a_model_trained_elsewhere_is_adopted_then_evaluated_exported_registered_and_reported(
+        trained, tmp_path, mlflow_db_template, monkeypatch, capsys):
+    """What a GPU user does with an nnU-Net trained on `medseg nnunet dataset`'s folder: no retraining here."""
+    from conftest import seed_store
+
+    from medseg.cli import main
+
+    root, params, _, results, _ = trained
+    project = tmp_path / "project"
+    shutil.copytree(root, project, ignore=shutil.ignore_patterns("nnunet"))  # not the data/nnunet work folders
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed_store(project, mlflow_db_template)
+    args = ["--root", str(project)]
+    assert main([*args, "nnunet", "adopt", str(results)]) == 0
+    adopted = json.loads(capsys.readouterr().out)
+    assert adopted["arch"] == "nnunet_2d" and adopted["epochs"] == 2 and adopted["steps"] is None
+    layout = paths(project)
+    assert layout.checkpoint("nnunet_2d").is_file() and layout.last_checkpoint("nnunet_2d").is_file()
+    for stage in ("evaluate", "export", "register"):
+        assert main([*args, stage, "nnunet_2d"]) == 0, stage
+    metrics = json.loads(layout.metrics("nnunet_2d").read_text())
+    split = json.loads(layout.split_file.read_text())
+    assert metrics["num_cases"] == len(split["test"]) and set(metrics["per_class"]) == set(params["dataset"]["class_names"][1:])
+    assert json.loads(layout.export_report("nnunet_2d").read_text())["parity_passed"] is True
+    record = json.loads(layout.registry_record("nnunet_2d").read_text())
+    assert record["model_name"].endswith("nnunet_2d")
+
+    # served by the registered pyfunc exactly as `medseg predict` writes it, and promotable
+    import base64
+
+    import mlflow.pyfunc
+
+    from medseg.tracking.store import mlflow_store
+
+    scan = sorted((project / "data" / "phantom" / "img").glob("*.nii.gz"))[0]
+    with mlflow_store(record["tracking_uri"]):
+        served = mlflow.pyfunc.load_model(f"models:/{record['model_name']}@challenger")
+    answer = served.predict({"nifti_base64": base64.b64encode(scan.read_bytes()).decode("ascii")})
+    assert main(["predict", "-m", str(layout.model_dir("nnunet_2d")), "-i", str(scan), "-o", str(tmp_path / "out")]) == 0
+    assert base64.b64decode(answer["mask_nifti_base64"]) == (tmp_path / "out" / scan.name).read_bytes()
+    capsys.readouterr()
+    assert main([*args, "promote", record["model_name"]]) == 0
+
+    # the split changed since: its test patients may be in nnU-Net's training set, so it is not scored
+    split["val"], split["test"] = split["test"], split["val"]
+    layout.split_file.write_text(json.dumps(split))
+    assert main([*args, "evaluate", "nnunet_2d"]) == 2
+    assert "trained on split" in capsys.readouterr().err
+    # nor adopted
+    from medseg.errors import MedsegError
+    from medseg.nnunet.train import adopt_nnunet_results
+
+    with pytest.raises(MedsegError, match=r"dataset\.json: trained on split .* may include this split's test"):
+        adopt_nnunet_results(params, "nnunet_2d", results, root=project)
+    foreign = _copy_results(results, tmp_path / "foreign")
+    dataset_json = json.loads((foreign / "dataset.json").read_text())
+    del dataset_json["medseg"]
+    (foreign / "dataset.json").write_text(json.dumps(dataset_json))
+    with pytest.raises(MedsegError, match=r"records no medseg split .* nothing proves the test patients"):
+        adopt_nnunet_results(params, "nnunet_2d", foreign, root=project)

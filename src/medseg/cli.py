@@ -132,7 +132,10 @@ def cmd_nnunet_dataset(args: argparse.Namespace) -> int:
           f"  export nnUNet_raw={raw} nnUNet_preprocessed=<preprocessed> nnUNet_results=<results>\n"
           f"  nnUNetv2_plan_and_preprocess -d {args.id} -c 2d --verify_dataset_integrity\n"
           f"  nnUNetv2_train {args.id} 2d 0    # fold 0 = medseg's train/val split (splits_final.json)\n"
-          f"then: medseg nnunet import <results>/{folder.name}/nnUNetTrainer__nnUNetPlans__2d -o models/nnunet_2d")
+          f"then, into this project's comparison (nnunet_2d in params.yaml models:):\n"
+          f"  medseg nnunet adopt <results>/{folder.name}/nnUNetTrainer__nnUNetPlans__2d\n"
+          f"or, as a deployable model alone:\n"
+          f"  medseg nnunet import <results>/{folder.name}/nnUNetTrainer__nnUNetPlans__2d -o models/nnunet_2d")
     return 0
 
 
@@ -142,6 +145,18 @@ def cmd_nnunet_import(args: argparse.Namespace) -> int:
 
     folds = "all" if args.fold == ["all"] else args.fold
     _print_json(import_nnunet_model(args.results, args.output, folds, args.checkpoint, args.arch, args.opset))
+    return 0
+
+
+def cmd_nnunet_adopt(args: argparse.Namespace) -> int:
+    """A model nnU-Net trained elsewhere becomes this project's nnU-Net entry (the train stage's outputs)."""
+    from medseg.nnunet.train import adopt_nnunet_results
+
+    summary = adopt_nnunet_results(load_params(Path(args.root) / args.params), args.arch, args.results, args.fold,
+                                   args.checkpoint, args.root)
+    _print_json(summary)
+    print(f"next: medseg evaluate {args.arch} && medseg export {args.arch} && medseg register {args.arch} && "
+          f"medseg report   (with DVC: dvc commit -f train@{args.arch}, then dvc repro)", file=sys.stderr)
     return 0
 
 
@@ -166,6 +181,19 @@ def _add_nnunet(sub) -> None:
     p.add_argument("--arch", default="nnunet_2d", help="the name the card and the registry give it")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(func=cmd_nnunet_import)
+    p = nnunet_sub.add_parser("adopt", help="make an nnU-Net model trained elsewhere this project's nnU-Net entry",
+                              description="Write the train stage's outputs of an nnU-Net entry (models/<arch>/"
+                              "checkpoint.pt, reports/<arch>/train_*) from a trained model folder, so that "
+                              "evaluate, export, register and the report take it without retraining. The model must "
+                              "have been trained on the folder `medseg nnunet dataset` wrote from this project's "
+                              "split (its dataset.json says so).")
+    p.add_argument("results", help="the trained model folder, e.g. $nnUNet_results/Dataset900_x/"
+                                   "nnUNetTrainer__nnUNetPlans__2d")
+    p.add_argument("--arch", default="nnunet_2d", choices=("nnunet_2d", "nnunet_resenc_m_2d"),
+                   help="the params.yaml models: entry it becomes (default nnunet_2d)")
+    p.add_argument("--fold", type=int, default=0, help="the fold to take (default 0: medseg's train/val split)")
+    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    p.set_defaults(func=cmd_nnunet_adopt)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from medseg.contracts import write_per_case
 from medseg.errors import ConfigError
 from medseg.io import write_dvc_metrics
 from medseg.layout import ProjectLayout
-from medseg.nnunet.pack import NnunetBudget, unpacked_results
+from medseg.nnunet.pack import NnunetBudget, check_trained_on_this_split, unpacked_results
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def evaluate_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = 
     overlays: list[tuple] = []
 
     with unpacked_results(layout.checkpoint(arch)) as (folder, fold):
+        check_trained_on_this_split(folder, layout.checkpoint(arch), layout.split_file)
         run, recipe, epoch, val_dice = torch_runner(folder, fold)
         current: dict[str, Any] = {}
 

@@ -60,16 +60,19 @@ class NnunetBudget:
 
 # ------------------------------------------------------------------ the results pack (checkpoint.pt)
 
-def pack_results(model_folder: Path, fold: int, path: Path) -> None:
-    """models/<A>/checkpoint.pt: the files of a trained nnU-Net model folder that inference needs, in one file."""
+def pack_results(model_folder: Path, fold: int, path: Path, checkpoint: str = "final") -> None:
+    """models/<A>/checkpoint.pt: the files of a trained nnU-Net model folder that inference needs, in one file
+    (the chosen checkpoint, final or best, is packed as the fold's checkpoint_final.pth; `checkpoint` records it)."""
     import torch
 
     files = {}
-    for rel in ("plans.json", "dataset.json", "dataset_fingerprint.json", f"fold_{fold}/checkpoint_final.pth"):
+    for rel in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         if (model_folder / rel).is_file():
             files[rel] = (model_folder / rel).read_bytes()
+    files[f"fold_{fold}/checkpoint_final.pth"] = (model_folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth"
+                                                  ).read_bytes()
     pack = {"format": PACK_FORMAT, "version": PACK_VERSION, "folder": model_folder.name, "fold": int(fold),
-            "files": files}
+            "checkpoint": checkpoint, "files": files}
     with atomic_path(path) as tmp:
         torch.save(pack, tmp)
 
@@ -99,3 +102,17 @@ def unpacked_results(path: Path) -> Iterator[tuple[Path, int]]:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         yield folder, int(pack["fold"])
+
+
+def check_trained_on_this_split(folder: Path, pack: Path, split_file: Path) -> None:
+    """A ConfigError unless the pack's dataset.json records the project's current split (else its training may
+    have seen the test patients: the split changed since it trained)."""
+    import json
+
+    from medseg.data.split import split_sha256
+
+    recorded = (json.loads((folder / "dataset.json").read_text()).get("medseg") or {}).get("split_sha256")
+    ours = split_sha256(json.loads(split_file.read_text()))
+    if recorded != ours:
+        raise ConfigError(f"{pack}: trained on split {str(recorded)[:12]}, the project's is {ours[:12]} "
+                          f"({split_file}); re-run its train stage")

@@ -168,7 +168,7 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
 
     from medseg.nnunet.dataset import write_nnunet_raw
     from medseg.runtime.threads import plan_from_params
-    from medseg.training.trainer import plot_curves, training_cases_hash, write_train_log
+    from medseg.training.trainer import training_cases_hash
 
     disable_telemetry()
     root = Path(root)
@@ -177,7 +177,6 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
     device = resolve_device(settings(params).train.device)
     device = "cuda" if device.startswith("cuda") else device
     threads = plan_from_params(params).intra_op
-    files = layout.run_files(arch)
     split = read_json(layout.split_file) if layout.split_file.is_file() else {}
     with tempfile.TemporaryDirectory(prefix=f"medseg-{arch}-") as work:
         work = Path(work)
@@ -188,13 +187,61 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
         model_folder = train_nnunet(dataset, folders, budget.dataset_id, arch, budget.fold, budget.epochs,
                                     budget.iterations_per_epoch, budget.val_iterations_per_epoch, device, threads,
                                     log_file=work / "nnunet.log", seed=settings(params).seed)
-        checkpoint = load_checkpoint(model_folder / f"fold_{budget.fold}" / "checkpoint_final.pth")
-        num_params = _count_params(model_folder, budget.fold)
-        pack_results(model_folder, budget.fold, files.checkpoint)
+        summary = write_training_outputs(
+            layout, arch, model_folder, budget.fold, "final", iterations=budget.iterations_per_epoch, device=device,
+            # nnU-Net trains in a child process: its high-water mark is the children's
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+            run_hash=config_hash({"arch": arch, "budget": asdict(budget), "seed": params.get("seed"),
+                                  "cases": training_cases_hash(split)}))
+    return summary.to_dict()
+
+
+def adopt_nnunet_results(params: dict[str, Any], arch: str, results: str | Path, fold: int = 0,
+                         checkpoint: str = "final", root: str | Path = ".") -> dict[str, Any]:
+    """Make a model nnU-Net trained elsewhere (on `medseg nnunet dataset`'s folder, a GPU cluster) this project's
+    `arch` training: the train stage's outputs, so evaluate, export, register and the report take it as if
+    train@<arch> had run. Refused unless its dataset.json records this project's split: a model trained on other
+    patients could have seen the test patients."""
+    from medseg.data.split import split_sha256
+
+    root = Path(root)
+    layout = ProjectLayout.of(params, root)
+    if not is_nnunet_entry(arch):
+        raise MedsegError(f"{arch}: not an nnU-Net entry ({', '.join(PRESETS)})")
+    model = read_results(results, [str(fold)], checkpoint)
+    dataset_json = Path(results) / "dataset.json"
+    recorded = (model.dataset_json.get("medseg") or {}).get("split_sha256")
+    if not layout.split_file.is_file():
+        raise MedsegError(f"{layout.split_file}: not found; run the split stage first")
+    ours = split_sha256(read_json(layout.split_file))
+    if recorded is None:
+        raise MedsegError(f"{dataset_json}: records no medseg split (not written by `medseg nnunet dataset`), so "
+                          "nothing proves the test patients were left out of its training; train it on the folder "
+                          "`medseg nnunet dataset` writes")
+    if recorded != ours:
+        raise MedsegError(f"{dataset_json}: trained on split {recorded[:12]}, this project's is {ours[:12]} "
+                          f"({layout.split_file}); its training may include this split's test patients")
+    summary = write_training_outputs(layout, arch, model.folder, fold, checkpoint, iterations=None, device=None,
+                                     peak_rss_mb=None,
+                                     run_hash=config_hash({"adopted": str(model.checkpoints[str(fold)].name),
+                                                           "split": ours, "trainer": model.trainer}))
+    return summary.to_dict()
+
+
+def write_training_outputs(layout: ProjectLayout, arch: str, model_folder: Path, fold: int, checkpoint: str, *,
+                           iterations: int | None, device: str | None, peak_rss_mb: float | None,
+                           run_hash: str) -> TrainSummary:
+    """The train stage's outputs of a trained nnU-Net model folder: checkpoint.pt (the results pack) and last.pt,
+    train_log.csv and curves.png from nnU-Net's logger, train_summary.json and train_scores.json."""
+    from medseg.training.trainer import plot_curves, write_train_log
+
+    files = layout.run_files(arch)
+    state = load_checkpoint(model_folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth")
+    num_params = _count_params(model_folder, fold, checkpoint)
+    pack_results(model_folder, fold, files.checkpoint, checkpoint)
     with atomic_path(files.last) as tmp:
         shutil.copyfile(files.checkpoint, tmp)
-
-    history = training_history(checkpoint.get("logging") or {}, budget.iterations_per_epoch)
+    history = training_history(state.get("logging") or {}, iterations)
     write_train_log(files.log, history, TRAIN_LOG_COLUMNS)
     plot_curves(files.curves, history, arch)
     ema = [row["ema_val_dice"] for row in history if row.get("ema_val_dice") is not None]
@@ -202,31 +249,29 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
     summary = TrainSummary(
         arch=arch,
         params=num_params,
-        epochs=budget.epochs,
-        steps=budget.epochs * budget.iterations_per_epoch,
+        epochs=len(history),
+        steps=len(history) * iterations if iterations else None,
         best_val_dice=round(float(ema[best]), 6) if best is not None else None,
         best_epoch=best + 1 if best is not None else None,
         val_dice_definition=VAL_DICE_DEFINITION,
         train_seconds=history[-1]["seconds"] if history else None,
         seconds_per_epoch=_median_epoch_seconds(history),
-        # nnU-Net trains in a child process: its high-water mark is the children's
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        peak_rss_mb=peak_rss_mb,
         device=device,
         world_size=1,
-        config_hash=config_hash({"arch": arch, "budget": asdict(budget), "seed": params.get("seed"),
-                                 "cases": training_cases_hash(split)}),
+        config_hash=run_hash,
     )
     summary.write(files.summary)
     write_dvc_metrics(files.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds}, arch)
-    return summary.to_dict()
+    return summary
 
 
-def _count_params(model_folder: Path, fold: int) -> int:
-    network = build_network(read_results(model_folder, [str(fold)], "final"))
+def _count_params(model_folder: Path, fold: int, checkpoint: str = "final") -> int:
+    network = build_network(read_results(model_folder, [str(fold)], checkpoint))
     return int(sum(p.numel() for p in network.parameters()))
 
 
-def training_history(logging_: dict[str, list], iterations: int) -> list[dict[str, Any]]:
+def training_history(logging_: dict[str, list], iterations: int | None) -> list[dict[str, Any]]:
     """train_log.csv rows from nnU-Net's logger (per epoch: losses, pseudo-Dice and its EMA, lr, timestamps)."""
     def at(key: str, i: int) -> float | None:
         values = list(logging_.get(key) or [])
@@ -235,7 +280,8 @@ def training_history(logging_: dict[str, list], iterations: int) -> list[dict[st
     starts, ends = list(logging_.get("epoch_start_timestamps") or []), list(logging_.get("epoch_end_timestamps") or [])
     rows = []
     for i in range(min(len(logging_.get("train_losses") or []), len(ends))):
-        rows.append({"epoch": i + 1, "step": (i + 1) * iterations, "train_loss": at("train_losses", i),
+        rows.append({"epoch": i + 1, "step": (i + 1) * iterations if iterations else None,
+                     "train_loss": at("train_losses", i),
                      "val_loss": at("val_losses", i), "val_dice": at("mean_fg_dice", i),
                      "ema_val_dice": at("ema_fg_dice", i), "lr": at("lrs", i),
                      "seconds": round(float(ends[i]) - float(starts[0]), 3) if starts else None})
