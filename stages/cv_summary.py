@@ -7,6 +7,10 @@ import sys
 
 from medseg.entry import run_stage
 from medseg.evaluation.cross_validation import cv_summary
+from medseg.nnunet.evaluate import nnunet_cv_summary
+from medseg.nnunet.train import is_nnunet_entry
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(cv_summary, sys.argv[1:], with_arch=True))
+    # an nnU-Net entry (nnunet_2d, nnunet_resenc_m_2d) writes the same outputs its own way
+    run = nnunet_cv_summary if sys.argv[1:] and is_nnunet_entry(sys.argv[1]) else cv_summary
+    raise SystemExit(run_stage(run, sys.argv[1:], with_arch=True))

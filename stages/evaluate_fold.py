@@ -7,6 +7,10 @@ import sys
 
 from medseg.entry import run_stage
 from medseg.evaluation.cross_validation import evaluate_fold
+from medseg.nnunet.evaluate import evaluate_nnunet_fold
+from medseg.nnunet.train import is_nnunet_entry
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(evaluate_fold, sys.argv[1:], with_arch=True, with_fold=True))
+    # an nnU-Net entry (nnunet_2d, nnunet_resenc_m_2d) writes the same outputs its own way
+    run = evaluate_nnunet_fold if sys.argv[1:] and is_nnunet_entry(sys.argv[1]) else evaluate_fold
+    raise SystemExit(run_stage(run, sys.argv[1:], with_arch=True, with_fold=True))

@@ -6,7 +6,10 @@ A thin entry point (see dvc.yaml): it imports only the library function it runs,
 import sys
 
 from medseg.entry import run_stage
+from medseg.nnunet.train import is_nnunet_entry, train_nnunet_entry
 from medseg.training.trainer import train_model
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage(train_model, sys.argv[1:], with_arch=True, with_fold=True))
+    # an nnU-Net entry (nnunet_2d, nnunet_resenc_m_2d) writes the same outputs its own way
+    run = train_nnunet_entry if sys.argv[1:] and is_nnunet_entry(sys.argv[1]) else train_model
+    raise SystemExit(run_stage(run, sys.argv[1:], with_arch=True, with_fold=True))

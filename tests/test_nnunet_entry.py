@@ -62,12 +62,13 @@ def test_a_results_pack_cannot_write_outside_its_folder(tmp_path, name):
 def test_a_network_only_command_names_an_nnunet_entry_for_what_it_is():
     from medseg.models import get_model_info
 
-    with pytest.raises(ConfigError, match=r"nnunet_2d is an nnU-Net entry, trained by nnunetv2 .*\(cv\.models\)"):
+    with pytest.raises(ConfigError, match=r"nnunet_2d is an nnU-Net entry, trained by nnunetv2 .* takes networks only"):
         get_model_info("nnunet_2d")
 
 
 @pytest.mark.slow
-def test_dvc_repro_trains_evaluates_exports_and_registers_nnunet_beside_a_network(tmp_path, tiny_params):
+def test_dvc_repro_trains_evaluates_exports_registers_and_cross_validates_nnunet_beside_a_network(tmp_path,
+                                                                                                  tiny_params):
     """The quick budget (2 epochs x 3 iterations): the plumbing, not a good nnU-Net."""
     needs_nnunetv2()
     from medseg.data.split import split_sha256
@@ -76,6 +77,7 @@ def test_dvc_repro_trains_evaluates_exports_and_registers_nnunet_beside_a_networ
     params = copy.deepcopy(tiny_params)
     params["models"] = ["unet", "nnunet_2d"]
     params["model_options"]["nnunet_2d"] = {"epochs": 2, "iterations_per_epoch": 3, "val_iterations_per_epoch": 2}
+    params["cv"] = {"models": ["unet", "nnunet_2d"], "folds": [0, 1]}  # and both cross-validated
     project = make_dvc_project(tmp_path / "project", params)
     scratch = tmp_path / "tmp"  # the stages' temporary folders (nnU-Net's raw, preprocessed, results) go here
     scratch.mkdir()
@@ -132,4 +134,24 @@ def test_dvc_repro_trains_evaluates_exports_and_registers_nnunet_beside_a_networ
     assert "with 2 epochs x 3 iterations" in comparison
     against = comparison.split("## Against the nnU-Net baseline")[1].split("\n## ")[0]
     assert "| `unet` |" in against and "| `nnunet_2d` |" not in against
-    assert "Up to date" in dvc("status") or "up to date" in dvc("status").lower()
+
+    # cross-validated: nnU-Net's fold 1 + k is medseg's CV fold k; out of fold, then each fold and the ensemble on test
+    from medseg.data.split import fold_split
+
+    for k in (0, 1):
+        with unpacked_results(layout.run_files("nnunet_2d", k).checkpoint) as (folder, fold):
+            assert fold == 1 + k
+            splits = json.loads((folder / "dataset.json").read_text())["medseg"]
+        assert splits["split_sha256"] == split_sha256(split)
+        assert json.loads(layout.run_files("nnunet_2d", k).summary.read_text())["fold"] == k
+        held = {row.split(",")[0] for row in layout.oof_per_case("nnunet_2d", k).read_text().splitlines()[1:]}
+        assert held == set(fold_split(split, k, layout.split_file)["val"])
+    cv = json.loads(layout.cv_metrics("nnunet_2d").read_text())
+    assert cv["coverage"]["complete"] is True and cv["folds"] == [0, 1]
+    assert set(cv["test_by_fold"]) == {"0", "1"} and 0.0 <= cv["test_ensemble"]["mean_dsc"] <= 1.0
+    assert cv["test_ensemble"]["test_cases_sha256"] == ours["test_cases_sha256"]
+    cross = comparison[comparison.index("## Cross-validation"):]
+    assert "## Against the nnU-Net baseline (`nnunet_2d`, out of fold)" in cross
+    assert "| `unet` |" in cross.split("## Against the nnU-Net baseline")[1]
+
+    assert "up to date" in dvc("status").lower()

@@ -43,6 +43,14 @@ def _fold_case_lists(split_path: Path, folds: list[int]) -> tuple[dict[int, list
     return held, development
 
 
+def held_out_cases(split_path: Path, fold: int) -> list[str]:
+    """Fold `fold`'s held-out cases (scored out of fold); a ConfigError when there are none."""
+    case_ids = _fold_case_lists(split_path, [fold])[0][fold]
+    if not case_ids:
+        raise ConfigError(f"{split_path}: fold {fold} holds out no case")
+    return case_ids
+
+
 def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path = ".") -> dict[str, Any]:
     """Score fold `fold`'s model on its held-out patients: reports/<arch>/folds/<k>/oof_per_case.csv and
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.evaluate.Scoring)."""
@@ -55,10 +63,7 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     check_cv_fold(params, arch, fold)
     apply_torch_threads(plan_from_params(params, num_workers=0))
     layout = ProjectLayout.of(params, root)
-    held, _ = _fold_case_lists(layout.split_file, [int(fold)])
-    case_ids = held[int(fold)]
-    if not case_ids:
-        raise ConfigError(f"{layout.split_file}: fold {fold} holds out no case")
+    case_ids = held_out_cases(layout.split_file, int(fold))
     model, meta = load_trained_model(layout.run_files(arch, fold).checkpoint)
     scoring = checkpoint_scoring(params, layout.ingested, case_ids, meta)
     config = settings(params)
@@ -139,9 +144,17 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
 
     by_model = score_cases(folds_and_ensemble, scoring.rows, layout.ingested, test_ids,
                            desc=f"fold ensemble {arch}")
+    return write_cv_summary(layout, arch, folds, oof_rows, coverage, by_model, scoring, oof_scoring, test_ids)
+
+
+def write_cv_summary(layout: ProjectLayout, arch: str, folds: list[int], oof_rows: list[dict], coverage: dict,
+                     by_model: dict[str, list[dict]], scoring, oof_scoring, test_ids: list[str]) -> dict[str, Any]:
+    """reports/cv/<arch>/ from the out-of-fold rows and the test rows of each fold's model and their ensemble
+    (`by_model`: {str(fold): rows, ENSEMBLE: rows}); returns the stage's summary."""
+    from medseg.evaluation.evaluate import summary_metrics
+
     per_fold_rows = {k: by_model[str(k)] for k in folds}
     ensemble_rows = by_model[ENSEMBLE]
-
     oof = summary_metrics(oof_scoring, oof_rows, sorted({r["case"] for r in oof_rows}))
     oof_by_fold = {}
     for k in folds:

@@ -141,9 +141,8 @@ def get_model_info(name: str) -> ModelInfo:
     if name not in _REGISTRY and name in _FAMILY_OF:
         _import_family(_FAMILY_OF[name])  # only the family that defines it
     if name not in _REGISTRY and name.startswith("nnunet_"):
-        raise ConfigError(f"{name} is an nnU-Net entry, trained by nnunetv2 through the train, evaluate and export "
-                          "stages (medseg.nnunet), not a network medseg builds: cross-validation (cv.models) and "
-                          "the other network-only commands do not take it yet (docs/nnunet.md)")
+        raise ConfigError(f"{name} is an nnU-Net entry, trained by nnunetv2 through its stages (medseg.nnunet), "
+                          "not a network medseg builds; this takes networks only (docs/nnunet.md)")
     if name not in _REGISTRY:
         known = sorted(set(_FAMILY_OF) | set(_REGISTRY))
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(known)}")

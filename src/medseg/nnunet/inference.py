@@ -287,6 +287,30 @@ def sliding_window_logits(data: np.ndarray, recipe: NnunetRecipe, run: Runner, m
 def segment_case(image: np.ndarray, spacing: tuple[float, float, float], recipe: NnunetRecipe, run: Runner,
                  mirror: bool = True, batch_size: int = 8, check: Callable[[], None] | None = None) -> np.ndarray:
     """Class indices (z, y, x) of a (C, z, y, x) volume in nnU-Net's reader order with its (sz, sy, sx) spacing."""
+    logits, crop, shape_before_crop = _case_logits(image, spacing, recipe, run, mirror, batch_size, check)
+    classes = np.zeros(shape_before_crop, dtype=np.uint8)
+    classes[crop] = np.argmax(logits, axis=0)
+    return classes.transpose(recipe.transpose_backward)
+
+
+def case_probabilities(image: np.ndarray, spacing: tuple[float, float, float], recipe: NnunetRecipe, run: Runner,
+                       mirror: bool = True, batch_size: int = 8) -> np.ndarray:
+    """Softmax probabilities (K, z, y, x) float32 of segment_case's volume (background 1 outside nnU-Net's crop),
+    for averaging several models' (a fold ensemble)."""
+    logits, crop, shape_before_crop = _case_logits(image, spacing, recipe, run, mirror, batch_size, None)
+    logits = logits.astype(np.float32) - logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    probs = np.zeros((logits.shape[0], *shape_before_crop), dtype=np.float32)
+    probs[0] = 1.0
+    probs[(slice(None), *crop)] = logits
+    return probs.transpose([0, *[a + 1 for a in recipe.transpose_backward]])
+
+
+def _case_logits(image: np.ndarray, spacing: tuple[float, float, float], recipe: NnunetRecipe, run: Runner,
+                 mirror: bool, batch_size: int, check: Callable[[], None] | None):
+    """(logits (K, ...) of the cropped region at the scan's spacing, the crop, the shape before it), in the
+    transposed order nnU-Net works in."""
     forward = recipe.transpose_forward
     data = image.astype(np.float32).transpose([0, *[a + 1 for a in forward]])
     spacing_t = tuple(float(spacing[a]) for a in forward)
@@ -301,9 +325,7 @@ def segment_case(image: np.ndarray, spacing: tuple[float, float, float], recipe:
     data = resample(data, new_shape, spacing_t, target, **_resampling_args(recipe.data_resampling))
     logits = sliding_window_logits(data, recipe, run, mirror, batch_size, check)
     logits = resample(logits, list(nonzero.shape), target, spacing_t, **_resampling_args(recipe.logits_resampling))
-    classes = np.zeros(shape_before_crop, dtype=np.uint8)
-    classes[crop] = np.argmax(logits, axis=0)
-    return classes.transpose(recipe.transpose_backward)
+    return logits, crop, shape_before_crop
 
 
 def _resampling_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:

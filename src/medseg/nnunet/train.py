@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from medseg.config import config_hash, disable_telemetry, resolve_device, settin
 from medseg.contracts import TrainSummary
 from medseg.errors import MedsegError, TrainingError
 from medseg.io import atomic_path, read_json, write_dvc_metrics
-from medseg.layout import ProjectLayout
+from medseg.layout import ProjectLayout, RunFiles
 from medseg.nnunet.pack import NnunetBudget, pack_results
 from medseg.nnunet.results import build_network, load_checkpoint, nnunetv2_required, read_results
 
@@ -162,10 +162,14 @@ VAL_DICE_DEFINITION = ("nnU-Net's pseudo-Dice: mean foreground Dice over its val
 TRAIN_LOG_COLUMNS = ["epoch", "step", "train_loss", "val_loss", "val_dice", "ema_val_dice", "lr", "seconds"]
 
 
-def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = ".") -> dict[str, Any]:
-    """train@<nnU-Net entry>: plan, preprocess and train with the budget, then write the network's outputs."""
+def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = ".", fold: int | None = None
+                       ) -> dict[str, Any]:
+    """train@<nnU-Net entry>: plan, preprocess and train with the budget, then write the network's outputs. With
+    `fold` (train_fold@<entry>-<k>, params.yaml `cv`): nnU-Net's fold 1 + k, which splits_final.json makes medseg's
+    CV fold k, written under models/<A>/folds/<k>/ and reports/<A>/folds/<k>/."""
     import resource
 
+    from medseg.config import check_cv_fold
     from medseg.nnunet.dataset import write_nnunet_raw
     from medseg.runtime.threads import plan_from_params
     from medseg.training.trainer import training_cases_hash
@@ -174,6 +178,9 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
     root = Path(root)
     layout = ProjectLayout.of(params, root)
     budget = NnunetBudget.of(params, arch)
+    if fold is not None:
+        check_cv_fold(params, arch, fold)
+        budget = replace(budget, fold=1 + int(fold))
     device = resolve_device(settings(params).train.device)
     device = "cuda" if device.startswith("cuda") else device
     threads = plan_from_params(params).intra_op
@@ -188,7 +195,8 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
                                     budget.iterations_per_epoch, budget.val_iterations_per_epoch, device, threads,
                                     log_file=work / "nnunet.log", seed=settings(params).seed)
         summary = write_training_outputs(
-            layout, arch, model_folder, budget.fold, "final", iterations=budget.iterations_per_epoch, device=device,
+            layout.run_files(arch, fold), arch, model_folder, budget.fold, "final",
+            iterations=budget.iterations_per_epoch, device=device, cv_fold=fold,
             # nnU-Net trains in a child process: its high-water mark is the children's
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
             run_hash=config_hash({"arch": arch, "budget": asdict(budget), "seed": params.get("seed"),
@@ -221,21 +229,22 @@ def adopt_nnunet_results(params: dict[str, Any], arch: str, results: str | Path,
     if recorded != ours:
         raise MedsegError(f"{dataset_json}: trained on split {recorded[:12]}, this project's is {ours[:12]} "
                           f"({layout.split_file}); its training may include this split's test patients")
-    summary = write_training_outputs(layout, arch, model.folder, fold, checkpoint, iterations=None, device=None,
+    summary = write_training_outputs(layout.run_files(arch), arch, model.folder, fold, checkpoint, iterations=None,
+                                     device=None,
                                      peak_rss_mb=None,
                                      run_hash=config_hash({"adopted": str(model.checkpoints[str(fold)].name),
                                                            "split": ours, "trainer": model.trainer}))
     return summary.to_dict()
 
 
-def write_training_outputs(layout: ProjectLayout, arch: str, model_folder: Path, fold: int, checkpoint: str, *,
+def write_training_outputs(files: RunFiles, arch: str, model_folder: Path, fold: int, checkpoint: str, *,
                            iterations: int | None, device: str | None, peak_rss_mb: float | None,
-                           run_hash: str) -> TrainSummary:
-    """The train stage's outputs of a trained nnU-Net model folder: checkpoint.pt (the results pack) and last.pt,
-    train_log.csv and curves.png from nnU-Net's logger, train_summary.json and train_scores.json."""
+                           run_hash: str, cv_fold: int | None = None) -> TrainSummary:
+    """The train stage's outputs of a trained nnU-Net model folder (nnU-Net's `fold`; `cv_fold`: the medseg CV
+    fold they are, if any): checkpoint.pt (the results pack) and last.pt, train_log.csv and curves.png from
+    nnU-Net's logger, train_summary.json and train_scores.json."""
     from medseg.training.trainer import plot_curves, write_train_log
 
-    files = layout.run_files(arch)
     state = load_checkpoint(model_folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth")
     num_params = _count_params(model_folder, fold, checkpoint)
     pack_results(model_folder, fold, files.checkpoint, checkpoint)
@@ -248,6 +257,7 @@ def write_training_outputs(layout: ProjectLayout, arch: str, model_folder: Path,
     best = int(np.argmax(ema)) if ema else None
     summary = TrainSummary(
         arch=arch,
+        fold=cv_fold,
         params=num_params,
         epochs=len(history),
         steps=len(history) * iterations if iterations else None,
@@ -262,7 +272,8 @@ def write_training_outputs(layout: ProjectLayout, arch: str, model_folder: Path,
         config_hash=run_hash,
     )
     summary.write(files.summary)
-    write_dvc_metrics(files.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds}, arch)
+    write_dvc_metrics(files.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds},
+                      arch if cv_fold is None else f"{arch}.fold{cv_fold}")
     return summary
 
 
