@@ -266,7 +266,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs that are not medseg's prediction of the same input (by default "
                         "they are refused: no file medseg did not write is replaced)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per network call")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="slices per network call (an nnU-Net model on a CPU: at most 4 tiles, its fastest there)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: the usable cores divided by MEDSEG_PARALLEL_JOBS; "
                         "OMP_NUM_THREADS or MEDSEG_THREADS set it too)")

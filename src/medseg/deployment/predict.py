@@ -81,6 +81,11 @@ class Deadline:
                                  f"({self.setting}); send a smaller volume or raise {self.setting}")
 
 
+# nnU-Net's tiles per ONNX Runtime call on a CPU: 4 tiles ran 6 % faster than 32 on 2 cores (docs/benchmarks.md,
+# 2026-12-07); a GPU keeps the batch size asked for
+NNUNET_CPU_TILES = 4
+
+
 @dataclass
 class Predictor:
     """An ONNX Runtime session and the card of the model it runs."""
@@ -142,8 +147,10 @@ class Predictor:
             raise ConfigError(f"{self.source}: probabilities are not saved for imported nnU-Net models yet")
         recipe = NnunetRecipe.from_dict(self.card.nnunet)
         check = None if deadline is None else (lambda: deadline.check("segmenting with nnU-Net's sliding window"))
+        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        batch = min(self.batch_size, NNUNET_CPU_TILES) if on_cpu else self.batch_size
         classes = segment_case(image_dchw.transpose(1, 0, 2, 3), spacing or (1.0, 1.0, 1.0), recipe, self._run,
-                               mirror=True if tta is None else bool(tta), batch_size=self.batch_size, check=check)
+                               mirror=True if tta is None else bool(tta), batch_size=batch, check=check)
         return classes
 
     def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False,
