@@ -6,6 +6,7 @@ then each fold and their softmax-averaged ensemble on the test patients)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -61,7 +62,7 @@ def pack_runners(packs: list[Path], split_file: Path):
         runners = []
         for pack in packs:
             folder, fold = stack.enter_context(unpacked_results(pack))
-            check_trained_on_this_split(folder, pack, split_file)
+            check_trained_on_this_split(json.loads((folder / "dataset.json").read_text()), pack, split_file)
             runners.append(torch_runner(folder, fold))
         yield runners
 

@@ -104,15 +104,23 @@ def unpacked_results(path: Path) -> Iterator[tuple[Path, int]]:
         yield folder, int(pack["fold"])
 
 
-def check_trained_on_this_split(folder: Path, pack: Path, split_file: Path) -> None:
-    """A ConfigError unless the pack's dataset.json records the project's current split (else its training may
-    have seen the test patients: the split changed since it trained)."""
+def check_trained_on_this_split(dataset_json: dict[str, Any], source: Path, split_file: Path) -> str:
+    """The current split's sha256; a ConfigError unless an nnU-Net model's dataset.json (`source` names where it came from) records the project's
+    current split: one `medseg nnunet dataset` did not write, or one written before the split changed, may have
+    trained on the test patients. Adoption and every evaluation check it."""
     import json
 
     from medseg.data.split import split_sha256
 
-    recorded = (json.loads((folder / "dataset.json").read_text()).get("medseg") or {}).get("split_sha256")
+    recorded = (dataset_json.get("medseg") or {}).get("split_sha256")
+    if not split_file.is_file():
+        raise ConfigError(f"{split_file}: not found; run the split stage first")
     ours = split_sha256(json.loads(split_file.read_text()))
+    if recorded is None:
+        raise ConfigError(f"{source}: records no medseg split (not written by `medseg nnunet dataset`), so nothing "
+                          "proves the test patients were left out of its training; train it on the folder "
+                          "`medseg nnunet dataset` writes")
     if recorded != ours:
-        raise ConfigError(f"{pack}: trained on split {str(recorded)[:12]}, the project's is {ours[:12]} "
-                          f"({split_file}); re-run its train stage")
+        raise ConfigError(f"{source}: trained on split {recorded[:12]}, this project's is {ours[:12]} ({split_file}); "
+                          "its training may include this split's test patients")
+    return ours

@@ -30,7 +30,7 @@ from medseg.contracts import TrainSummary
 from medseg.errors import MedsegError, TrainingError
 from medseg.io import atomic_path, read_json, write_dvc_metrics
 from medseg.layout import ProjectLayout, RunFiles
-from medseg.nnunet.pack import NnunetBudget, pack_results
+from medseg.nnunet.pack import NnunetBudget, check_trained_on_this_split, pack_results
 from medseg.nnunet.results import build_network, load_checkpoint, nnunetv2_required, read_results
 
 # the two presets a params.yaml `models:` entry names: (nnU-Net planner, the plans it writes)
@@ -53,8 +53,11 @@ def family_of(arch: str) -> str:
 
 
 def is_nnunet_entry(arch: str) -> bool:
-    """A params.yaml `models:` entry that nnunetv2 trains (train_nnunet_entry below, medseg.nnunet.evaluate, .export), not a network of medseg.models."""
+    """A params.yaml `models:` entry that nnunetv2 trains (train_nnunet_entry below, medseg.nnunet.evaluate,
+    .export), not a network of medseg.models."""
     return arch in PRESETS
+
+
 CONFIGURATION = "2d"
 
 
@@ -210,30 +213,15 @@ def adopt_nnunet_results(params: dict[str, Any], arch: str, results: str | Path,
     `arch` training: the train stage's outputs, so evaluate, export, register and the report take it as if
     train@<arch> had run. Refused unless its dataset.json records this project's split: a model trained on other
     patients could have seen the test patients."""
-    from medseg.data.split import split_sha256
-
-    root = Path(root)
-    layout = ProjectLayout.of(params, root)
+    layout = ProjectLayout.of(params, Path(root))
     if not is_nnunet_entry(arch):
         raise MedsegError(f"{arch}: not an nnU-Net entry ({', '.join(PRESETS)})")
     model = read_results(results, [str(fold)], checkpoint)
-    dataset_json = Path(results) / "dataset.json"
-    recorded = (model.dataset_json.get("medseg") or {}).get("split_sha256")
-    if not layout.split_file.is_file():
-        raise MedsegError(f"{layout.split_file}: not found; run the split stage first")
-    ours = split_sha256(read_json(layout.split_file))
-    if recorded is None:
-        raise MedsegError(f"{dataset_json}: records no medseg split (not written by `medseg nnunet dataset`), so "
-                          "nothing proves the test patients were left out of its training; train it on the folder "
-                          "`medseg nnunet dataset` writes")
-    if recorded != ours:
-        raise MedsegError(f"{dataset_json}: trained on split {recorded[:12]}, this project's is {ours[:12]} "
-                          f"({layout.split_file}); its training may include this split's test patients")
+    split = check_trained_on_this_split(model.dataset_json, Path(results) / "dataset.json", layout.split_file)
     summary = write_training_outputs(layout.run_files(arch), arch, model.folder, fold, checkpoint, iterations=None,
-                                     device=None,
-                                     peak_rss_mb=None,
+                                     device=None, peak_rss_mb=None,
                                      run_hash=config_hash({"adopted": str(model.checkpoints[str(fold)].name),
-                                                           "split": ours, "trainer": model.trainer}))
+                                                           "split": split, "trainer": model.trainer}))
     return summary.to_dict()
 
 
@@ -243,7 +231,7 @@ def write_training_outputs(files: RunFiles, arch: str, model_folder: Path, fold:
     """The train stage's outputs of a trained nnU-Net model folder (nnU-Net's `fold`; `cv_fold`: the medseg CV
     fold they are, if any): checkpoint.pt (the results pack) and last.pt, train_log.csv and curves.png from
     nnU-Net's logger, train_summary.json and train_scores.json."""
-    from medseg.training.trainer import plot_curves, write_train_log
+    from medseg.training.trainer import median_epoch_seconds, plot_curves, write_train_log
 
     state = load_checkpoint(model_folder / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth")
     num_params = _count_params(model_folder, fold, checkpoint)
@@ -265,7 +253,7 @@ def write_training_outputs(files: RunFiles, arch: str, model_folder: Path, fold:
         best_epoch=best + 1 if best is not None else None,
         val_dice_definition=VAL_DICE_DEFINITION,
         train_seconds=history[-1]["seconds"] if history else None,
-        seconds_per_epoch=_median_epoch_seconds(history),
+        seconds_per_epoch=median_epoch_seconds(history),
         peak_rss_mb=peak_rss_mb,
         device=device,
         world_size=1,
@@ -297,9 +285,3 @@ def training_history(logging_: dict[str, list], iterations: int | None) -> list[
                      "ema_val_dice": at("ema_fg_dice", i), "lr": at("lrs", i),
                      "seconds": round(float(ends[i]) - float(starts[0]), 3) if starts else None})
     return rows
-
-
-def _median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
-    ends = [float(r["seconds"]) for r in history if r.get("seconds") is not None]
-    durations = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
-    return round(float(np.median(durations)), 3) if durations else None

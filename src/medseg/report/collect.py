@@ -115,11 +115,15 @@ class ArchRow:
     checkpoint: Path | None = None  # the trained network, when there is one
 
     @property
+    def steps_per_epoch(self) -> float | None:
+        return self.steps / self.epochs if self.epochs and self.steps else None
+
+    @property
     def budget(self) -> str | None:
         """"epochs x steps per epoch" of the training run, the compute it was given."""
-        if not self.epochs or not self.steps:
+        per_epoch = self.steps_per_epoch
+        if per_epoch is None:
             return None
-        per_epoch = self.steps / self.epochs
         return f"{self.epochs} x {per_epoch:.0f}" if per_epoch == int(per_epoch) else f"{self.epochs} x {per_epoch:.1f}"
 
     def public(self) -> dict[str, Any]:

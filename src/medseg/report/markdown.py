@@ -247,9 +247,9 @@ def baseline_section(statistics: dict[str, Any], scope: str = "test", budget: st
 def _nnunet_budget(rows: Sequence[ArchRow], statistics: dict[str, Any] | None) -> str:
     name = ((statistics or {}).get("baseline") or {}).get("arch")
     row = next((r for r in rows if r.arch == name), None)
-    if row is None or not row.epochs or not row.steps:
+    if row is None or row.steps_per_epoch is None:
         return ""
-    return (f", with {row.epochs} epochs x {row.steps // row.epochs} iterations (nnU-Net's own budget is 1000 x 250; "
+    return (f", with {row.epochs} epochs x {row.steps_per_epoch:.0f} iterations (nnU-Net's own budget is 1000 x 250; "
             "a smaller one understates it)")
 
 

@@ -32,10 +32,9 @@ def site_package_dirs() -> list[Path]:
 
 def stdlib_shadows(dirs: list[Path] | None = None) -> list[Path]:
     """Modules or packages in site-packages that carry a standard-library module's name."""
-    names = getattr(sys, "stdlib_module_names", frozenset(_BACKPORTS))
     found = []
     for folder in site_package_dirs() if dirs is None else dirs:
-        for name in sorted(names):
+        for name in sorted(sys.stdlib_module_names):  # Python >= 3.10, as the project requires
             for candidate in (folder / f"{name}.py", folder / name / "__init__.py"):
                 if candidate.is_file():
                     found.append(candidate)

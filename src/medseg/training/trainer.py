@@ -728,7 +728,7 @@ class Trainer:
             best_epoch=st.best_epoch,
             val_dice_definition=VAL_DICE_DEFINITION,
             train_seconds=round(st.history[-1]["seconds"] if st.history else 0.0, 3),
-            seconds_per_epoch=_median_epoch_seconds(st.history),
+            seconds_per_epoch=median_epoch_seconds(st.history),
             **peak_memory(self.device),
             device=self.device,
             world_size=self.dist.world,
@@ -748,10 +748,10 @@ class Trainer:
         return summary.to_dict()
 
 
-def _median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
+def median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
     """Median wall time of one epoch (training + validation) from the log's cumulative seconds: the median, so a
-    first epoch's warm-up or a resume does not stand for the rest."""
-    ends = [float(row["seconds"]) for row in history]
+    first epoch's warm-up or a resume does not stand for the rest. Rows without seconds are left out."""
+    ends = [float(row["seconds"]) for row in history if row.get("seconds") is not None]
     durations = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
     return round(float(np.median(durations)), 3) if durations else None
 
