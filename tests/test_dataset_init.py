@@ -16,6 +16,7 @@ from test_ingest import make_acdc, make_kvasir, make_msd, make_synapse, make_tra
 
 from medseg.cli import main
 from medseg.data.detect import (
+    RECIPE_LINE,
     SYNAPSE_CLASSES,
     SYNAPSE_LABEL_MAP,
     dataset_block,
@@ -23,6 +24,7 @@ from medseg.data.detect import (
     guess_patient_pattern,
     infer_dataset_section,
     replace_yaml_section,
+    set_planned_recipe,
 )
 from medseg.data.formats import dataset_spec, discover
 from medseg.data.split import make_split
@@ -167,11 +169,25 @@ def test_params_yaml_kept_byte_for_byte_outside_the_dataset_block(tmp_path):
     start = text.index("\ndataset:") + 1
     end = text.index("\n\n# a user's note") + 1  # the blank line and the comment belong to what follows
     section = yaml.safe_load(new)["dataset"]
-    assert new == text[:start] + dataset_block(section) + text[end:]
+    # the one other line it changes: a new dataset gets the planned recipe (the repo's params say resize)
+    planned = set_planned_recipe(text[:start] + dataset_block(section) + text[end:])
+    assert new == planned and planned.count("\n") == text[:start].count("\n") + dataset_block(section).count(
+        "\n") + text[end:].count("\n")
+    assert yaml.safe_load(text)["data"]["recipe"] == "resize" and yaml.safe_load(new)["data"]["recipe"] == "planned"
     assert section["raw_dir"] == str(raw)
     assert yaml.safe_load(new)["phantom"] == yaml.safe_load(text)["phantom"]
     assert main(["--root", str(root), "dataset", "init", str(raw)]) == 0  # re-running replaces its own block
     assert (root / "params.yaml").read_text() == new
+
+
+def test_set_planned_recipe_touches_one_line():
+    text = "seed: 1\ndata:\n  # note\n  recipe: resize  # old\n  image_size: [64, 64]\ntrain:\n  recipe: x\n"
+    new = set_planned_recipe(text)
+    assert new == text.replace("  recipe: resize  # old\n", RECIPE_LINE)
+    assert yaml.safe_load(new)["train"]["recipe"] == "x"  # only data's
+    added = set_planned_recipe("data:\n  image_size: [64, 64]\n")
+    assert yaml.safe_load(added)["data"] == {"recipe": "planned", "image_size": [64, 64]}
+    assert yaml.safe_load(set_planned_recipe("seed: 1"))["data"] == {"recipe": "planned"}
 
 
 def test_replace_yaml_section():

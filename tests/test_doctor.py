@@ -46,7 +46,8 @@ def test_lists_every_problem_with_the_ingest_messages(tmp_path):
 
 def test_clean_dataset_exits_zero_and_broken_exits_one(tmp_path, capsys):
     raw = make_synapse(tmp_path / "data/raw/syn", n=2)
-    params = {"dataset": {**synapse_params(), "raw_dir": "data/raw/syn"}}
+    # a training budget big enough for the data (the default 150 epochs of one step each would be warned about)
+    params = {"dataset": {**synapse_params(), "raw_dir": "data/raw/syn"}, "train": {"epochs": 300}}
     assert check_dataset(params["dataset"], raw) == []
     assert run_doctor(params, tmp_path) == 0
     assert "2 cases checked: 0 error(s), 0 warning(s) - ready to ingest" in capsys.readouterr().out

@@ -223,7 +223,7 @@ def cmd_dataset_init(args: argparse.Namespace) -> int:
         return 0
     raw_path = Path(args.root) / section["raw_dir"]  # an absolute raw_dir stays itself
     detect.write_dataset_section(params_path, section, raw_path)
-    print(f"{params_path}: dataset section written (every other line kept)")
+    print(f"{params_path}: dataset section written, data.recipe: planned (every other line kept)")
     print("next: `medseg doctor` (checks every case against this description), then `dvc repro`")
     return 0
 

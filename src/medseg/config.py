@@ -57,8 +57,25 @@ class AugmentSettings:
 
 
 @dataclass(frozen=True)
+class PlanSettings:
+    """The planned recipe's budget (medseg.data.plan): null values are planned from the dataset's fingerprint."""
+    target_spacing: list[float] | None = None  # in-plane (row, column) mm; null: the median, coarser if too large
+    max_image_side: int = 1024  # the planned median slice's longer side at most this (else a coarser spacing)
+    patch_size: list[int] | None = None  # null: the planned median slice, shrunk to max_patch_pixels, aspect kept
+    max_patch_pixels: int = 65536  # 256 x 256: a CPU's budget; nnU-Net 2D on a GPU plans up to ~512 x 512
+    batch_size: int | None = None  # null: batch_pixels // patch pixels, at least 2
+    batch_pixels: int = 524288  # pixels per optimizer step (8 patches of 256 x 256)
+    foreground_oversample: float = 0.33  # fraction of patches centred on a foreground pixel (nnU-Net's 0.33)
+    tile_step: float = 0.5  # sliding-window step, a fraction of the patch (nnU-Net's 0.5)
+
+
+@dataclass(frozen=True)
 class DataSettings:
+    # resize: every slice resized to image_size, an epoch one pass (TransUNet's recipe, the seed's protocol);
+    # planned: slices at a planned spacing, patches, sliding-window inference (nnU-Net's 2D recipe)
+    recipe: Literal["resize", "planned"] = "resize"
     image_size: list[int] = field(default_factory=lambda: [224, 224])
+    plan: PlanSettings = field(default_factory=PlanSettings)
     context: int = 0
     num_workers: int = 0
     cache_resized: bool = True
@@ -81,7 +98,8 @@ class TrainSettings:
     amp: bool = False  # CUDA only
     channels_last: bool = False  # CUDA only
     device: str = "auto"
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = None  # resize recipe: an epoch's pass cut to at most this many steps
+    steps_per_epoch: int = 250  # planned recipe: optimizer steps per epoch, patches sampled with replacement
     grad_clip: float | None = None
     checkpoint_every_steps: int = 50
 

@@ -83,6 +83,9 @@ class TrainSummary(_JsonFile):
     world_size: int | None = None
     resumed_from_step: int | None = None
     config_hash: str | None = None
+    recipe: str | None = None  # resize | planned (medseg.data.plan); None: written before recipes were recorded
+    input_size: list[int] | None = None  # the network's input: the resize size or the patch size
+    batch_size: int | None = None  # items per optimizer step (per rank)
 
     @property
     def train_memory_mb(self) -> float | None:
@@ -246,6 +249,7 @@ class CheckpointMeta(_JsonFile):
     config_hash: str | None = None
     training_cases_hash: str | None = None
     card: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None  # medseg.data.plan.SlicePlan.to_dict(); None: resize to image_size
 
     def with_weights(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """The dict torch.save writes to checkpoint.pt, in the key order it has always had."""

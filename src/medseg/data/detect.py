@@ -254,8 +254,29 @@ def replace_yaml_section(text: str, key: str, block_text: str) -> str:
     return "".join(lines[:start]) + block_text + "".join(lines[end:])
 
 
+RECIPE_LINE = "  recipe: planned           # set by `medseg dataset init`: nnU-Net's 2D recipe planned from your data\n"
+
+
+def set_planned_recipe(text: str) -> str:
+    """`text` with `data.recipe: planned` (a new dataset's recipe: slices at a planned spacing, patches, sliding
+    windows; medseg.data.plan), every other line kept: the `recipe:` line of the top-level `data:` block replaced,
+    or added as its first entry, or a `data:` block appended."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if re.match(r"data\s*:(\s|$)", line)]
+    if not starts:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        return text + sep + "data:\n" + RECIPE_LINE
+    start = starts[0]
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"[^\s#]", lines[i])), len(lines))
+    for i in range(start + 1, end):
+        if re.match(r"\s+recipe\s*:", lines[i]):
+            return "".join(lines[:i]) + RECIPE_LINE + "".join(lines[i + 1:])
+    return "".join(lines[:start + 1]) + RECIPE_LINE + "".join(lines[start + 1:])
+
+
 def write_dataset_section(params_path: str | Path, section: dict[str, Any], raw_dir: str | Path) -> str:
-    """Replace the `dataset:` block of `params_path` (atomically) after checking the result; returns the block."""
+    """Replace the `dataset:` block of `params_path` and set `data.recipe: planned` (one atomic write) after
+    checking the result; returns the dataset block."""
     from medseg.data.checks import check_label_map
     from medseg.io import write_text
 
@@ -266,11 +287,12 @@ def write_dataset_section(params_path: str | Path, section: dict[str, Any], raw_
         raise ConfigError(f"{raw_dir}: holds {params_path}; medseg never writes inside a raw data folder")
     block = dataset_block(section)
     try:
-        text = replace_yaml_section(params_path.read_text(encoding="utf-8"), "dataset", block)
+        text = set_planned_recipe(replace_yaml_section(params_path.read_text(encoding="utf-8"), "dataset", block))
         params = yaml.safe_load(text)
     except (ConfigError, yaml.YAMLError) as exc:
         raise ConfigError(f"{params_path}: {exc}") from exc
-    if not isinstance(params, dict) or params.get("dataset") != section:  # never write a file that reads back otherwise
+    if not isinstance(params, dict) or params.get("dataset") != section \
+            or (params.get("data") or {}).get("recipe") != "planned":  # never write a file that reads back otherwise
         raise ConfigError(f"{params_path}: the new dataset block does not read back as written")
     spec = dataset_spec(params["dataset"], raw_dir)
     check_label_map(spec.label_map, spec.num_classes)

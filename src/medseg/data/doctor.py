@@ -32,7 +32,7 @@ def check_dataset(dataset_params: dict[str, Any], raw_dir: str | Path) -> list[P
     return _check(dataset_params, Path(raw_dir))[0]
 
 
-def _check(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
+def _check(dataset_params: dict[str, Any], raw_dir: Path, geometry: list | None = None) -> tuple[list[Problem], int]:
     from medseg.data.archive import ArchiveLimits, dataset_root, is_archive, safe_extract
 
     if is_archive(raw_dir):
@@ -41,11 +41,13 @@ def _check(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem]
                 extracted = dataset_root(safe_extract(raw_dir, Path(tmp) / "raw", ArchiveLimits.from_params(dataset_params)))
             except IngestError as exc:
                 return [_problem(exc)], 0
-            return _check_folder(dataset_params, extracted)
-    return _check_folder(dataset_params, raw_dir)
+            return _check_folder(dataset_params, extracted, geometry)
+    return _check_folder(dataset_params, raw_dir, geometry)
 
 
-def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[Problem], int]:
+def _check_folder(dataset_params: dict[str, Any], raw_dir: Path, geometry: list | None = None
+                  ) -> tuple[list[Problem], int]:
+    """(problems, cases); `geometry`, when given, receives each readable case's ((D, H, W), (sz, sy, sx))."""
     from medseg.data import checks
     from medseg.data.formats import dataset_spec, discover, external_links
     from medseg.data.ingest import load_and_check
@@ -71,6 +73,9 @@ def _check_folder(dataset_params: dict[str, Any], raw_dir: Path) -> tuple[list[P
         if raw is None:
             continue
         channels.setdefault(raw.image.shape[1], []).append(case.id)
+        if geometry is not None:
+            d, _, h, w = raw.image.shape
+            geometry.append(((d, h, w), tuple(raw.spacing) if raw.spacing is not None else (1.0, 1.0, 1.0)))
         if raw.image_affine is not None:
             import nibabel as nib
 
@@ -143,7 +148,12 @@ def run_doctor(params: dict[str, Any], root: str | Path = ".", raw_dir: str | Pa
     from rich.table import Table
 
     dataset, raw_dir, source, failed = _describe(params, root, raw_dir, fmt)
-    problems, num_cases = ([failed], 0) if failed else _check(dataset, raw_dir)
+    geometry: list = []
+    problems, num_cases = ([failed], 0) if failed else _check(dataset, raw_dir, geometry)
+    budget_line = None
+    if geometry and not any(p.severity == "error" for p in problems):
+        budget_line, warnings = training_budget(params, geometry)
+        problems += [Problem("params.yaml (train)", w, "warning") for w in warnings]
     console = Console()
     if source:
         names = ", ".join(map(str, dataset.get("class_names") or [])) or "from dataset.json"
@@ -158,11 +168,37 @@ def run_doctor(params: dict[str, Any], root: str | Path = ".", raw_dir: str | Pa
         for p in problems:
             table.add_row(f"[red]{p.severity}[/red]" if p.severity == "error" else f"[yellow]{p.severity}[/yellow]", p.file, p.problem)
         console.print(table)
+    if budget_line:
+        console.print(f"training budget: {budget_line}")
     console.print(
         f"{num_cases} cases checked: {errors} error(s), {len(problems) - errors} warning(s)"
         + ("" if errors else " - ready to ingest")
     )
     return 1 if errors else 0
+
+
+def training_budget(params: dict[str, Any], geometry: list) -> tuple[str, list[str]]:
+    """(the budget of training params' first network on cases of `geometry` ((D, H, W), (sz, sy, sx)) with
+    params' recipe and split fractions, why it is too small) (medseg.data.plan)."""
+    from medseg.config import model_options, settings
+    from medseg.data.plan import budget_of, plan_slices
+    from medseg.models import available_models, input_multiple_of
+
+    config = settings(params)
+    arch = next((m for m in config.models if m in available_models()), "unet")
+    options = model_options(params, arch)
+    shapes = [list(shape) for shape, _ in geometry]
+    fingerprint = {"spacing": {"all": [list(s) for _, s in geometry]}, "shape": {"all": shapes}}
+    plan = plan_slices(config.data, fingerprint, lambda size: input_multiple_of(arch, size, **options))
+    train_share = (1 - config.split.test_fraction) * (1 - config.split.val_fraction)
+    slices = sum(shape[0] for shape in shapes) * train_share
+    budget = budget_of(plan, config.train, int(slices))
+    if plan.planned:
+        pixels = train_share * sum(d * h * w for (d, h, w) in (
+            (shape[0], *plan.slice_shape(shape[1:], spacing[1:])) for shape, spacing in geometry))
+    else:
+        pixels = slices * plan.image_size[0] * plan.image_size[1]
+    return f"{arch}: {budget.describe()}", budget.warnings(pixels)
 
 
 def problems_as_dicts(problems: list[Problem]) -> list[dict[str, str]]:

@@ -320,6 +320,10 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def training_pixels(self) -> int:
+        """Pixels of every slice at the network's input size: what an epoch of one pass shows the network."""
+        return len(self) * self.image_size[0] * self.image_size[1]
+
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation stream (call before iterating; DataLoader workers get a fresh copy)."""
         self.epoch = int(epoch)
@@ -380,8 +384,7 @@ class SliceDataset(Dataset):
         ring = self._ring if (seq is not None and get_worker_info() is not None) else None
         indices = [int(i) for i in indices]
         slot, out = ring.begin(seq, len(indices)) if ring is not None else (None, None)
-        images, labels = (self._cached_batch(indices, out) if self._cache is not None
-                          else self._resized_batch(indices, out))
+        images, labels = self._batch(indices, out)
         table = self.augmentation_table(indices, epoch) if self.augment else None
         deferred = table is not None and self.defer_augmentation
         if table is not None and not deferred:
@@ -396,6 +399,10 @@ class SliceDataset(Dataset):
             return SliceBatch(images, labels)
         # Labels stay uint8 until here: flips and rotations move 8x fewer bytes than on int64.
         return SliceBatch(images, _empty(labels.shape, torch.int64).copy_(labels))
+
+    def _batch(self, indices: list[int], out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, C', H, W) float32 in `out` when given, labels (B, H, W) uint8), before augmentation."""
+        return self._cached_batch(indices, out) if self._cache is not None else self._resized_batch(indices, out)
 
     def _cached_batch(self, indices: list[int], out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's rows of the cache: one gather for the images (2.5D: every neighbour), one for the labels.
@@ -425,6 +432,113 @@ class SliceDataset(Dataset):
             where = torch.tensor(positions)
             scatter_rows(images, where, resized)
             scatter_rows(labels, where, torch.from_numpy(group_labels))
+        return images, labels
+
+
+FOREGROUND_SAMPLES = 10_000  # foreground pixels kept per case and class to centre patches on (nnU-Net's 10,000)
+
+
+class PatchDataset(SliceDataset):
+    """The planned recipe's training items (medseg.data.plan): patches of `plan.image_size` cut from slices
+    resampled to the plan's in-plane spacing, drawn with replacement. Item `i` is a draw from its own generator
+    (seed, i): a case uniformly, then with probability `plan.foreground_oversample` (and a foreground class in the
+    case) a class present, one of its pixels and the patch centred on it, else a slice and a position uniformly;
+    patches reaching past a slice are zero-padded (image) and background (label), as nnU-Net pads. Indices are
+    therefore unbounded: training numbers an epoch's items by (epoch, rank, step), so a 20-image set trains as
+    many optimizer steps per epoch as a 20,000-slice one, and a resumed run draws the same patches.
+
+    Every case is resampled once, in the constructor (main process, before workers fork), with the rules every
+    path uses (medseg.data.preprocessing: image bicubic, label nearest). Memory: the training slices at the plan's
+    spacing (float32 images, uint8 labels). Augmentation, batches, rings and workers are SliceDataset's."""
+
+    def __init__(self, ingested_dir: str | Path, case_ids: Sequence[str], plan: Any, context: int = 0,
+                 augment: Mapping[str, Any] | None = None, seed: int = 0, image_mode: str = "bicubic"):
+        self.ingested_dir = Path(ingested_dir)
+        manifest = read_cases(self.ingested_dir)
+        self.cases = [dict(case_entry(manifest, str(cid), self.ingested_dir)) for cid in case_ids]
+        if not self.cases:
+            raise ConfigError(f"PatchDataset over {self.ingested_dir}: no case ids given")
+        if int(context) < 0:
+            raise ConfigError(f"data.context must be >= 0, got {context}")
+        self.plan = plan
+        self.image_size = (int(plan.image_size[0]), int(plan.image_size[1]))
+        self.context = int(context)
+        self.augment = dict(augment) if augment else None
+        self.defer_augmentation = False
+        self.uint8_labels = False
+        self.seed = int(seed)
+        self.image_mode = image_mode
+        self.epoch = 0
+        self.in_channels = int(manifest["in_channels"]) * (2 * self.context + 1)
+        self.num_classes = int(manifest["num_classes"])
+        self._arrays = {}
+        self._pid = os.getpid()
+        self._ring = None
+        self._cache = None
+        self.volumes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D, C, h, w) float32, (D, h, w) uint8
+        self.foreground: list[list[np.ndarray]] = []  # per case, per class present (>0): (n, 3) (z, y, x) pixels
+        rng = np.random.default_rng([self.seed, 1])
+        for i, case in enumerate(self.cases):
+            image, label = self._case(i)
+            size = plan.slice_shape(image.shape[2:], [float(s) for s in case["spacing"]][1:])
+            parts = [resize_slices(torch.from_numpy(np.array(image[z:z + 32])),
+                                   torch.from_numpy(np.array(label[z:z + 32])), size, image_mode)
+                     for z in range(0, image.shape[0], 32)]
+            images = torch.cat([p[0] for p in parts]).contiguous()
+            labels = torch.cat([p[1] for p in parts]).contiguous()
+            self.volumes.append((images, labels))
+            where = []
+            for k in range(1, self.num_classes):
+                pixels = np.argwhere(labels.numpy() == k)
+                if len(pixels) > FOREGROUND_SAMPLES:
+                    pixels = pixels[rng.choice(len(pixels), FOREGROUND_SAMPLES, replace=False)]
+                if len(pixels):
+                    where.append(pixels)
+            self.foreground.append(where)
+        self._arrays = {}  # the native memmaps are not needed again
+
+    def __len__(self) -> int:
+        """Slices to draw from (items themselves are unbounded, see the class docstring)."""
+        return sum(int(v[1].shape[0]) for v in self.volumes)
+
+    def training_pixels(self) -> int:
+        """Pixels of every training slice at the plan's spacing."""
+        return sum(int(labels.numel()) for _, labels in self.volumes)
+
+    def draw(self, idx: int) -> tuple[int, int, int, int]:
+        """Item `idx`'s (case, slice, top row, left column) of the patch; rows/columns may be negative or reach
+        past the slice (padding)."""
+        rng = np.random.default_rng([self.seed, 7, int(idx)])  # not augmentation's (seed, epoch, idx) stream
+        case = int(rng.integers(len(self.volumes)))
+        labels = self.volumes[case][1]
+        depth, h, w = labels.shape
+        ph, pw = self.image_size
+        where = self.foreground[case]
+        if where and rng.random() < self.plan.foreground_oversample:
+            pixels = where[int(rng.integers(len(where)))]
+            z, cy, cx = (int(v) for v in pixels[int(rng.integers(len(pixels)))])
+            top = min(max(cy - ph // 2, min(0, h - ph)), max(0, h - ph))
+            left = min(max(cx - pw // 2, min(0, w - pw)), max(0, w - pw))
+            return case, z, top, left
+        z = int(rng.integers(depth))
+        top = int(rng.integers(min(0, h - ph), max(0, h - ph) + 1))
+        left = int(rng.integers(min(0, w - pw), max(0, w - pw) + 1))
+        return case, z, top, left
+
+    def _batch(self, indices: list[int], out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        ph, pw = self.image_size
+        images = out if out is not None else _empty((len(indices), self.in_channels, ph, pw), torch.float32)
+        images.zero_()
+        labels = torch.zeros((len(indices), ph, pw), dtype=torch.uint8)
+        for row, idx in enumerate(indices):
+            case, z, top, left = self.draw(idx)
+            volume, label = self.volumes[case]
+            depth, h, w = label.shape
+            y0, y1, x0, x1 = max(top, 0), min(top + ph, h), max(left, 0), min(left + pw, w)
+            into = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+            stack = volume[torch.as_tensor(np.atleast_1d(self._slices(z, depth)))][:, :, y0:y1, x0:x1]
+            images[row, :, into[0], into[1]] = stack.reshape(-1, y1 - y0, x1 - x0)
+            labels[row, into[0], into[1]] = label[z, y0:y1, x0:x1]
         return images, labels
 
 

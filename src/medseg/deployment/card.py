@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from medseg import __version__
+from medseg.data.plan import SlicePlan
 from medseg.data.preprocessing import NORMALISATIONS, RESIZE  # the card records preprocessing's rules
 from medseg.errors import MedsegError
 
-CARD_SCHEMA = 2  # the newest card this medseg reads
+CARD_SCHEMA = 3  # the newest card this medseg reads
 # Schema 2 adds `nnunet` (an imported nnU-Net model): an older medseg, which would ignore the recipe and run the
 # network the wrong way, refuses such a card ("newer than this medseg"). Cards without it stay schema 1.
 NNUNET_CARD_SCHEMA = 2
+# Schema 3 adds `recipe` (medseg.data.plan.SlicePlan): a planned recipe's spacing, patch and sliding window, which
+# an older medseg would ignore (resizing every slice to the patch size). Resize-recipe cards keep schema 1.
+PLANNED_CARD_SCHEMA = 3
 ONNX_METADATA_KEY = "medseg.model_card"
 # Bounds of what a card may describe: a hostile or corrupt card is refused before it sizes any allocation.
 MAX_IMAGE_SIDE = 8192  # pixels of the training size's side (predict allocates batches of it)
@@ -49,7 +53,7 @@ class ModelCard:
     context: int  # 2.5D: neighbouring slices on each side stacked as channels
     class_names: list[str]
     label_values: list[int]  # class index -> raw label value written to disk (inverse of dataset.label_map)
-    image_size: list[int]  # [h, w] every slice is resized to (RESIZE rules)
+    image_size: list[int]  # [h, w] the network's input: every slice resized to it (RESIZE rules), or the patch size
     size_multiple: int  # H and W the network accepts must be multiples of this (at image_size they are)
     dynamic_hw: bool  # whether the exported graph accepts other H, W than image_size
     modality: str  # ct | mr | rgb
@@ -69,6 +73,12 @@ class ModelCard:
     # own networks. With it, `normalisation` is {"method": "nnunet"} and `orientation` "native": the scan's own
     # voxel order, as nnU-Net reads it.
     nnunet: dict[str, Any] | None = None
+    # How slices meet the network (medseg.data.plan.SlicePlan.to_dict); None: the resize recipe at image_size.
+    recipe: dict[str, Any] | None = None
+
+    @property
+    def plan(self) -> SlicePlan:
+        return SlicePlan.from_dict(self.recipe, self.image_size, "model card")
 
     @property
     def in_channels(self) -> int:
@@ -146,6 +156,8 @@ class ModelCard:
                       f"{MAX_INPUT_CHANNELS}")
         if not isinstance(self.normalisation, Mapping):
             raise bad(f"normalisation must be a mapping, got {self.normalisation!r}")
+        if self.recipe is not None:
+            self._validate_recipe(source)
         if self.nnunet is not None:
             self._validate_nnunet(source)
         elif self.normalisation.get("method") not in NORMALISATIONS:
@@ -154,6 +166,19 @@ class ModelCard:
             raise bad(f"input_kind {self.input_kind!r} is not volume or image2d")
         if self.spacing is not None and len(self.spacing) != 3:
             raise bad(f"spacing must be [sz, sy, sx] or null, got {self.spacing}")
+
+    def _validate_recipe(self, source: str | Path) -> None:
+        if not isinstance(self.recipe, Mapping):
+            raise CardError(f"{source}: model card recipe must be a mapping, got {self.recipe!r}")
+        plan = SlicePlan.from_dict(self.recipe, self.image_size, str(source))
+        if list(plan.image_size) != list(self.image_size):
+            raise CardError(f"{source}: model card recipe image_size {list(plan.image_size)} != image_size "
+                            f"{self.image_size}")
+        if plan.planned:
+            if self.schema < PLANNED_CARD_SCHEMA:
+                raise CardError(f"{source}: model card with a planned recipe must be schema {PLANNED_CARD_SCHEMA}")
+            if not 0 < plan.tile_step <= 1:
+                raise CardError(f"{source}: model card recipe tile_step must be in (0, 1], got {plan.tile_step}")
 
     def _validate_nnunet(self, source: str | Path) -> None:
         from medseg.nnunet.inference import NnunetRecipe
@@ -229,13 +254,15 @@ def build_card(
     dataset_version: str,
     size_multiple: int,
     dynamic_hw: bool,
+    plan: SlicePlan | None = None,
     medseg_version: str = __version__,
 ) -> ModelCard:
     """The card of a model trained on this dataset and split, from the plain dicts of params.yaml,
     data/ingested/<name>/cases.json (`manifest`), fingerprint.json and data/splits/<name>.json.
 
     `dataset_version` is `dataset_version(cases.json)` (a hash of the file's bytes, which the dict cannot give);
-    `size_multiple` / `dynamic_hw` are the architecture's (`medseg.models.size_multiple_of`, ModelInfo).
+    `size_multiple` / `dynamic_hw` are the architecture's (`medseg.models.size_multiple_of`, ModelInfo); `plan` the
+    recipe it was trained with (medseg.data.plan.plan_slices; None: resize to data.image_size).
     """
     from medseg.config import model_options, settings
     from medseg.data.split import split_sha256
@@ -253,7 +280,7 @@ def build_card(
         context=data.context,
         class_names=class_names,
         label_values=inverse_label_map(label_map, len(class_names)),
-        image_size=[int(v) for v in data.image_size],
+        image_size=[int(v) for v in (plan.image_size if plan is not None else data.image_size)],
         size_multiple=int(size_multiple),
         dynamic_hw=bool(dynamic_hw),
         modality=str(manifest["modality"]),
@@ -266,6 +293,8 @@ def build_card(
         split={"split_sha256": split_sha256(split), "test_cases_sha256": sha256_of_test_cases(split.get("test") or [])},
         intensity=[dict(stats) for stats in fingerprint.get("foreground_intensity") or []],
         medseg_version=medseg_version,
+        recipe=plan.to_dict() if plan is not None and plan.planned else None,
+        schema=PLANNED_CARD_SCHEMA if plan is not None and plan.planned else 1,
     )
     card.validate(f"model card of {arch}")
     return card

@@ -44,6 +44,7 @@ def evaluate_onnx(params: dict[str, Any], model: str | Path, root: str | Path = 
         raise ConfigError(f"{predictor.source}: trained on {card.normalisation} inputs, but {layout.ingested} was "
                           f"normalised with {cases.get('normalisation')}: its scores on these arrays would mean nothing")
     scoring = scoring_for(params, layout.ingested, test_ids, card.class_names, card.in_channels, card.context)
-    rows = score_cases(lambda image: predictor.segment_normalised(np.asarray(image, dtype=np.float32))[0],
+    rows = score_cases(lambda image, spacing: predictor.segment_normalised(np.asarray(image, dtype=np.float32),
+                                                                           spacing=spacing)[0],
                        scoring.rows, layout.ingested, test_ids)
     return {"model": predictor.source, **summary_metrics(scoring, rows, test_ids, arch=card.arch).to_dict()}

@@ -111,8 +111,11 @@ class Predictor:
             spacing = spacing or (float(zooms[2]), float(zooms[1]), float(zooms[0]))
             classes, _ = self._segment(volume_from_canonical_xyz(data), tta, probabilities=False, spacing=spacing)
             return self.label_array(classes.transpose(2, 1, 0), labels)
-        canonical, _, _ = _to_canonical("volume", data, affine)
-        classes, _ = self._segment(volume_from_canonical_xyz(canonical), tta, probabilities=False)
+        canonical, _, ornt = _to_canonical("volume", data, affine)
+        if spacing is None:
+            zooms = orientation.canonical_zooms(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)), ornt)
+            spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+        classes, _ = self._segment(volume_from_canonical_xyz(canonical), tta, probabilities=False, spacing=spacing)
         return self.label_array(_volume_to_source(classes, affine), labels)
 
     def predict_image(self, array_hw_or_hwc: np.ndarray, *, labels: str = "raw", tta: bool = False) -> np.ndarray:
@@ -137,7 +140,7 @@ class Predictor:
         if self.native_order:
             return self._segment_nnunet(image_dchw, tta, probabilities, deadline, spacing), None
         return self.segment_normalised(normalise_image(image_dchw, self.card.normalisation), bool(tta),
-                                       probabilities, deadline)
+                                       probabilities, deadline, spacing)
 
     def _segment_nnunet(self, image_dchw: np.ndarray, tta: bool | None, probabilities: bool,
                         deadline: Deadline | None, spacing: tuple[float, float, float] | None) -> np.ndarray:
@@ -154,13 +157,20 @@ class Predictor:
         return classes
 
     def segment_normalised(self, image: np.ndarray, tta: bool = False, probabilities: bool = False,
-                           deadline: Deadline | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                           deadline: Deadline | None = None, spacing: Sequence[float] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
         """_segment for a volume already normalised by the card's rule (an ingested (D, C, H, W) array), through
-        the slice inferer with this session as its network; `deadline` is checked before each batch of slices."""
+        the slice inferer with this session as its network, under the card's recipe (`spacing` (sz, sy, sx): the
+        volume's, which a planned recipe resamples from; unknown: taken as the plan's); `deadline` is checked
+        before each batch of slices."""
         card = self.card
+        plan = card.plan
+        if plan.planned and spacing is None:
+            spacing = (1.0, *plan.target_spacing)
         return segment_slices(self._run, image, card.image_size, card.context, self.batch_size,
                               probabilities=np.float16 if probabilities else None,
-                              mirror_axes=MIRROR_AXES if tta else NO_MIRRORING, deadline=deadline)
+                              mirror_axes=MIRROR_AXES if tta else NO_MIRRORING, deadline=deadline,
+                              plan=plan, spacing=spacing)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -56,7 +56,7 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     oof_metrics.json (the same scoring as the test evaluation: medseg.evaluation.evaluate.Scoring)."""
     from medseg.evaluation.evaluate import checkpoint_context, checkpoint_scoring, summary_metrics
     from medseg.evaluation.scoring import score_cases
-    from medseg.inference.torch_backend import load_trained_model, predict_volume
+    from medseg.inference.torch_backend import checkpoint_plan, load_trained_model, predict_volume
     from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -70,7 +70,9 @@ def evaluate_fold(params: dict[str, Any], arch: str, fold: int, root: str | Path
     device = resolve_device(config.train.device)
     model = model.to(device)
     context, batch_size = checkpoint_context(meta, params), config.evaluate.batch_size
-    rows = score_cases(lambda image: predict_volume(model, image, meta.image_size, context, batch_size, device),
+    plan = checkpoint_plan(meta)
+    rows = score_cases(lambda image, spacing: predict_volume(model, image, meta.image_size, context, batch_size,
+                                                             device, plan=plan, spacing=spacing),
                        scoring.rows, layout.ingested, case_ids, desc=f"out-of-fold {arch} fold {fold}")
     metrics = summary_metrics(scoring, rows, case_ids, arch=arch, fold=int(fold), checkpoint_epoch=meta.epoch)
     write_per_case(layout.oof_per_case(arch, fold), rows)
@@ -111,7 +113,7 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     and the fold ensemble (mean of the folds' probabilities) on the test split. Writes reports/cv/<arch>/."""
     from medseg.evaluation.evaluate import checkpoint_context, checkpoint_scoring, read_case_list, summary_metrics
     from medseg.evaluation.scoring import score_cases
-    from medseg.inference.torch_backend import load_trained_model, volume_probabilities
+    from medseg.inference.torch_backend import checkpoint_plan, load_trained_model, volume_probabilities
     from medseg.runtime.threads import apply_torch_threads, plan_from_params
 
     disable_telemetry()
@@ -131,12 +133,13 @@ def cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".") -> dic
     config = settings(params)
     device = resolve_device(config.train.device)
 
-    def folds_and_ensemble(image: np.ndarray) -> dict[str, np.ndarray]:
+    def folds_and_ensemble(image: np.ndarray, spacing: Any) -> dict[str, np.ndarray]:
         """Each fold's labels and the ensemble's (the folds' probabilities averaged, then argmax), in one pass."""
         labels, total = {}, None
         for k, (model, meta) in zip(folds, models):
             probs = volume_probabilities(model.to(device), image, meta.image_size, checkpoint_context(meta, params),
-                                         config.evaluate.batch_size, device)
+                                         config.evaluate.batch_size, device, plan=checkpoint_plan(meta),
+                                         spacing=spacing)
             labels[str(k)] = probs.argmax(axis=1).astype(np.uint8)
             total = probs if total is None else total + probs
         labels[ENSEMBLE] = (total / len(folds)).argmax(axis=1).astype(np.uint8)

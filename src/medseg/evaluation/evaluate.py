@@ -26,7 +26,7 @@ from medseg.errors import ConfigError
 from medseg.evaluation.display import display_slice
 from medseg.evaluation.metrics import aggregate, case_metrics, class_tolerance
 from medseg.evaluation.scoring import score_cases
-from medseg.inference.torch_backend import load_trained_model, predict_volume
+from medseg.inference.torch_backend import checkpoint_plan, load_trained_model, predict_volume
 from medseg.io import atomic_path, read_json, write_dvc_metrics
 from medseg.layout import ProjectLayout
 from medseg.runtime.threads import apply_torch_threads, plan_from_params
@@ -170,7 +170,9 @@ def evaluate_model(params: dict[str, Any], arch: str, root: str | Path = ".") ->
         if len(overlays) < overlay_cases:
             overlays.append((case_id, *overlay_slice(image, np.asarray(label), pred)))
 
-    rows = score_cases(lambda image: predict_volume(model, image, meta.image_size, context, batch_size, device),
+    plan = checkpoint_plan(meta)
+    rows = score_cases(lambda image, spacing: predict_volume(model, image, meta.image_size, context, batch_size,
+                                                             device, plan=plan, spacing=spacing),
                        scoring.rows, ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay)
 
     metrics = summary_metrics(scoring, rows, test_ids, arch=arch, checkpoint_epoch=meta.epoch,

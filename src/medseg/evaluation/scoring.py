@@ -1,6 +1,7 @@
 """The one scoring loop: each case of an ingested dataset loaded, segmented by any segmenter, and scored.
 
-A segmenter maps a normalised (D, C, H, W) volume to its labels (D, H, W): a checkpoint through
+A segmenter maps a normalised (D, C, H, W) volume and its (sz, sy, sx) spacing (which a planned recipe resamples
+from, medseg.data.plan) to its labels (D, H, W): a checkpoint through
 `medseg.inference.torch_backend.predict_volume`, an ONNX session through `medseg.deployment.predict.Predictor`, a fold ensemble; or to a
 mapping name -> labels when one pass gives several (each fold's model and their ensemble). A scorer turns
 (case id, labels, truth, spacing) into per-class rows: `medseg.evaluation.evaluate.Scoring.rows` (DSC, HD95, NSD, as
@@ -17,7 +18,7 @@ import numpy as np
 
 from medseg.evaluation.metrics import foreground_dice
 
-Segmenter = Callable[[np.ndarray], "np.ndarray | Mapping[str, np.ndarray]"]
+Segmenter = Callable[[np.ndarray, Any], "np.ndarray | Mapping[str, np.ndarray]"]
 Scorer = Callable[[str, np.ndarray, np.ndarray, Any], list[dict[str, Any]]]
 Inspector = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 Loader = Callable[[str], tuple[np.ndarray, np.ndarray, Any]]
@@ -36,7 +37,7 @@ def score_cases(segment: Segmenter, score: Scorer, ingested: str | Path, case_id
     rows: Any = None
     for case_id in progress(case_ids, desc=desc, unit="case") if desc else case_ids:
         image, label, spacing = load(case_id) if load is not None else load_case(ingested, case_id)
-        labels = segment(image)
+        labels = segment(image, spacing)
         if isinstance(labels, Mapping):
             rows = rows if rows is not None else {name: [] for name in labels}
             for name, pred in labels.items():

@@ -5,7 +5,9 @@ the network is a `Runner`: float32 (N, C, h, w) at the training size in, float32
 (`medseg.inference.torch_backend.torch_runner` for a torch module, `medseg.deployment.predict.Predictor` for an ONNX session).
 
 Per batch of slices (`medseg.data.preprocessing`): the 2.5D stack resized to the training size, the network, the
-logits resized back (bilinear), then argmax; with `mirror_axes` (test-time mirroring, as nnU-Net) the softmax of
+logits resized back (bilinear), then argmax. Under a planned recipe (`plan`, medseg.data.plan) the stack is resized
+to the slice's size at the plan's target spacing instead, and the network slides over it patch by patch with
+Gaussian weighting (medseg.inference.sliding); with `mirror_axes` (test-time mirroring, as nnU-Net) the softmax of
 every mirrored run, flipped back and averaged, then argmax.
 """
 
@@ -15,7 +17,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medseg.data.plan import SlicePlan
 from medseg.data.preprocessing import argmax_classes, logits_to_labels, network_input, probabilities_at
+from medseg.inference.sliding import sliding_window
 
 Runner = Callable[[np.ndarray], np.ndarray]
 NO_MIRRORING: tuple[tuple[int, ...], ...] = ((),)
@@ -23,13 +27,20 @@ NO_MIRRORING: tuple[tuple[int, ...], ...] = ((),)
 
 def segment_slices(run: Runner, image: np.ndarray, image_size: Sequence[int], context: int = 0,
                    batch_size: int = 32, *, probabilities: Any = None,
-                   mirror_axes: Sequence[tuple[int, ...]] = NO_MIRRORING, deadline: Any = None
+                   mirror_axes: Sequence[tuple[int, ...]] = NO_MIRRORING, deadline: Any = None,
+                   plan: SlicePlan | None = None, spacing: Sequence[float] | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """(class indices (D, H, W) uint8, probabilities (D, K, H, W) of dtype `probabilities`, or None when it is
     None) for a normalised `image` (D, C, H, W). `mirror_axes` lists the flips of (N, C, h, w) to average over
-    (`NO_MIRRORING`: one plain run); `deadline.check(progress)` is called before each batch."""
+    (`NO_MIRRORING`: one plain run); `deadline.check(progress)` is called before each batch. A planned `plan`
+    needs the volume's (sz, sy, sx) `spacing`; without a plan (or a resize plan) slices go to `image_size`."""
     depth, _, height, width = image.shape
     size = (height, width)
+    if plan is not None and plan.planned:
+        if spacing is None:
+            raise ValueError("segment_slices: a planned recipe needs the volume's spacing")
+        image_size = plan.slice_shape(size, tuple(spacing)[-2:])
+        run = sliding_window(run, plan.image_size, plan.tile_step)
     classes = np.empty((depth, height, width), dtype=np.uint8)
     probs: np.ndarray | None = None
     mirrored = tuple(mirror_axes) != NO_MIRRORING

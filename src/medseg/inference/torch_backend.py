@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medseg.contracts import CheckpointMeta
+from medseg.data.plan import SlicePlan
 from medseg.data.preprocessing import network_input
 from medseg.errors import TrainingError
 from medseg.inference.inferer import Runner, segment_slices
@@ -67,16 +68,26 @@ def predict_volume(
     batch_size: int = 32,
     device: str = "cpu",
     amp: tuple[bool, torch.dtype] = (False, torch.float32),
+    *,
+    plan: SlicePlan | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Label volume (D, H, W) uint8 for an ingested image (D, C, H, W) at its native slice size."""
-    return segment_slices(torch_runner(model, device, amp), image, image_size, context, batch_size)[0]
+    """Label volume (D, H, W) uint8 for an ingested image (D, C, H, W) at its native slice size, under `plan`
+    (a planned recipe needs the volume's (sz, sy, sx) `spacing`)."""
+    return segment_slices(torch_runner(model, device, amp), image, image_size, context, batch_size,
+                          plan=plan, spacing=spacing)[0]
 
 
 def volume_probabilities(
     model: nn.Module, image: np.ndarray, image_size: Sequence[int], context: int = 0, batch_size: int = 32,
-    device: str = "cpu",
+    device: str = "cpu", *, plan: SlicePlan | None = None, spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """float32 class probabilities (D, K, H, W) at the native slice size (softmax of the resized logits, so their
     argmax is predict_volume's labels): what an ensemble averages, as nnU-Net does."""
     return segment_slices(torch_runner(model, device), image, image_size, context, batch_size,
-                          probabilities=np.float32)[1]
+                          probabilities=np.float32, plan=plan, spacing=spacing)[1]
+
+
+def checkpoint_plan(meta: CheckpointMeta) -> SlicePlan:
+    """The recipe a checkpoint was trained with (resize to its image_size when it records none)."""
+    return SlicePlan.from_dict(meta.recipe, meta.image_size, f"checkpoint of {meta.arch}")

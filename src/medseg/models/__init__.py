@@ -5,8 +5,10 @@ from medseg.models.table import (
     available_models,
     build_model,
     get_model_info,
+    input_multiple_of,
     register_model,
     size_multiple_of,
 )
 
-__all__ = ["ModelInfo", "available_models", "build_model", "get_model_info", "register_model", "size_multiple_of"]
+__all__ = ["ModelInfo", "available_models", "build_model", "get_model_info", "input_multiple_of", "register_model",
+           "size_multiple_of"]

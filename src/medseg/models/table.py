@@ -13,6 +13,7 @@ against what the modules register, so it cannot drift: a new model module adds i
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -160,6 +161,12 @@ def size_multiple_of(name: str, image_size: tuple[int, int] | list[int], **optio
     if info.size_rule is None:
         return info.size_multiple
     return int(info.size_rule((int(image_size[0]), int(image_size[1])), **{**info.defaults, **options}))
+
+
+def input_multiple_of(name: str, image_size: tuple[int, int] | list[int], **options: Any) -> int:
+    """What an input of `name` built with `options` at `image_size` must be a multiple of: its stride there and
+    the declared size_multiple, which build_model checks whatever the options (a patch size is planned to both)."""
+    return math.lcm(size_multiple_of(name, image_size, **options), get_model_info(name).size_multiple)
 
 
 def build_model(

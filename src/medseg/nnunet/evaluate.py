@@ -89,7 +89,7 @@ def evaluate_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = 
             overlays.append((case_id, *overlay_slice(normalised, np.asarray(label), pred)))
 
     with pack_runners([layout.checkpoint(arch)], layout.split_file) as [(run, recipe, epoch, val_dice)]:
-        rows = score_cases(lambda image: segment_case(cases.chw(image), cases.spacing, recipe, run, budget.tta),
+        rows = score_cases(lambda image, _: segment_case(cases.chw(image), cases.spacing, recipe, run, budget.tta),
                            scoring.rows, layout.ingested, test_ids, desc=f"evaluate {arch}", inspect=keep_overlay,
                            load=cases.load)
 
@@ -120,7 +120,7 @@ def evaluate_nnunet_fold(params: dict[str, Any], arch: str, fold: int, root: str
     scoring = _scoring(params, layout, case_ids)
     cases = RawCases(params, root, case_ids)
     with pack_runners([layout.run_files(arch, fold).checkpoint], layout.split_file) as [(run, recipe, epoch, _)]:
-        rows = score_cases(lambda image: segment_case(cases.chw(image), cases.spacing, recipe, run, budget.tta),
+        rows = score_cases(lambda image, _: segment_case(cases.chw(image), cases.spacing, recipe, run, budget.tta),
                            scoring.rows, layout.ingested, case_ids, desc=f"out-of-fold {arch} fold {fold}",
                            load=cases.load)
     metrics = summary_metrics(scoring, rows, case_ids, arch=arch, fold=int(fold), checkpoint_epoch=epoch)
@@ -152,7 +152,7 @@ def nnunet_cv_summary(params: dict[str, Any], arch: str, root: str | Path = ".")
     packs = [layout.run_files(arch, k).checkpoint for k in folds]
     with pack_runners(packs, layout.split_file) as runners:
 
-        def folds_and_ensemble(image: np.ndarray) -> dict[str, np.ndarray]:
+        def folds_and_ensemble(image: np.ndarray, _spacing: Any) -> dict[str, np.ndarray]:
             labels, total = {}, None
             for k, (run, recipe, _, _) in zip(folds, runners):
                 probs = case_probabilities(cases.chw(image), cases.spacing, recipe, run, budget.tta)

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.sliding import gaussian_weights, pad_to_patch, tile_starts
 
 ANISOTROPY_THRESHOLD = 3  # nnunetv2.configuration.ANISO_THRESHOLD
-GAUSSIAN_SIGMA_SCALE = 1.0 / 8
-GAUSSIAN_PEAK = 10.0
 SCHEMES = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
            "RGBTo01Normalization")
 RESAMPLING_FN = "resample_data_or_seg_to_shape"
@@ -208,39 +207,6 @@ def resample(data: np.ndarray, new_shape: list[int], current: tuple[float, ...],
 # ------------------------------------------------------------------ sliding window
 
 
-def gaussian_weights(patch: tuple[int, int]) -> np.ndarray:
-    """nnU-Net's compute_gaussian (float16, zeros replaced by the smallest weight)."""
-    from scipy.ndimage import gaussian_filter
-
-    impulse = np.zeros(patch)
-    impulse[tuple(p // 2 for p in patch)] = 1
-    weights = gaussian_filter(impulse, [p * GAUSSIAN_SIGMA_SCALE for p in patch], 0, mode="constant", cval=0)
-    weights /= np.max(weights) / GAUSSIAN_PEAK
-    weights = weights.astype(np.float16)
-    weights[weights == 0] = np.min(weights[weights != 0])
-    return weights
-
-
-def tile_starts(size: tuple[int, int], patch: tuple[int, int], step: float) -> list[list[int]]:
-    """nnU-Net's compute_steps_for_sliding_window."""
-    starts = []
-    for n, p in zip(size, patch):
-        count = int(np.ceil((n - p) / (p * step))) + 1
-        stride = (n - p) / (count - 1) if count > 1 else 99999999999
-        starts.append([int(np.round(stride * i)) for i in range(count)])
-    return starts
-
-
-def _pad_to_patch(data: np.ndarray, patch: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Zero-pad (C, z, y, x) in-plane to at least the patch, the content centred (the odd pixel after it)."""
-    pads, keep = [(0, 0), (0, 0)], []
-    for n, p in zip(data.shape[2:], patch):
-        extra = max(p - n, 0)
-        pads.append((extra // 2, extra // 2 + extra % 2))
-        keep.append(slice(extra // 2, extra // 2 + n))
-    return np.pad(data, pads, mode="constant", constant_values=0), tuple(keep)
-
-
 def _mirrored(run: Runner, tiles: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """The runner's logits, averaged over every non-empty combination of flips of `axes` (plus none)."""
     logits = run(tiles).astype(np.float32)
@@ -257,7 +223,7 @@ def sliding_window_logits(data: np.ndarray, recipe: NnunetRecipe, run: Runner, m
     """(K, z, y, x) float16 logits of preprocessed (C, z, y, x) data: every slice in Gaussian-weighted tiles;
     `check` (a deadline) is called before each batch of tiles."""
     patch = recipe.patch_size
-    padded, keep = _pad_to_patch(data, patch)
+    padded, keep = pad_to_patch(data, patch)
     starts = tile_starts(padded.shape[2:], patch, recipe.tile_step_size)
     weights = gaussian_weights(patch) if recipe.use_gaussian else np.ones(patch, dtype=np.float16)
     weights32 = weights.astype(np.float32)

@@ -36,6 +36,9 @@ class NnunetBudget:
     fold: int = 0
     dataset_id: int = 900
     tta: bool = True
+    # nnU-Net's planner sizes patch and batch for this much GPU memory (GB; its -gpu_memory_target, default 8):
+    # a smaller target plans a smaller patch and batch, e.g. for a CPU's budget
+    gpu_memory_target: float | None = None
 
     @classmethod
     def of(cls, params: dict[str, Any], arch: str) -> NnunetBudget:
@@ -53,6 +56,9 @@ class NnunetBudget:
         if not isinstance(budget.fold, int) or budget.fold < 0:
             raise ConfigError(f"params.yaml: model_options.{arch}.fold={budget.fold!r}; expected 0 (medseg's "
                               "train/val split) or 1 + a CV fold")
+        target = budget.gpu_memory_target
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
+            raise ConfigError(f"params.yaml: model_options.{arch}.gpu_memory_target={target!r}; expected GB > 0")
         if not isinstance(budget.tta, bool):
             raise ConfigError(f"params.yaml: model_options.{arch}.tta={budget.tta!r}; expected true or false")
         return budget

@@ -99,15 +99,18 @@ def _nnunetv2_available() -> None:
 
 
 def plan_and_preprocess(folders: NnunetFolders, dataset_id: int, preset: str, log_file: Path,
-                        threads: int = 1) -> str:
-    """nnunetv2's fingerprint, 2d plans and preprocessing of the dataset; returns the plans' name."""
+                        threads: int = 1, gpu_memory_target: float | None = None) -> str:
+    """nnunetv2's fingerprint, 2d plans (for `gpu_memory_target` GB, nnU-Net's default where None) and
+    preprocessing of the dataset; returns the plans' name."""
     planner, plans_name = PRESETS[preset]
     env = folders.environment("cpu", threads)
     env["nnUNet_n_proc_DA"] = str(max(1, int(env["nnUNet_n_proc_DA"] or 1)))
     code = ("import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import "
             "plan_and_preprocess_entry as main; sys.argv[0] = 'nnUNetv2_plan_and_preprocess'; main()")
     _run([sys.executable, "-c", code, "-d", str(dataset_id), "-c", CONFIGURATION, "-np", "1",
-          "--verify_dataset_integrity", "-pl", planner], env, "planning and preprocessing", log_file)
+          "--verify_dataset_integrity", "-pl", planner,
+          *(["-gpu_memory_target", f"{gpu_memory_target:g}"] if gpu_memory_target else [])],
+         env, "planning and preprocessing", log_file)
     return plans_name
 
 
@@ -147,12 +150,12 @@ def check_splits(folders: NnunetFolders, dataset_id: int, raw_dataset: Path) -> 
 
 def train_nnunet(raw_dataset: Path, folders: NnunetFolders, dataset_id: int, preset: str, fold: int, epochs: int,
                  iterations: int, val_iterations: int, device: str, threads: int, log_file: Path,
-                 seed: int | None = None) -> Path:
+                 seed: int | None = None, gpu_memory_target: float | None = None) -> Path:
     """Plan, preprocess and train one fold of `preset` on the dataset medseg wrote; the trained model folder."""
     if preset not in PRESETS:
         raise MedsegError(f"{preset}: not an nnU-Net preset ({', '.join(PRESETS)})")
     _nnunetv2_available()
-    plans_name = plan_and_preprocess(folders, dataset_id, preset, log_file, threads)
+    plans_name = plan_and_preprocess(folders, dataset_id, preset, log_file, threads, gpu_memory_target)
     check_splits(folders, dataset_id, raw_dataset)
     return train_fold(folders, dataset_id, plans_name, fold, epochs, iterations, val_iterations, device, threads,
                       log_file, seed)
@@ -196,7 +199,8 @@ def train_nnunet_entry(params: dict[str, Any], arch: str, root: str | Path = "."
                   arch, budget.fold, budget.epochs, budget.iterations_per_epoch, device)
         model_folder = train_nnunet(dataset, folders, budget.dataset_id, arch, budget.fold, budget.epochs,
                                     budget.iterations_per_epoch, budget.val_iterations_per_epoch, device, threads,
-                                    log_file=work / "nnunet.log", seed=settings(params).seed)
+                                    log_file=work / "nnunet.log", seed=settings(params).seed,
+                                    gpu_memory_target=budget.gpu_memory_target)
         summary = write_training_outputs(
             layout.run_files(arch, fold), arch, model_folder, budget.fold, "final",
             iterations=budget.iterations_per_epoch, device=device, cv_fold=fold,
@@ -258,11 +262,25 @@ def write_training_outputs(files: RunFiles, arch: str, model_folder: Path, fold:
         device=device,
         world_size=1,
         config_hash=run_hash,
+        recipe="nnunet",
+        **_patch_and_batch(model_folder),
     )
     summary.write(files.summary)
     write_dvc_metrics(files.scores, {"val_dice": summary.best_val_dice, "train_s": summary.train_seconds},
                       arch if cv_fold is None else f"{arch}.fold{cv_fold}")
     return summary
+
+
+def _patch_and_batch(model_folder: Path) -> dict[str, Any]:
+    """{input_size, batch_size} of the configuration nnU-Net trained (<trainer>__<plans>__<configuration>), from its
+    plans.json; {} where it cannot be read."""
+    try:
+        plans = json.loads((model_folder / "plans.json").read_text())
+        configuration = plans["configurations"][model_folder.name.split("__")[-1]]
+        return {"input_size": [int(v) for v in configuration["patch_size"]],
+                "batch_size": int(configuration["batch_size"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _count_params(model_folder: Path, fold: int, checkpoint: str = "final") -> int:

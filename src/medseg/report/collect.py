@@ -107,6 +107,9 @@ class ArchRow:
     train_seconds: float | None = None
     epochs: int | None = None
     steps: int | None = None  # optimizer steps in all (nnU-Net: epochs x iterations per epoch)
+    recipe: str | None = None  # resize | planned | nnunet (medseg.data.plan; nnU-Net's own)
+    input_size: list[int] | None = None  # the network's input: the resize size or the patch size
+    batch_size: int | None = None
     seconds_per_epoch: float | None = None
     train_memory_mb: float | None = None
     train_device: str | None = None
@@ -125,6 +128,15 @@ class ArchRow:
         if per_epoch is None:
             return None
         return f"{self.epochs} x {per_epoch:.0f}" if per_epoch == int(per_epoch) else f"{self.epochs} x {per_epoch:.1f}"
+
+    @property
+    def network_input(self) -> str | None:
+        """"batch x patch (recipe)": what one optimizer step showed the network."""
+        if not self.input_size:
+            return None
+        size = "x".join(str(v) for v in self.input_size)
+        kind = {"planned": "patches", "nnunet": "patches", "resize": "resized"}.get(self.recipe or "", "")
+        return f"{self.batch_size} x {size} {kind}".strip() if self.batch_size else f"{size} {kind}".strip()
 
     def public(self) -> dict[str, Any]:
         """The summary numbers (what build_report returns and the flows show): no per-case rows, no paths."""
@@ -160,6 +172,7 @@ def arch_row(params: dict[str, Any], arch: str, root: Path, metrics: EvaluationM
         onnx_latency_ms=finite_or_none(export.onnx_latency_ms),
         latency=export.latency or {}, parity_passed=export.parity_passed if outputs.export else None,
         train_seconds=finite_or_none(summary.train_seconds), epochs=summary.epochs, steps=summary.steps,
+        recipe=summary.recipe, input_size=summary.input_size, batch_size=summary.batch_size,
         seconds_per_epoch=finite_or_none(summary.seconds_per_epoch),
         train_memory_mb=finite_or_none(summary.train_memory_mb), train_device=summary.device,
         registry_version=outputs.registry.version if outputs.registry else None,

@@ -114,16 +114,17 @@ def pick_slices(ingested: Path, case_ids: Sequence[str], count: int) -> list[tup
     return chosen
 
 
-def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int) -> np.ndarray:
+def predict_slice(model, meta: CheckpointMeta, image: np.ndarray, index: int, spacing: Any = None) -> np.ndarray:
     """Label map (H, W) of one slice with medseg.inference.torch_backend.predict_volume (same resize and argmax as evaluation).
 
     Only the slice's 2.5D context window is passed, which clamps at the volume ends exactly as the full volume would.
     """
-    from medseg.inference.torch_backend import predict_volume
+    from medseg.inference.torch_backend import checkpoint_plan, predict_volume
 
     context = int(meta.context or 0)
     lo, hi = max(index - context, 0), min(index + context + 1, image.shape[0])
-    return predict_volume(model, np.asarray(image[lo:hi]), meta.image_size, context)[index - lo]
+    return predict_volume(model, np.asarray(image[lo:hi]), meta.image_size, context, plan=checkpoint_plan(meta),
+                          spacing=spacing)[index - lo]
 
 
 def _predicted_slices(rows: Sequence[ArchRow], cases: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -134,7 +135,8 @@ def _predicted_slices(rows: Sequence[ArchRow], cases: dict[str, tuple[np.ndarray
     predicted = {}
     for row in rows:
         model, meta = load_trained_model(row.checkpoint)
-        predicted[row.arch] = [predict_slice(model, meta, cases[case_id][0], index) for case_id, index in slices]
+        predicted[row.arch] = [predict_slice(model, meta, cases[case_id][0], index, cases[case_id][2])
+                              for case_id, index in slices]
         del model
     return predicted
 
@@ -166,10 +168,10 @@ def plot_qualitative(path: Path, params: dict[str, Any], root: Path, rows: Seque
     titles = ["image", "ground truth"] + [row.arch for row in with_models]
     fig, axes = plt.subplots(len(slices), len(titles), figsize=(2.3 * len(titles), 2.4 * len(slices) + 0.6),
                              squeeze=False)
-    cases = {case_id: load_case(ingested, case_id)[:2] for case_id, _ in slices}
+    cases = {case_id: load_case(ingested, case_id) for case_id, _ in slices}
     predicted = _predicted_slices(with_models, cases, slices)  # one network in memory at a time
     for r, (case_id, index) in enumerate(slices):
-        image, label = cases[case_id]
+        image, label, _ = cases[case_id]
         background = display_slice(image[index])
         masks = [None, np.asarray(label[index])] + [predicted[row.arch][r] for row in with_models]
         for c, mask in enumerate(masks):

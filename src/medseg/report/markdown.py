@@ -29,6 +29,7 @@ SUMMARY_COLUMNS: list[tuple[str, str, Callable[[float], str], str | None]] = [
     ("onnx_latency_ms", "ONNX Runtime CPU (ms)", lambda v: f"{v:.1f}", "min"),
     ("train_seconds", "Training time", lambda v: _duration(v), "min"),
     ("budget", "Epochs x steps", lambda v: v, None),
+    ("network_input", "Batch x input", lambda v: v, None),
     ("seconds_per_epoch", "s / epoch", lambda v: f"{v:.1f}", "min"),
     ("train_memory_mb", "Peak train memory (MiB)", lambda v: f"{v:.0f}", "min"),
 ]
@@ -124,9 +125,9 @@ def summary_table(rows: Sequence[ArchRow], statistics: dict[str, Any] | None = N
     lines = []
     for row in rows:
         cells = [f"`{row.arch}`", row.family]
-        for key, _, fmt, _ in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
+        for key, _, fmt, better in SUMMARY_COLUMNS:  # † marks a latency not comparable with the others (see notes)
             value = getattr(row, key)
-            if key == "budget":  # text, not a number to rank
+            if better is None:  # text (budget, network input), not a number to rank
                 cells.append(value or "n/a")
                 continue
             mark = "†" if key in LATENCY_KEYS and row.arch in odd and finite_or_none(value) is not None else ""

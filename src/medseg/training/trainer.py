@@ -44,6 +44,7 @@ from medseg.config import (
     validate_params,
 )
 from medseg.contracts import CheckpointMeta, TrainSummary
+from medseg.data.plan import SlicePlan, budget_of, plan_slices
 from medseg.errors import ConfigError, TrainingError
 from medseg.io import atomic_path, read_json, write_dvc_metrics, write_text
 from medseg.layout import ProjectLayout, RunFiles
@@ -207,12 +208,11 @@ def _epoch_batches(sampler, epoch: int, batch_size: int, steps_per_epoch: int) -
     return batches[:steps_per_epoch]
 
 
-def _steps_per_epoch(num_samples: int, world: int, batch_size: int, max_steps: int | None) -> int:
-    if num_samples < world:
-        raise ConfigError(f"{num_samples} training slices for {world} ranks: every rank needs at least one")
-    per_rank = num_samples // world  # the DistributedSampler drops the tail that does not divide (disjoint shards)
-    steps = max(1, per_rank // batch_size) if per_rank >= batch_size else 1
-    return min(steps, int(max_steps)) if max_steps else steps
+def _patch_batches(epoch: int, rank: int, world: int, batch_size: int, steps: int) -> list[list[int]]:
+    """The planned recipe's epoch on one rank: `steps` batches of item numbers no other (epoch, rank, step) uses
+    (PatchDataset draws item i's patch from (seed, i)): disjoint across ranks, the same on a resume."""
+    first = (epoch * world + rank) * steps * batch_size
+    return [list(range(first + s * batch_size, first + (s + 1) * batch_size)) for s in range(steps)]
 
 
 def _check_finite(model: nn.Module, where: str) -> None:
@@ -251,13 +251,14 @@ def _try_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
     return state
 
 
-def _validate(model: nn.Module, ingested: Path, case_ids: list[str], image_size, context: int,
+def _validate(model: nn.Module, ingested: Path, case_ids: list[str], plan: SlicePlan, context: int,
               num_classes: int, batch_size: int, device: str) -> float | None:
     """Volume-wise mean foreground Dice on the validation cases (see VAL_DICE_DEFINITION)."""
     from medseg.evaluation.scoring import dice_rows, score_cases
     from medseg.inference.torch_backend import predict_volume
 
-    rows = score_cases(lambda image: predict_volume(model, image, image_size, context, batch_size, device),
+    rows = score_cases(lambda image, spacing: predict_volume(model, image, plan.image_size, context, batch_size,
+                                                             device, plan=plan, spacing=spacing),
                        dice_rows(num_classes), ingested, case_ids)  # as evaluation predicts: no AMP
     return float(np.mean([r["dsc"] for r in rows])) if rows else None
 
@@ -368,6 +369,11 @@ class RunSpec:
     run_hash: str
     split: dict[str, Any]
     fold: int | None = None  # cross-validation fold (its train/val lists), None: the split's train/val
+    plan: SlicePlan | None = None  # how slices meet the network (medseg.data.plan); None: resize to image_size
+
+    @property
+    def slice_plan(self) -> SlicePlan:
+        return self.plan if self.plan is not None else SlicePlan("resize", self.image_size)
 
     @property
     def num_classes(self) -> int:
@@ -396,13 +402,14 @@ class RunSpec:
             raise ConfigError(f"{paths.split}: the train list is empty")
         config = settings(params)
         context = int(config.data.context)
+        options = model_options(params, arch)
+        plan = plan_for(config.data, arch, options, paths.ingested)
         return cls(params=params, arch=arch, paths=paths, train=config.train, data=config.data,
                    seed=int(config.seed), train_ids=train_ids, val_ids=val_ids,
                    class_names=list(cases["class_names"]), context=context,
                    in_channels=int(cases["in_channels"]) * (2 * context + 1),
-                   image_size=tuple(int(v) for v in config.data.image_size),  # type: ignore[arg-type]
-                   options=model_options(params, arch), run_hash=run_config_hash(params, arch, split), split=split,
-                   fold=fold)
+                   image_size=plan.image_size, options=options, run_hash=run_config_hash(params, arch, split),
+                   split=split, fold=fold, plan=plan)
 
 
 @dataclass
@@ -431,13 +438,13 @@ class Trainer:
     def __init__(self, spec: RunSpec, device: str, dist_info: Dist, loader_workers: int | None = None):
         from torch.utils.data.distributed import DistributedSampler
 
-        from medseg.data.loader import SliceDataset
+        from medseg.data.loader import PatchDataset, SliceDataset
         from medseg.models import build_model
 
         self.spec, self.device, self.dist = spec, device, dist_info
         self.on_cuda = device.startswith("cuda")
         train, data = spec.train, spec.data
-        self.card = _model_card(spec.params, spec.arch, spec.paths, spec.split, spec.image_size, spec.options)
+        self.card = _model_card(spec.params, spec.arch, spec.paths, spec.split, spec.slice_plan, spec.options)
         seed_everything(spec.seed)
         self.model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size,
                                  **spec.options).to(device)
@@ -446,22 +453,34 @@ class Trainer:
         self.channels_last = self.on_cuda and bool(train.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
-                                    augment=dataclasses.asdict(data.augment) if data.augment else None, seed=spec.seed,
-                                    cache_resized=data.cache_resized)
+        augment = dataclasses.asdict(data.augment) if data.augment else None
+        plan = spec.slice_plan
+        if plan.planned:
+            self.dataset = PatchDataset(spec.paths.ingested, spec.train_ids, plan, context=spec.context,
+                                        augment=augment, seed=spec.seed)
+        else:
+            self.dataset = SliceDataset(spec.paths.ingested, spec.train_ids, spec.image_size, context=spec.context,
+                                        augment=augment, seed=spec.seed, cache_resized=data.cache_resized)
         # On a GPU the batch is augmented there (train_step): the loader only gathers slices and draws the table.
         self.dataset.defer_augmentation = self.on_cuda
         self.dataset.uint8_labels = True  # made int64 in train_step (after the copy to the device)
         # DataLoader workers: data.num_workers unless the thread plan (medseg.runtime.threads) lowered it to fit the cores
         self.loader_workers = int(data.num_workers) if loader_workers is None else int(loader_workers)
         self._loader = None  # the run's SliceLoader, made by the first train_epoch
-        self.batch_size = int(train.batch_size)
-        # drop_last: the ranks' shards are disjoint (padding would repeat slices on several ranks); at world size
-        # 1 it drops nothing
-        self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
-                                          shuffle=True, seed=spec.seed, drop_last=True)
-        self.steps_per_epoch = _steps_per_epoch(len(self.dataset), dist_info.world, self.batch_size,
-                                                train.max_steps_per_epoch)
+        if len(self.dataset) < dist_info.world:
+            raise ConfigError(f"{len(self.dataset)} training slices for {dist_info.world} ranks: every rank needs "
+                              f"at least one")
+        if plan.planned and int(train.steps_per_epoch) < 1:
+            raise ConfigError(f"train.steps_per_epoch must be >= 1, got {train.steps_per_epoch}")
+        # planned: patches drawn with replacement, train.steps_per_epoch steps; resize: one pass over the slices
+        self.budget = budget_of(plan, train, len(self.dataset), dist_info.world)
+        self.batch_size, self.steps_per_epoch = self.budget.batch_size, self.budget.steps_per_epoch
+        self.sampler = None
+        if not plan.planned:
+            # drop_last: the ranks' shards are disjoint (padding would repeat slices on several ranks); at world
+            # size 1 it drops nothing
+            self.sampler = DistributedSampler(self.dataset, num_replicas=dist_info.world, rank=dist_info.rank,
+                                              shuffle=True, seed=spec.seed, drop_last=True)
         self.epochs = int(train.epochs)
         self.optimizer = build_optimizer(self.model, train)
         self.scheduler = build_scheduler(self.optimizer, train, self.epochs * self.steps_per_epoch)
@@ -583,7 +602,8 @@ class Trainer:
                               class_names=list(spec.class_names), context=spec.context, epoch=st.best_epoch,
                               val_dice=st.best_dice if (st.best_dice is not None and st.best_dice >= 0) else None,
                               config_hash=spec.run_hash, training_cases_hash=training_cases_hash(spec.split),
-                              card=self.card.to_dict())
+                              card=self.card.to_dict(),
+                              recipe=spec.slice_plan.to_dict() if spec.slice_plan.planned else None)
         save_checkpoint(meta.with_weights(st.best_state), spec.paths.checkpoint)
 
     # ---- steps ---------------------------------------------------------------------------------------------
@@ -623,7 +643,10 @@ class Trainer:
         from medseg.data.loader import SliceLoader
 
         st, epoch = self.state, self.state.epoch
-        batches = _epoch_batches(self.sampler, epoch, self.batch_size, self.steps_per_epoch)
+        if self.sampler is None:
+            batches = _patch_batches(epoch, self.dist.rank, self.dist.world, self.batch_size, self.steps_per_epoch)
+        else:
+            batches = _epoch_batches(self.sampler, epoch, self.batch_size, self.steps_per_epoch)
         self.dataset.set_epoch(epoch)  # augmentation is drawn from (seed, epoch, index): resumable
         skip = st.batch_in_epoch
         if self._loader is None:
@@ -658,7 +681,7 @@ class Trainer:
             return None
         spec = self.spec
         batch = int(settings(spec.params).evaluate.batch_size)
-        return _validate(self.model, spec.paths.ingested, spec.val_ids, spec.image_size, spec.context,
+        return _validate(self.model, spec.paths.ingested, spec.val_ids, spec.slice_plan, spec.context,
                          spec.num_classes, batch, self.device)
 
     def end_epoch(self, val_dice: float | None) -> dict[str, Any]:
@@ -706,6 +729,10 @@ class Trainer:
 
             self.network = DistributedDataParallel(self.model,
                                                    device_ids=[self.dist.local_rank] if self.on_cuda else None)
+        if self.dist.main:  # the budget in optimizer steps, and whether it is too small for this dataset
+            _log.info("%s: %s", spec.arch, self.budget.describe())
+            for warning in self.budget.warnings(self.dataset.training_pixels()):
+                _log.warning("%s: %s", spec.arch, warning)
         mlflow_logger = _MlflowLogger(spec.params, spec.arch, self.dist.main, spec.paths.root, spec.fold)
         try:
             while self.state.epoch < self.epochs:
@@ -734,6 +761,9 @@ class Trainer:
             world_size=self.dist.world,
             resumed_from_step=st.resumed_from,
             config_hash=spec.run_hash,
+            recipe=spec.slice_plan.recipe,
+            input_size=list(spec.image_size),
+            batch_size=self.batch_size,
         )
         if self.dist.main:
             summary.write(spec.paths.summary)
@@ -746,6 +776,19 @@ class Trainer:
 
             dist.barrier()
         return summary.to_dict()
+
+
+def plan_for(data: DataSettings, arch: str, options: dict[str, Any], ingested: Path) -> SlicePlan:
+    """`arch`'s recipe on the ingested dataset (medseg.data.plan): planned from its fingerprint.json, patch sizes
+    rounded to the network's size multiple; the resize recipe needs no fingerprint."""
+    if data.recipe == "resize":
+        return plan_slices(data, {}, lambda size: 1)
+    fingerprint = ingested / "fingerprint.json"
+    if not fingerprint.is_file():
+        raise ConfigError(f"{fingerprint}: not found; run the ingest stage again (the planned recipe plans from it)")
+    from medseg.models import input_multiple_of
+
+    return plan_slices(data, read_json(fingerprint), lambda size: input_multiple_of(arch, size, **options))
 
 
 def median_epoch_seconds(history: list[dict[str, Any]]) -> float | None:
@@ -850,7 +893,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _model_card(params, arch, paths: RunFiles, split, image_size, options):
+def _model_card(params, arch, paths: RunFiles, split, plan: SlicePlan, options):
     """The model card of this run (medseg.deployment.card), from the ingested dataset's cases.json and fingerprint.json."""
     from medseg.deployment.card import build_card, dataset_version
     from medseg.models import get_model_info, size_multiple_of
@@ -860,7 +903,7 @@ def _model_card(params, arch, paths: RunFiles, split, image_size, options):
         raise ConfigError(f"{fingerprint}: not found; run the ingest stage again (it writes the dataset fingerprint)")
     return build_card(params, arch, read_json(paths.ingested / "cases.json"), read_json(fingerprint), split,
                       dataset_version=dataset_version(paths.ingested / "cases.json"),
-                      size_multiple=size_multiple_of(arch, image_size, **options),
-                      dynamic_hw=get_model_info(arch).dynamic_hw)
+                      size_multiple=size_multiple_of(arch, plan.image_size, **options),
+                      dynamic_hw=get_model_info(arch).dynamic_hw, plan=plan)
 
 
