@@ -108,7 +108,8 @@ def compare(root: Path, params: dict, args: argparse.Namespace) -> dict[str, dic
     results["unet planned"] = run(planned, "unet", root)
 
     resize = copy.deepcopy(planned)
-    resize["data"].update(recipe="resize", image_size=[args.resize_size, args.resize_size])
+    size = args.resize_size or (128 if params["dataset"]["name"] != "phantom" else params["data"]["image_size"][0])
+    resize["data"].update(recipe="resize", image_size=[size, size])
     slices = sum(int(c["shape"][0]) for c in read_cases(root / "data" / "ingested" / params["dataset"]["name"])[
         "cases"] if c["id"] in set(read_json(root / "data" / "splits" / f"{params['dataset']['name']}.json")["train"]))
     per_epoch = max(1, min(slices // batch, args.steps_per_epoch))
@@ -124,7 +125,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--gpu-memory-target", type=float, default=1.0, help="GB nnU-Net plans patch and batch for")
-    parser.add_argument("--resize-size", type=int, default=128)
+    parser.add_argument("--resize-size", type=int, default=None,
+                        help="the resize recipe's size (default: 128 on ISBI as issue 34 tried, the quick preset's "
+                             "data.image_size on the phantom)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()

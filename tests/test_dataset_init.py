@@ -273,3 +273,47 @@ def test_archive_section_names_the_archive(tmp_path):
     assert section["name"] == "kvasir-seg" and section["raw_dir"] == str(raw) and "cases: 2" in notes
     shutil.rmtree(tmp_path / "src" / "Kvasir-SEG")  # the archive alone is enough
     assert detect_format(raw) == "folder2d"
+
+
+ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012_em"
+
+
+@pytest.mark.skipif(not ISBI.is_dir(), reason="../shared/data/isbi2012_em (the shared real data) is not here")
+def test_greyscale_em_is_described_and_ingested_as_one_channel(tmp_path):
+    """The shared ISBI 2012 EM PNGs are 8-bit grey: one channel, not three identical ones (issue 35)."""
+    from medseg.data.ingest import ingest_dataset
+
+    raw = tmp_path / "isbi"
+    shutil.copytree(ISBI, raw)
+    section, notes = infer_dataset_section(raw)
+    assert section["modality"] == "grey" and "modality: grey, 1 channel(s)" in notes
+    manifest = ingest_dataset(section, raw, tmp_path / "out")
+    assert manifest["in_channels"] == 1 and manifest["normalisation"]["method"] == "percentile_clip_zscore"
+    image = np.load(tmp_path / "out" / "cases" / "00_image.npy", mmap_mode="r")
+    assert image.shape == (1, 1, 512, 512)
+
+
+def test_16_bit_grey_images_keep_their_range_and_colour_is_refused_under_grey(tmp_path):
+    from medseg.data.ingest import ingest_dataset
+    from medseg.errors import IngestError
+
+    raw = tmp_path / "xray"
+    (raw / "images").mkdir(parents=True)
+    (raw / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 60000, (40, 40), dtype=np.uint16)
+        Image.fromarray(pixels).save(raw / "images" / f"c{i}.png")
+        Image.fromarray((pixels > 30000).astype(np.uint8) * 255).save(raw / "masks" / f"c{i}.png")
+    section, _ = infer_dataset_section(raw)
+    assert section["modality"] == "grey"
+    manifest = ingest_dataset(section, raw, tmp_path / "out")
+    assert manifest["in_channels"] == 1
+    image = np.load(tmp_path / "out" / "cases" / "c0_image.npy")
+    assert np.unique(image).size > 256  # 16 bits were not squeezed into 8
+    colour = np.zeros((40, 40, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(raw / "images" / "c1.png")
+    assert infer_dataset_section(raw)[0]["modality"] == "rgb"  # one colour image: the set is colour
+    with pytest.raises(IngestError, match=r"c1.png: a colour image .* set dataset.modality: rgb"):
+        ingest_dataset(section, raw, tmp_path / "out2")

@@ -34,7 +34,7 @@ from conftest import ROOT, make_dvc_project, paths, snapshot
 
 pytestmark = pytest.mark.slow
 
-RAW_FORMATS = ["synapse", "msd", "acdc", "folder2d", "transunet", "archive"]
+RAW_FORMATS = ["synapse", "msd", "acdc", "folder2d", "transunet", "archive", "itk", "dicom"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -68,7 +68,37 @@ def write_user_dataset(fmt: str, outside: Path) -> tuple[dict, Path]:
         params = {"name": "synapse_tu", "format": "transunet", "modality": "ct"}
         classes = synapse_params()["class_names"]
         return {**params, "class_names": classes, "raw_dir": str(raw)}, raw
+    if fmt in ("itk", "dicom"):
+        return write_clinical_dataset(fmt, outside / ("MHA" if fmt == "itk" else "DICOM"), cases=6), \
+            outside / ("MHA" if fmt == "itk" else "DICOM")
     raise AssertionError(fmt)
+
+
+def write_clinical_dataset(fmt: str, raw: Path, cases: int = 6) -> dict:
+    """`cases` CT cases in the itk layout (<case>_image.mha + <case>_label.nrrd, LPS) or the dicom layout (<case>/
+    DICOM series + labels/<case>.nii.gz in the series' own grid); returns the `dataset:` section."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from dicom_series import phantom_hu, write_series
+
+    from medseg.data.clinical import read_dicom_series
+
+    for i in range(cases):
+        hu, labels = phantom_hu(slices=4, rows=16, cols=16, seed=i)
+        if fmt == "itk":
+            raw.mkdir(parents=True, exist_ok=True)
+            for array, name in ((hu, f"case{i}_image.mha"), (labels, f"case{i}_label.nrrd")):
+                image = sitk.GetImageFromArray(array)
+                image.SetSpacing((0.8, 0.8, 2.5))
+                image.SetOrigin((-10.0, 20.0, 5.0))
+                sitk.WriteImage(image, str(raw / name))
+        else:
+            write_series(raw / f"case{i}", hu)
+            volume = read_dicom_series(raw / f"case{i}").volume  # the label map in the series' own grid
+            (raw / "labels").mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), volume.affine), raw / "labels" / f"case{i}.nii.gz")
+    return {"name": f"{fmt}_ct", "format": fmt, "raw_dir": str(raw), "modality": "ct", "hu_window": [-125, 275],
+            "class_names": ["background", "organ"]}
 
 
 def _can_mount_readonly() -> bool:

@@ -34,7 +34,8 @@ LOOKED_FOR = (
     "synapse: img/ + label/ (or BTCV RawData/Training, imagesTr/ + labelsTr/ without dataset.json); "
     "msd: imagesTr/ + labelsTr/ + dataset.json; acdc: patientNNN/patientNNN_frameFF.nii.gz + _gt; "
     "folder2d: images/ + masks/ (Kvasir) or ISIC *_Input/ + *_GroundTruth/ (*_segmentation.png); "
-    "transunet: train_npz/ and/or test_vol_h5/"
+    "transunet: train_npz/ and/or test_vol_h5/; itk: <case>_image.nrrd + <case>_label.nrrd (or .mha/.mhd); "
+    "dicom: <case>/ series folders + labels/<case>.nii.gz"
 )
 
 
@@ -115,6 +116,49 @@ def _mask_classes(cases: list[CaseSource]) -> int:
     return 2 if top <= 1 or top >= 128 else int(top) + 1
 
 
+def _label_map_classes(cases: list[CaseSource]) -> int:
+    """1 + the largest label value in a few label maps (NIfTI, NRRD, MHA)."""
+    from medseg.data.formats import read_volume
+
+    top = 1
+    for case in cases[:MASKS_SAMPLED]:
+        try:
+            top = max(top, int(np.max(read_volume(case.label).data)))
+        except Exception:  # an unreadable label is doctor's to report
+            continue
+    return top + 1
+
+
+def _dicom_modality(cases: list[CaseSource]) -> str:
+    """ct or mr from the first series' Modality attribute (CT: ct; anything else: mr, to check)."""
+    from medseg.data.clinical import require
+
+    pydicom = require("pydicom")
+
+    try:
+        return "ct" if str(pydicom.dcmread(cases[0].images[0], stop_before_pixels=True,
+                                           specific_tags=["Modality"]).get("Modality", "")) == "CT" else "mr"
+    except Exception:
+        return "ct"
+
+
+def _image_modality(cases: list[CaseSource]) -> str:
+    """grey when a few images are one channel (8 or 16 bit, or RGB with equal channels), else rgb."""
+    from PIL import Image
+
+    for case in cases[:MASKS_SAMPLED]:
+        try:
+            with Image.open(case.images[0]) as im:
+                if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1"):
+                    continue
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception:  # unreadable: doctor's to report
+            continue
+        if (rgb != rgb[..., :1]).any():
+            return "rgb"
+    return "grey"
+
+
 def _nifti_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
     """(shape, x/y/z zooms) from the header only (the voxels are not read); None if unreadable (doctor's job)."""
     import nibabel as nib
@@ -137,8 +181,12 @@ def _proposal(fmt: str, folder: Path, cases: list[CaseSource]) -> dict[str, Any]
         return {"modality": "ct", "class_names": list(SYNAPSE_CLASSES)}
     if fmt == "acdc":
         return {"modality": "mr", "class_names": list(ACDC_CLASSES)}
+    if fmt in ("itk", "dicom"):
+        k = _label_map_classes(cases)
+        names = ["background", "foreground"] if k == 2 else ["background"] + [f"class_{i}" for i in range(1, k)]
+        return {"modality": _dicom_modality(cases) if fmt == "dicom" else "mr", "class_names": names}
     k = _mask_classes(cases)
-    return {"modality": "rgb", "class_names": ["background", "foreground"] if k == 2 else ["background"] + [f"class_{i}" for i in range(1, k)]}
+    return {"modality": _image_modality(cases), "class_names": ["background", "foreground"] if k == 2 else ["background"] + [f"class_{i}" for i in range(1, k)]}
 
 
 def infer_dataset_section(
@@ -176,7 +224,7 @@ def infer_dataset_section(
             f"cases: {len(cases)}",
             f"classes: {len(names)} ({', '.join(map(str, names))}; {source})",
         ]
-        channels, spacing = 3 if fmt == "folder2d" else 1, None
+        channels, spacing = 3 if section["modality"] == "rgb" else 1, None
         if fmt in FORMATS_3D:  # NIfTI: channels and spacing from one header, cheaply
             first = cases[0].images
             header = _nifti_header(first[0])

@@ -9,6 +9,11 @@ Supported layouts (`dataset.format`):
 - `acdc`: `patientXXX/patientXXX_frameYY.nii.gz` + `patientXXX_frameYY_gt.nii.gz`; patient = `patientXXX`.
 - `folder2d`: an images folder and a masks folder (PNG/JPG/BMP/TIF), masks named like the image
   (Kvasir-SEG) or with a suffix (ISIC `ISIC_0000000_segmentation.png`); each image is one case with D=1.
+- `itk`: NRRD/MHA/MHD volumes (read with SimpleITK, as nnU-Net reads them), `<case>_image.nrrd` +
+  `<case>_label.nrrd` pairs anywhere under raw_dir (pyradiomics), or `images/<case>.mha` + `labels/<case>.mha`.
+- `dicom`: one folder per case under raw_dir holding its DICOM series (a folder holding several series gives one
+  case per series, `<folder>-<n>` in SeriesNumber order), labels in `labels/<case>.nii.gz` (or NRRD/MHA/MHD):
+  medseg.data.clinical reads and checks each series.
 - `transunet`: TransUNet's preprocessed Synapse, `train_npz/caseXXXX_sliceYYY.npz` (image, label; one case per
   caseXXXX) and `test_vol_h5/caseXXXX.npy.h5` (datasets image, label shaped (D, H, W)).
 
@@ -32,13 +37,15 @@ import numpy as np
 
 from medseg.data import orientation
 from medseg.data.archive import ARCHIVE_LIMIT_KEYS
+from medseg.data.clinical import NiftiVolume
 from medseg.data.nifti_header import ReadLimits, check_nifti_file
 from medseg.data.preprocessing import volume_from_canonical_xyz
 from medseg.errors import ConfigError, IngestError
 
-FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet")
+FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet", "itk", "dicom")
 FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case
-MODALITIES = ("ct", "mr", "rgb")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # label maps of the itk and dicom layouts
+MODALITIES = ("ct", "mr", "rgb", "grey")  # grey: one-channel 2D images (EM, X-ray, ultrasound), 8 or 16 bit
 ADAPTER_OPTIONS = {"images_dir", "masks_dir", "mask_suffix", "patient_pattern"}  # optional dataset.* keys
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -70,7 +77,7 @@ class CaseSource:
     patient: str
     images: list[Path]  # channel files (msd), one file, or the ordered slice files (transunet npz)
     label: Path | None  # None where the label sits in the image file (transunet)
-    kind: str  # nifti | image2d | npz_slices | h5
+    kind: str  # nifti (also NRRD/MHA/MHD) | dicom (images: the series' files) | image2d | npz_slices | h5
 
 
 @dataclass
@@ -363,26 +370,104 @@ def _discover_transunet(spec: DatasetSpec, raw_dir: Path):
     return cases, problems
 
 
+def _volume_stem(path: Path) -> str | None:
+    """The name of a label map or ITK volume without its suffix (None for another kind of file)."""
+    name = path.name
+    for suffix in LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _discover_itk(spec: DatasetSpec, raw_dir: Path):
+    from medseg.data.clinical import is_itk_file
+
+    images, labels = {}, {}
+    img_dir, lbl_dir = raw_dir / "images", raw_dir / "labels"
+    if img_dir.is_dir() and lbl_dir.is_dir():
+        images = {_volume_stem(p): p for p in _visible_files(img_dir, "*") if is_itk_file(p)}
+        labels = {_volume_stem(p): p for p in _visible_files(lbl_dir, "*") if is_itk_file(p)}
+    else:  # <case>_image.<ext> + <case>_label.<ext>, anywhere below raw_dir
+        for p in sorted(raw_dir.rglob("*")):
+            stem = _volume_stem(p) if p.is_file() and not p.name.startswith(".") and is_itk_file(p) else None
+            if stem and stem.endswith("_image"):
+                images[stem[: -len("_image")]] = p
+            elif stem and stem.endswith("_label"):
+                labels[stem[: -len("_label")]] = p
+    if not images and not labels:
+        return [], [IngestError(raw_dir, "itk layout needs <case>_image.nrrd + <case>_label.nrrd files (or .mha, "
+                                         ".mhd, .nhdr), or images/ + labels/ folders of them")]
+    cases = [CaseSource(k, k, [images[k]], labels[k], "nifti") for k in sorted(images) if k in labels]
+    return cases, _pair_problems(images, labels, "image")
+
+
+def _discover_dicom(spec: DatasetSpec, raw_dir: Path):
+    from medseg.data.clinical import series_files
+
+    lbl_dir = raw_dir / "labels"
+    if not lbl_dir.is_dir():  # not this layout: no DICOM header is read
+        return [], [IngestError(raw_dir, "dicom layout needs a labels/ folder (labels/<case>.nii.gz, .nrrd or .mha) "
+                                         "beside one folder per case holding its DICOM series")]
+    labels = {_volume_stem(p): p for p in _visible_files(lbl_dir, "*") if _volume_stem(p)}
+    images: dict[str, list[Path]] = {}
+    problems: list[IngestError] = []
+    for folder in sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p != lbl_dir):
+        groups = _series_of(series_files(folder), problems)
+        for n, files in enumerate(groups, start=1):
+            images[folder.name if len(groups) == 1 else f"{folder.name}-{n}"] = files
+    if not images and not problems:
+        return [], [IngestError(raw_dir, "dicom layout needs one folder per case holding its DICOM series (and "
+                                         "labels/<case>.nii.gz)")]
+    cases = [CaseSource(k, k, images[k], labels[k], "dicom") for k in sorted(images) if k in labels]
+    firsts = {k: files[0].parent for k, files in images.items()}
+    return cases, problems + _pair_problems(firsts, labels, "DICOM series")
+
+
+def _series_of(files: list[Path], problems: list[IngestError]) -> list[list[Path]]:
+    """`files` grouped by SeriesInstanceUID, in SeriesNumber order (headers only)."""
+    from medseg.data.clinical import require
+
+    pydicom = require("pydicom")
+
+    groups: dict[str, list[Path]] = {}
+    numbers: dict[str, float] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID", "SeriesNumber"])
+        except Exception as exc:
+            problems.append(IngestError(path, f"not a DICOM file ({type(exc).__name__})"))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        groups.setdefault(uid, []).append(path)
+        number = ds.get("SeriesNumber")
+        numbers.setdefault(uid, float(number) if number not in (None, "") else float("inf"))
+    return [groups[uid] for uid in sorted(groups, key=lambda u: (numbers[u], u))]
+
+
+def read_volume(path: Path, limits: ReadLimits | None = None) -> NiftiVolume:
+    """A NIfTI file, an NRRD/MHA/MHD file or a DICOM series folder (one series) as a NiftiVolume."""
+    from medseg.data.clinical import is_itk_file, read_dicom_series, read_itk
+
+    if Path(path).is_dir():
+        return read_dicom_series(path).volume
+    if is_itk_file(path):
+        return read_itk(path)
+    return read_nifti(path, limits)
+
+
 _ADAPTERS: dict[str, Callable[[DatasetSpec, Path], tuple[list[CaseSource], list[IngestError]]]] = {
     "synapse": _discover_synapse,
     "msd": _discover_msd,
     "acdc": _discover_acdc,
     "folder2d": _discover_folder2d,
     "transunet": _discover_transunet,
+    "itk": _discover_itk,
+    "dicom": _discover_dicom,
 }
 
 
 # ---------------------------------------------------------------- readers
-
-
-@dataclass
-class NiftiVolume:
-    """One NIfTI file as stored: data in its own axis order (x, y, z[, c]), affine, header zooms."""
-
-    data: np.ndarray
-    affine: np.ndarray
-    zooms: tuple[float, ...]
-    spacing_known: bool
 
 
 def read_nifti(path: Path, limits: ReadLimits | None = None) -> NiftiVolume:
@@ -434,10 +519,14 @@ def _dhw(image: np.ndarray) -> tuple[int, int, int]:
 
 def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     from medseg.data import checks
+    from medseg.data.clinical import read_dicom_series
 
     channels, first = [], None
-    for path in case.images:
-        vol = read_nifti(path)
+    if case.kind == "dicom":  # one channel: the series, whose files are case.images
+        sources = [(case.images[0].parent, read_dicom_series(case.images[0].parent, case.images).volume)]
+    else:
+        sources = [(path, read_volume(path)) for path in case.images]
+    for path, vol in sources:
         data = _squeeze(vol.data)
         if data.ndim < 3:
             raise IngestError(path, f"expected a 3D volume, got shape {vol.data.shape}")
@@ -455,15 +544,21 @@ def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
             checks.check_same_shape(path, _dhw(channels[0]), _dhw(dchw))
         channels.append(dchw)
     image = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=1)
-    label_vol = read_nifti(case.label)
+    label_vol = read_volume(case.label)
     ldata = _squeeze(label_vol.data)
     if ldata.ndim != 3:
         raise IngestError(case.label, f"label must be a 3D volume, got shape {label_vol.data.shape}")
-    label = _canonical_dchw(case.label, ldata, first.affine)[0][:, 0]
+    label_affine = label_vol.affine
+    label = _canonical_dchw(case.label, ldata, first.affine)[0][:, 0]  # paired as stored
+    if not np.allclose(label_vol.affine, first.affine, atol=1e-3):
+        # stored in another voxel order (a DICOM series, LPS, beside its LAS NIfTI label map): the same grid?
+        label_dchw, label_canonical, _ = _canonical_dchw(case.label, ldata, label_vol.affine)
+        if label_dchw.shape == label[:, None].shape and np.allclose(label_canonical, affine, atol=1e-3):
+            label, label_affine = label_dchw[:, 0], first.affine  # the same voxels, reordered: paired
     zooms = orientation.canonical_zooms(first.zooms[:3], ornt)
     spacing = (zooms[2], zooms[1], zooms[0]) if first.spacing_known else None
     source_shape = tuple(int(s) for s in first.data.shape[:3])
-    return RawCase(image, label, spacing, first.affine, label_vol.affine, affine, source_shape)
+    return RawCase(image, label, spacing, first.affine, label_affine, affine, source_shape)
 
 
 def _read_image2d_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
@@ -480,7 +575,11 @@ def _read_image2d_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
 
     image = load(case.images[0], "RGB" if spec.modality == "rgb" else None)
     if image.ndim == 3 and spec.modality != "rgb":
-        image = checks.check_mask_channels(case.images[0], image)  # greyscale stored as RGB is fine
+        colour = image[..., :3]
+        if (colour != colour[..., :1]).any():
+            raise IngestError(case.images[0], f"a colour image (its channels differ) in a dataset of modality "
+                                              f"{spec.modality}: set dataset.modality: rgb")
+        image = colour[..., 0]  # greyscale stored as RGB(A) is fine
     image = image[None, None] if image.ndim == 2 else image.transpose(2, 0, 1)[None]
     mask = checks.check_mask_channels(case.label, load(case.label, None))
     if spec.num_classes == 2 and mask.max(initial=0) > 1:
@@ -527,6 +626,7 @@ def _read_h5_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
 
 _READERS: dict[str, Callable[[CaseSource, DatasetSpec], RawCase]] = {
     "nifti": _read_nifti_case,
+    "dicom": _read_nifti_case,
     "image2d": _read_image2d_case,
     "npz_slices": _read_npz_case,
     "h5": _read_h5_case,

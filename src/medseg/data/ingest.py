@@ -95,6 +95,8 @@ def _relative(path: Path, raw_dir: Path) -> str:
 
 
 def _source(case: CaseSource, raw_dir: Path) -> tuple[str, str]:
+    if case.kind == "dicom":  # the series' folder
+        return _relative(case.images[0].parent, raw_dir), _relative(case.label, raw_dir)
     if case.kind == "npz_slices":
         first = _relative(case.images[0], raw_dir)
         return str(Path(first).parent / f"{case.id}_slice*.npz"), str(Path(first).parent / f"{case.id}_slice*.npz")

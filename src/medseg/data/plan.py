@@ -171,16 +171,15 @@ class Budget:
         """Why this budget is too small for the dataset (`training_pixels`: its training slices' pixels at the
         network's resolution), as sentences."""
         found = []
+        hint = ("raise train.steps_per_epoch or train.epochs" if self.recipe == "planned" else
+                "raise train.epochs, or use data.recipe: planned (a fixed number of steps per epoch)")
         if self.total_steps < MIN_OPTIMIZER_STEPS:
-            hint = ("raise train.steps_per_epoch or train.epochs" if self.recipe == "planned" else
-                    "raise train.epochs, or use data.recipe: planned (a fixed number of steps per epoch)")
             found.append(f"{self.total_steps:,} optimizer steps is too few to train a network (fewer than "
                          f"{MIN_OPTIMIZER_STEPS}, one nnU-Net epoch; nnU-Net trains 250,000): {hint}")
         seen = float(self.total_steps) * self.batch_size * self.input_size[0] * self.input_size[1]
         if training_pixels and seen < training_pixels:
             found.append(f"the {self.total_steps:,} steps show the network {seen / training_pixels:.0%} of the "
-                         f"training pixels: part of the data is never seen; raise train.steps_per_epoch or "
-                         f"train.epochs")
+                         f"training pixels: part of the data is never seen; {hint}")
         return found
 
 

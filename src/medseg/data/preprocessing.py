@@ -60,7 +60,7 @@ def normalisation_for(format: str, modality: str, hu_window: Sequence[float]) ->
         return {"method": "none", "note": "TransUNet data is pre-windowed to [0, 1]"}
     if modality == "ct":
         return {"method": "hu_window", "window": [float(v) for v in hu_window]}
-    if modality == "mr":
+    if modality in ("mr", "grey"):  # grey 2D images (8 or 16 bit) as nnU-Net's z-score of a non-CT channel
         return {"method": "percentile_clip_zscore", "percentiles": list(MR_PERCENTILES)}
     return {"method": "divide_255"}
 

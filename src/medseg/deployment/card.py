@@ -56,7 +56,7 @@ class ModelCard:
     image_size: list[int]  # [h, w] the network's input: every slice resized to it (RESIZE rules), or the patch size
     size_multiple: int  # H and W the network accepts must be multiples of this (at image_size they are)
     dynamic_hw: bool  # whether the exported graph accepts other H, W than image_size
-    modality: str  # ct | mr | rgb
+    modality: str  # ct | mr | rgb | grey
     normalisation: dict[str, Any]  # {"method": one of NORMALISATIONS, + its exact parameters}
     input_kind: str  # "volume" (NIfTI, 3D) | "image2d" (PNG/JPG/TIF, one slice)
     spacing: list[float] | None  # (sz, sy, sx) mm, the training fingerprint's median; None when unknown
