@@ -249,7 +249,9 @@ def test_base_dependencies_are_the_prediction_set_and_dev_installs_every_extra()
     assert {"torch", "torchvision", "timm", "segmentation-models-pytorch", "onnx"} <= {
         _top_level(r) for r in extras["train"]}
     assert {_top_level(r) for r in extras["pipeline"]} == {"mlflow", "dvc", "prefect"}
-    assert "medseg[data,train,transformers,pipeline]" in extras["all"]
+    assert "medseg[data,train,transformers,pipeline,dicom]" in extras["all"]
+    # DICOM series and SEG, NRRD/MHA: an extra of their own (a NIfTI deployment needs none of it)
+    assert {"pydicom", "highdicom", "simpleitk"} <= {_top_level(r).lower() for r in extras["dicom"]}
     assert "medseg[all,nnunet]" in extras["dev"]
     # nnU-Net: nnunetv2 where it trains or is imported; a machine that only predicts with an imported model
     # needs nnU-Net's resampling (scipy, scikit-image), still no torch

@@ -83,17 +83,43 @@ def read_itk(path: str | Path) -> NiftiVolume:
     return NiftiVolume(np.ascontiguousarray(data), LPS_TO_RAS @ affine, zooms, True)
 
 
-def write_itk_like(labels_xyz: np.ndarray, reference: str | Path, out: str | Path) -> None:
+def write_itk_like(labels_xyz: np.ndarray, reference: str | Path, out: str | Path,
+                   metadata: dict[str, str] | None = None) -> None:
     """Labels (x, y, z) in the voxel grid of the NRRD/MHA/MHD file `reference`, written to `out` (its format from
-    the suffix) with the reference's spacing, origin and direction."""
+    the suffix) with the reference's spacing, origin and direction, and `metadata` as header fields."""
     sitk = require("SimpleITK")
-    ref = sitk.ReadImage(str(reference))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    reader.ReadImageInformation()  # the geometry only: the voxels were read before
     array = np.moveaxis(np.asarray(labels_xyz), [0, 1, 2], [2, 1, 0])
-    if ref.GetDimension() == 2:
+    if reader.GetDimension() == 2:
         array = array[0]
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.CopyInformation(ref)
+    image.SetSpacing(reader.GetSpacing())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetDirection(reader.GetDirection())
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, value)
     sitk.WriteImage(image, str(out), useCompression=True)
+
+
+def itk_metadata(path: str | Path) -> dict[str, str]:
+    """The header fields of an NRRD/MHA/MHD file (no voxels read)."""
+    sitk = require("SimpleITK")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether `path` starts like a DICOM Part 10 file (128-byte preamble, then "DICM")."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medseg.data import checks, orientation
-from medseg.data.formats import IMAGE_EXTENSIONS, read_nifti
+from medseg.data.clinical import ITK_SUFFIXES, is_dicom_file, is_itk_file
+from medseg.data.formats import IMAGE_EXTENSIONS, read_volume
 from medseg.data.preprocessing import normalise_image, volume_from_canonical_xyz
 from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
@@ -304,9 +305,16 @@ class Case:
         return [self.labels] + ([self.probabilities] if self.probabilities else [])
 
     def key(self) -> str:
-        """What marks this case's outputs as medseg's: sha256 of its input files' bytes, in channel order (the same
-        scan under another name or folder is the same case; another scan under the same name is not)."""
-        return hashlib.sha256(" ".join(sha256_file(p) for p in self.inputs).encode()).hexdigest()[:32]
+        """What marks this case's outputs as medseg's: sha256 of its input files' bytes, in channel order (a DICOM
+        series: its files in name order; the same scan under another name or folder is the same case; another scan
+        under the same name is not)."""
+        files = [f for p in self.inputs for f in (_series_files(p) if p.is_dir() else [p])]
+        return hashlib.sha256(" ".join(sha256_file(p) for p in files).encode()).hexdigest()[:32]
+
+    @property
+    def kind(self) -> str:
+        """nifti | itk | dicom | image2d: what the input is, and what the labels are written as."""
+        return _kind(self.inputs[0])
 
 
 @dataclass
@@ -321,21 +329,62 @@ def _nifti_stem(path: Path) -> str | None:
     return next((name[: -len(s)] for s in NIFTI_SUFFIXES if name.lower().endswith(s)), None)
 
 
+def _series_files(folder: Path) -> list[Path]:
+    from medseg.data.clinical import series_files
+
+    return series_files(folder)
+
+
+def _is_series_folder(path: Path) -> bool:
+    """A folder holding DICOM files itself (a series; the first file decides, read no further than its preamble)."""
+    if not path.is_dir():
+        return False
+    first = next((p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")), None)
+    return first is not None and is_dicom_file(first)
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "dicom"
+    if _nifti_stem(path) is not None:
+        return "nifti"
+    return "itk" if is_itk_file(path) else "image2d"
+
+
+def _volume_stem(path: Path) -> str | None:
+    """The case name of a volume input (NIfTI, NRRD/MHA/MHD file or DICOM series folder), None for a 2D image."""
+    if path.is_dir():
+        return path.name
+    if is_itk_file(path):
+        return path.name[: -len(next(s for s in ITK_SUFFIXES if path.name.lower().endswith(s)))]
+    return _nifti_stem(path)
+
+
+# what a case's labels are written as: the input's own format (NRRD header + data in one file for .nhdr, MHA for .mhd)
+LABEL_SUFFIX = {".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+SEG_SUFFIX = "_seg.dcm"  # a DICOM series' labels: a DICOM Segmentation object
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _input_files(inputs: Path) -> list[Path]:
+    """The cases' inputs in `inputs`: a file, a DICOM series folder, or a folder of files and series folders."""
+    if _is_series_folder(inputs):
+        return [inputs]
     if inputs.is_dir():
-        files = sorted(p for p in inputs.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and (_nifti_stem(p) is not None or _is_image(p)))
+        files = sorted(p for p in inputs.iterdir() if not p.name.startswith(".") and (
+            _is_series_folder(p) or p.is_file() and (_volume_stem(p) is not None or _is_image(p))))
         if not files:
-            raise PredictError(inputs, f"no NIfTI ({', '.join(NIFTI_SUFFIXES)}) or image ({', '.join(IMAGE_EXTENSIONS)}) files")
+            raise PredictError(inputs, f"no NIfTI ({', '.join(NIFTI_SUFFIXES)}), NRRD/MHA ({', '.join(ITK_SUFFIXES)}) "
+                                       f"or image ({', '.join(IMAGE_EXTENSIONS)}) files, nor DICOM series folders")
         return files
     if not inputs.is_file():
         raise PredictError(inputs, "no such file or folder")
-    if _nifti_stem(inputs) is None and not _is_image(inputs):
-        raise PredictError(inputs, f"not a supported input ({', '.join(NIFTI_SUFFIXES + IMAGE_EXTENSIONS)})")
+    if _volume_stem(inputs) is None and not _is_image(inputs):
+        raise PredictError(inputs, f"not a supported input ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES + IMAGE_EXTENSIONS)}"
+                                   ", or a DICOM series folder)")
     return [inputs]
 
 
@@ -358,7 +407,7 @@ def plan_cases(predictor: Predictor, inputs: str | Path | Iterable[str | Path], 
     singles: list[tuple[str, list[Path]]] = []
     channel_groups: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
     for path in files.values():
-        stem = _nifti_stem(path)
+        stem = _nifti_stem(path) if _kind(path) == "nifti" else _volume_stem(path)
         predictor._check_kind(path, "image2d" if stem is None else "volume")
         match = CHANNEL_FILE.match(stem) if stem is not None else None
         if match and card.image_channels > 1:
@@ -375,8 +424,13 @@ def plan_cases(predictor: Predictor, inputs: str | Path | Iterable[str | Path], 
         singles.append((name, [p for _, p in members]))
     cases, writers = [], {}
     for name, paths in sorted(singles, key=lambda item: (item[0], str(item[1][0]))):
-        stem = _nifti_stem(paths[0])
-        suffix = ".png" if stem is None else paths[0].name[len(stem):]  # .nii stays .nii, .nii.gz stays .nii.gz
+        kind = _kind(paths[0])
+        if kind == "nifti":
+            suffix = paths[0].name[len(_nifti_stem(paths[0])):]  # .nii stays .nii, .nii.gz stays .nii.gz
+        elif kind == "itk":
+            suffix = LABEL_SUFFIX[paths[0].name[len(_volume_stem(paths[0])):].lower()]
+        else:
+            suffix = SEG_SUFFIX if kind == "dicom" else ".png"
         case = Case(name, paths, output_dir / f"{name}{suffix}", output_dir / f"{name}.npz" if save_probabilities else None)
         for out in case.outputs:
             resolved = out.resolve()
@@ -392,7 +446,7 @@ def plan_cases(predictor: Predictor, inputs: str | Path | Iterable[str | Path], 
 def _read_case(predictor: Predictor, case: Case) -> _CaseImage:
     """Read and check one case's input(s); PredictError naming the file for anything the model cannot take."""
     try:
-        if _nifti_stem(case.inputs[0]) is None:
+        if case.kind == "image2d":
             image = _read_image(case.inputs[0], predictor.card.image_channels)
             return _CaseImage(predictor._check_image(case.inputs[0], image), None, None)
         return _read_volume(predictor, case.inputs)
@@ -401,7 +455,7 @@ def _read_case(predictor: Predictor, case: Case) -> _CaseImage:
 
 
 def _read_volume(predictor: Predictor, paths: list[Path]) -> _CaseImage:
-    volumes = [read_nifti(p) for p in paths]
+    volumes = [read_volume(p) for p in paths]
     first = volumes[0]
     for path, vol in zip(paths, volumes):
         checks.check_finite(path, vol.data)
@@ -516,6 +570,15 @@ def output_mark(path: Path) -> str | None:
         elif name.endswith(".npz"):
             with np.load(path, allow_pickle=False) as stored:
                 text = str(stored[MARK_KEY]) if MARK_KEY in stored.files else ""
+        elif name.endswith(".dcm"):  # a SEG medseg wrote: its ContentDescription
+            import pydicom
+
+            text = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                       specific_tags=["ContentDescription"]).get("ContentDescription", ""))
+        elif is_itk_file(path):
+            from medseg.data.clinical import itk_metadata
+
+            text = itk_metadata(path).get(MARK_KEY, "")
         else:
             from PIL import Image
 
@@ -547,8 +610,12 @@ def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool | Non
     if probs is not None:  # before the labels: a case whose labels exist is complete
         _write_probabilities(case.probabilities, probs, card.class_names, key)
     written = predictor.label_array(source_classes, labels)
-    if data.affine is None:
+    if case.kind == "image2d":
         _write_png(case.labels, written, key)
+    elif case.kind == "itk":
+        _write_itk(case.labels, written, case.inputs[0], key)
+    elif case.kind == "dicom":  # segments are classes, whatever `labels` says: a SEG numbers its segments
+        _write_seg(case.labels, source_classes, case.inputs[0], card, predictor.source, key)
     else:
         _write_nifti(case.labels, written, case.inputs[0], key)
     counts = np.bincount(classes.ravel(), minlength=card.num_classes)
@@ -605,6 +672,26 @@ def _write_nifti(path: Path, labels_xyz: np.ndarray, template_path: Path, key: s
         data = gzip.compress(data, compresslevel=1, mtime=0)  # nibabel's default level; same labels, same bytes
     with atomic_open(path, "wb") as fh:
         fh.write(data)
+
+
+def _write_itk(path: Path, labels_xyz: np.ndarray, template_path: Path, key: str) -> None:
+    """Labels in the NRRD/MHA/MHD template's grid (spacing, origin, direction), in its format, atomically; the
+    case's mark in the header's `medseg` field."""
+    from medseg.data.clinical import write_itk_like
+
+    with atomic_path(path) as tmp:
+        staged = tmp.with_name(tmp.name + path.suffix)  # SimpleITK picks the writer from the suffix
+        write_itk_like(labels_xyz, template_path, staged, {MARK_KEY: f"{OUTPUT_MARK} {key}"})
+        os.replace(staged, tmp)
+
+
+def _write_seg(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, model: str,
+               key: str) -> None:
+    """The class indices of a DICOM series as a DICOM Segmentation (medseg.deployment.dicom_seg), atomically."""
+    from medseg.deployment.dicom_seg import write_segmentation
+
+    with atomic_path(path) as tmp:
+        write_segmentation(tmp, classes_xyz, series_folder, card, model, f"{OUTPUT_MARK} {key}")
 
 
 def _write_png(path: Path, labels_hw: np.ndarray, key: str) -> None:

@@ -1,0 +1,96 @@
+"""A DICOM series' predicted classes as a DICOM Segmentation object (highdicom), as MONAI Deploy's DICOM SEG writer
+gives it to a PACS: one segment per foreground class of the model card (its name, a display colour), the algorithm
+identified (the model and its version), the source series and its frame of reference referenced, one frame per
+source slice that holds a segment. The SEG belongs to the source study (highdicom copies the patient and study
+modules from the source images, as a PACS expects); it is a new series, and nothing of the source is changed.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg import __version__
+from medseg.deployment.card import ModelCard
+from medseg.errors import PredictError
+
+SERIES_NUMBER = 9901  # a number PACS viewers sort after the acquisitions
+REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A display colour per class index, well apart for neighbours (golden-angle hues)."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, model: str,
+                       content_description: str) -> None:
+    """Class indices (x, y, z) in the voxel order medseg.data.clinical reads the series in (x: column, y: row,
+    z: slices along the normal) as a SEG at `path` referencing that series."""
+    from medseg.data.clinical import read_dicom_series, require
+
+    hd = require("highdicom")
+    pydicom = require("pydicom")
+    from pydicom.sr.codedict import codes
+
+    series = read_dicom_series(series_folder)  # the files in the order the classes' z axis has
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in series.files]
+    missing = sorted({k for ds in sources for k in REQUIRED_UIDS if not str(ds.get(k, "") or "")})
+    if missing:
+        raise PredictError(series_folder, f"the series has no {', '.join(missing)}: a DICOM SEG must reference its "
+                                          "source images by these UIDs (give the series its UIDs, as a PACS does)")
+    frames = np.ascontiguousarray(np.asarray(classes_xyz, dtype=np.uint8).transpose(2, 1, 0))  # (slices, rows, cols)
+    algorithm = hd.AlgorithmIdentificationSequence(name=f"medseg {card.arch}"[:64], version=_version(card, model),
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=k, segment_label=str(name)[:64], segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=str(name)[:64],
+            display_color=hd.color.CIELabColor.from_rgb(*class_colour(k)))
+        for k, name in enumerate(card.class_names) if k > 0]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medseg",
+        manufacturer_model_name=f"medseg {card.arch}"[:64], software_versions=__version__, device_serial_number="0",
+        content_description=content_description[:64], content_label="MEDSEG",
+        series_description=f"medseg {card.arch} segmentation"[:64],
+        omit_empty_frames=bool((frames > 0).any()))  # an empty prediction keeps its (empty) frames: a SEG needs one
+    seg.save_as(path, enforce_file_format=True)
+
+
+def _version(card: ModelCard, model: str) -> str:
+    """The model's version as the SEG names it: the registered version where there is one, else the card's
+    dataset version (what it was trained on), shortened to the LO limit."""
+    text = model.rsplit("/", 1)[-1] if model.startswith("models:/") else (card.dataset or {}).get("version", "")
+    return (str(text) or __version__)[:64]
+
+
+def read_segmentation(path: Path, series_folder: Path) -> np.ndarray:
+    """The class indices (x, y, z) a SEG holds, in the voxel order of its source series (the inverse of
+    write_segmentation): for checks and tests."""
+    from medseg.data.clinical import read_dicom_series, require
+
+    hd = require("highdicom")
+    pydicom = require("pydicom")
+    series = read_dicom_series(series_folder)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series.files]
+    seg = hd.seg.segread(str(path))
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                               skip_overlap_checks=True)
+    return np.asarray(pixels).transpose(2, 1, 0)
+
+
+def describe(seg_path: Path) -> dict[str, Any]:
+    """What a SEG says of itself (for logs and summaries: no patient attribute)."""
+    from medseg.data.clinical import require
+
+    pydicom = require("pydicom")
+    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    return {"segments": [str(s.SegmentLabel) for s in ds.SegmentSequence], "frames": int(ds.NumberOfFrames),
+            "series_instance_uid": str(ds.SeriesInstanceUID)}
