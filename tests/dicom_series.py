@@ -68,3 +68,25 @@ def phantom_hu(slices: int = 6, rows: int = 32, cols: int = 40, seed: int = 0) -
     labels[0] = 0
     hu = rng.normal(40, 10, (slices, rows, cols)) + 120 * labels
     return hu.round().astype(np.int16), labels
+
+
+def identified_copy(source: Path, dest: Path) -> list[Path]:
+    """A copy of a de-identified series (the shared TotalSegmentator CT has no UIDs) given what a PACS needs:
+    study, series and instance UIDs, and made-up patient identifiers; pixel data kept as stored (compressed)."""
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    dest.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i, path in enumerate(sorted(p for p in source.iterdir() if p.is_file())):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, BIRTH_DATE
+        ds.AccessionNumber, ds.SeriesNumber = ACCESSION, 2
+        out = dest / f"CT{i:04d}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        paths.append(out)
+    return paths

@@ -138,3 +138,92 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
         self.process = None
+
+
+# ------------------------------------------------------------------------------------------------ Orthanc (a PACS)
+
+ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
+REFUSE_SEG_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  -- a PACS whose policy refuses segmentations (as a full disk or a read-only archive would refuse them)
+  if dicom.Modality == 'SEG' then
+    return false
+  end
+  return true
+end
+"""
+
+
+class Orthanc:
+    """Debian's Orthanc with its DICOMweb plugin on 127.0.0.1 (remote access off, no DICOM port), its database in a
+    temp folder; `refuse_seg`: a Lua filter that refuses every SEG, as a PACS that will not store one."""
+
+    def __init__(self, refuse_seg: bool = False) -> None:
+        binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+        plugin = next((f"{d}/libOrthancDicomWeb.so" for d in ORTHANC_PLUGIN_DIRS
+                       if os.path.exists(f"{d}/libOrthancDicomWeb.so")), None)
+        if binary is None or plugin is None:
+            unavailable("Orthanc with its DICOMweb plugin is not installed (Debian: apt-get install orthanc "
+                        "orthanc-dicomweb)")
+        self.folder = Path(tempfile.mkdtemp(prefix="medseg-orthanc-"))
+        self.port = free_port()
+        config = {
+            "Name": "medseg-tests", "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"), "HttpPort": self.port, "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+        }
+        if refuse_seg:
+            (self.folder / "refuse_seg.lua").write_text(REFUSE_SEG_LUA)
+            config["LuaScripts"] = [str(self.folder / "refuse_seg.lua")]
+        (self.folder / "orthanc.json").write_text(__import__("json").dumps(config))
+        self.log = self.folder / "orthanc.log"
+        self.binary = binary
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.rest}/dicom-web"
+
+    def start(self, timeout: float = 60) -> "Orthanc":
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([self.binary, str(self.folder / "orthanc.json")], stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.rest}/system", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer on {self.rest} within {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def upload(self, files: list[Path]) -> None:
+        """Store DICOM files through Orthanc's REST API (as a modality's C-STORE would)."""
+        for path in files:
+            request = urllib.request.Request(f"{self.rest}/instances", data=Path(path).read_bytes(), method="POST",
+                                             headers={"Content-Type": "application/dicom"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200, f"Orthanc refused {path}: {response.status}"
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"{self.rest}{path}", timeout=30) as response:
+            return __import__("json").loads(response.read())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)

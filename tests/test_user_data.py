@@ -192,6 +192,22 @@ def test_doctor_ingest_dvc_repro_and_flow_leave_the_users_data_untouched(fmt, tm
 
     assert snapshot(raw) == before_raw
     assert snapshot(tmp_path / "outside") == before_outside  # nothing added beside it either
+    if fmt == "dicom":  # the series carry made-up patient identifiers: none may reach a file the pipeline wrote
+        assert_no_patient_identifier(project)
+
+
+def assert_no_patient_identifier(project: Path) -> None:
+    """No file under the project (MLflow's store and artifacts, reports, cases.json, DVC's lock and cache, logs)
+    holds a patient name, ID or birth date of the DICOM headers it ingested."""
+    from dicom_series import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
+
+    needles = [v.encode() for v in (PATIENT_NAME, PATIENT_NAME.split("^")[0], PATIENT_ID, BIRTH_DATE)]
+    leaked = []
+    for path in project.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            leaked += [f"{path.relative_to(project)}: {n.decode()}" for n in needles if n in data]
+    assert not leaked, f"patient identifiers in the project's files: {leaked}"
 
 
 def test_ingest_refuses_raw_data_that_holds_or_lies_in_its_outputs(tmp_path):

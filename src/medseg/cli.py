@@ -122,6 +122,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model(model: str, tracking_uri: str | None) -> str:
+    """`model`, an alias URI pinned to the version it names now (models:/<name>@<alias> -> models:/<name>/<N>), so
+    one run uses one version and the SEGs it writes name it."""
+    if not (model.startswith("models:/") and "@" in model):
+        return model
+    from medseg.errors import PredictError
+    from medseg.tracking.registry import alias_version
+    from medseg.tracking.store import connect
+
+    name, alias = model[len("models:/"):].split("@", 1)
+    version = alias_version(connect(tracking_uri), name, alias)
+    if version is None:
+        raise PredictError(model, f"no version of {name} has the alias {alias!r} in {tracking_uri}")
+    return f"models:/{name}/{version}"
+
+
+def cmd_pacs_segment(args: argparse.Namespace) -> int:
+    """Segment a study on a DICOMweb server and store the SEGs back (medseg.deployment.pacs)."""
+    from medseg.deployment.pacs import outcomes_as_rows, segment_study
+    from medseg.deployment.predict import load_predictor, model_version
+
+    tracking_uri = args.tracking_uri
+    params_path = Path(args.root) / args.params
+    if args.model.startswith("models:/") and not tracking_uri:
+        from medseg.tracking.store import resolve_tracking_uri  # MLFLOW_TRACKING_URI, else the project's store
+
+        tracking_uri = resolve_tracking_uri(load_params(params_path) if params_path.is_file() else {}, args.root)
+    predictor = load_predictor(resolve_model(args.model, tracking_uri), tracking_uri=tracking_uri)
+    outcomes = segment_study(args.url, args.study, predictor, model_version=model_version(predictor), tta=args.tta)
+    _print_json(outcomes_as_rows(outcomes))
+    return 0
+
+
 def cmd_nnunet_dataset(args: argparse.Namespace) -> int:
     """Write the ingested dataset, split as medseg split it, in nnU-Net v2's raw layout (data/nnunet/raw)."""
     from medseg.nnunet.dataset import write_nnunet_raw
@@ -246,13 +279,17 @@ def cmd_preset(args: argparse.Namespace) -> int:
 
 def _add_predict(sub) -> None:
     """`medseg predict`'s arguments."""
-    p = sub.add_parser("predict", help="segment NIfTI volumes or 2D images with an exported model (ONNX Runtime)",
-                       description="Segment NIfTI volumes (or 2D images) with an exported model on ONNX Runtime. "
-                       "Labels are written as the dataset's raw values (the card's label_values; a 0/255 mask "
-                       "dataset was ingested as 0/1, so its masks come out 0/1) with the input's header and affine.")
+    p = sub.add_parser("predict", help="segment NIfTI, NRRD/MHA or DICOM volumes or 2D images with an exported "
+                       "model (ONNX Runtime)",
+                       description="Segment NIfTI, NRRD/MHA/MHD volumes, DICOM series (a folder per series) or 2D "
+                       "images with an exported model on ONNX Runtime. Labels are written as the dataset's raw values "
+                       "(the card's label_values; a 0/255 mask dataset was ingested as 0/1, so its masks come out "
+                       "0/1) in the input's format and grid; a DICOM series gives a DICOM SEG (<series>_seg.dcm, one "
+                       "segment per class) that references it.")
     p.add_argument("-m", "--model", required=True,
                    help="model.onnx, a models/<arch>/ folder, or models:/<name>@<alias> | models:/<name>/<version>")
-    p.add_argument("-i", "--input", required=True, help="a file, or a folder (every .nii/.nii.gz or image file in it)")
+    p.add_argument("-i", "--input", required=True, help="a file, a DICOM series folder, or a folder (every "
+                   ".nii/.nii.gz, .nrrd/.mha/.mhd or image file and DICOM series folder in it)")
     p.add_argument("-o", "--output", required=True, help="output folder (outside the input)")
     p.add_argument("--labels", choices=("raw", "index"), default="raw",
                    help="raw label values (default) or class indices 0..K-1")
@@ -274,6 +311,24 @@ def _add_predict(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
                    "else params.yaml register.tracking_uri)")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_pacs(sub) -> None:
+    p = sub.add_parser("pacs", help="segment studies on a PACS over DICOMweb (QIDO-RS, WADO-RS, STOW-RS)")
+    pacs_sub = p.add_subparsers(dest="pacs_command", required=True)
+    p = pacs_sub.add_parser("segment", help="segment a study's CT/MR series and store each DICOM SEG back into it",
+                            description="Finds the study's image series (QIDO-RS), retrieves each (WADO-RS), segments "
+                            "it as `medseg predict` does and stores the DICOM SEG in the same study (STOW-RS). A series "
+                            "that has a SEG of the same model version already is left alone; a refused store is an "
+                            "error (exit 2). Prints one JSON row per series (UIDs, status; no patient attribute).")
+    p.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--study", required=True, help="StudyInstanceUID")
+    p.add_argument("-m", "--model", required=True,
+                   help="model.onnx, a models/<arch>/ folder, or models:/<name>@<alias> | models:/<name>/<version>")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="as for medseg predict")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ (default: MLFLOW_TRACKING_URI, "
+                   "else params.yaml register.tracking_uri)")
+    p.set_defaults(func=cmd_pacs_segment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_promote)
 
     _add_predict(sub)
+    _add_pacs(sub)
     _add_nnunet(sub)
 
     p = sub.add_parser("doctor", help="check a raw dataset before ingest and print a table of problems")

@@ -27,10 +27,11 @@ def class_colour(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, model: str,
+def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, version: str,
                        content_description: str) -> None:
     """Class indices (x, y, z) in the voxel order medseg.data.clinical reads the series in (x: column, y: row,
-    z: slices along the normal) as a SEG at `path` referencing that series."""
+    z: slices along the normal) as a SEG at `path` referencing that series; `version` names the model's version
+    in the algorithm identification."""
     from medseg.data.clinical import read_dicom_series, require
 
     hd = require("highdicom")
@@ -44,7 +45,7 @@ def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path,
         raise PredictError(series_folder, f"the series has no {', '.join(missing)}: a DICOM SEG must reference its "
                                           "source images by these UIDs (give the series its UIDs, as a PACS does)")
     frames = np.ascontiguousarray(np.asarray(classes_xyz, dtype=np.uint8).transpose(2, 1, 0))  # (slices, rows, cols)
-    algorithm = hd.AlgorithmIdentificationSequence(name=f"medseg {card.arch}"[:64], version=_version(card, model),
+    algorithm = hd.AlgorithmIdentificationSequence(name=f"medseg {card.arch}"[:64], version=str(version)[:64],
                                                    family=codes.cid7162.ArtificialIntelligence)
     segments = [
         hd.seg.SegmentDescription(
@@ -62,13 +63,6 @@ def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path,
         series_description=f"medseg {card.arch} segmentation"[:64],
         omit_empty_frames=bool((frames > 0).any()))  # an empty prediction keeps its (empty) frames: a SEG needs one
     seg.save_as(path, enforce_file_format=True)
-
-
-def _version(card: ModelCard, model: str) -> str:
-    """The model's version as the SEG names it: the registered version where there is one, else the card's
-    dataset version (what it was trained on), shortened to the LO limit."""
-    text = model.rsplit("/", 1)[-1] if model.startswith("models:/") else (card.dataset or {}).get("version", "")
-    return (str(text) or __version__)[:64]
 
 
 def read_segmentation(path: Path, series_folder: Path) -> np.ndarray:

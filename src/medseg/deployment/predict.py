@@ -95,6 +95,7 @@ class Predictor:
     card: ModelCard
     source: str
     batch_size: int = 32
+    model_sha256: str | None = None  # of the model.onnx the session was opened from: its identity
 
     @property
     def native_order(self) -> bool:
@@ -285,7 +286,8 @@ def _open_session(path: Path, device: str, batch_size: int, source: str, threads
                                  f"its model card's {card.num_classes} class names say; re-export the model")
     # A batch's network input stays under BATCH_INPUT_BYTES whatever the card's image size.
     per_slice = card.in_channels * card.image_size[0] * card.image_size[1] * 4
-    return Predictor(session, card, source, max(1, min(int(batch_size), BATCH_INPUT_BYTES // per_slice)))
+    return Predictor(session, card, source, max(1, min(int(batch_size), BATCH_INPUT_BYTES // per_slice)),
+                     sha256_file(path))
 
 
 # ------------------------------------------------------------------------------------------------ cases and files
@@ -514,11 +516,13 @@ def predict_files(
     resume: bool = False,
     overwrite: bool = False,
     deadline: Deadline | None = None,
+    algorithm_version: str | None = None,
 ) -> list[dict[str, Any]]:
     """Segment every case in `inputs` into `output_dir`; one summary per case (input files, output, seconds,
     voxels per class; `skipped` for cases `resume` found done). An existing output that is not this case's
     prediction by medseg is refused (PredictError, nothing written) unless `overwrite`; `deadline` stops the work
-    (PredictTimeout) when it passes."""
+    (PredictTimeout) when it passes; `algorithm_version` is what a DICOM SEG names the model's version (default:
+    medseg.deployment.dicom_seg.model_version)."""
     _check_labels(labels)
     if save_probabilities and predictor.native_order:
         raise ConfigError(f"{predictor.source}: probabilities are not saved for imported nnU-Net models yet; "
@@ -543,7 +547,8 @@ def predict_files(
                 results.append(_summary(case, 0.0, None, predictor.card))
                 continue
             bar.set_postfix_str(case.name)
-            results.append(_predict_case(predictor, case, labels, tta, keys[case.name], deadline))
+            results.append(_predict_case(predictor, case, labels, tta, keys[case.name], deadline,
+                                         algorithm_version))
             bar.update()
     return results
 
@@ -591,7 +596,7 @@ def output_mark(path: Path) -> str | None:
 
 
 def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool | None, key: str,
-                  deadline: Deadline | None = None) -> dict[str, Any]:
+                  deadline: Deadline | None = None, algorithm_version: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     card = predictor.card
     data = _read_case(predictor, case)
@@ -615,7 +620,8 @@ def _predict_case(predictor: Predictor, case: Case, labels: str, tta: bool | Non
     elif case.kind == "itk":
         _write_itk(case.labels, written, case.inputs[0], key)
     elif case.kind == "dicom":  # segments are classes, whatever `labels` says: a SEG numbers its segments
-        _write_seg(case.labels, source_classes, case.inputs[0], card, predictor.source, key)
+        _write_seg(case.labels, source_classes, case.inputs[0], card, algorithm_version or model_version(predictor),
+                   key)
     else:
         _write_nifti(case.labels, written, case.inputs[0], key)
     counts = np.bincount(classes.ravel(), minlength=card.num_classes)
@@ -685,13 +691,22 @@ def _write_itk(path: Path, labels_xyz: np.ndarray, template_path: Path, key: str
         os.replace(staged, tmp)
 
 
-def _write_seg(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, model: str,
+def _write_seg(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, version: str,
                key: str) -> None:
     """The class indices of a DICOM series as a DICOM Segmentation (medseg.deployment.dicom_seg), atomically."""
     from medseg.deployment.dicom_seg import write_segmentation
 
     with atomic_path(path) as tmp:
-        write_segmentation(tmp, classes_xyz, series_folder, card, model, f"{OUTPUT_MARK} {key}")
+        write_segmentation(tmp, classes_xyz, series_folder, card, version, f"{OUTPUT_MARK} {key}")
+
+
+def model_version(predictor: "Predictor") -> str:
+    """How a SEG names the model's version: the registry version of a pinned models:/<name>/<N>, else the sha256
+    of the ONNX file (an alias or a local file: the bytes are the identity)."""
+    source = str(predictor.source)
+    if source.startswith("models:/") and source.rsplit("/", 1)[-1].isdigit():
+        return source.rsplit("/", 1)[-1]
+    return f"sha256:{predictor.model_sha256[:12]}" if predictor.model_sha256 else source[-64:]
 
 
 def _write_png(path: Path, labels_hw: np.ndarray, key: str) -> None:
