@@ -174,3 +174,47 @@ def test_the_shared_nrrd_cases_ingest_with_their_header_spacing(tmp_path):
     manifest = ingest_dataset(section, raw, tmp_path / "out")
     spacing = {c["id"]: c["spacing"] for c in manifest["cases"]}
     assert spacing["brain1"] == [6.5, 0.78125, 0.78125] and set(spacing) == {"brain1", "brain2", "breast1"}
+
+
+def test_dicom_seg_labels_are_read_on_their_series(tmp_path):
+    """labels/<case>.dcm: a DICOM SEG referencing the case's series gives its label map (segment numbers)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    raw = tmp_path / "DICOM"
+    hu, labels = phantom_hu(slices=4, rows=16, cols=20)
+    labels[2, :3, :3] = 2  # a second segment
+    write_series(raw / "pt0", hu)
+    series = read_dicom_series(raw / "pt0")
+    sources = [pydicom.dcmread(p) for p in series.files]  # position order: labels[k] is slice k
+    segments = [hd.seg.SegmentDescription(k, name, codes.SCT.AnatomicalStructure, codes.SCT.Tissue,
+                                          hd.seg.SegmentAlgorithmTypeValues.MANUAL) for k, name in ((1, "organ"),
+                                                                                                   (2, "lesion"))]
+    seg = hd.seg.Segmentation(sources, labels, hd.seg.SegmentationTypeValues.BINARY, segments, hd.UID(), 5,
+                              hd.UID(), 1, "a reader", "by hand", "1", "0")
+    (raw / "labels").mkdir()
+    seg.save_as(raw / "labels" / "pt0.dcm")
+    section, _ = infer_dataset_section(raw, fmt="dicom")
+    manifest = ingest_dataset({**section, "class_names": ["background", "organ", "lesion"]}, raw, tmp_path / "out")
+    stored = np.load(tmp_path / "out" / "cases" / "pt0_label.npy")
+    np.testing.assert_array_equal(stored, labels[:, ::-1, ::-1])  # canonical RAS of an LPS series
+    assert manifest["cases"][0]["source_label"] == "labels/pt0.dcm"
+
+
+def test_doctor_lists_a_broken_series_with_its_file(tmp_path, capsys):
+    from medseg.data.doctor import run_doctor
+
+    raw = tmp_path / "DICOM"
+    for i in range(2):
+        hu, labels = phantom_hu(slices=5, rows=8, cols=8, seed=i)
+        files = write_series(raw / f"pt{i}", hu, shuffle=False)
+        (raw / "labels").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), read_dicom_series(raw / f"pt{i}").volume.affine),
+                 raw / "labels" / f"pt{i}.nii.gz")
+    files[2].unlink()  # pt1 loses a slice
+    params = {"dataset": {"name": "d", "format": "dicom", "raw_dir": str(raw), "modality": "ct",
+                          "class_names": ["background", "organ"]}, "train": {"epochs": 400}}
+    assert run_doctor(params, tmp_path) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "IM0003.dcm" in out and "gap in the slice positions" in out

@@ -151,39 +151,11 @@ def read_dicom_series(folder: str | Path, files: list[Path] | None = None) -> Di
         except Exception as exc:  # InvalidDicomError, truncated files, ...
             raise IngestError(path, f"not a DICOM file ({_first_line(exc)})") from exc
         headers.append((path, ds))
-    series = {str(ds.get("SeriesInstanceUID", "") or "") for _, ds in headers}
-    if len(series) > 1:
-        first = {}
-        for path, ds in headers:
-            first.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), path)
-        names = ", ".join(p.name for p in list(first.values())[:3])
-        raise IngestError(folder, f"holds {len(series)} series (mixed SeriesInstanceUID, e.g. {names}); give each "
-                                  f"series its own folder")
-    for path, ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise IngestError(path, "a multi-frame (enhanced) DICOM image: only single-frame series are read")
-        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-                   if ds.get(k) in (None, "")]
-        if missing:
-            raise IngestError(path, f"missing {', '.join(missing)}: not a volume slice")
-    path0, ds0 = headers[0]
+    _check_one_series(folder, headers)
+    ds0 = headers[0][1]
     iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
     spacing0 = [float(v) for v in ds0.PixelSpacing]
-    size0 = (int(ds0.Rows), int(ds0.Columns))
-    for path, ds in headers[1:]:
-        if np.abs(np.asarray([float(v) for v in ds.ImageOrientationPatient]) - iop).max() > ORIENTATION_TOLERANCE:
-            found = [float(v) for v in ds.ImageOrientationPatient]
-            raise IngestError(path, f"ImageOrientationPatient {found} differs from {path0.name}'s {iop.tolist()}: "
-                                    f"inconsistent orientation")
-        if np.abs(np.asarray([float(v) for v in ds.PixelSpacing]) - spacing0).max() > 1e-4:
-            raise IngestError(path, f"PixelSpacing {[float(v) for v in ds.PixelSpacing]} differs from "
-                                    f"{path0.name}'s {spacing0}: inconsistent spacing")
-        if (int(ds.Rows), int(ds.Columns)) != size0:
-            raise IngestError(path, f"{ds.Rows}x{ds.Columns} pixels, {path0.name} has {size0[0]}x{size0[1]}")
     row_dir, col_dir = iop[:3], iop[3:]
-    if np.abs(np.abs(iop) - np.round(np.abs(iop))).max() > OBLIQUE_TOLERANCE:
-        raise IngestError(path0, f"an oblique stack (ImageOrientationPatient {iop.round(4).tolist()} is not along "
-                                 f"the patient axes): resample it to an axial, coronal or sagittal grid first")
     normal = np.cross(row_dir, col_dir)
     positions = np.asarray([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in headers])
     order = np.argsort(positions, kind="stable")
@@ -223,6 +195,60 @@ def read_dicom_series(folder: str | Path, files: list[Path] | None = None) -> Di
                       for _, ds in headers],
     }
     return DicomSeries(NiftiVolume(volume, LPS_TO_RAS @ affine, zooms, True), [p for p, _ in headers], references)
+
+
+def read_seg_labels(seg_path: str | Path, series: DicomSeries) -> np.ndarray:
+    """The segment numbers of a DICOM SEG (labelled 1..n; 0 outside every segment) in the voxel order of its
+    source `series` (x, y, z): a label map from a SEG, for ingest and for checks. Frames that reference no slice of
+    the series, or overlapping segments, are errors naming the SEG."""
+    hd = require("highdicom")
+    pydicom = require("pydicom")
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for p in series.files]
+    try:
+        seg = hd.seg.segread(str(seg_path))
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    except Exception as exc:  # not a SEG, another series, overlapping segments
+        raise IngestError(seg_path, f"cannot read its segments on series {series.files[0].parent.name} "
+                                    f"({_first_line(exc)})") from exc
+    return np.asarray(pixels).transpose(2, 1, 0)
+
+
+def _check_one_series(folder: Path, headers: list[tuple[Path, Any]]) -> None:
+    """One series of single-frame slices with geometry, the same orientation, spacing and size on every slice, not
+    oblique; IngestError naming the file otherwise."""
+    series = {str(ds.get("SeriesInstanceUID", "") or "") for _, ds in headers}
+    if len(series) > 1:
+        first = {}
+        for path, ds in headers:
+            first.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), path)
+        names = ", ".join(p.name for p in list(first.values())[:3])
+        raise IngestError(folder, f"holds {len(series)} series (mixed SeriesInstanceUID, e.g. {names}); give each "
+                                  f"series its own folder")
+    for path, ds in headers:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise IngestError(path, "a multi-frame (enhanced) DICOM image: only single-frame series are read")
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+                   if ds.get(k) in (None, "")]
+        if missing:
+            raise IngestError(path, f"missing {', '.join(missing)}: not a volume slice")
+    path0, ds0 = headers[0]
+    iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
+    spacing0 = [float(v) for v in ds0.PixelSpacing]
+    size0 = (int(ds0.Rows), int(ds0.Columns))
+    for path, ds in headers[1:]:
+        if np.abs(np.asarray([float(v) for v in ds.ImageOrientationPatient]) - iop).max() > ORIENTATION_TOLERANCE:
+            found = [float(v) for v in ds.ImageOrientationPatient]
+            raise IngestError(path, f"ImageOrientationPatient {found} differs from {path0.name}'s {iop.tolist()}: "
+                                    f"inconsistent orientation")
+        if np.abs(np.asarray([float(v) for v in ds.PixelSpacing]) - spacing0).max() > 1e-4:
+            raise IngestError(path, f"PixelSpacing {[float(v) for v in ds.PixelSpacing]} differs from "
+                                    f"{path0.name}'s {spacing0}: inconsistent spacing")
+        if (int(ds.Rows), int(ds.Columns)) != size0:
+            raise IngestError(path, f"{ds.Rows}x{ds.Columns} pixels, {path0.name} has {size0[0]}x{size0[1]}")
+    if np.abs(np.abs(iop) - np.round(np.abs(iop))).max() > OBLIQUE_TOLERANCE:
+        raise IngestError(path0, f"an oblique stack (ImageOrientationPatient {iop.round(4).tolist()} is not along "
+                                 f"the patient axes): resample it to an axial, coronal or sagittal grid first")
 
 
 def _pixels(path: Path) -> np.ndarray:

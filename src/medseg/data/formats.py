@@ -409,6 +409,7 @@ def _discover_dicom(spec: DatasetSpec, raw_dir: Path):
         return [], [IngestError(raw_dir, "dicom layout needs a labels/ folder (labels/<case>.nii.gz, .nrrd or .mha) "
                                          "beside one folder per case holding its DICOM series")]
     labels = {_volume_stem(p): p for p in _visible_files(lbl_dir, "*") if _volume_stem(p)}
+    labels.update({p.name[: -len(".dcm")]: p for p in _visible_files(lbl_dir, "*.dcm")})  # DICOM SEGs
     images: dict[str, list[Path]] = {}
     problems: list[IngestError] = []
     for folder in sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p != lbl_dir):
@@ -521,9 +522,10 @@ def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
     from medseg.data import checks
     from medseg.data.clinical import read_dicom_series
 
-    channels, first = [], None
+    channels, first, series = [], None, None
     if case.kind == "dicom":  # one channel: the series, whose files are case.images
-        sources = [(case.images[0].parent, read_dicom_series(case.images[0].parent, case.images).volume)]
+        series = read_dicom_series(case.images[0].parent, case.images)
+        sources = [(case.images[0].parent, series.volume)]
     else:
         sources = [(path, read_volume(path)) for path in case.images]
     for path, vol in sources:
@@ -544,7 +546,12 @@ def _read_nifti_case(case: CaseSource, spec: DatasetSpec) -> RawCase:
             checks.check_same_shape(path, _dhw(channels[0]), _dhw(dchw))
         channels.append(dchw)
     image = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=1)
-    label_vol = read_volume(case.label)
+    if series is not None and case.label.name.lower().endswith(".dcm"):  # a DICOM SEG of the series
+        from medseg.data.clinical import read_seg_labels
+
+        label_vol = NiftiVolume(read_seg_labels(case.label, series), first.affine, first.zooms, True)
+    else:
+        label_vol = read_volume(case.label)
     ldata = _squeeze(label_vol.data)
     if ldata.ndim != 3:
         raise IngestError(case.label, f"label must be a 3D volume, got shape {label_vol.data.shape}")

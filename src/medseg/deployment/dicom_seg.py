@@ -68,16 +68,9 @@ def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path,
 def read_segmentation(path: Path, series_folder: Path) -> np.ndarray:
     """The class indices (x, y, z) a SEG holds, in the voxel order of its source series (the inverse of
     write_segmentation): for checks and tests."""
-    from medseg.data.clinical import read_dicom_series, require
+    from medseg.data.clinical import read_dicom_series, read_seg_labels
 
-    hd = require("highdicom")
-    pydicom = require("pydicom")
-    series = read_dicom_series(series_folder)
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series.files]
-    seg = hd.seg.segread(str(path))
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
-                                               skip_overlap_checks=True)
-    return np.asarray(pixels).transpose(2, 1, 0)
+    return read_seg_labels(path, read_dicom_series(series_folder))
 
 
 def describe(seg_path: Path) -> dict[str, Any]:
