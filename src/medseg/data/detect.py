@@ -253,8 +253,12 @@ def review_items(section: dict[str, Any]) -> list[tuple[str, str]]:
         "transunet": "TransUNet's 8-organ order, assumed by its preprocessed labels",
         "acdc": "ACDC's numbering (1 rv, 2 myo, 3 lv)",
         "folder2d": "counted from a few masks; give the classes their real names",
+        "dicom": "1 + the largest value of a few label maps; class i must be label value i: give them their names",
+        "itk": "1 + the largest value of a few label maps; class i must be label value i: give them their names",
     }
     items.append(("class_names", why_classes.get(fmt, "check")))
+    if fmt == "itk":
+        items.append(("modality", "NRRD/MHA headers do not say CT or MR: mr assumed (ct for Hounsfield units)"))
     if "hu_window" in section:
         items.append(("hu_window", f"{section.get('hu_window')} is the abdominal soft-tissue window; set it for your organs"))
     if section.get("label_map"):
