@@ -53,6 +53,12 @@ def test_a_dicom_series_gives_a_valid_seg_with_the_labels_of_the_nifti_path(mode
     card = predictor.card
     assert seg.Modality == "SEG" and seg.SeriesInstanceUID != source.SeriesInstanceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == card.class_names[1:]
+    import highdicom as hd
+
+    colours = [hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb()
+               for s in seg.SegmentSequence]
+    assert card.class_colours is not None and all(
+        max(abs(a - b) for a, b in zip(got, card.class_colours[k + 1])) <= 2 for k, got in enumerate(colours))
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == f"medseg {card.arch}"
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID and seg.StudyInstanceUID == source.StudyInstanceUID

@@ -75,6 +75,14 @@ class ModelCard:
     nnunet: dict[str, Any] | None = None
     # How slices meet the network (medseg.data.plan.SlicePlan.to_dict); None: the resize recipe at image_size.
     recipe: dict[str, Any] | None = None
+    # [r, g, b] 0..255 per class (a DICOM SEG's segment colours); None (an older card): class_colour's palette
+    class_colours: list[list[int]] | None = None
+
+    def colour_of(self, index: int) -> tuple[int, int, int]:
+        if self.class_colours is not None:
+            r, g, b = self.class_colours[index]
+            return int(r), int(g), int(b)
+        return class_colour(index)
 
     @property
     def plan(self) -> SlicePlan:
@@ -158,6 +166,11 @@ class ModelCard:
             raise bad(f"normalisation must be a mapping, got {self.normalisation!r}")
         if self.recipe is not None:
             self._validate_recipe(source)
+        if self.class_colours is not None and (
+                not isinstance(self.class_colours, list) or len(self.class_colours) != len(self.class_names)
+                or not all(isinstance(c, list) and len(c) == 3 and all(whole(v) and 0 <= v <= 255 for v in c)
+                           for c in self.class_colours)):
+            raise bad(f"class_colours must be one [r, g, b] (0..255) per class, got {self.class_colours!r}")
         if self.nnunet is not None:
             self._validate_nnunet(source)
         elif self.normalisation.get("method") not in NORMALISATIONS:
@@ -205,6 +218,16 @@ class ModelCard:
         if list(recipe.patch_size) != list(self.image_size):
             raise CardError(f"{source}: model card nnunet patch_size {list(recipe.patch_size)} != image_size "
                             f"{self.image_size}")
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A display colour per class index, well apart for neighbours (golden-angle hues; background black)."""
+    import colorsys
+
+    if index == 0:
+        return 0, 0, 0
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def inverse_label_map(label_map: Mapping[Any, Any] | None, num_classes: int) -> list[int]:
@@ -294,6 +317,7 @@ def build_card(
         intensity=[dict(stats) for stats in fingerprint.get("foreground_intensity") or []],
         medseg_version=medseg_version,
         recipe=plan.to_dict() if plan is not None and plan.planned else None,
+        class_colours=[list(class_colour(k)) for k in range(len(class_names))],
         schema=PLANNED_CARD_SCHEMA if plan is not None and plan.planned else 1,
     )
     card.validate(f"model card of {arch}")

@@ -7,7 +7,6 @@ modules from the source images, as a PACS expects); it is a new series, and noth
 
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,6 @@ from medseg.errors import PredictError
 
 SERIES_NUMBER = 9901  # a number PACS viewers sort after the acquisitions
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
-
-
-def class_colour(index: int) -> tuple[int, int, int]:
-    """A display colour per class index, well apart for neighbours (golden-angle hues)."""
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.75, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path, card: ModelCard, version: str,
@@ -52,7 +45,7 @@ def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path,
             segment_number=k, segment_label=str(name)[:64], segmented_property_category=codes.SCT.AnatomicalStructure,
             segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=str(name)[:64],
-            display_color=hd.color.CIELabColor.from_rgb(*class_colour(k)))
+            display_color=hd.color.CIELabColor.from_rgb(*card.colour_of(k)))
         for k, name in enumerate(card.class_names) if k > 0]
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
