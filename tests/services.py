@@ -158,7 +158,7 @@ class Orthanc:
     """Debian's Orthanc with its DICOMweb plugin on 127.0.0.1 (remote access off, no DICOM port), its database in a
     temp folder; `refuse_seg`: a Lua filter that refuses every SEG, as a PACS that will not store one."""
 
-    def __init__(self, refuse_seg: bool = False) -> None:
+    def __init__(self, refuse_seg: bool = False, users: dict[str, str] | None = None) -> None:
         binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
         plugin = next((f"{d}/libOrthancDicomWeb.so" for d in ORTHANC_PLUGIN_DIRS
                        if os.path.exists(f"{d}/libOrthancDicomWeb.so")), None)
@@ -170,7 +170,8 @@ class Orthanc:
         config = {
             "Name": "medseg-tests", "StorageDirectory": str(self.folder / "db"),
             "IndexDirectory": str(self.folder / "db"), "HttpPort": self.port, "DicomServerEnabled": False,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [plugin],
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+            "Plugins": [plugin],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }
         if refuse_seg:
@@ -198,7 +199,8 @@ class Orthanc:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.rest}/system", timeout=2) as response:
+                request = urllib.request.Request(f"{self.rest}/system", headers=self._headers())
+                with urllib.request.urlopen(request, timeout=2) as response:
                     if response.status == 200:
                         return self
             except OSError:
@@ -206,16 +208,25 @@ class Orthanc:
         self.stop()
         raise RuntimeError(f"Orthanc did not answer on {self.rest} within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
+    def _headers(self) -> dict[str, str]:
+        users = __import__("json").loads((self.folder / "orthanc.json").read_text()).get("RegisteredUsers") or {}
+        if not users:
+            return {}
+        user, password = next(iter(users.items()))
+        token = __import__("base64").b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def upload(self, files: list[Path]) -> None:
         """Store DICOM files through Orthanc's REST API (as a modality's C-STORE would)."""
         for path in files:
             request = urllib.request.Request(f"{self.rest}/instances", data=Path(path).read_bytes(), method="POST",
-                                             headers={"Content-Type": "application/dicom"})
+                                             headers={"Content-Type": "application/dicom", **self._headers()})
             with urllib.request.urlopen(request, timeout=30) as response:
                 assert response.status == 200, f"Orthanc refused {path}: {response.status}"
 
     def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"{self.rest}{path}", timeout=30) as response:
+        request = urllib.request.Request(f"{self.rest}{path}", headers=self._headers())
+        with urllib.request.urlopen(request, timeout=30) as response:
             return __import__("json").loads(response.read())
 
     def stop(self) -> None:

@@ -128,3 +128,21 @@ def test_the_flow_segments_a_study_and_its_artifact_names_no_patient(prefect_ser
     again = flow_pacs.pacs_segment(url=orthanc.dicomweb, study_uid=study_uid, model=str(model))
     assert again["stored"] == [] and len(again["already_there"]) == 1
     no_identifier_in(json.dumps(result) + json.dumps(data) + caplog.text + str(artifact.description))
+
+
+def test_credentials_come_from_the_environment_and_a_refusal_says_so(model, tmp_path, capsys, monkeypatch):
+    server = Orthanc(users={"radiology": "s3cret-pw"}).start()
+    try:
+        study_uid = upload_study(server, tmp_path)
+        argv = ["pacs", "segment", "--url", server.dicomweb, "--study", study_uid, "-m", str(model)]
+        for key in ("DICOMWEB_TOKEN", "DICOMWEB_USER", "DICOMWEB_PASSWORD"):
+            monkeypatch.delenv(key, raising=False)
+        assert main(argv) == 2
+        assert "401" in capsys.readouterr().err  # the PACS's answer, not a traceback
+        monkeypatch.setenv("DICOMWEB_USER", "radiology")
+        monkeypatch.setenv("DICOMWEB_PASSWORD", "s3cret-pw")
+        assert main(argv) == 0
+        out = capsys.readouterr()
+        assert json.loads(out.out)[0]["status"] == "stored" and "s3cret-pw" not in out.out + out.err
+    finally:
+        server.stop()

@@ -320,7 +320,9 @@ def _add_pacs(sub) -> None:
                             description="Finds the study's image series (QIDO-RS), retrieves each (WADO-RS), segments "
                             "it as `medseg predict` does and stores the DICOM SEG in the same study (STOW-RS). A series "
                             "that has a SEG of the same model version already is left alone; a refused store is an "
-                            "error (exit 2). Prints one JSON row per series (UIDs, status; no patient attribute).")
+                            "error (exit 2). Prints one JSON row per series (UIDs, status; no patient attribute). "
+                            "Credentials come from the environment: DICOMWEB_TOKEN (bearer), or DICOMWEB_USER and "
+                            "DICOMWEB_PASSWORD (basic).")
     p.add_argument("--url", required=True, help="the DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
     p.add_argument("--study", required=True, help="StudyInstanceUID")
     p.add_argument("-m", "--model", required=True,

@@ -45,11 +45,25 @@ def _value(dataset: dict[str, Any], tag: str) -> str:
     return str(values[0])
 
 
-def client_for(url: str, **kwargs: Any) -> Any:
+CREDENTIAL_ENV = ("DICOMWEB_TOKEN", "DICOMWEB_USER", "DICOMWEB_PASSWORD")
+
+
+def client_for(url: str, timeout: float = 120) -> Any:
+    """A DICOMweb client for `url`, authenticated from the environment (never from arguments, which process lists
+    show): DICOMWEB_TOKEN (an OAuth bearer token), else DICOMWEB_USER + DICOMWEB_PASSWORD (HTTP basic)."""
+    import os
+
     from medseg.data.clinical import require
 
     web = require("dicomweb_client")
-    return web.DICOMwebClient(url=url.rstrip("/"), **kwargs)
+    token, user, password = (os.environ.get(k) for k in CREDENTIAL_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    session = None
+    if user and not token:
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = create_session_from_user_pass(user, password or "")
+    return web.DICOMwebClient(url=url.rstrip("/"), session=session, headers=headers, timeout=timeout)
 
 
 def segment_study(url: str, study_uid: str, predictor: Any, *, model_version: str, client: Any = None,
