@@ -67,7 +67,7 @@ def test_format_override_and_config_problems(tmp_path, capsys):
     assert run_doctor(params, tmp_path, raw_dir=raw, fmt="acdc") == 0
     assert run_doctor(params, tmp_path, raw_dir=raw) == 0  # a folder that is not params' raw_dir: layout detected
     assert "dataset described by the acdc layout's conventions: acdc" in capsys.readouterr().out
-    problems = check_dataset({**params["dataset"], "format": "dicom"}, raw)
+    problems = check_dataset({**params["dataset"], "format": "analyze"}, raw)
     assert [p.severity for p in problems] == ["error"] and "dataset.format" in problems[0].problem
 
 

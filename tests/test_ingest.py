@@ -404,7 +404,7 @@ def test_ingest_from_params_writes_under_data_ingested(tmp_path):
     assert (paths(tmp_path, "syn").ingested / "cases" / "case0001_image.npy").is_file()
     shutil.rmtree(tmp_path / "data" / "ingested")
     with pytest.raises(ConfigError, match="dataset.format"):
-        ingest_from_params({"dataset": {**params["dataset"], "format": "dicom"}}, tmp_path)
+        ingest_from_params({"dataset": {**params["dataset"], "format": "analyze"}}, tmp_path)
     assert not (tmp_path / "data" / "ingested").exists() or not any((tmp_path / "data" / "ingested").iterdir())
 
 

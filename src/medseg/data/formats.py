@@ -450,8 +450,8 @@ def read_volume(path: Path, limits: ReadLimits | None = None) -> NiftiVolume:
     """A NIfTI file, an NRRD/MHA/MHD file or a DICOM series folder (one series) as a NiftiVolume."""
     from medseg.data.clinical import is_itk_file, read_dicom_series, read_itk
 
-    if Path(path).is_dir():
-        return read_dicom_series(path).volume
+    if Path(path).is_dir() and not Path(path).name.lower().endswith((".nii", ".nii.gz")):
+        return read_dicom_series(path).volume  # a NIfTI name on a folder is a broken NIfTI: read_nifti says so
     if is_itk_file(path):
         return read_itk(path)
     return read_nifti(path, limits)
