@@ -302,8 +302,9 @@ def _with_card(model: Path, dest: Path, **changes) -> Path:
     ({"label_values": [-1, 1, 2, 3, 4, 5, 6, 7, 8]}, "label_values must be whole numbers"),
     ({"label_values": [5, 1, 2, 3, 4, 6, 7, 8, 9]}, "label_values[0] (background) must be 0"),
     ({"image_size": [40000, 40000]}, "image_size [40000, 40000] is over 8192 pixels a side"),
-    ({"class_names": ["background", "liver"], "label_values": [0, 1], "num_classes": 2},
-     "is not (batch, 2 classes, H, W)"),
+    ({"class_names": ["background", "liver"], "label_values": [0, 1], "num_classes": 2,
+      "class_colours": [[0, 0, 0], [255, 0, 0]]}, "is not (batch, 2 classes, H, W)"),
+    ({"class_colours": [[0, 0, 0], [300, 0, 0]]}, "class_colours must be one [r, g, b] (0..255) per class"),
     ({"context": 500}, "network input of 1001 channels"),
 ])
 def test_bad_model_cards_are_one_line_errors(project, model, tmp_path, capsys, changes, message):
