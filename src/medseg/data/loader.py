@@ -281,11 +281,29 @@ class SliceDataset(Dataset):
         image_mode: str = "bicubic",
         cache_resized: bool = False,
     ):
+        self._setup(ingested_dir, case_ids, image_size, context, augment, seed, image_mode)
+        depths = [int(c["shape"][0]) for c in self.cases]
+        # (case index, slice index) for every slice, built once; items are looked up, never searched.
+        self.index = np.concatenate([np.stack([np.full(d, i), np.arange(d)], 1) for i, d in enumerate(depths)]).astype(np.int64)
+        # Per item, the rows of the slices it stacks (itself, or its 2.5D neighbours, edges replicated) among all
+        # slices of all cases in order: the cache's rows.
+        offsets = np.concatenate([[0], np.cumsum(depths)[:-1]]).astype(np.int64)
+        self._rows = torch.from_numpy(np.stack([offsets[c] + np.atleast_1d(self._slices(int(z), depths[c]))
+                                                for c, z in self.index]).astype(np.int64))
+        # (images (slices, C, H, W) float32, labels (slices, H, W) uint8) at image_size, or None when not caching.
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cache_resized:
+            parts = [self._resize_case(i) for i in range(len(self.cases))]
+            self._cache = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def _setup(self, ingested_dir: str | Path, case_ids: Sequence[str], image_size: Sequence[int], context: int,
+               augment: Mapping[str, Any] | None, seed: int, image_mode: str) -> None:
+        """What every slice dataset holds: its cases, channels, item size, augmentation and worker state."""
         self.ingested_dir = Path(ingested_dir)
         manifest = read_cases(self.ingested_dir)
         self.cases = [dict(case_entry(manifest, str(cid), self.ingested_dir)) for cid in case_ids]
         if not self.cases:
-            raise ConfigError(f"SliceDataset over {self.ingested_dir}: no case ids given")
+            raise ConfigError(f"{type(self).__name__} over {self.ingested_dir}: no case ids given")
         if int(context) < 0:
             raise ConfigError(f"data.context must be >= 0, got {context}")
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -300,22 +318,9 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.in_channels = int(manifest["in_channels"]) * (2 * self.context + 1)
         self.num_classes = int(manifest["num_classes"])
-        depths = [int(c["shape"][0]) for c in self.cases]
-        # (case index, slice index) for every slice, built once; items are looked up, never searched.
-        self.index = np.concatenate([np.stack([np.full(d, i), np.arange(d)], 1) for i, d in enumerate(depths)]).astype(np.int64)
-        # Per item, the rows of the slices it stacks (itself, or its 2.5D neighbours, edges replicated) among all
-        # slices of all cases in order: the cache's rows.
-        offsets = np.concatenate([[0], np.cumsum(depths)[:-1]]).astype(np.int64)
-        self._rows = torch.from_numpy(np.stack([offsets[c] + np.atleast_1d(self._slices(int(z), depths[c]))
-                                                for c, z in self.index]).astype(np.int64))
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pid = os.getpid()
         self._ring: BatchRing | None = None  # set by SliceLoader while its workers start
-        # (images (slices, C, H, W) float32, labels (slices, H, W) uint8) at image_size, or None when not caching.
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cache_resized:
-            parts = [self._resize_case(i) for i in range(len(self.cases))]
-            self._cache = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -341,12 +346,14 @@ class SliceDataset(Dataset):
             self._arrays[i] = tuple(np.asarray(a) for a in open_case(self.ingested_dir, self.cases[i]))
         return self._arrays[i]
 
-    def _resize_case(self, i: int, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every slice of case `i` resized to image_size (in chunks, to bound the native-size copy)."""
+    def _resize_case(self, i: int, chunk: int = 32, size: Sequence[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slice of case `i` resized to `size` (default image_size), in chunks to bound the native-size copy."""
         image, label = self._case(i)
+        size = self.image_size if size is None else size
         parts = [
             resize_slices(torch.from_numpy(np.array(image[s:s + chunk])), torch.from_numpy(np.array(label[s:s + chunk])),
-                          self.image_size, self.image_mode)
+                          size, self.image_mode)
             for s in range(0, image.shape[0], chunk)
         ]
         return torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts]).contiguous()
@@ -453,39 +460,15 @@ class PatchDataset(SliceDataset):
 
     def __init__(self, ingested_dir: str | Path, case_ids: Sequence[str], plan: Any, context: int = 0,
                  augment: Mapping[str, Any] | None = None, seed: int = 0, image_mode: str = "bicubic"):
-        self.ingested_dir = Path(ingested_dir)
-        manifest = read_cases(self.ingested_dir)
-        self.cases = [dict(case_entry(manifest, str(cid), self.ingested_dir)) for cid in case_ids]
-        if not self.cases:
-            raise ConfigError(f"PatchDataset over {self.ingested_dir}: no case ids given")
-        if int(context) < 0:
-            raise ConfigError(f"data.context must be >= 0, got {context}")
+        self._setup(ingested_dir, case_ids, plan.image_size, context, augment, seed, image_mode)
         self.plan = plan
-        self.image_size = (int(plan.image_size[0]), int(plan.image_size[1]))
-        self.context = int(context)
-        self.augment = dict(augment) if augment else None
-        self.defer_augmentation = False
-        self.uint8_labels = False
-        self.seed = int(seed)
-        self.image_mode = image_mode
-        self.epoch = 0
-        self.in_channels = int(manifest["in_channels"]) * (2 * self.context + 1)
-        self.num_classes = int(manifest["num_classes"])
-        self._arrays = {}
-        self._pid = os.getpid()
-        self._ring = None
         self._cache = None
         self.volumes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D, C, h, w) float32, (D, h, w) uint8
         self.foreground: list[list[np.ndarray]] = []  # per case, per class present (>0): (n, 3) (z, y, x) pixels
         rng = np.random.default_rng([self.seed, 1])
         for i, case in enumerate(self.cases):
-            image, label = self._case(i)
-            size = plan.slice_shape(image.shape[2:], [float(s) for s in case["spacing"]][1:])
-            parts = [resize_slices(torch.from_numpy(np.array(image[z:z + 32])),
-                                   torch.from_numpy(np.array(label[z:z + 32])), size, image_mode)
-                     for z in range(0, image.shape[0], 32)]
-            images = torch.cat([p[0] for p in parts]).contiguous()
-            labels = torch.cat([p[1] for p in parts]).contiguous()
+            size = plan.slice_shape(case["shape"][1:], [float(s) for s in case["spacing"]][1:])
+            images, labels = self._resize_case(i, size=size)
             self.volumes.append((images, labels))
             where = []
             for k in range(1, self.num_classes):
