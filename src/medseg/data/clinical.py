@@ -8,7 +8,8 @@ size that differ between slices, an oblique stack (ImageOrientationPatient not a
 one position (duplicates), a gap in the slice positions (a missing slice), a compressed transfer syntax with no
 decoder installed. Slices are ordered by their position along the slice normal (never by InstanceNumber or file
 name), rescale slope and intercept applied. Only the geometry and pixel data are read: no patient attribute leaves
-this module (`DicomSeries.references` keeps UIDs only, for a DICOM SEG that references the series).
+this module into medseg's records (`DicomSeries.headers`, the slices' headers without pixel data, serve a DICOM SEG
+that references the series and belongs to its patient).
 """
 
 from __future__ import annotations
@@ -124,11 +125,11 @@ def is_dicom_file(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """A checked DICOM series: the volume, its files in slice order, and the UIDs a SEG references."""
+    """A checked DICOM series: the volume, its files and their headers (no pixel data) in slice order."""
 
     volume: NiftiVolume
     files: list[Path]  # in slice order (along the slice normal)
-    references: dict[str, Any]  # StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID, SOP (class, instance)s
+    headers: list[Any]  # pydicom Datasets read without pixel data, in the same order
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -138,6 +139,27 @@ def series_files(folder: Path) -> list[Path]:
 
 def read_dicom_series(folder: str | Path, files: list[Path] | None = None) -> DicomSeries:
     """The one series in `folder` (or in `files`), checked (see the module docstring)."""
+    headers, normal, step = series_headers(folder, files)
+    ds0 = headers[0][1]
+    iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
+    spacing0 = [float(v) for v in ds0.PixelSpacing]
+    slices = [_pixels(path) for path, _ in headers]
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows i, cols j, k) -> NIfTI (x = j, y = i, z = k)
+    affine = np.eye(4)
+    affine[:3, 0] = iop[:3] * spacing0[1]
+    affine[:3, 1] = iop[3:] * spacing0[0]
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = [float(v) for v in ds0.ImagePositionPatient]
+    zooms = (round(spacing0[1], 6), round(spacing0[0], 6), round(step, 6))
+    return DicomSeries(NiftiVolume(volume, LPS_TO_RAS @ affine, zooms, True), [p for p, _ in headers],
+                       [ds for _, ds in headers])
+
+
+def series_headers(folder: str | Path, files: list[Path] | None = None
+                   ) -> tuple[list[tuple[Path, Any]], np.ndarray, float]:
+    """(the (file, header without pixel data) of each slice in position order, the slice normal, the slice step)
+    of the one series in `folder` (or in `files`), checked: what read_dicom_series builds on, without decoding a
+    pixel."""
     pydicom = require("pydicom")
 
     folder = Path(folder)
@@ -154,9 +176,7 @@ def read_dicom_series(folder: str | Path, files: list[Path] | None = None) -> Di
     _check_one_series(folder, headers)
     ds0 = headers[0][1]
     iop = np.asarray([float(v) for v in ds0.ImageOrientationPatient], dtype=np.float64)
-    spacing0 = [float(v) for v in ds0.PixelSpacing]
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
+    normal = np.cross(iop[:3], iop[3:])
     positions = np.asarray([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in headers])
     order = np.argsort(positions, kind="stable")
     headers = [headers[i] for i in order]
@@ -178,23 +198,7 @@ def read_dicom_series(folder: str | Path, files: list[Path] | None = None) -> Di
         step = median
     else:
         step = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
-    slices = [_pixels(path) for path, _ in headers]
-    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows i, cols j, k) -> NIfTI (x = j, y = i, z = k)
-    affine = np.eye(4)
-    affine[:3, 0] = row_dir * spacing0[1]
-    affine[:3, 1] = col_dir * spacing0[0]
-    affine[:3, 2] = normal * step
-    affine[:3, 3] = [float(v) for v in headers[0][1].ImagePositionPatient]
-    zooms = (round(spacing0[1], 6), round(spacing0[0], 6), round(step, 6))
-    first = headers[0][1]
-    references = {
-        "StudyInstanceUID": str(first.get("StudyInstanceUID", "") or ""),
-        "SeriesInstanceUID": str(first.get("SeriesInstanceUID", "") or ""),
-        "FrameOfReferenceUID": str(first.get("FrameOfReferenceUID", "") or ""),
-        "instances": [(str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or ""))
-                      for _, ds in headers],
-    }
-    return DicomSeries(NiftiVolume(volume, LPS_TO_RAS @ affine, zooms, True), [p for p, _ in headers], references)
+    return headers, normal, step
 
 
 def read_seg_labels(seg_path: str | Path, series: DicomSeries) -> np.ndarray:
@@ -202,9 +206,7 @@ def read_seg_labels(seg_path: str | Path, series: DicomSeries) -> np.ndarray:
     source `series` (x, y, z): a label map from a SEG, for ingest and for checks. Frames that reference no slice of
     the series, or overlapping segments, are errors naming the SEG."""
     hd = require("highdicom")
-    pydicom = require("pydicom")
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-            for p in series.files]
+    uids = [str(ds.SOPInstanceUID) for ds in series.headers]
     try:
         seg = hd.seg.segread(str(seg_path))
         pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)

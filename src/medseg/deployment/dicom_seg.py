@@ -25,14 +25,14 @@ def write_segmentation(path: Path, classes_xyz: np.ndarray, series_folder: Path,
     """Class indices (x, y, z) in the voxel order medseg.data.clinical reads the series in (x: column, y: row,
     z: slices along the normal) as a SEG at `path` referencing that series; `version` names the model's version
     in the algorithm identification."""
-    from medseg.data.clinical import read_dicom_series, require
+    from medseg.data.clinical import require, series_headers
 
     hd = require("highdicom")
-    pydicom = require("pydicom")
+    require("pydicom")
     from pydicom.sr.codedict import codes
 
-    series = read_dicom_series(series_folder)  # the files in the order the classes' z axis has
-    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in series.files]
+    # the slices' headers in the order the classes' z axis has (no pixel decoded: predict has read them)
+    sources = [ds for _, ds in series_headers(series_folder)[0]]
     missing = sorted({k for ds in sources for k in REQUIRED_UIDS if not str(ds.get(k, "") or "")})
     if missing:
         raise PredictError(series_folder, f"the series has no {', '.join(missing)}: a DICOM SEG must reference its "
