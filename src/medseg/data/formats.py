@@ -44,7 +44,7 @@ from medseg.errors import ConfigError, IngestError
 
 FORMATS = ("synapse", "msd", "acdc", "folder2d", "transunet", "itk", "dicom")
 FORMATS_3D = ("synapse", "msd", "acdc")  # one NIfTI volume per case
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # label maps of the itk and dicom layouts
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # NIfTI and ITK volume files
 MODALITIES = ("ct", "mr", "rgb", "grey")  # grey: one-channel 2D images (EM, X-ray, ultrasound), 8 or 16 bit
 ADAPTER_OPTIONS = {"images_dir", "masks_dir", "mask_suffix", "patient_pattern"}  # optional dataset.* keys
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
@@ -370,10 +370,10 @@ def _discover_transunet(spec: DatasetSpec, raw_dir: Path):
     return cases, problems
 
 
-def _volume_stem(path: Path) -> str | None:
-    """The name of a label map or ITK volume without its suffix (None for another kind of file)."""
+def volume_stem(path: Path) -> str | None:
+    """The name of a NIfTI or NRRD/MHA/MHD volume file without its suffix (None for another kind of file)."""
     name = path.name
-    for suffix in LABEL_SUFFIXES:
+    for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return None
@@ -385,11 +385,11 @@ def _discover_itk(spec: DatasetSpec, raw_dir: Path):
     images, labels = {}, {}
     img_dir, lbl_dir = raw_dir / "images", raw_dir / "labels"
     if img_dir.is_dir() and lbl_dir.is_dir():
-        images = {_volume_stem(p): p for p in _visible_files(img_dir, "*") if is_itk_file(p)}
-        labels = {_volume_stem(p): p for p in _visible_files(lbl_dir, "*") if is_itk_file(p)}
+        images = {volume_stem(p): p for p in _visible_files(img_dir, "*") if is_itk_file(p)}
+        labels = {volume_stem(p): p for p in _visible_files(lbl_dir, "*") if is_itk_file(p)}
     else:  # <case>_image.<ext> + <case>_label.<ext>, anywhere below raw_dir
         for p in sorted(raw_dir.rglob("*")):
-            stem = _volume_stem(p) if p.is_file() and not p.name.startswith(".") and is_itk_file(p) else None
+            stem = volume_stem(p) if p.is_file() and not p.name.startswith(".") and is_itk_file(p) else None
             if stem and stem.endswith("_image"):
                 images[stem[: -len("_image")]] = p
             elif stem and stem.endswith("_label"):
@@ -408,7 +408,7 @@ def _discover_dicom(spec: DatasetSpec, raw_dir: Path):
     if not lbl_dir.is_dir():  # not this layout: no DICOM header is read
         return [], [IngestError(raw_dir, "dicom layout needs a labels/ folder (labels/<case>.nii.gz, .nrrd or .mha) "
                                          "beside one folder per case holding its DICOM series")]
-    labels = {_volume_stem(p): p for p in _visible_files(lbl_dir, "*") if _volume_stem(p)}
+    labels = {volume_stem(p): p for p in _visible_files(lbl_dir, "*") if volume_stem(p)}
     labels.update({p.name[: -len(".dcm")]: p for p in _visible_files(lbl_dir, "*.dcm")})  # DICOM SEGs
     images: dict[str, list[Path]] = {}
     problems: list[IngestError] = []

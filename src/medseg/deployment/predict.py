@@ -40,7 +40,7 @@ import numpy as np
 
 from medseg.data import checks, orientation
 from medseg.data.clinical import ITK_SUFFIXES, is_dicom_file, is_itk_file
-from medseg.data.formats import IMAGE_EXTENSIONS, read_volume
+from medseg.data.formats import IMAGE_EXTENSIONS, read_volume, volume_stem
 from medseg.data.preprocessing import normalise_image, volume_from_canonical_xyz
 from medseg.deployment.card import ModelCard, card_from_metadata
 from medseg.errors import ConfigError, IngestError, PredictError, PredictTimeout
@@ -355,11 +355,7 @@ def _kind(path: Path) -> str:
 
 def _volume_stem(path: Path) -> str | None:
     """The case name of a volume input (NIfTI, NRRD/MHA/MHD file or DICOM series folder), None for a 2D image."""
-    if path.is_dir():
-        return path.name
-    if is_itk_file(path):
-        return path.name[: -len(next(s for s in ITK_SUFFIXES if path.name.lower().endswith(s)))]
-    return _nifti_stem(path)
+    return path.name if path.is_dir() else volume_stem(path)
 
 
 # what a case's labels are written as: the input's own format (NRRD header + data in one file for .nhdr, MHA for .mhd)
