@@ -64,13 +64,3 @@ def read_segmentation(path: Path, series_folder: Path) -> np.ndarray:
     from medseg.data.clinical import read_dicom_series, read_seg_labels
 
     return read_seg_labels(path, read_dicom_series(series_folder))
-
-
-def describe(seg_path: Path) -> dict[str, Any]:
-    """What a SEG says of itself (for logs and summaries: no patient attribute)."""
-    from medseg.data.clinical import require
-
-    pydicom = require("pydicom")
-    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    return {"segments": [str(s.SegmentLabel) for s in ds.SegmentSequence], "frames": int(ds.NumberOfFrames),
-            "series_instance_uid": str(ds.SeriesInstanceUID)}
