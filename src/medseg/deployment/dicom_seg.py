@@ -8,7 +8,6 @@ modules from the source images, as a PACS expects); it is a new series, and noth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
